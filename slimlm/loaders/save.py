@@ -1,0 +1,149 @@
+"""Write models: slimlm output directories (any compressed model) and plain HF folders.
+
+A slimlm output directory holds ``config.json`` (the HF config of the architecture, structural
+edits applied), ``model.safetensors`` under runtime names, the tokenizer files, and ``slimlm.json``:
+``{"format_version": 1, "tensor_names": "runtime", "modules": {path: {"kind", "spec"}}, ...}``.
+Everything is written into a temporary sibling folder and renamed at the end, so an interrupted
+save never leaves a half-written model.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from slimlm.loaders.hf import read_config, read_safetensors
+from slimlm.loaders.types import Checkpoint
+from slimlm.models.families import runtime_to_hf
+from slimlm.models.modules import SwappableLinear
+from slimlm.models.transformer import Transformer
+from slimlm.utils.errors import CheckpointError, SlimlmError
+
+SLIMLM_FORMAT_VERSION = 1
+
+
+def check_output_dir(out: str | Path, overwrite: bool) -> Path:
+    """Refuse to clobber an existing model unless ``overwrite``; call before long work starts."""
+    out = Path(out)
+    if out.exists():
+        if not out.is_dir():
+            raise SlimlmError(f"output path {out} exists and is not a folder")
+        holds_model = any((out / n).exists() for n in ("config.json", "slimlm.json", "model.safetensors"))
+        if holds_model and not overwrite:
+            raise SlimlmError(f"output folder {out} already holds a model; pass --overwrite to replace it")
+        if any(out.iterdir()) and not holds_model and not overwrite:
+            raise SlimlmError(f"output folder {out} is not empty; pass --overwrite to replace it")
+    return out
+
+
+def atomic_dir(out: Path, write: Callable[[Path], None]) -> Path:
+    """Run ``write(tmp)`` into a temp sibling folder, then swap it into place."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        write(tmp)
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{tmp.name[-8:]}")
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _state_dict(model: Transformer) -> dict[str, torch.Tensor]:
+    sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        sd.pop("lm_head.weight", None)
+    return sd
+
+
+def module_entries(model: Transformer) -> dict[str, dict[str, Any]]:
+    return {name: {"kind": m.kind, "spec": m.spec()} for name, m in model.named_modules()
+            if isinstance(m, SwappableLinear)}
+
+
+def save_model(lm: Any, out: str | Path, meta: dict[str, Any] | None = None, overwrite: bool = False) -> Path:
+    """Save a (possibly compressed) LoadedModel as a slimlm output directory that every command loads."""
+    out = check_output_dir(out, overwrite)
+    model: Transformer = lm.model
+    info = {
+        "format_version": SLIMLM_FORMAT_VERSION,
+        "tensor_names": "runtime",
+        "modules": module_entries(model),
+        "dtype": str(model.dtype).replace("torch.", ""),
+        "source": getattr(lm.checkpoint, "source", ""),
+        **(meta or {}),
+    }
+
+    def write(tmp: Path) -> None:
+        (tmp / "config.json").write_text(json.dumps(model.config.to_hf_config(), indent=2))
+        save_file(_state_dict(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "slimlm.json").write_text(json.dumps(info, indent=2, default=str))
+        if lm.tokenizer is not None:
+            lm.tokenizer.save(tmp)
+
+    return atomic_dir(out, write)
+
+
+def read_slimlm_dir(folder: Path) -> Checkpoint:
+    try:
+        info = json.loads((folder / "slimlm.json").read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{folder / 'slimlm.json'} is not valid JSON: {e.msg}") from None
+    version = info.get("format_version")
+    if version != SLIMLM_FORMAT_VERSION:
+        raise CheckpointError(f"{folder} was written with slimlm format {version}; this slimlm reads {SLIMLM_FORMAT_VERSION}")
+    config = read_config(folder)
+    wfile = folder / "model.safetensors"
+    if not wfile.is_file():
+        raise CheckpointError(f"folder {folder} has no model.safetensors")
+    tensors = read_safetensors(wfile)
+    tokenizer = None
+    if (folder / "tokenizer.json").is_file():
+        from slimlm.loaders.tokenizer import Tokenizer
+
+        tokenizer = Tokenizer.from_hf_dir(folder)
+    return Checkpoint(config=config, tensors=tensors, tokenizer=tokenizer, source=str(folder), format="slimlm",
+                      file_bytes=wfile.stat().st_size, meta={"slimlm": info})
+
+
+def export_hf(lm: Any, out: str | Path, overwrite: bool = False, dtype: torch.dtype | None = None) -> Path:
+    """Export a plain HF folder (dense weights; compressed modules are expanded with dense_weight)."""
+    out = check_output_dir(out, overwrite)
+    model: Transformer = lm.model
+    dtype = dtype or (model.dtype if model.dtype in (torch.float32, torch.bfloat16, torch.float16) else torch.float32)
+    runtime: dict[str, torch.Tensor] = {}
+    swapped = {name: m for name, m in model.named_modules() if isinstance(m, SwappableLinear)}
+    for name, t in _state_dict(model).items():
+        if any(name.startswith(p + ".") for p in swapped):
+            continue
+        runtime[name] = t.to(dtype) if t.is_floating_point() else t
+    for name, m in swapped.items():
+        runtime[name + ".weight"] = m.dense_weight().to(dtype)
+        if m.has_bias:
+            runtime[name + ".bias"] = m.bias.detach().to(dtype)  # type: ignore[union-attr]
+    hf_tensors = runtime_to_hf(model.config, runtime)
+    hf_cfg = model.config.to_hf_config()
+    hf_cfg["torch_dtype"] = str(dtype).replace("torch.", "")
+    hf_cfg.pop("quantization_config", None)
+
+    def write(tmp: Path) -> None:
+        (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2))
+        save_file({k: v.contiguous() for k, v in hf_tensors.items()}, str(tmp / "model.safetensors"),
+                  metadata={"format": "pt"})
+        if lm.tokenizer is not None:
+            lm.tokenizer.save(tmp)
+
+    return atomic_dir(out, write)

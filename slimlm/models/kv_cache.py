@@ -1,0 +1,47 @@
+"""Preallocated KV cache: the object attention reads and writes through.
+
+All rows of a batch share one write position (``length``); ragged batches are left-padded and the
+padding is masked, so a cache step is one slice copy per layer. Sliding-window layers keep the whole
+history and mask by position (simple and exact; a paged cache can replace this object later).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    """k, v: [layers, B, H_kv, T_max, D]."""
+
+    def __init__(self, num_layers: int, batch: int, num_kv_heads: int, max_len: int, head_dim: int,
+                 dtype: torch.dtype = torch.float32):
+        shape = (num_layers, batch, num_kv_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype)
+        self.v = torch.zeros(shape, dtype=dtype)
+        self.max_len = max_len
+        self.length = 0  # tokens already stored (same for every row)
+
+    @classmethod
+    def for_model(cls, config, batch: int, max_len: int, dtype: torch.dtype) -> KVCache:  # type: ignore[no-untyped-def]
+        return cls(config.num_hidden_layers, batch, config.num_key_value_heads, max_len, config.head_dim, dtype)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k/v ``[B, H_kv, T, D]`` at the current position; return all keys/values so far."""
+        start, t = self.length, k.shape[2]
+        end = start + t
+        if end > self.max_len:
+            raise ValueError(f"KV cache full: {end} tokens > capacity {self.max_len}")
+        self.k[layer, :, :, start:end] = k
+        self.v[layer, :, :, start:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def advance(self, t: int) -> None:
+        """Called once per forward after every layer wrote ``t`` new tokens."""
+        self.length += t
+
+    def reset(self) -> None:
+        self.length = 0
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.numel() * self.k.element_size() * 2

@@ -1,0 +1,171 @@
+"""Building blocks of the one configurable decoder block: norms, attention, MLP, decoder layer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from slimlm.models.config import ModelConfig
+from slimlm.models.kv_cache import KVCache
+from slimlm.models.rope import apply_rotary
+
+
+class Norm(nn.Module):
+    """RMSNorm (optionally Gemma's ``(1 + w)`` form) or LayerNorm, computed in float32."""
+
+    def __init__(self, dim: int, kind: str = "rms", eps: float = 1e-6, offset: float = 0.0, bias: bool = False):
+        super().__init__()
+        self.kind, self.eps, self.offset = kind, eps, offset
+        self.weight = nn.Parameter(torch.zeros(dim) if offset else torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [..., D]
+        dtype = x.dtype
+        if self.kind == "layer":
+            b = self.bias.float() if self.bias is not None else None
+            return F.layer_norm(x.float(), (x.shape[-1],), self.weight.float(), b, self.eps).to(dtype)
+        if self.offset:  # Gemma: normalize and scale in float32, then cast
+            y = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+            return (y * (self.offset + self.weight.float())).to(dtype)
+        if dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        # Llama: normalize in float32, cast, then scale in the model dtype (as transformers does)
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(dtype)
+
+    @torch.no_grad()
+    def fold_scale_(self, s: torch.Tensor) -> None:
+        """Divide this norm's output by ``s`` per channel (AWQ/SmoothQuant fold the scale forward)."""
+        s = s.to(self.weight.dtype)
+        self.weight.copy_((self.weight + self.offset) / s - self.offset)
+        if self.bias is not None:
+            self.bias.div_(s.to(self.bias.dtype))
+
+
+def _act(name: str):  # type: ignore[no-untyped-def]
+    if name == "silu":
+        return F.silu
+    if name == "gelu_tanh":
+        return lambda x: F.gelu(x, approximate="tanh")
+    if name == "gelu":
+        return F.gelu
+    if name == "relu":
+        return F.relu
+    raise ValueError(f"unsupported activation {name!r}")
+
+
+@dataclass
+class AttnContext:
+    """Per-forward state shared by all layers: rotary tables, masks, cache."""
+
+    rope: dict[str, tuple[torch.Tensor, torch.Tensor]]  # layer type -> (cos, sin): [B, 1, T, D]
+    masks: dict[str, torch.Tensor | None]  # layer type -> bool [B, 1, T, S] (True = attend) or None
+    is_causal: bool  # use SDPA's built-in causal mask (no explicit mask, no cache history)
+    cache: KVCache | None = None
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.layer_type = cfg.layer_types[layer_idx] if cfg.layer_types else "full_attention"
+        self.scale = cfg.attn_scale if cfg.attn_scale is not None else cfg.head_dim**-0.5
+        self.softcap = cfg.attn_logit_softcap
+        d = cfg.hidden_size
+        self.q_proj: nn.Module = nn.Linear(d, cfg.q_size, bias=cfg.qkv_bias)
+        self.k_proj: nn.Module = nn.Linear(d, cfg.kv_size, bias=cfg.qkv_bias)
+        self.v_proj: nn.Module = nn.Linear(d, cfg.kv_size, bias=cfg.qkv_bias)
+        self.o_proj: nn.Module = nn.Linear(cfg.q_size, d, bias=cfg.o_bias)
+        self.use_rope = cfg.rope is not None
+        if cfg.qk_norm:
+            self.q_norm: Norm | None = Norm(cfg.head_dim, "rms", cfg.norm_eps, cfg.norm_offset)
+            self.k_norm: Norm | None = Norm(cfg.head_dim, "rms", cfg.norm_eps, cfg.norm_offset)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def forward(self, x: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
+        # x: [B, T, D]
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)  # [B, H, T, Dh]
+        k = self.k_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)  # [B, Hkv, T, Dh]
+        v = self.v_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.use_rope:
+            cos, sin = ctx.rope[self.layer_type]
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if ctx.cache is not None:
+            k, v = ctx.cache.update(self.layer_idx, k, v)  # [B, Hkv, S, Dh]
+        mask = ctx.masks.get(self.layer_type)
+        if self.softcap is not None:
+            out = self._eager(q, k, v, mask, ctx.is_causal)
+        else:
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=ctx.is_causal and mask is None and t > 1,
+                scale=self.scale, enable_gqa=self.num_kv_heads != self.num_heads,
+            )  # [B, H, T, Dh]
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+    def _eager(self, q, k, v, mask, is_causal):  # type: ignore[no-untyped-def]
+        rep = self.num_heads // self.num_kv_heads
+        k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+        s = (q @ k.transpose(-1, -2)).float() * self.scale  # [B, H, T, S]
+        s = torch.tanh(s / self.softcap) * self.softcap
+        if mask is None and is_causal:
+            t, sk = s.shape[-2:]
+            mask = torch.ones(t, sk, dtype=torch.bool).tril(sk - t)
+        if mask is not None:
+            s = s.masked_fill(~mask, float("-inf"))
+        return (s.softmax(-1).to(q.dtype)) @ v
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        self.gated = cfg.gated_mlp
+        if self.gated:
+            self.gate_proj: nn.Module = nn.Linear(d, f, bias=cfg.mlp_bias)
+        self.up_proj: nn.Module = nn.Linear(d, f, bias=cfg.mlp_bias)
+        self.down_proj: nn.Module = nn.Linear(f, d, bias=cfg.mlp_bias)
+        self.act = _act(cfg.act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gated:
+            return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act(self.up_proj(x)))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block; Gemma adds post-attention and post-MLP norms (sandwich)."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        d = cfg.hidden_size
+
+        def norm() -> Norm:
+            return Norm(d, cfg.norm, cfg.norm_eps, cfg.norm_offset, cfg.norm_bias)
+
+        self.attn_norm = norm()
+        self.self_attn = Attention(cfg, layer_idx)
+        self.mlp_norm = norm()
+        self.mlp = MLP(cfg)
+        self.sandwich = cfg.sandwich_norms
+        if self.sandwich:
+            self.attn_post_norm = norm()
+            self.mlp_post_norm = norm()
+
+    def forward(self, h: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
+        # h: [B, T, D]
+        a = self.self_attn(self.attn_norm(h), ctx)
+        if self.sandwich:
+            a = self.attn_post_norm(a)
+        h = h + a
+        m = self.mlp(self.mlp_norm(h))
+        if self.sandwich:
+            m = self.mlp_post_norm(m)
+        return h + m

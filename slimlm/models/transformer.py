@@ -1,0 +1,157 @@
+"""The slimlm decoder: one compact implementation for every supported family.
+
+Forward for training (full causal attention, optional padding mask) and for inference through a
+preallocated :class:`KVCache`. Positions are explicit (``positions: [B, T]``) so ragged batches can
+be left-padded; the calibration driver reuses :meth:`Transformer.embed` / :meth:`Transformer.context`
+to stream hidden states through one layer at a time.
+
+Example::
+
+    from slimlm.loaders import load_model
+    lm = load_model("smollm2-135m")
+    logits = lm.model(torch.tensor([lm.tokenizer.encode("Hello")]))  # [1, T, vocab]
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from slimlm.models.config import ModelConfig
+from slimlm.models.kv_cache import KVCache
+from slimlm.models.layers import AttnContext, DecoderLayer, Norm
+from slimlm.models.rope import RotaryCache
+
+
+class DecoderStack(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        if cfg.learned_pos:
+            self.embed_positions = nn.Embedding(cfg.max_position_embeddings + cfg.pos_offset, cfg.hidden_size)
+        self.layers = nn.ModuleList([DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers)])
+        self.norm = Norm(cfg.hidden_size, cfg.norm, cfg.norm_eps, cfg.norm_offset, cfg.norm_bias)
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = DecoderStack(cfg)
+        self.lm_head: nn.Module = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self._rope: dict[str, RotaryCache] = {}
+        self._rope_dtype: torch.dtype | None = None
+
+    # --- pieces reused by the calibration driver -----------------------------------------------
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.embed_tokens.weight.dtype
+
+    def embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """input_ids, positions: [B, T] -> hidden states [B, T, D]."""
+        h = self.model.embed_tokens(input_ids)
+        cfg = self.config
+        if cfg.embed_scale != 1.0:
+            h = h * torch.tensor(cfg.embed_scale, dtype=h.dtype)
+        if cfg.learned_pos:
+            h = h + self.model.embed_positions(positions + cfg.pos_offset)
+        return h
+
+    def _rotary(self, layer_type: str) -> RotaryCache | None:
+        cfg = self.config
+        if cfg.rope is None:
+            return None
+        if self._rope_dtype != self.dtype:
+            self._rope, self._rope_dtype = {}, self.dtype
+        key = "sliding_attention" if layer_type == "sliding_attention" and cfg.rope_local is not None else "full_attention"
+        if key not in self._rope:
+            params = cfg.rope_local if key == "sliding_attention" and cfg.rope_local is not None else cfg.rope
+            assert params is not None
+            self._rope[key] = RotaryCache(params, cfg.head_dim, self.dtype)
+        return self._rope[key]
+
+    def context(self, positions: torch.Tensor, cache: KVCache | None = None,
+                attention_mask: torch.Tensor | None = None) -> AttnContext:
+        """Rotary tables and masks for a forward over ``positions: [B, T]``.
+
+        ``attention_mask: [B, S]`` (1 = real token) covers every key, cached ones included.
+        """
+        cfg = self.config
+        b, t = positions.shape
+        past = cache.length if cache is not None else 0
+        s = past + t
+        types = set(cfg.layer_types) or {"full_attention"}
+        rope: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for lt in types:
+            rc = self._rotary(lt)
+            if rc is not None:
+                cos, sin = rc.lookup(positions)  # [B, T, Dh]
+                rope[lt] = (cos.unsqueeze(1), sin.unsqueeze(1))
+        padded = attention_mask is not None and not bool(attention_mask.all())
+        masks: dict[str, torch.Tensor | None] = {}
+        for lt in types:
+            window = cfg.sliding_window if lt == "sliding_attention" else None
+            need_window = window is not None and s > window
+            if not padded and not need_window and (t == 1 or past == 0):
+                masks[lt] = None  # decode step: every key; fresh prefill: SDPA's causal flag
+                continue
+            q_idx = torch.arange(past, s).unsqueeze(1)  # [T, 1]
+            k_idx = torch.arange(s).unsqueeze(0)  # [1, S]
+            m = k_idx <= q_idx
+            if need_window:
+                assert window is not None
+                m = m & (q_idx - k_idx < window)
+            m = m.view(1, 1, t, s)
+            if padded:
+                assert attention_mask is not None
+                m = m & attention_mask.bool().view(b, 1, 1, s)
+                # a padding query would attend to nothing (NaN that leaks through 0 * NaN in later
+                # layers): let every query see its own slot
+                m = m | (k_idx == q_idx).view(1, 1, t, s)
+            masks[lt] = m
+        is_causal = past == 0 and not padded
+        return AttnContext(rope=rope, masks=masks, is_causal=is_causal, cache=cache)
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Final norm + lm_head (+ Gemma's final soft-capping): [B, T, D] -> [B, T, V]."""
+        logits = self.lm_head(self.model.norm(h))
+        cap = self.config.final_logit_softcap
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    # --- forward -------------------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, cache: KVCache | None = None,
+                attention_mask: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
+        """input_ids: [B, T] -> logits [B, T, V] (or [B, 1, V] with ``last_only``)."""
+        b, t = input_ids.shape
+        if positions is None:
+            positions = default_positions(b, t, cache.length if cache is not None else 0, attention_mask)
+        ctx = self.context(positions, cache, attention_mask)
+        h = self.embed(input_ids, positions)
+        for layer in self.model.layers:
+            h = layer(h, ctx)
+        if cache is not None:
+            cache.advance(t)
+        if last_only:
+            h = h[:, -1:]
+        return self.head(h)
+
+    def num_parameters(self) -> int:
+        seen: set[int] = set()
+        n = 0
+        for t in list(self.parameters()) + list(self.buffers()):
+            if id(t) not in seen:
+                seen.add(id(t))
+                n += t.numel()
+        return n
+
+
+def default_positions(b: int, t: int, past: int, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """Positions [B, T]: counted over real tokens when a (left-)padding mask is given."""
+    if attention_mask is None:
+        return (torch.arange(past, past + t)).unsqueeze(0).expand(b, t)
+    pos = attention_mask.long().cumsum(-1) - 1  # [B, S]
+    return pos[:, -t:].clamp(min=0)
