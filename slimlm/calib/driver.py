@@ -1,0 +1,94 @@
+"""The one layer-by-layer calibration driver shared by every calibrated method.
+
+Streams the calibration set through one decoder layer at a time (see :mod:`slimlm.calib.base` for
+the protocol), so peak memory is about one layer plus the hidden states of the calibration set,
+never the activations of the whole model. Each layer's outputs are recomputed *after* it was
+compressed, so later layers calibrate on what the compressed model really produces.
+
+Example::
+
+    samples = calibration_samples(lm.tokenizer, text, n_samples=128, seq_len=512)
+    run_layerwise(lm.model, samples, GPTQAlgorithm(cfg))
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from slimlm.calib.base import LayerwiseAlgorithm
+from slimlm.models.transformer import Transformer
+
+
+def _stack(samples: Sequence[torch.Tensor], batch_size: int) -> list[torch.Tensor]:
+    """Group equal-length samples into batches [b, T]."""
+    flat = [s.reshape(1, -1) for s in samples]
+    out: list[torch.Tensor] = []
+    i = 0
+    while i < len(flat):
+        j = i + 1
+        while j < len(flat) and j - i < batch_size and flat[j].shape[1] == flat[i].shape[1]:
+            j += 1
+        out.append(torch.cat(flat[i:j], 0))
+        i = j
+    return out
+
+
+@torch.no_grad()
+def run_layerwise(model: Transformer, samples: Sequence[torch.Tensor], algorithm: LayerwiseAlgorithm,
+                  batch_size: int = 8, progress: bool = True, desc: str | None = None) -> dict[str, float]:
+    """Run ``algorithm`` over every decoder layer; returns timing stats.
+
+    ``samples``: token id tensors ``[T]`` or ``[1, T]``. The model is modified in place.
+    """
+    if not samples:
+        raise ValueError("run_layerwise needs at least one calibration sample")
+    batches = _stack(samples, batch_size)
+    positions = [torch.arange(b.shape[1]).unsqueeze(0).expand(b.shape[0], -1) for b in batches]
+    ctxs = [model.context(p) for p in positions]
+    hidden = [model.embed(b, p).float() for b, p in zip(batches, positions, strict=True)]  # [b, T, D] each
+    layers = model.model.layers
+    t0 = time.perf_counter()
+    bar = tqdm(total=len(layers), desc=desc or f"{algorithm.name}: layers", unit="layer", disable=not progress,
+               dynamic_ncols=True)
+    for idx, layer in enumerate(layers):
+        groups = algorithm.target_groups(idx, layer)
+        algorithm.begin_layer(idx, layer)
+        if groups:
+            if algorithm.sequential:
+                for g in groups:
+                    _capture(layer, g, algorithm, hidden, ctxs)
+                    algorithm.finish_group(idx, layer, g)
+            else:
+                _capture(layer, [p for g in groups for p in g], algorithm, hidden, ctxs)
+                for g in groups:
+                    algorithm.finish_group(idx, layer, g)
+        algorithm.end_layer(idx, layer)
+        hidden = [layer(h, ctx) for h, ctx in zip(hidden, ctxs, strict=True)]  # outputs of the compressed layer
+        bar.update(1)
+    bar.close()
+    return {"seconds": time.perf_counter() - t0, "layers": float(len(layers)), "samples": float(len(samples))}
+
+
+def _capture(layer: nn.Module, paths: list[str], algorithm: LayerwiseAlgorithm, hidden: list[torch.Tensor],
+             ctxs: list) -> None:  # type: ignore[type-arg]
+    """Run the calibration batches through ``layer`` feeding each target module's inputs to the algorithm."""
+    handles = []
+    for path in paths:
+        mod = layer.get_submodule(path)
+
+        def hook(m: nn.Module, args: tuple, p: str = path) -> None:  # type: ignore[type-arg]
+            x = args[0]
+            algorithm.accumulate(p, m, x.reshape(-1, x.shape[-1]).float())  # [tokens, in]
+
+        handles.append(mod.register_forward_pre_hook(hook))
+    try:
+        for h, ctx in zip(hidden, ctxs, strict=True):
+            layer(h, ctx)
+    finally:
+        for hd in handles:
+            hd.remove()
