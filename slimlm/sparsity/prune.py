@@ -143,7 +143,7 @@ def prune_module(layer: nn.Module, path: str, cfg: PruneConfig, sparsity: float,
 def prune_(model: nn.Module, cfg: PruneConfig, samples: Sequence[torch.Tensor] | None = None,
            progress: bool = True, batch_size: int = 8) -> dict[str, Any]:
     """Prune ``model`` (a slimlm Transformer) in place; returns per-module sparsity and timing."""
-    layers = model.model.layers  # type: ignore[union-attr]
+    layers: nn.ModuleList = model.model.layers  # type: ignore[union-attr,assignment]
     algo = PruneAlgorithm(cfg, len(layers))
     t0 = time.perf_counter()
     if cfg.method == "magnitude":

@@ -67,6 +67,12 @@ class SparseLinear(SwappableLinear):
     """A pruned linear stored compactly; ``forward`` runs dense or CSR (see module docstring)."""
 
     kind = "sparse"
+    mask: torch.Tensor
+    indices: torch.Tensor
+    values: torch.Tensor
+    qvalues: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
 
     def __init__(self, in_features: int, out_features: int, bias: bool, fmt: str, nnz: int,
                  n: int = 0, m: int = 0, bits: int = 0, group_size: int = 0, exec_mode: str = "auto",
