@@ -1,0 +1,112 @@
+"""Shared fields of every quantization config: which modules to skip, per-module overrides.
+
+Each method's config (``slimlm/quant/methods/*.py``) subclasses :class:`QuantConfigBase` (weight-
+only integer methods subclass :class:`WeightQuantConfig`) and is registered, so a recipe file is
+just the serialized config::
+
+    kind: gptq
+    bits: 4
+    group_size: 128
+    ignore: [lm_head]
+    overrides: {"mlp.down_proj": {bits: 8}}
+
+Module patterns match full module paths (``model.layers.3.mlp.down_proj``): a glob matches the
+path or any dotted suffix of it (``down_proj``, ``mlp.*_proj``, ``model.layers.0.*``), and a pattern
+starting with ``re:`` is a regular expression searched in the path. Embeddings are never quantized
+by these methods (they are not linears); ``lm_head`` is skipped by default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import re
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from slimlm.quant.primitives import check_bits
+from slimlm.utils.config import BaseConfig
+from slimlm.utils.errors import ConfigError
+
+C = TypeVar("C", bound="QuantConfigBase")
+
+
+def path_matches(pattern: str, path: str) -> bool:
+    """True when ``pattern`` (glob on the path or a dotted suffix; ``re:`` = regex) names ``path``."""
+    if pattern.startswith("re:"):
+        return re.search(pattern[3:], path) is not None
+    return fnmatch.fnmatchcase(path, pattern) or fnmatch.fnmatchcase(path, "*." + pattern)
+
+
+@dataclass
+class QuantConfigBase(BaseConfig):
+    """Fields every quantization method has (not registered itself)."""
+
+    ignore: list[str] = field(
+        default_factory=lambda: ["lm_head"],
+        metadata={"help": "module path patterns (glob, or 're:<regex>') left unquantized"},
+    )
+    overrides: dict[str, dict[str, Any]] = field(
+        default_factory=dict,
+        metadata={"help": "per-module field overrides: {pattern: {field: value}}, e.g. {\"down_proj\": {\"bits\": 8}}"},
+    )
+
+    def validate(self) -> None:
+        for pat in list(self.ignore) + list(self.overrides):
+            if pat.startswith("re:"):
+                try:
+                    re.compile(pat[3:])
+                except re.error as e:
+                    raise ConfigError(f"{self.kind}: bad regex {pat!r}: {e}") from None
+        for pat, ov in self.overrides.items():
+            if not isinstance(ov, dict):
+                raise ConfigError(f"{self.kind}: override for {pat!r} must be a mapping of fields")
+            if "ignore" in ov or "overrides" in ov:
+                raise ConfigError(f"{self.kind}: override for {pat!r} may not set 'ignore'/'overrides'")
+            self._merged(ov)  # raises ConfigError naming a bad key/value
+
+    def _merged(self: C, ov: dict[str, Any]) -> C:
+        base = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
+        base.update(ignore=[], overrides={})
+        try:
+            return type(self).from_dict({**base, **ov})
+        except ConfigError as e:
+            raise ConfigError(f"in override: {e}") from None
+
+    def for_module(self: C, path: str) -> C | None:
+        """The config that applies to the module at ``path``, or None when it stays unquantized.
+
+        Later override patterns win over earlier ones.
+        """
+        if any(path_matches(p, path) for p in self.ignore):
+            return None
+        merged: dict[str, Any] = {}
+        for pat, ov in self.overrides.items():
+            if path_matches(pat, path):
+                merged.update(ov)
+        if not merged:
+            return self
+        return self._merged(merged)
+
+    def short(self) -> str:
+        """One-line description for plans and reports."""
+        skip = {"ignore", "overrides"}
+        parts = [f"{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self) if f.name not in skip]
+        return f"{self.kind}(" + ", ".join(parts) + ")"
+
+
+@dataclass
+class WeightQuantConfig(QuantConfigBase):
+    """Integer weight quantization fields shared by RTN, GPTQ and AWQ."""
+
+    bits: int = field(default=4, metadata={"help": "bits per weight (2-8)"})
+    group_size: int = field(
+        default=128, metadata={"help": "input columns per scale group; -1 = per channel, 0 = per tensor"}
+    )
+    symmetric: bool = field(default=False, metadata={"help": "symmetric (absmax) grid instead of min/max"})
+
+    def validate(self) -> None:
+        check_bits(self.bits)
+        if self.group_size < -1:
+            raise ConfigError(f"{self.kind}: group_size must be -1, 0 or positive, got {self.group_size}")
+        super().validate()

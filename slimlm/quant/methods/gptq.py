@@ -1,0 +1,202 @@
+"""GPTQ (Frantar et al., 2022): quantize a weight column by column, correcting the not-yet-quantized
+columns with the inverse Hessian of the layer's inputs so ``||W X - W_hat X||`` stays small.
+
+Pure functions: :func:`make_hessian` / :func:`accumulate_hessian` (``H = 2/n * sum X^T X`` over the
+calibration tokens) and :func:`gptq_quantize` (dampening ``damp * mean(diag H)``, lazy block updates of
+``block_size`` columns, act-order = columns by descending ``diag H`` with *static* groups, so the
+group of column ``i`` stays ``i // group_size`` and no ``g_idx`` is needed). Without act-order the
+group's grid is chosen when the sweep reaches the group, from the already-updated weights (as the
+reference code does). :class:`GPTQAlgorithm` glues them to the layer-by-layer driver.
+
+Reference protocol (``/work/shared/REFERENCE.md``): asymmetric, g128, damp 0.01, block 128,
+non-sequential (every linear sees the layer input produced by the already-quantized earlier layers).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from slimlm.calib.driver import run_layerwise
+from slimlm.quant.config import WeightQuantConfig
+from slimlm.quant.methods.base import layer_groups, layer_prefix, register_method, weight_module
+from slimlm.quant.methods.rtn import quantize_top_level
+from slimlm.quant.primitives import choose_qparams, quantize_codes, resolve_group_size
+from slimlm.quant.qtensor import QuantizedWeight
+from slimlm.utils.config import register_config
+from slimlm.utils.errors import ConfigError
+
+
+@register_config
+@dataclass
+class GPTQConfig(WeightQuantConfig):
+    kind = "gptq"
+    act_order: bool = field(default=True, metadata={"help": "quantize columns by descending Hessian diagonal"})
+    damp: float = field(default=0.01, metadata={"help": "dampening, fraction of the mean Hessian diagonal"})
+    block_size: int = field(default=128, metadata={"help": "columns per lazy batch update"})
+    true_sequential: bool = field(
+        default=False, metadata={"help": "capture each group of linears after the earlier ones were quantized"}
+    )
+    clip_search: bool = field(default=False, metadata={"help": "MSE search of the grid range per group"})
+
+    def validate(self) -> None:
+        if not 0 <= self.damp < 1:
+            raise ConfigError(f"gptq: damp must be in [0, 1), got {self.damp}")
+        if self.block_size <= 0:
+            raise ConfigError(f"gptq: block_size must be positive, got {self.block_size}")
+        super().validate()
+
+
+# --- pure functions -----------------------------------------------------------------------------
+def make_hessian(in_features: int) -> torch.Tensor:
+    return torch.zeros(in_features, in_features, dtype=torch.float32)
+
+
+def accumulate_hessian(h: torch.Tensor, n: int, x: torch.Tensor, xtx: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+    """Add tokens ``x: [tokens, in]``; returns the running mean ``H = 2/n sum x^T x`` and the new ``n``.
+
+    ``xtx`` may pass a precomputed ``x^T x`` (linears sharing one input reuse it).
+    """
+    t = x.shape[0]
+    if xtx is None:
+        xf = x.float()
+        xtx = xf.t() @ xf  # [in, in]
+    new_n = n + t
+    h.mul_(n / new_n).add_(xtx, alpha=2.0 / new_n)
+    return h, new_n
+
+
+def gptq_quantize(
+    w: torch.Tensor,
+    h: torch.Tensor,
+    bits: int,
+    group_size: int = 128,
+    symmetric: bool = False,
+    act_order: bool = True,
+    damp: float = 0.01,
+    block_size: int = 128,
+    clip_search: bool = False,
+) -> tuple[QuantizedWeight, float]:
+    """GPTQ for ``w: [out, in]`` with Hessian ``h: [in, in]``; returns the weight and the summed loss.
+
+    The loss is ``sum (w - q)^2 / [H^-1]_jj^2 / 2`` (the objective's decrease estimate, as in GPTQ).
+    """
+    w = w.detach().float().clone()
+    out, cols = w.shape
+    g = resolve_group_size(cols, group_size)
+    h = h.detach().float().clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+
+    n_groups = cols // g
+    static = act_order or group_size == 0  # act-order: grids from the original weights (static groups)
+    scale = torch.zeros(out, n_groups)
+    zero = torch.zeros(out, n_groups, dtype=torch.int32)
+    if static:
+        scale, zero = choose_qparams(w, bits, group_size, symmetric, clip_search)
+
+    perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(cols)
+    w = w[:, perm]
+    h = h[perm][:, perm]
+    h.diagonal().add_(damp * torch.mean(torch.diag(h)))
+    try:
+        hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    except torch.linalg.LinAlgError:
+        raise ConfigError("GPTQ: the Hessian is not positive definite; raise damp or use more calibration data") from None
+
+    q_codes = torch.zeros(out, cols, dtype=torch.int32)
+    loss = torch.zeros(out)
+    for i1 in range(0, cols, block_size):
+        i2 = min(i1 + block_size, cols)
+        w1 = w[:, i1:i2].clone()  # [out, b]
+        err1 = torch.zeros_like(w1)
+        hinv1 = hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            orig = int(perm[col])
+            gi = orig // g
+            if not static and orig % g == 0:  # new group: grid from the current (updated) weights
+                upd = torch.cat([w1[:, i:], w[:, i2:]], dim=1)[:, :g]
+                s, z = choose_qparams(upd, bits, -1, symmetric, clip_search)
+                scale[:, gi], zero[:, gi] = s[:, 0], z[:, 0]
+            wc = w1[:, i]
+            qc = quantize_codes(wc, scale[:, gi], zero[:, gi], bits)
+            dq = (qc.float() - zero[:, gi].float()) * scale[:, gi]
+            q_codes[:, col] = qc
+            d = hinv1[i, i]
+            loss += (wc - dq) ** 2 / d**2 / 2
+            e = (wc - dq) / d  # [out]
+            w1[:, i:] -= e.unsqueeze(1) @ hinv1[i, i:].unsqueeze(0)
+            err1[:, i] = e
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+
+    inv = torch.argsort(perm)
+    q_codes = q_codes[:, inv]
+    qw = QuantizedWeight(
+        qweight=q_codes.to(torch.uint8), scale=scale, zero=zero, bits=bits, group_size=g, symmetric=symmetric
+    )
+    return qw, float(loss.sum())
+
+
+# --- driver glue ----------------------------------------------------------------------------------
+class GPTQAlgorithm:
+    """LayerwiseAlgorithm: one Hessian per target linear, GPTQ when its group is finished."""
+
+    name = "gptq"
+
+    def __init__(self, cfg: GPTQConfig) -> None:
+        self.cfg = cfg
+        self.sequential = cfg.true_sequential
+        self.hessians: dict[str, tuple[torch.Tensor, int]] = {}
+        self.losses: dict[str, float] = {}
+        self._last: tuple[torch.Tensor, torch.Tensor] | None = None  # (x, x^T x) shared by q/k/v
+
+    def target_groups(self, layer_idx: int, layer: nn.Module) -> list[list[str]]:
+        pre = layer_prefix(layer_idx)
+        groups = [[p for p in grp if self.cfg.for_module(pre + p) is not None] for grp in layer_groups(layer)]
+        return [grp for grp in groups if grp]
+
+    def begin_layer(self, layer_idx: int, layer: nn.Module) -> None:
+        self.hessians = {}
+        self._last = None
+
+    def accumulate(self, path: str, module: nn.Module, x: torch.Tensor) -> None:
+        # x: [tokens, in]; consecutive calls with the same tensor (q, k, v) reuse x^T x
+        if self._last is not None and self._last[0] is x:
+            xtx = self._last[1]
+        else:
+            xtx = x.t() @ x
+            self._last = (x, xtx)
+        h, n = self.hessians.get(path) or (make_hessian(x.shape[1]), 0)
+        self.hessians[path] = accumulate_hessian(h, n, x, xtx)
+
+    def finish_group(self, layer_idx: int, layer: nn.Module, paths: list[str]) -> None:
+        self._last = None
+        for p in paths:
+            full = layer_prefix(layer_idx) + p
+            cfg = self.cfg.for_module(full)
+            assert cfg is not None
+            lin = layer.get_submodule(p)
+            assert isinstance(lin, nn.Linear)
+            resolve_group_size(lin.in_features, cfg.group_size, full)
+            h, _ = self.hessians.pop(p)
+            qw, loss = gptq_quantize(
+                lin.weight, h, cfg.bits, cfg.group_size, cfg.symmetric, cfg.act_order, cfg.damp,
+                cfg.block_size, cfg.clip_search,
+            )  # fmt: skip
+            self.losses[full] = loss
+            layer.set_submodule(p, weight_module(lin, qw))
+
+    def end_layer(self, layer_idx: int, layer: nn.Module) -> None:
+        self.hessians = {}
+
+
+@register_method(GPTQConfig, calibrated=True)
+def _apply_gptq(model: nn.Module, cfg: GPTQConfig, samples: Sequence[torch.Tensor] | None, progress: bool) -> None:
+    assert samples is not None
+    run_layerwise(model, samples, GPTQAlgorithm(cfg), progress=progress)  # type: ignore[arg-type]
+    quantize_top_level(model, cfg)
