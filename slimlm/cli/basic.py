@@ -1,0 +1,187 @@
+"""``slimlm info | eval | generate | export``: the foundation commands."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from typing import Any
+
+from slimlm.cli.common import (
+    add_json_arg,
+    add_model_arg,
+    add_runtime_args,
+    emit_json,
+    human_bytes,
+    load,
+    status,
+)
+from slimlm.utils.errors import SlimlmError
+
+
+# --- info ---------------------------------------------------------------------------------------
+def run_info(args: argparse.Namespace) -> int:
+    from slimlm.loaders import describe
+
+    lm = load(args)
+    d = describe(lm)
+    if args.json:
+        emit_json(d)
+        return 0
+    for k, v in d.items():
+        if k.endswith("_bytes"):
+            v = human_bytes(v)
+        elif k == "parameters":
+            v = f"{v:,} ({v / 1e6:.1f} M)"
+        print(f"{k:>22}: {v}")
+    return 0
+
+
+# --- eval ---------------------------------------------------------------------------------------
+def run_eval(args: argparse.Namespace) -> int:
+    from slimlm.calib.data import read_text
+    from slimlm.eval.perplexity import evaluate_perplexity
+
+    lm = load(args)
+    if lm.tokenizer is None:
+        raise SlimlmError(f"{args.model} has no tokenizer; perplexity needs one")
+    files = args.data or [None]
+    results = []
+    for f in files:
+        text = read_text(f, args.start_char)
+        ids = lm.tokenizer.encode(text)
+        bos = lm.tokenizer.bos_token_id if args.bos else None
+        if args.bos and bos is None:
+            raise SlimlmError("--bos given but the tokenizer has no BOS token")
+        r = evaluate_perplexity(lm.model, ids, seq_len=args.seq_len, stride=args.stride, bos_id=bos,
+                                max_tokens=args.max_tokens, progress=not args.no_progress)
+        results.append((f or "pydoc_data.topics", r))
+        if not args.json:
+            print(f"{f or 'pydoc_data.topics'}: perplexity {r.perplexity:.4f} over {r.tokens_scored} tokens "
+                  f"({r.windows} windows of {r.seq_len}) in {r.seconds:.1f}s, {r.tokens_per_s:.0f} tok/s")
+    nll = sum(r.nll * r.tokens_scored for _, r in results)
+    n = sum(r.tokens_scored for _, r in results)
+    secs = sum(r.seconds for _, r in results)
+    out: dict[str, Any] = {"perplexity": math.exp(nll / n), "tokens_scored": n, "seconds": secs,
+                           "tokens_per_s": sum(r.tokens_scored for _, r in results) / secs if secs else 0.0,
+                           "seq_len": args.seq_len, "dtype": args.dtype, "model": args.model,
+                           "files": [{"file": f, **r.to_dict()} for f, r in results]}
+    if args.json:
+        emit_json(out)
+    elif len(results) > 1:
+        print(f"all files: perplexity {out['perplexity']:.4f} over {n} tokens")
+    return 0
+
+
+# --- generate -----------------------------------------------------------------------------------
+def run_generate(args: argparse.Namespace) -> int:
+    from slimlm.engine.generate import generate
+    from slimlm.engine.sampling import SamplingConfig
+
+    cfg = SamplingConfig.from_args(args)
+    lm = load(args)
+    tok = lm.tokenizer
+    if tok is None:
+        raise SlimlmError(f"{args.model} has no tokenizer; generate needs one")
+    prompts = args.prompt or []
+    if not prompts:
+        raise SlimlmError("give at least one --prompt")
+    ids = []
+    for p in prompts:
+        if args.chat:
+            msgs = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": p}]
+            text = tok.apply_chat_template(msgs, add_generation_prompt=True)
+            ids.append(tok.encode(text))
+        else:
+            ids.append(tok.encode(p, add_bos=bool(tok.add_bos_token)))
+    stream = not args.json and len(ids) == 1
+    res = generate(lm.model, tok, ids, cfg, on_text=(lambda s: print(s, end="", flush=True)) if stream else None)
+    if args.json:
+        emit_json({
+            "text": res.texts[0] if len(res.texts) == 1 else res.texts,
+            "new_tokens": res.new_tokens,
+            "prompt_tokens": res.prompt_tokens,
+            "finish_reason": res.finish_reasons[0] if len(res.texts) == 1 else res.finish_reasons,
+            "decode_tokens_per_s": res.decode_tokens_per_s,
+            "prefill_tokens_per_s": res.prefill_tokens_per_s,
+            "prefill_seconds": res.prefill_seconds, "decode_seconds": res.decode_seconds,
+            "dtype": args.dtype, "model": args.model,
+        })
+        return 0
+    if stream:
+        print()
+    else:
+        for i, t in enumerate(res.texts):
+            print(f"--- [{i}] {t}")
+    status(f"[{res.new_tokens} new tokens | prefill {res.prefill_tokens_per_s:.0f} tok/s | "
+           f"decode {res.decode_tokens_per_s:.1f} tok/s | {args.dtype}]")
+    return 0
+
+
+# --- export -------------------------------------------------------------------------------------
+def _export_hf(lm: Any, out: str, args: argparse.Namespace) -> None:
+    from slimlm.loaders.save import export_hf
+
+    export_hf(lm, out, overwrite=args.overwrite)
+
+
+# Export targets: name -> function(loaded model, out path, args). Other packages add theirs here.
+EXPORTERS: dict[str, Any] = {"hf": _export_hf}
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from slimlm.loaders.save import check_output_dir
+
+    if args.to not in EXPORTERS:
+        raise SlimlmError(f"unknown export target {args.to!r}; choose from {', '.join(sorted(EXPORTERS))}")
+    check_output_dir(args.out, args.overwrite)
+    lm = load(args)
+    t = time.perf_counter()
+    EXPORTERS[args.to](lm, args.out, args)
+    status(f"exported {args.model} to {args.to} at {args.out} in {time.perf_counter() - t:.1f}s")
+    if args.json:
+        emit_json({"out": args.out, "to": args.to})
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    from slimlm.engine.sampling import SamplingConfig
+
+    p = sub.add_parser("info", help="architecture, parameters, dtype, size on disk and in memory")
+    add_model_arg(p)
+    add_runtime_args(p)
+    add_json_arg(p)
+    p.set_defaults(func=run_info)
+
+    p = sub.add_parser("eval", help="perplexity over text files (GPTQ-paper protocol by default)")
+    add_model_arg(p)
+    p.add_argument("--data", nargs="+", default=None, help="text file(s); default: Python's pydoc topics text")
+    p.add_argument("--seq-len", type=int, default=2048, help="window length in tokens (default 2048)")
+    p.add_argument("--stride", type=int, default=None, help="overlapping windows: score the last STRIDE tokens")
+    p.add_argument("--bos", action="store_true", help="prepend BOS to every window")
+    p.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens of each file")
+    p.add_argument("--start-char", type=int, default=0, help="skip this many characters of each file")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_runtime_args(p)
+    add_json_arg(p)
+    p.set_defaults(func=run_eval)
+
+    p = sub.add_parser("generate", help="generate text (streams to the terminal)")
+    add_model_arg(p)
+    p.add_argument("--prompt", action="append", help="prompt text; repeat for a batch")
+    p.add_argument("--chat", action="store_true", help="apply the model's chat template to each prompt")
+    p.add_argument("--system", default=None, help="system message (with --chat)")
+    SamplingConfig.add_arguments(p)
+    add_runtime_args(p)
+    add_json_arg(p)
+    p.set_defaults(func=run_generate)
+
+    p = sub.add_parser("export", help="export to another format (hf: safetensors folder transformers loads)")
+    add_model_arg(p)
+    p.add_argument("--to", required=True, help=f"target format ({', '.join(sorted(EXPORTERS))})")
+    p.add_argument("out", help="output path")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    add_runtime_args(p)
+    add_json_arg(p)
+    p.set_defaults(func=run_export)
+

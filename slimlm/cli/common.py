@@ -1,0 +1,58 @@
+"""Shared CLI pieces: model/dtype/thread flags, JSON output, the stderr status printer."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+import torch
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def add_model_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="HF folder, .gguf file, slimlm output dir, alias (smollm2-135m) or hub id")
+
+
+def add_runtime_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
+                   help="compute dtype (default fp32; fp16 is never used on CPU)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+
+
+def add_json_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout (for scripts)")
+
+
+def apply_threads(args: argparse.Namespace) -> None:
+    if getattr(args, "threads", None):
+        if args.threads < 1:
+            from slimlm.utils.errors import SlimlmError
+
+            raise SlimlmError("--threads must be >= 1")
+        torch.set_num_threads(args.threads)
+
+
+def status(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def emit_json(obj: dict[str, Any]) -> None:
+    print(json.dumps(obj, default=str), flush=True)
+
+
+def load(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from slimlm.loaders import load_model
+
+    apply_threads(args)
+    return load_model(args.model, dtype=DTYPES[getattr(args, "dtype", "fp32")])
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1024 or unit == "GB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} GB"
