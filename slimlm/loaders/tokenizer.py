@@ -125,6 +125,7 @@ class Tokenizer:
         self._extra_eos = [int(i) for i in eos_ids]
         self._bos_id = bos_id
         self._pad_id = pad_id
+        self.gguf_pre = ""  # tokenizer.ggml.pre of the GGUF this came from (kept when written back to GGUF)
 
     # ----------------------------------------------------------------------------------------- loading
     @classmethod

@@ -1,0 +1,359 @@
+"""Read a GGUF file (llama.cpp's format) into a `Checkpoint`: HF config, HF-named float32 tensors, tokenizer.
+
+Why: GGUF is how most small models are shipped for CPU inference. slimlm's runtime and compression
+methods work on Hugging Face names and float weights, so this reader does what transformers does when
+it loads a GGUF (``AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)``): map the metadata
+to a ``config.json`` dict, rename ``blk.N.attn_q.weight`` to ``model.layers.N.self_attn.q_proj.weight``,
+de-quantize every tensor to float32 (``gguf.quants.dequantize``), undo llama.cpp's Q/K row permutation
+for the llama architecture, and rebuild the tokenizer from ``tokenizer.ggml.*`` metadata.
+The file is memory-mapped (``gguf.GGUFReader``); only de-quantized tensors are materialized.
+
+Example:
+    ckpt = read_gguf("SmolLM2-135M-Instruct.Q4_1.gguf")
+    ckpt.config["num_hidden_layers"], ckpt.tensors["model.norm.weight"].shape, ckpt.tokenizer
+
+Tests: ``.venv/bin/pytest tests/loaders/test_gguf.py`` (transformers' own GGUF loader is the oracle).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from slimlm.loaders.tokenizer import Tokenizer
+from slimlm.loaders.types import Checkpoint
+from slimlm.utils.errors import CheckpointError
+
+# --------------------------------------------------------------------------------------------- names
+# GGUF architecture -> (HF architectures[0], HF model_type)
+HF_ARCHS: dict[str, tuple[str, str]] = {
+    "llama": ("LlamaForCausalLM", "llama"),
+    "qwen2": ("Qwen2ForCausalLM", "qwen2"),
+    "gemma3": ("Gemma3ForCausalLM", "gemma3_text"),
+    "gpt2": ("GPT2LMHeadModel", "gpt2"),
+}
+SUPPORTED_ARCHS = tuple(HF_ARCHS)
+
+# per-layer GGUF tensor base name -> HF module path inside a layer
+_LLAMA_LAYER = {
+    "attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj", "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+}
+_GEMMA3_LAYER = {
+    **_LLAMA_LAYER, "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
+    "post_attention_norm": "post_attention_layernorm", "ffn_norm": "pre_feedforward_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+}
+_GPT2_LAYER = {
+    "attn_norm": "ln_1", "attn_qkv": "attn.c_attn", "attn_output": "attn.c_proj", "ffn_norm": "ln_2",
+    "ffn_up": "mlp.c_fc", "ffn_down": "mlp.c_proj",
+}
+_DECODER_GLOBAL = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+_GPT2_GLOBAL = {"token_embd": "transformer.wte", "position_embd": "transformer.wpe",
+                "output_norm": "transformer.ln_f", "output": "lm_head"}
+
+
+@dataclass(frozen=True)
+class ArchNames:
+    layer_prefix: str  # "model.layers.{}." / "transformer.h.{}."
+    layer: dict[str, str]
+    globals: dict[str, str]
+
+
+ARCH_NAMES: dict[str, ArchNames] = {
+    "llama": ArchNames("model.layers.{}.", _LLAMA_LAYER, _DECODER_GLOBAL),
+    "qwen2": ArchNames("model.layers.{}.", _LLAMA_LAYER, _DECODER_GLOBAL),
+    "gemma3": ArchNames("model.layers.{}.", _GEMMA3_LAYER, _DECODER_GLOBAL),
+    "gpt2": ArchNames("transformer.h.{}.", _GPT2_LAYER, _GPT2_GLOBAL),
+}
+# GPT-2 stores these as Conv1D ([in, out]); GGUF holds them as [out, in] like every other linear.
+GPT2_CONV1D = ("attn_qkv", "attn_output", "ffn_up", "ffn_down")
+IGNORED_TENSORS = ("rope_freqs",)  # derived from the config by llama.cpp, not a weight
+
+
+def gguf_to_hf_name(arch: str, name: str) -> str | None:
+    """``blk.3.attn_q.weight`` -> ``model.layers.3.self_attn.q_proj.weight`` (None when unknown)."""
+    names = ARCH_NAMES[arch]
+    parts = name.split(".")
+    if parts[0] == "blk" and len(parts) >= 4 and parts[1].isdigit():
+        module = names.layer.get(parts[2])
+        if module is None:
+            return None
+        return names.layer_prefix.format(int(parts[1])) + module + "." + ".".join(parts[3:])
+    module = names.globals.get(parts[0])
+    if module is None or len(parts) < 2:
+        return None
+    return module + "." + ".".join(parts[1:])
+
+
+def hf_to_gguf_name(arch: str, name: str) -> str | None:
+    """Inverse of `gguf_to_hf_name`."""
+    names = ARCH_NAMES[arch]
+    prefix = names.layer_prefix.split("{}")[0]
+    if name.startswith(prefix):
+        idx, _, rest = name[len(prefix):].partition(".")
+        for gguf_base, module in names.layer.items():
+            if rest.startswith(module + ".") and idx.isdigit():
+                return f"blk.{idx}.{gguf_base}.{rest[len(module) + 1:]}"
+        return None
+    for gguf_base, module in names.globals.items():
+        if name.startswith(module + "."):
+            return f"{gguf_base}.{name[len(module) + 1:]}"
+    return None
+
+
+def llama_permute_rows(w: np.ndarray, n_head: int, inverse: bool) -> np.ndarray:
+    """llama.cpp's rotary layout change on Q/K rows (per head: interleaved pairs <-> two halves).
+
+    ``w``: [n_head * head_dim, ...] (a weight, a bias, or packed quantized rows [rows, bytes]).
+    Forward (HF -> GGUF): rows of each head viewed as [2, head_dim/2] are transposed to [head_dim/2, 2].
+    """
+    rest = w.shape[1:]
+    half = w.shape[0] // n_head // 2
+    if inverse:  # GGUF -> HF
+        return w.reshape(n_head, half, 2, *rest).swapaxes(1, 2).reshape(w.shape)
+    return w.reshape(n_head, 2, half, *rest).swapaxes(1, 2).reshape(w.shape)
+
+
+# --------------------------------------------------------------------------------------------- config
+_DECODER_KEYS = {
+    "context_length": "max_position_embeddings", "block_count": "num_hidden_layers",
+    "feed_forward_length": "intermediate_size", "embedding_length": "hidden_size",
+    "attention.head_count": "num_attention_heads", "attention.head_count_kv": "num_key_value_heads",
+    "attention.layer_norm_rms_epsilon": "rms_norm_eps", "rope.freq_base": "rope_theta", "vocab_size": "vocab_size",
+}
+CONFIG_KEYS: dict[str, dict[str, str]] = {
+    "llama": {**_DECODER_KEYS, "rope.dimension_count": "head_dim"},
+    "qwen2": dict(_DECODER_KEYS),
+    "gemma3": {**_DECODER_KEYS, "attention.key_length": "head_dim", "attention.sliding_window": "sliding_window"},
+    "gpt2": {"block_count": "n_layer", "context_length": "n_ctx", "embedding_length": "n_embd",
+             "attention.head_count": "n_head", "attention.layer_norm_epsilon": "layer_norm_epsilon",
+             "feed_forward_length": "n_inner", "vocab_size": "vocab_size"},
+}
+# Activation fields, equal to the HF class defaults, spelled out so a reader of config.json needs no class.
+ACTIVATIONS = {"llama": {"hidden_act": "silu"}, "qwen2": {"hidden_act": "silu"},
+               "gemma3": {"hidden_activation": "gelu_pytorch_tanh"}, "gpt2": {"activation_function": "gelu_new"}}
+TOKEN_ID_KEYS = {"bos_token_id": "tokenizer.ggml.bos_token_id", "eos_token_id": "tokenizer.ggml.eos_token_id",
+                 "unk_token_id": "tokenizer.ggml.unknown_token_id", "pad_token_id": "tokenizer.ggml.padding_token_id"}
+
+
+def field_values(reader: Any) -> dict[str, Any]:
+    """All metadata as Python values (strings decoded, arrays as lists)."""
+    out: dict[str, Any] = {}
+    for key, field in reader.fields.items():
+        try:
+            out[key] = field.contents()
+        except Exception as e:  # a malformed field: report it, do not guess
+            raise CheckpointError(f"cannot parse GGUF metadata field {key!r}: {e}") from e
+    return out
+
+
+def gguf_to_hf_config(arch: str, meta: dict[str, Any], tensor_names: list[str],
+                      embed_rows: int | None) -> dict[str, Any]:
+    """Map GGUF metadata to a Hugging Face config.json dict for ``arch``."""
+    architecture, model_type = HF_ARCHS[arch]
+    cfg: dict[str, Any] = {"architectures": [architecture], "model_type": model_type, **ACTIVATIONS[arch]}
+    for gguf_key, hf_key in CONFIG_KEYS[arch].items():
+        value = meta.get(f"{arch}.{gguf_key}")
+        if value is None:
+            continue
+        if isinstance(value, list):  # per-layer values (e.g. head_count_kv): HF keeps one number
+            value = max(value)
+        cfg[hf_key] = value
+    if arch == "gpt2" and "n_ctx" in cfg:
+        cfg["n_positions"] = cfg["n_ctx"]
+    if "vocab_size" not in cfg:
+        tokens = meta.get("tokenizer.ggml.tokens")
+        cfg["vocab_size"] = embed_rows if embed_rows is not None else len(tokens or [])
+    rope_type = meta.get(f"{arch}.rope.scaling.type")
+    if isinstance(rope_type, str) and rope_type not in ("none", ""):
+        scaling: dict[str, Any] = {"rope_type": rope_type, "type": rope_type}
+        if (factor := meta.get(f"{arch}.rope.scaling.factor")) is not None:
+            scaling["factor"] = float(factor)
+        if (orig := meta.get(f"{arch}.rope.scaling.original_context_length")) is not None:
+            scaling["original_max_position_embeddings"] = int(orig)
+        cfg["rope_scaling"] = scaling
+    cfg["tie_word_embeddings"] = "output.weight" not in tensor_names
+    for hf_key, gguf_key in TOKEN_ID_KEYS.items():
+        if (value := meta.get(gguf_key)) is not None:
+            cfg[hf_key] = int(value)
+    return cfg
+
+
+# --------------------------------------------------------------------------------------------- tokenizer
+# llama.cpp token types (tokenizer.ggml.token_type)
+TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED, TOKEN_BYTE = 1, 2, 3, 4, 5, 6
+
+# Pre-tokenizer split patterns for `tokenizer.ggml.pre` values whose merges were learned on a non-GPT-2
+# split (the GPT-2 pattern is ByteLevel's built-in one). Written from the models' published regexes.
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+               r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+PRE_SPLITS = {"llama3": LLAMA3_SPLIT, "llama-v3": LLAMA3_SPLIT, "llama-bpe": LLAMA3_SPLIT, "smaug-bpe": LLAMA3_SPLIT,
+              "dbrx": LLAMA3_SPLIT, "qwen2": QWEN2_SPLIT, "deepseek-r1-qwen": QWEN2_SPLIT}
+
+
+def byte_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character table (printable Latin-1 bytes map to themselves)."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    table = {b: chr(b) for b in keep}
+    extra = 0
+    for b in range(256):
+        if b not in table:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+def tokenizer_from_gguf_metadata(meta: dict[str, Any]) -> Tokenizer:
+    """Build the tokenizer a GGUF describes (``tokenizer.ggml.model`` "gpt2": byte-level BPE).
+
+    Mirrors what transformers builds from the same file: BPE over the byte-level vocabulary and merges,
+    control tokens (type 3) as special added tokens, user-defined tokens (type 4) as plain added tokens,
+    the pre-tokenizer split chosen by ``tokenizer.ggml.pre``.
+    """
+    import tokenizers
+    from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+
+    kind = meta.get("tokenizer.ggml.model")
+    tokens: list[str] = list(meta.get("tokenizer.ggml.tokens") or [])
+    types: list[int] = list(meta.get("tokenizer.ggml.token_type") or [TOKEN_NORMAL] * len(tokens))
+    if kind != "gpt2":
+        raise CheckpointError(f"GGUF tokenizer model {kind!r} is not supported (supported: 'gpt2' byte-level BPE)")
+    merges = meta.get("tokenizer.ggml.merges")
+    if not merges:
+        raise CheckpointError("GGUF byte-level BPE tokenizer has no tokenizer.ggml.merges")
+    spelling = byte_to_unicode()
+    alphabet = set(spelling.values())
+    vocab: dict[str, int] = {}
+    for i, tok in enumerate(tokens):  # tokens outside the byte alphabet are respelled byte by byte
+        vocab[tok if set(tok) <= alphabet else "".join(spelling[b] for b in tok.encode("utf-8"))] = i
+    pairs = [tuple(m.split(" ", 1)) for m in merges]
+    backend = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=pairs, dropout=None, unk_token=None,
+                                              continuing_subword_prefix="", end_of_word_suffix="",
+                                              fuse_unk=False, byte_fallback=False))
+    split = PRE_SPLITS.get(str(meta.get("tokenizer.ggml.pre")))
+    if split is None:
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    else:
+        backend.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(split), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    backend.decoder = decoders.ByteLevel()
+    control = [AddedToken(t, normalized=False, special=True)
+               for t, ty in zip(tokens, types, strict=False) if ty == TOKEN_CONTROL and set(t) <= alphabet]
+    if control:
+        backend.add_special_tokens(control)
+    user = [AddedToken(t, normalized=False, special=False)
+            for t, ty in zip(tokens, types, strict=False) if ty == TOKEN_USER_DEFINED and t in vocab]
+    if user:
+        backend.add_tokens(user)
+
+    special: dict[str, str] = {}
+    for name, key in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"),
+                      ("unk_token", "unknown_token_id"), ("pad_token", "padding_token_id")):
+        tid = meta.get(f"tokenizer.ggml.{key}")
+        if tid is not None and 0 <= int(tid) < len(tokens):
+            special[name] = tokens[int(tid)]
+    eos_ids = [int(meta[k]) for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id") if k in meta]
+    template = meta.get("tokenizer.chat_template")
+    result = Tokenizer(backend, special_tokens=special,
+                       add_bos_token=bool(meta.get("tokenizer.ggml.add_bos_token", False)),
+                       chat_template=template if isinstance(template, str) else None, eos_ids=eos_ids)
+    result.gguf_pre = str(meta.get("tokenizer.ggml.pre") or "")
+    return result
+
+
+# --------------------------------------------------------------------------------------------- tensors
+def dequantize_tensor(t: Any) -> np.ndarray:
+    """A `gguf.ReaderTensor` as float32 numpy in HF (row-major, [rows, cols]) order."""
+    from gguf import GGMLQuantizationType as Q
+    from gguf.quants import dequantize
+
+    shape = tuple(int(x) for x in reversed([int(s) for s in t.shape]))  # GGUF lists ne0 (columns) first
+    try:
+        if t.tensor_type == Q.F32:
+            arr = np.array(t.data, dtype=np.float32)  # copy out of the read-only memory map
+        else:
+            arr = dequantize(t.data, t.tensor_type)
+    except NotImplementedError:
+        raise CheckpointError(f"tensor {t.name!r} has GGUF type {t.tensor_type.name}, which slimlm cannot "
+                              "de-quantize") from None
+    return np.ascontiguousarray(arr.reshape(shape), dtype=np.float32)
+
+
+def _open_reader(path: Path) -> Any:
+    from gguf import GGUFReader
+
+    if not path.is_file():
+        raise CheckpointError(f"no such GGUF file: {path}")
+    try:
+        reader = GGUFReader(path, "r")
+    except Exception as e:  # bad magic, truncated header/metadata, unknown value types...
+        raise CheckpointError(f"{path} is not a readable GGUF file (corrupt or truncated): {e}") from e
+    size = path.stat().st_size
+    for t in reader.tensors:
+        if t.data_offset + t.n_bytes > size or t.data.nbytes != t.n_bytes:
+            raise CheckpointError(f"{path} is truncated: tensor {t.name!r} ends past the end of the file")
+    return reader
+
+
+def read_gguf(path: str | os.PathLike[str], with_tokenizer: bool = True) -> Checkpoint:
+    """Read a GGUF file as a float32 `Checkpoint` under Hugging Face names.
+
+    Args:
+        path: the ``.gguf`` file.
+        with_tokenizer: also build the tokenizer from the ``tokenizer.ggml.*`` metadata.
+
+    Raises:
+        CheckpointError: not a GGUF / truncated, unsupported architecture or tensor type.
+    """
+    path = Path(path)
+    reader = _open_reader(path)
+    meta = field_values(reader)
+    arch = meta.get("general.architecture")
+    if arch not in HF_ARCHS:
+        raise CheckpointError(f"GGUF architecture {arch!r} is not supported (supported: {', '.join(SUPPORTED_ARCHS)})")
+    names = [t.name for t in reader.tensors]
+    embed = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+    embed_rows = int(embed.shape[1]) if embed is not None and len(embed.shape) == 2 else None
+    config = gguf_to_hf_config(arch, meta, names, embed_rows)
+
+    tensors: dict[str, torch.Tensor] = {}
+    types: dict[str, str] = {}
+    skipped: list[str] = []
+    for t in reader.tensors:
+        if t.name.split(".")[0] in IGNORED_TENSORS:
+            skipped.append(t.name)
+            continue
+        hf_name = gguf_to_hf_name(arch, t.name)
+        if hf_name is None:
+            raise CheckpointError(f"GGUF tensor {t.name!r} has no Hugging Face name for architecture {arch!r}")
+        w = dequantize_tensor(t)
+        base = t.name.split(".")[2] if t.name.startswith("blk.") else t.name.split(".")[0]
+        if arch == "llama" and base in ("attn_q", "attn_k"):
+            heads = config["num_attention_heads"] if base == "attn_q" else config.get(
+                "num_key_value_heads", config["num_attention_heads"])
+            w = llama_permute_rows(w, int(heads), inverse=True)
+        elif arch == "gemma3" and t.name.endswith("norm.weight"):
+            w = w - np.float32(1.0)  # llama.cpp stores Gemma's (1 + w) RMSNorm scale
+        elif arch == "gpt2" and base in GPT2_CONV1D and t.name.endswith(".weight"):
+            w = np.ascontiguousarray(w.T)  # Conv1D: [in, out]
+        tensors[hf_name] = torch.from_numpy(np.ascontiguousarray(w))
+        types[hf_name] = t.tensor_type.name
+
+    tokenizer = None
+    if with_tokenizer and "tokenizer.ggml.tokens" in meta:
+        tokenizer = tokenizer_from_gguf_metadata(meta)
+    return Checkpoint(config=config, tensors=tensors, tokenizer=tokenizer, source=str(path), format="gguf",
+                      file_bytes=path.stat().st_size,
+                      meta={"gguf_tensor_types": types, "gguf_architecture": arch,
+                            "gguf_name": meta.get("general.name"), "gguf_file_type": meta.get("general.file_type"),
+                            "gguf_skipped_tensors": skipped})
