@@ -8,7 +8,8 @@ adaptively per block of ``blocksize`` columns (lowest ``w^2 / Hinv_cc^2`` in the
 the weights already updated by the earlier blocks), or per group of ``M`` columns for N:M.
 
 Joint pruning + quantization (the paper's section 3.4): each surviving weight is also rounded to
-the grid of a :class:`ColumnQuantizer` inside the same loop, so the rounding error is compensated
+the grid of a :class:`ColumnQuantizer` (default :class:`MinMaxQuantizer`, built on
+:mod:`slimlm.quant.primitives`) inside the same loop, so the rounding error is compensated
 too. Grids always contain 0, so pruned weights stay exactly zero.
 
 Example::
@@ -144,33 +145,33 @@ def sparsegpt_prune(w: torch.Tensor, h: torch.Tensor, sparsity: float = 0.5,
 
 
 class MinMaxQuantizer:
-    """Asymmetric min/max grid that always contains 0, per row (``group_size=0``) or per group.
+    """The :class:`ColumnQuantizer` on :mod:`slimlm.quant.primitives` (GPTQ/SparseGPT reference grid).
 
-    Stand-in for :mod:`slimlm.quant.primitives` with the reference's grid (GPTQ/SparseGPT code):
-    ``scale = (max - min) / (2^b - 1)``, ``zero = round(-min / scale)``, ``q = clamp(round(w / scale)
-    + zero, 0, 2^b - 1)``. Records the parameters of every group it fits (``scales``/``zeros``, in
-    call order) so a storage module can keep the integer codes.
+    Asymmetric min/max grids always contain 0 (pruned weights stay zero); symmetric grids have the
+    fixed zero ``2^(b-1)``, which also represents 0 exactly. Per row (``group_size=0``) or per group.
+    Records the parameters of every group it fits (``scales``/``zeros``, in column order) so a
+    storage module can keep the integer codes.
     """
 
-    def __init__(self, bits: int = 4, group_size: int = 128):
-        self.bits, self.group_size = bits, group_size
-        self.maxq = 2**bits - 1
+    def __init__(self, bits: int = 4, group_size: int = 128, symmetric: bool = False):
+        from slimlm.quant.primitives import check_bits
+
+        check_bits(bits)
+        self.bits, self.group_size, self.symmetric = bits, group_size, symmetric
         self.scale = torch.zeros(0)
         self.zero = torch.zeros(0)
         self.scales: list[torch.Tensor] = []
         self.zeros: list[torch.Tensor] = []
 
     def find_params(self, w: torch.Tensor) -> None:
-        # w: [out, g]
-        xmin = w.min(1).values.clamp(max=0)
-        xmax = w.max(1).values.clamp(min=0)
-        both0 = (xmin == 0) & (xmax == 0)
-        xmin[both0], xmax[both0] = -1.0, 1.0
-        self.scale = (xmax - xmin) / self.maxq  # [out]
-        self.zero = torch.round(-xmin / self.scale)
+        from slimlm.quant.primitives import qparams_from_range
+
+        # w: [out, g] -> scale, zero: [out]
+        self.scale, self.zero = qparams_from_range(w.min(1).values, w.max(1).values, self.bits, self.symmetric)
         self.scales.append(self.scale.clone())
         self.zeros.append(self.zero.clone())
 
     def quantize(self, col: torch.Tensor) -> torch.Tensor:
-        q = torch.clamp(torch.round(col / self.scale) + self.zero, 0, self.maxq)
-        return self.scale * (q - self.zero)
+        from slimlm.quant.primitives import fake_quantize
+
+        return fake_quantize(col, self.scale, self.zero, self.bits)
