@@ -119,7 +119,7 @@ class FactorizeAlgorithm:
         self.report: dict[str, dict[str, Any]] = {}
 
     def target_groups(self, layer_idx: int, layer: nn.Module) -> list[list[str]]:
-        return [[p] for p in self.cfg.targets if self.cfg.wants(layer_idx, p) and _has(layer, p)]
+        return [[p] for p in self.cfg.targets if self.cfg.wants(layer_idx, p) and has_module(layer, p)]
 
     def begin_layer(self, layer_idx: int, layer: nn.Module) -> None:
         self.grams.clear()
@@ -137,7 +137,7 @@ class FactorizeAlgorithm:
         self.grams.clear()
 
 
-def _has(layer: nn.Module, path: str) -> bool:
+def has_module(layer: nn.Module, path: str) -> bool:
     try:
         layer.get_submodule(path)
         return True
@@ -150,6 +150,10 @@ def factorize_(model: Transformer, cfg: FactorizeConfig, samples: Sequence[torch
     """Factorize ``model`` in place; returns per-module ranks, parameter counts and timing."""
     before = model.num_parameters()
     algo = FactorizeAlgorithm(cfg)
+    if cfg.rank:  # fail before any work: a fixed rank must fit every target
+        for i, layer in enumerate(model.model.layers):
+            for (p,) in algo.target_groups(i, layer):
+                check_rank(cfg.rank, *linear_weight(layer.get_submodule(p)).shape)
     t0 = time.perf_counter()
     if cfg.activation_aware:
         if not samples:

@@ -46,8 +46,8 @@ class StructuredPruneConfig(BaseConfig):
     kind: ClassVar[str] = "prune-structured"
     target_ratio: float = field(default=0.0, metadata={"help": "keep this fraction of all parameters (0 = use the explicit counts)"})
     remove_layers: int = field(default=-1, metadata={"help": "decoder layers to remove (-1 = derive from target_ratio)"})
-    kv_groups: int = field(default=0, metadata={"help": "KV-head groups to keep per layer (0 = derive / keep all)"})
-    intermediate_size: int = field(default=0, metadata={"help": "MLP channels to keep per layer (0 = derive / keep all)"})
+    kv_groups: int = field(default=-1, metadata={"help": "KV-head groups to keep per layer (-1 = derive from target_ratio / keep all)"})
+    intermediate_size: int = field(default=-1, metadata={"help": "MLP channels to keep per layer (-1 = derive / keep all)"})
     layer_share: float = field(default=0.5, metadata={"help": "target_ratio: share of the removed parameters taken as whole layers"})
     head_share: float = field(default=0.0, metadata={"help": "target_ratio: share of the rest taken as KV groups (the remainder: MLP channels)"})
     round_to: int = field(default=32, metadata={"help": "round the kept intermediate size down to a multiple of this"})
@@ -59,8 +59,12 @@ class StructuredPruneConfig(BaseConfig):
             v = getattr(self, name)
             if not 0.0 <= v <= 1.0:
                 raise ConfigError(f"{name} must be in [0, 1], got {v}")
-        if self.kv_groups < 0 or self.intermediate_size < 0 or self.round_to < 1:
-            raise ConfigError("kv_groups and intermediate_size must be >= 0 and round_to >= 1")
+        if self.kv_groups == 0:
+            raise ConfigError("kv_groups 0 would remove all attention heads of every layer; keep at least 1")
+        if self.intermediate_size == 0:
+            raise ConfigError("intermediate_size 0 would remove every MLP channel; keep at least 1")
+        if self.kv_groups < -1 or self.intermediate_size < -1 or self.round_to < 1:
+            raise ConfigError("kv_groups and intermediate_size must be >= 1 (or -1 = derive) and round_to >= 1")
 
 
 # --- scoring ------------------------------------------------------------------------------------
@@ -156,7 +160,8 @@ def plan_counts(model: Transformer, cfg: StructuredPruneConfig) -> tuple[int, in
     group_params = (2 * rep + 2) * mc.head_dim * d
     chan_params = (3 if mc.gated_mlp else 2) * d
     n_rm = max(cfg.remove_layers, 0)
-    groups, inter = cfg.kv_groups or kv, cfg.intermediate_size or f
+    groups = cfg.kv_groups if cfg.kv_groups > 0 else kv
+    inter = cfg.intermediate_size if cfg.intermediate_size > 0 else f
     if cfg.target_ratio:
         total = model.num_parameters()
         budget = (1.0 - cfg.target_ratio) * total
@@ -164,10 +169,10 @@ def plan_counts(model: Transformer, cfg: StructuredPruneConfig) -> tuple[int, in
             n_rm = min(int(round(cfg.layer_share * budget / layer_params)), L - 1)
         rest = budget - n_rm * layer_params
         kept = L - n_rm
-        if not cfg.kv_groups and cfg.head_share > 0:
+        if cfg.kv_groups < 0 and cfg.head_share > 0:
             groups = kv - min(int(cfg.head_share * rest / (kept * group_params)), kv - 1)
             rest -= (kv - groups) * kept * group_params
-        if not cfg.intermediate_size:
+        if cfg.intermediate_size < 0:
             drop = max(math.ceil(rest / (kept * chan_params)), 0)
             inter = (f - drop) // cfg.round_to * cfg.round_to
     if n_rm >= L:
