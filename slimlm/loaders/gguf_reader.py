@@ -6,7 +6,8 @@ it loads a GGUF (``AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)`
 to a ``config.json`` dict, rename ``blk.N.attn_q.weight`` to ``model.layers.N.self_attn.q_proj.weight``,
 de-quantize every tensor to float32 (``gguf.quants.dequantize``), undo llama.cpp's Q/K row permutation
 for the llama architecture, and rebuild the tokenizer from ``tokenizer.ggml.*`` metadata.
-The file is memory-mapped (``gguf.GGUFReader``); only de-quantized tensors are materialized.
+The file is memory-mapped and its header parsed here (`GGUFFile`, ~50x faster than ``gguf.GGUFReader``
+on a 49k-token vocabulary); only de-quantized tensors are materialized.
 
 Example:
     ckpt = read_gguf("SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -18,6 +19,7 @@ Tests: ``.venv/bin/pytest tests/loaders/test_gguf.py`` (transformers' own GGUF l
 from __future__ import annotations
 
 import os
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -143,17 +145,6 @@ TOKEN_ID_KEYS = {"bos_token_id": "tokenizer.ggml.bos_token_id", "eos_token_id": 
                  "unk_token_id": "tokenizer.ggml.unknown_token_id", "pad_token_id": "tokenizer.ggml.padding_token_id"}
 
 
-def field_values(reader: Any) -> dict[str, Any]:
-    """All metadata as Python values (strings decoded, arrays as lists)."""
-    out: dict[str, Any] = {}
-    for key, field in reader.fields.items():
-        try:
-            out[key] = field.contents()
-        except Exception as e:  # a malformed field: report it, do not guess
-            raise CheckpointError(f"cannot parse GGUF metadata field {key!r}: {e}") from e
-    return out
-
-
 def gguf_to_hf_config(arch: str, meta: dict[str, Any], tensor_names: list[str],
                       embed_rows: int | None) -> dict[str, Any]:
     """Map GGUF metadata to a Hugging Face config.json dict for ``arch``."""
@@ -271,38 +262,137 @@ def tokenizer_from_gguf_metadata(meta: dict[str, Any]) -> Tokenizer:
     return result
 
 
+# --------------------------------------------------------------------------------------------- file
+GGUF_MAGIC = b"GGUF"
+# GGUF metadata value types: id -> struct format (little-endian)
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_STRING, _ARRAY = 8, 9
+
+
+@dataclass(frozen=True)
+class GGUFTensorInfo:
+    """One tensor's entry: ``shape`` in GGUF order (ne0 = columns first), absolute byte ``offset``."""
+
+    name: str
+    shape: tuple[int, ...]
+    qtype: Any  # gguf.GGMLQuantizationType
+    offset: int
+    n_bytes: int
+
+
+class GGUFFile:
+    """A memory-mapped GGUF v2/v3 file: ``metadata`` (Python values) and ``tensors`` (infos + byte views).
+
+    Why not ``gguf.GGUFReader``: it builds one numpy view per vocabulary string, which takes 10-30 s on
+    a 49k-token vocabulary here; this parser reads the same header with `struct` in well under a second.
+    Tensor bytes are never copied until `tensor_bytes` is de-quantized.
+    """
+
+    def __init__(self, path: Path) -> None:
+        import mmap
+
+        self.path = path
+        with open(path, "rb") as f:
+            try:
+                self._buf: Any = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            except ValueError:  # empty file
+                raise CheckpointError(f"{path} is not a GGUF file (empty)") from None
+        self.size = len(self._buf)
+        self._pos = 0
+        try:
+            self._parse()
+        except (struct.error, UnicodeDecodeError, OverflowError, MemoryError) as e:
+            raise CheckpointError(f"{path} is not a readable GGUF file (corrupt or truncated header): {e}") from None
+
+    def _take(self, fmt: str) -> Any:
+        (value,) = struct.unpack_from(fmt, self._buf, self._pos)
+        self._pos += struct.calcsize(fmt)
+        return value
+
+    def _string(self) -> str:
+        n = self._take("<Q")
+        if self._pos + n > self.size:
+            raise struct.error("string runs past the end of the file")
+        raw = self._buf[self._pos:self._pos + n]
+        self._pos += n
+        return bytes(raw).decode("utf-8")
+
+    def _value(self, vtype: int) -> Any:
+        if vtype in _SCALARS:
+            return self._take(_SCALARS[vtype])
+        if vtype == _STRING:
+            return self._string()
+        if vtype == _ARRAY:
+            etype, count = self._take("<I"), self._take("<Q")
+            if etype in _SCALARS:
+                fmt = _SCALARS[etype]
+                width = struct.calcsize(fmt)
+                if self._pos + count * width > self.size:
+                    raise struct.error("array runs past the end of the file")
+                values = list(struct.unpack_from(f"<{count}{fmt[1]}", self._buf, self._pos))
+                self._pos += count * width
+                return values
+            return [self._value(etype) for _ in range(count)]
+        raise struct.error(f"unknown metadata value type {vtype}")
+
+    def _parse(self) -> None:
+        from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+        if bytes(self._buf[:4]) != GGUF_MAGIC:
+            raise CheckpointError(f"{self.path} is not a GGUF file (bad magic {bytes(self._buf[:4])!r})")
+        self._pos = 4
+        self.version = self._take("<I")
+        if self.version not in (2, 3):
+            raise CheckpointError(f"{self.path}: GGUF version {self.version} is not supported (2 and 3 are; "
+                                  "big-endian files are not)")
+        n_tensors, n_kv = self._take("<Q"), self._take("<Q")
+        if n_tensors > 1_000_000 or n_kv > 1_000_000:
+            raise struct.error(f"implausible counts ({n_tensors} tensors, {n_kv} metadata keys)")
+        self.metadata: dict[str, Any] = {}
+        for _ in range(n_kv):
+            key = self._string()
+            self.metadata[key] = self._value(self._take("<I"))
+        infos = []
+        for _ in range(n_tensors):
+            name = self._string()
+            n_dims = self._take("<I")
+            shape = tuple(self._take("<Q") for _ in range(n_dims))
+            infos.append((name, shape, self._take("<I"), self._take("<Q")))
+        align = int(self.metadata.get("general.alignment", 32))
+        data_start = -(-self._pos // align) * align
+        self.tensors: list[GGUFTensorInfo] = []
+        for name, shape, type_id, offset in infos:
+            try:
+                qtype = GGMLQuantizationType(type_id)
+                block, type_size = GGML_QUANT_SIZES[qtype]
+            except (ValueError, KeyError):
+                raise CheckpointError(f"tensor {name!r} has unknown GGUF type id {type_id}") from None
+            n_elements = int(np.prod(shape)) if shape else 1
+            n_bytes = n_elements // block * type_size
+            start = data_start + offset
+            if start + n_bytes > self.size:
+                raise CheckpointError(f"{self.path} is truncated: tensor {name!r} ends past the end of the file")
+            self.tensors.append(GGUFTensorInfo(name, shape, qtype, start, n_bytes))
+
+    def tensor_bytes(self, t: GGUFTensorInfo) -> np.ndarray:
+        """Read-only uint8 view [rows, bytes_per_row] of a tensor's data (rows = all dims but ne0)."""
+        data = np.frombuffer(self._buf, dtype=np.uint8, count=t.n_bytes, offset=t.offset)
+        rows = int(np.prod(t.shape[1:])) if len(t.shape) > 1 else 1
+        return data.reshape(rows, -1)
+
+
 # --------------------------------------------------------------------------------------------- tensors
-def dequantize_tensor(t: Any) -> np.ndarray:
-    """A `gguf.ReaderTensor` as float32 numpy in HF (row-major, [rows, cols]) order."""
-    from gguf import GGMLQuantizationType as Q
+def dequantize_tensor(f: GGUFFile, t: GGUFTensorInfo) -> np.ndarray:
+    """A tensor as float32 numpy in HF (row-major, [rows, cols]) order (``gguf.quants.dequantize``)."""
     from gguf.quants import dequantize
 
-    shape = tuple(int(x) for x in reversed([int(s) for s in t.shape]))  # GGUF lists ne0 (columns) first
+    shape = tuple(reversed(t.shape))  # GGUF lists ne0 (columns) first
     try:
-        if t.tensor_type == Q.F32:
-            arr = np.array(t.data, dtype=np.float32)  # copy out of the read-only memory map
-        else:
-            arr = dequantize(t.data, t.tensor_type)
+        arr = dequantize(f.tensor_bytes(t), t.qtype)
     except NotImplementedError:
-        raise CheckpointError(f"tensor {t.name!r} has GGUF type {t.tensor_type.name}, which slimlm cannot "
+        raise CheckpointError(f"tensor {t.name!r} has GGUF type {t.qtype.name}, which slimlm cannot "
                               "de-quantize") from None
-    return np.ascontiguousarray(arr.reshape(shape), dtype=np.float32)
-
-
-def _open_reader(path: Path) -> Any:
-    from gguf import GGUFReader
-
-    if not path.is_file():
-        raise CheckpointError(f"no such GGUF file: {path}")
-    try:
-        reader = GGUFReader(path, "r")
-    except Exception as e:  # bad magic, truncated header/metadata, unknown value types...
-        raise CheckpointError(f"{path} is not a readable GGUF file (corrupt or truncated): {e}") from e
-    size = path.stat().st_size
-    for t in reader.tensors:
-        if t.data_offset + t.n_bytes > size or t.data.nbytes != t.n_bytes:
-            raise CheckpointError(f"{path} is truncated: tensor {t.name!r} ends past the end of the file")
-    return reader
+    return np.array(arr.reshape(shape), dtype=np.float32)  # a writable copy, out of the memory map
 
 
 def read_gguf(path: str | os.PathLike[str], with_tokenizer: bool = True) -> Checkpoint:
@@ -316,27 +406,29 @@ def read_gguf(path: str | os.PathLike[str], with_tokenizer: bool = True) -> Chec
         CheckpointError: not a GGUF / truncated, unsupported architecture or tensor type.
     """
     path = Path(path)
-    reader = _open_reader(path)
-    meta = field_values(reader)
+    if not path.is_file():
+        raise CheckpointError(f"no such GGUF file: {path}")
+    f = GGUFFile(path)
+    meta = f.metadata
     arch = meta.get("general.architecture")
     if arch not in HF_ARCHS:
         raise CheckpointError(f"GGUF architecture {arch!r} is not supported (supported: {', '.join(SUPPORTED_ARCHS)})")
-    names = [t.name for t in reader.tensors]
-    embed = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+    names = [t.name for t in f.tensors]
+    embed = next((t for t in f.tensors if t.name == "token_embd.weight"), None)
     embed_rows = int(embed.shape[1]) if embed is not None and len(embed.shape) == 2 else None
     config = gguf_to_hf_config(arch, meta, names, embed_rows)
 
     tensors: dict[str, torch.Tensor] = {}
     types: dict[str, str] = {}
     skipped: list[str] = []
-    for t in reader.tensors:
+    for t in f.tensors:
         if t.name.split(".")[0] in IGNORED_TENSORS:
             skipped.append(t.name)
             continue
         hf_name = gguf_to_hf_name(arch, t.name)
         if hf_name is None:
             raise CheckpointError(f"GGUF tensor {t.name!r} has no Hugging Face name for architecture {arch!r}")
-        w = dequantize_tensor(t)
+        w = dequantize_tensor(f, t)  # [rows, cols] float32
         base = t.name.split(".")[2] if t.name.startswith("blk.") else t.name.split(".")[0]
         if arch == "llama" and base in ("attn_q", "attn_k"):
             heads = config["num_attention_heads"] if base == "attn_q" else config.get(
@@ -347,7 +439,7 @@ def read_gguf(path: str | os.PathLike[str], with_tokenizer: bool = True) -> Chec
         elif arch == "gpt2" and base in GPT2_CONV1D and t.name.endswith(".weight"):
             w = np.ascontiguousarray(w.T)  # Conv1D: [in, out]
         tensors[hf_name] = torch.from_numpy(np.ascontiguousarray(w))
-        types[hf_name] = t.tensor_type.name
+        types[hf_name] = t.qtype.name
 
     tokenizer = None
     if with_tokenizer and "tokenizer.ggml.tokens" in meta:

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from slimlm.loaders.gguf_reader import llama_permute_rows, read_gguf
+from slimlm.loaders.gguf_reader import GGUFFile, llama_permute_rows, read_gguf
 from slimlm.loaders.gguf_writer import write_gguf
 from slimlm.loaders.tokenizer import Tokenizer
 from slimlm.utils.errors import CheckpointError, ConfigError
@@ -164,10 +164,24 @@ def small_gguf(tmp_path_factory: pytest.TempPathFactory, tok: Tokenizer) -> Path
     return path
 
 
+def test_header_parser_matches_gguf_package(small_gguf: Path) -> None:
+    ours = GGUFFile(small_gguf)
+    theirs = gguf.GGUFReader(small_gguf)
+    assert ours.metadata == {k: f.contents() for k, f in theirs.fields.items() if not k.startswith("GGUF.")}
+    assert len(ours.tensors) == len(theirs.tensors)
+    for a, b in zip(ours.tensors, theirs.tensors, strict=True):
+        assert (a.name, a.qtype, list(a.shape), a.offset, a.n_bytes) == (
+            b.name, b.tensor_type, [int(x) for x in b.shape], b.data_offset, b.n_bytes)
+        assert np.array_equal(ours.tensor_bytes(a).reshape(-1), np.asarray(b.data).view(np.uint8).reshape(-1))
+
+
 def test_not_a_gguf(tmp_path: Path) -> None:
     (tmp_path / "x.gguf").write_bytes(b"NOPE" + bytes(100))
-    with pytest.raises(CheckpointError, match="not a readable GGUF"):
+    with pytest.raises(CheckpointError, match="not a GGUF file"):
         read_gguf(tmp_path / "x.gguf")
+    (tmp_path / "e.gguf").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="not a GGUF file"):
+        read_gguf(tmp_path / "e.gguf")
     with pytest.raises(CheckpointError, match="no such GGUF"):
         read_gguf(tmp_path / "missing.gguf")
 
