@@ -203,21 +203,28 @@ def byte_to_unicode() -> dict[int, str]:
     return table
 
 
-def tokenizer_from_gguf_metadata(meta: dict[str, Any]) -> Tokenizer:
-    """Build the tokenizer a GGUF describes (``tokenizer.ggml.model`` "gpt2": byte-level BPE).
+def merges_from_vocab(vocab: dict[str, int], scores: dict[str, float] | None) -> list[tuple[str, str]]:
+    """BPE merges implied by a vocabulary (SentencePiece GGUFs store none).
 
-    Mirrors what transformers builds from the same file: BPE over the byte-level vocabulary and merges,
-    control tokens (type 3) as special added tokens, user-defined tokens (type 4) as plain added tokens,
-    the pre-tokenizer split chosen by ``tokenizer.ggml.pre``.
+    Every split of a token into two vocabulary pieces is a merge; merges are ranked by the token's
+    score, best first (or by vocabulary id when there are no scores), ties by piece lengths, then by
+    piece ids: the order transformers uses, so both build the same tokenizer.
     """
-    import tokenizers
-    from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+    keyed: dict[str, float] = dict(scores) if scores is not None else {k: float(v) for k, v in vocab.items()}
+    found: list[tuple[str, str, float]] = []
+    for token, score in keyed.items():
+        local = [(token[:i], token[i:], score) for i in range(1, len(token))
+                 if token[:i] in vocab and token[i:] in vocab]
+        local.sort(key=lambda x: (vocab[x[0]], vocab[x[1]]))
+        found.extend(local)
+    found.sort(key=lambda x: (x[2], len(x[0]), len(x[1])), reverse=scores is not None)
+    return [(a, b) for a, b, _ in found]
 
-    kind = meta.get("tokenizer.ggml.model")
-    tokens: list[str] = list(meta.get("tokenizer.ggml.tokens") or [])
-    types: list[int] = list(meta.get("tokenizer.ggml.token_type") or [TOKEN_NORMAL] * len(tokens))
-    if kind != "gpt2":
-        raise CheckpointError(f"GGUF tokenizer model {kind!r} is not supported (supported: 'gpt2' byte-level BPE)")
+
+def _byte_level_backend(meta: dict[str, Any], tokens: list[str]) -> tuple[Any, set[str] | None]:
+    import tokenizers
+    from tokenizers import Regex, decoders, models, pre_tokenizers
+
     merges = meta.get("tokenizer.ggml.merges")
     if not merges:
         raise CheckpointError("GGUF byte-level BPE tokenizer has no tokenizer.ggml.merges")
@@ -238,14 +245,69 @@ def tokenizer_from_gguf_metadata(meta: dict[str, Any]) -> Tokenizer:
             pre_tokenizers.Split(Regex(split), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     backend.decoder = decoders.ByteLevel()
-    control = [AddedToken(t, normalized=False, special=True)
-               for t, ty in zip(tokens, types, strict=False) if ty == TOKEN_CONTROL and set(t) <= alphabet]
-    if control:
-        backend.add_special_tokens(control)
-    user = [AddedToken(t, normalized=False, special=False)
-            for t, ty in zip(tokens, types, strict=False) if ty == TOKEN_USER_DEFINED and t in vocab]
-    if user:
-        backend.add_tokens(user)
+    return backend, alphabet
+
+
+def _sentencepiece_backend(meta: dict[str, Any], tokens: list[str], gemma: bool) -> tuple[Any, list[str]]:
+    """SentencePiece vocabulary as a byte-fallback BPE (Metaspace), merges rebuilt from token scores.
+
+    Gemma files store runs of spaces as real spaces and their scores do not follow merge order, so
+    those tokens are respelled with U+2581 and ranked by position instead.
+    """
+    import tokenizers
+    from tokenizers import decoders, models, normalizers, pre_tokenizers
+
+    if gemma:
+        tokens = ["\u2581" * len(t) if " " in t and not t.strip() else t for t in tokens]
+        scores: dict[str, float] = {t: -float(i) for i, t in enumerate(tokens)}
+    else:
+        raw_scores = meta.get("tokenizer.ggml.scores")
+        if raw_scores is None:
+            raise CheckpointError("GGUF SentencePiece tokenizer has no tokenizer.ggml.scores")
+        scores = dict(zip(tokens, (float(x) for x in raw_scores), strict=False))
+    vocab = {t: i for i, t in enumerate(tokens)}
+    file_merges = meta.get("tokenizer.ggml.merges")
+    merges = ([tuple(m.split(" ", 1)) for m in file_merges] if file_merges
+              else merges_from_vocab(vocab, scores))
+    if gemma:
+        backend = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=True, unk_token="<unk>",
+                                                  dropout=None, byte_fallback=True))
+        backend.normalizer = normalizers.Replace(" ", "\u2581")
+        backend.pre_tokenizer = pre_tokenizers.Split(" ", behavior="merged_with_previous")
+        backend.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(),
+                                             decoders.Fuse()])
+    else:
+        backend = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=True, byte_fallback=True,
+                                                  dropout=None))
+        backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
+        backend.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(),
+                                             decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    return backend, tokens
+
+
+def tokenizer_from_gguf_metadata(meta: dict[str, Any]) -> Tokenizer:
+    """Build the tokenizer a GGUF describes, as transformers builds it from the same file.
+
+    ``tokenizer.ggml.model`` "gpt2": byte-level BPE from the vocabulary and merges, split regex chosen by
+    ``tokenizer.ggml.pre``. "llama": SentencePiece as byte-fallback BPE (Gemma variant for gemma archs).
+    Control tokens (type 3) and the bos/eos/unk/pad tokens become special added tokens, user-defined
+    tokens (type 4) plain added tokens.
+    """
+    from tokenizers import AddedToken
+
+    kind = meta.get("tokenizer.ggml.model")
+    tokens: list[str] = list(meta.get("tokenizer.ggml.tokens") or [])
+    types: list[int] = list(meta.get("tokenizer.ggml.token_type") or [TOKEN_NORMAL] * len(tokens))
+    alphabet: set[str] | None = None
+    if kind == "gpt2":
+        backend, alphabet = _byte_level_backend(meta, tokens)
+    elif kind == "llama":
+        arch = str(meta.get("general.architecture", ""))
+        backend, tokens = _sentencepiece_backend(meta, tokens, gemma=arch.startswith("gemma"))
+    else:
+        raise CheckpointError(f"GGUF tokenizer model {kind!r} is not supported "
+                              "(supported: 'gpt2' byte-level BPE, 'llama' SentencePiece)")
+    vocab_tokens = set(tokens)
 
     special: dict[str, str] = {}
     for name, key in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"),
@@ -253,10 +315,21 @@ def tokenizer_from_gguf_metadata(meta: dict[str, Any]) -> Tokenizer:
         tid = meta.get(f"tokenizer.ggml.{key}")
         if tid is not None and 0 <= int(tid) < len(tokens):
             special[name] = tokens[int(tid)]
+    control = [t for t, ty in zip(tokens, types, strict=False)
+               if ty == TOKEN_CONTROL and (alphabet is None or set(t) <= alphabet)]
+    control += [t for t in special.values() if t not in control and t in vocab_tokens]
+    if control:
+        backend.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in control])
+    user = [AddedToken(t, normalized=False, special=False)
+            for t, ty in zip(tokens, types, strict=False) if ty == TOKEN_USER_DEFINED and t in vocab_tokens]
+    if user:
+        backend.add_tokens(user)
+
     eos_ids = [int(meta[k]) for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id") if k in meta]
     template = meta.get("tokenizer.chat_template")
-    result = Tokenizer(backend, special_tokens=special,
-                       add_bos_token=bool(meta.get("tokenizer.ggml.add_bos_token", False)),
+    # llama.cpp adds BOS to SentencePiece vocabularies unless the file says otherwise
+    add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", kind == "llama"))
+    result = Tokenizer(backend, special_tokens=special, add_bos_token=add_bos,
                        chat_template=template if isinstance(template, str) else None, eos_ids=eos_ids)
     result.gguf_pre = str(meta.get("tokenizer.ggml.pre") or "")
     return result

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from slimlm.loaders.gguf_reader import GGUFFile, llama_permute_rows, read_gguf
+from slimlm.loaders.gguf_reader import GGUFFile, llama_permute_rows, read_gguf, tokenizer_from_gguf_metadata
 from slimlm.loaders.gguf_writer import write_gguf
 from slimlm.loaders.tokenizer import Tokenizer
 from slimlm.utils.errors import CheckpointError, ConfigError
@@ -153,6 +153,58 @@ def test_raw_q4_0_blocks_equal_float_quantization(tmp_path: Path, tok: Tokenizer
         write_gguf(tmp_path / "bad.gguf", cfg, sd, tok, raw=bad)
     assert not (tmp_path / "bad.gguf").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["float.gguf", "raw.gguf"]  # no temp files left
+
+
+def write_sentencepiece_gguf(path: Path, arch: str) -> None:
+    """A metadata-only GGUF whose tokenizer is a SentencePiece BPE (byte fallback) trained on pydoc text."""
+    import io
+
+    spm = pytest.importorskip("sentencepiece")
+    from tests.helpers.tokenizers import training_text
+
+    lines = [line for doc in training_text() for line in doc.split("\n") if line.strip()][:20000]
+    proto = io.BytesIO()
+    user = ["<|im_start|>", "<|im_end|>"]
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=proto, model_type="bpe",
+                                   vocab_size=400, byte_fallback=True, character_coverage=1.0,
+                                   user_defined_symbols=user, minloglevel=2, num_threads=1)
+    sp = spm.SentencePieceProcessor(model_proto=proto.getvalue())
+    tokens = [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
+    types = [2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i) else
+             4 if tokens[i] in user else 1 for i in range(len(tokens))]
+    w = gguf.GGUFWriter(path, arch)
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores([sp.get_score(i) for i in range(len(tokens))])
+    w.add_token_types(types)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_unk_token_id(0)
+    w.add_chat_template(make_tiny_tokenizer().chat_template or "")
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_sentencepiece_tokenizer_matches_transformers(tmp_path: Path, arch: str) -> None:
+    write_sentencepiece_gguf(tmp_path / "t.gguf", arch)
+    ours = tokenizer_from_gguf_metadata(GGUFFile(tmp_path / "t.gguf").metadata)
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file="t.gguf")
+    texts = [*TEXTS, "Hello  world   with\truns of  spaces", "<s>control</s> and <unk> in text",
+             "ünïcödé → 𝔘 byte fallback"]
+    for text in texts:
+        ids = ours.encode(text)
+        assert ids == hf(text, add_special_tokens=False)["input_ids"], text
+        assert ours.encode(text, add_bos=ours.add_bos_token) == hf(text)["input_ids"], text
+        assert ours.decode(ids) == hf.decode(ids, skip_special_tokens=True), text
+    assert ours.add_bos_token and ours.bos_token_id == hf.bos_token_id == 1
+    assert ours.vocab_size == 400
+    if arch == "llama":  # GemmaTokenizer also appends its default <bos>/<eos>/<pad>/<mask>, absent from this toy vocab
+        assert len(hf) == 400
+    assert ours.apply_chat_template(MESSAGES) == hf.apply_chat_template(MESSAGES, tokenize=False,
+                                                                       add_generation_prompt=True)
 
 
 # ------------------------------------------------------------------------------------------- errors
