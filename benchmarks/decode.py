@@ -1,0 +1,127 @@
+"""Batch-1 greedy decode speed: slimlm vs transformers `generate`, same model, dtype, prompt, length.
+
+Both load the same GGUF (transformers de-quantizes it to the same float weights), run the same
+chat prompt, and generate the same number of tokens (EOS ignored). Runs are interleaved and the
+median is reported, with the ratio and the achieved GB/s (weight bytes read per token x tok/s)
+against the read bandwidth measured in the same run.
+
+    .venv/bin/python benchmarks/decode.py                      # fp32 and bf16, 128 tokens
+    .venv/bin/python benchmarks/decode.py --dtypes fp32 --new-tokens 64 --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from slimlm.bench.sysinfo import has_native_bf16, measure_bandwidth, save_json, system_info  # noqa: E402
+from slimlm.engine.generate import generate  # noqa: E402
+from slimlm.engine.sampling import SamplingConfig  # noqa: E402
+from slimlm.loaders import load_model  # noqa: E402
+from slimlm.loaders.resolve import alias_path  # noqa: E402
+from slimlm.models.modules import linear_weight  # noqa: E402
+
+DT = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def weight_bytes_per_token(model: torch.nn.Module) -> int:
+    """Bytes of weights a decode step reads: every linear (lm_head included) + norms; one embedding row."""
+    total = 0
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Linear) or hasattr(m, "dense_weight"):
+            sd = m.state_dict()
+            total += sum(t.numel() * t.element_size() for t in sd.values())
+        elif name.endswith("norm"):
+            total += sum(p.numel() * p.element_size() for p in m.parameters())
+    return total
+
+
+def run_slimlm(lm, prompt: list[int], n: int) -> float:  # type: ignore[no-untyped-def]
+    t = time.perf_counter()
+    r = generate(lm.model, lm.tokenizer, [prompt], SamplingConfig(max_new_tokens=n, ignore_eos=True))
+    total = time.perf_counter() - t
+    assert r.new_tokens == n, r.new_tokens
+    return n / total
+
+
+def run_hf(model, prompt: list[int], n: int) -> float:  # type: ignore[no-untyped-def]
+    ids = torch.tensor([prompt])
+    t = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                             do_sample=False, pad_token_id=0)
+    total = time.perf_counter() - t
+    assert out.shape[1] - ids.shape[1] == n
+    return n / total
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--dtypes", default="fp32,bf16")
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-hf", action="store_true", help="skip transformers")
+    ap.add_argument("--out", default="bench-results/decode.json")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    from transformers import AutoModelForCausalLM
+
+    info = system_info()
+    bw = measure_bandwidth()
+    print(f"CPU: {info['cpu_model']} ({info['cpu_capability']}, flags {info['cpu_flags']}), "
+          f"{args.threads} threads, read bandwidth {bw:.1f} GB/s, load {info['loadavg_1m']:.2f}")
+    results = []
+    for dname in args.dtypes.split(","):
+        dt = DT[dname]
+        lm = load_model(args.model, dtype=dt)
+        msgs = [{"role": "user", "content": "Write a short story about a robot who learns to paint."}]
+        prompt = lm.tokenizer.encode(lm.tokenizer.apply_chat_template(msgs, add_generation_prompt=True))
+        hf = None
+        if not args.no_hf:
+            path = alias_path(args.model) if args.model == "smollm2-135m" else Path(args.model)
+            if path.suffix == ".gguf":
+                hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dt,
+                                                          attn_implementation="eager")
+            else:
+                hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=dt, attn_implementation="eager")
+            hf.eval()
+        run_slimlm(lm, prompt, 8)  # warm-up
+        if hf is not None:
+            run_hf(hf, prompt, 8)
+        ours, theirs = [], []
+        for _ in range(args.repeats):
+            ours.append(run_slimlm(lm, prompt, args.new_tokens))
+            if hf is not None:
+                theirs.append(run_hf(hf, prompt, args.new_tokens))
+        s = statistics.median(ours)
+        bpt = weight_bytes_per_token(lm.model)
+        row = {"dtype": dname, "new_tokens": args.new_tokens, "prompt_tokens": len(prompt),
+               "slimlm_tok_s": s, "slimlm_runs": ours, "weight_bytes_per_token": bpt,
+               "slimlm_GBps": s * bpt / 1e9, "roofline_tok_s": bw * 1e9 / bpt,
+               "fraction_of_roofline": s * bpt / (bw * 1e9)}
+        if theirs:
+            h = statistics.median(theirs)
+            row.update(hf_tok_s=h, hf_runs=theirs, ratio=s / h)
+        results.append(row)
+        print(f"{dname}: slimlm {s:.1f} tok/s ({row['slimlm_GBps']:.1f} GB/s, {100 * row['fraction_of_roofline']:.0f}% "
+              f"of the {row['roofline_tok_s']:.0f} tok/s roofline)" +
+              (f" | transformers {row['hf_tok_s']:.1f} tok/s | ratio {row['ratio']:.2f}x" if theirs else ""))
+        if dname == "bf16" and not has_native_bf16():
+            print("  note: this CPU has no native bf16 (avx512_bf16/amx): bf16 matmuls are emulated")
+        del lm, hf
+    out = {"benchmark": "decode", "model": args.model, "system": info, "bandwidth_GBps": bw, "results": results,
+           "command": " ".join(sys.argv)}
+    print(f"saved {save_json(out, args.out)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,133 @@
+"""CLI: the foundation commands on a tiny model, and bad input -> one error line, exit 2."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from slimlm.cli.main import main
+from tests.helpers.models import make_hf_model
+from tests.helpers.tokenizers import make_tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("tiny")
+    tok = make_tiny_tokenizer(vocab_size=384)
+    make_hf_model("llama", d, vocab_size=384, max_position_embeddings=64)
+    tok.save(d)
+    return d
+
+
+def run(argv, capsys):
+    code = main(argv)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_info_json(tiny_dir, capsys):
+    code, out, _ = run(["info", str(tiny_dir), "--json"], capsys)
+    assert code == 0
+    d = json.loads(out)
+    assert d["architecture"] == "LlamaForCausalLM" and d["layers"] == 2 and d["kv_heads"] == 2
+    assert d["parameters"] > 0 and d["size_on_disk_bytes"] > 0
+
+
+def test_eval_json(tiny_dir, tmp_path, capsys):
+    text = tmp_path / "t.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    code, out, _ = run(["eval", str(tiny_dir), "--data", str(text), "--seq-len", "32", "--json", "--no-progress"], capsys)
+    assert code == 0
+    d = json.loads(out)
+    assert d["tokens_scored"] > 0 and d["seconds"] >= 0 and 1 < d["perplexity"] < 10_000
+
+
+def test_generate_json_ignore_eos_forces_length(tiny_dir, capsys):
+    code, out, _ = run(["generate", str(tiny_dir), "--prompt", "def foo", "--max-new-tokens", "7",
+                        "--ignore-eos", "--json"], capsys)
+    assert code == 0
+    d = json.loads(out)
+    assert d["new_tokens"] == 7 and isinstance(d["text"], str)
+    assert d["decode_tokens_per_s"] > 0 and d["prefill_tokens_per_s"] > 0
+
+
+def test_export_hf_roundtrip_transformers(tiny_dir, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    out_dir = tmp_path / "hf"
+    code, _, _ = run(["export", str(tiny_dir), "--to", "hf", str(out_dir)], capsys)
+    assert code == 0
+    ref = AutoModelForCausalLM.from_pretrained(tiny_dir).eval()
+    got = AutoModelForCausalLM.from_pretrained(out_dir).eval()
+    ids = torch.randint(0, 384, (1, 12))
+    with torch.no_grad():
+        assert torch.equal(ref(ids).logits, got(ids).logits)
+    # refuses to overwrite without --overwrite, and leaves the folder intact
+    code, _, err = run(["export", str(tiny_dir), "--to", "hf", str(out_dir)], capsys)
+    assert code == 2 and "already holds a model" in err
+
+
+def _one_error_line(code: int, err: str, needle: str) -> None:
+    assert code == 2, err
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert lines[-1].startswith("error:") and needle in lines[-1], err
+    assert "Traceback" not in err
+
+
+def test_missing_path(capsys):
+    code, _, err = run(["info", "/nonexistent/model/dir"], capsys)
+    _one_error_line(code, err, "no such model")
+
+
+def test_folder_without_config(tmp_path, capsys):
+    code, _, err = run(["info", str(tmp_path)], capsys)
+    _one_error_line(code, err, "no config.json")
+
+
+def test_truncated_safetensors(tiny_dir, tmp_path, capsys):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_dir, bad)
+    data = (bad / "model.safetensors").read_bytes()
+    (bad / "model.safetensors").write_bytes(data[: len(data) // 2])
+    code, _, err = run(["info", str(bad)], capsys)
+    _one_error_line(code, err, "truncated or corrupt")
+
+
+def test_unsupported_architecture(tiny_dir, tmp_path, capsys):
+    import shutil
+
+    bad = tmp_path / "arch"
+    shutil.copytree(tiny_dir, bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["architectures"] = ["MambaForCausalLM"]
+    cfg["model_type"] = "mamba"
+    (bad / "config.json").write_text(json.dumps(cfg))
+    code, _, err = run(["info", str(bad)], capsys)
+    _one_error_line(code, err, "unsupported architecture 'MambaForCausalLM'")
+
+
+def test_prompt_longer_than_context(tiny_dir, capsys):
+    code, _, err = run(["generate", str(tiny_dir), "--prompt", "word " * 200, "--max-new-tokens", "4"], capsys)
+    _one_error_line(code, err, "context")
+
+
+def test_bad_sampling_value(tiny_dir, capsys):
+    code, _, err = run(["generate", str(tiny_dir), "--prompt", "x", "--top-p", "1.5"], capsys)
+    _one_error_line(code, err, "top_p")
+
+
+def test_real_process_exit_code_and_debug(tmp_path):
+    """A real subprocess: exit code 2 and no traceback; --debug shows it."""
+    cmd = [sys.executable, "-m", "slimlm.cli.main", "info", str(tmp_path / "nope")]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.startswith("error:") and "Traceback" not in r.stderr
+    r = subprocess.run([sys.executable, "-m", "slimlm.cli.main", "--debug", "info", str(tmp_path / "nope")],
+                       capture_output=True, text=True)
+    assert "Traceback" in r.stderr
