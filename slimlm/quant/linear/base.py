@@ -1,0 +1,100 @@
+"""Shared plumbing of the quantized linears: spec checks, bias, flattening, storage accounting."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from slimlm.models.modules import SwappableLinear
+from slimlm.quant.qtensor import QuantizedWeight
+from slimlm.utils.errors import CheckpointError, SlimlmError
+
+
+def n_groups(in_features: int, group_size: int) -> int:
+    return -(-in_features // group_size)
+
+
+def group_index(in_features: int, group_size: int, g_idx: torch.Tensor | None) -> torch.Tensor:
+    """[in] int64 group of each input column (``g_idx`` or ``i // group_size``)."""
+    if g_idx is not None:
+        return g_idx.long()
+    return torch.arange(in_features) // group_size
+
+
+def dequantize_grouped(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | float,
+                       g: torch.Tensor) -> torch.Tensor:
+    """``(q - zero[:, g]) * scale[:, g]`` in float32, the exact math of ``QuantizedWeight.dequantize``."""
+    z = zero if isinstance(zero, float) else zero.float()[:, g]
+    return (q.float() - z) * scale.float()[:, g]
+
+
+def check_qweight(qw: QuantizedWeight, bits: tuple[int, ...], where: str) -> None:
+    if qw.bits not in bits:
+        raise SlimlmError(f"{where} takes {'/'.join(map(str, bits))}-bit weights, got {qw.bits}-bit")
+    out, inp = qw.shape
+    ng = n_groups(inp, qw.group_size)
+    if tuple(qw.scale.shape) != (out, ng) or tuple(qw.zero.shape) != (out, ng):
+        raise SlimlmError(f"{where}: scale/zero must be [{out}, {ng}], got {tuple(qw.scale.shape)} / {tuple(qw.zero.shape)}")
+    if qw.g_idx is not None:
+        gi = qw.g_idx.long()
+        if gi.shape != (inp,) or (inp and (int(gi.min()) < 0 or int(gi.max()) >= ng)):
+            raise SlimlmError(f"{where}: g_idx must be [{inp}] with values in [0, {ng})")
+
+
+def spec_int(spec: dict[str, Any], key: str, kind: str) -> int:
+    if key not in spec:
+        raise CheckpointError(f"{kind} spec is missing {key!r} (has {sorted(spec)})")
+    return int(spec[key])
+
+
+class QuantLinearBase(SwappableLinear):
+    """Common bias handling and forward plumbing: subclasses implement ``_matmul(x2: [M, in]) -> [M, out]``."""
+
+    bias: torch.Tensor | None
+
+    def __init__(self, in_features: int, out_features: int, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        if bias is not None:
+            if bias.shape != (out_features,):
+                raise SlimlmError(f"bias must be [{out_features}], got {tuple(bias.shape)}")
+            self.register_buffer("bias", bias.detach().float().clone())
+        else:
+            self.bias = None
+
+    def _matmul(self, x2: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [..., in] -> [..., out] in x's dtype
+        x2 = x.reshape(-1, self.in_features)  # [M, in]
+        y = self._matmul(x2)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ dense_weight().T + bias`` in float32: the oracle the kernel paths are tested against."""
+        y = F.linear(x.float(), self.dense_weight(), None if self.bias is None else self.bias.float())
+        return y.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, spec={self.spec()}"
+
+
+def persistent_nbytes(module: torch.nn.Module) -> int:
+    """Bytes of what ``state_dict()`` would save (``numel * element_size`` of every tensor)."""
+    return sum(t.numel() * t.element_size() for t in module.state_dict().values())
+
+
+def runtime_nbytes(module: torch.nn.Module) -> int:
+    """Bytes held in memory now: parameters and all buffers (persistent or not), no double counting."""
+    seen: set[int] = set()
+    total = 0
+    for t in list(module.parameters()) + list(module.buffers()):
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    return total

@@ -1,0 +1,262 @@
+"""Quantized runtime linears: exact dequantization, kernel outputs vs the reference, state-dict round
+trips, and real memory savings. Run: ``.venv/bin/pytest tests/quant/test_linear.py``.
+
+QuantizedWeights are built here from random codes (not by a method), so every check is against the
+reference math of ``QuantizedWeight.dequantize()`` alone.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from slimlm.models.modules import build_linear
+from slimlm.quant.kernels import has_int4_weight_kernel, has_int8_weight_kernel, quantize_per_token_int8
+from slimlm.quant.linear import (
+    Int4WeightLinear,
+    Int8OutlierLinear,
+    Int8WeightLinear,
+    IntxWeightLinear,
+    NF4Linear,
+    W8A8Linear,
+    persistent_nbytes,
+    runtime_nbytes,
+)
+from slimlm.quant.nf4 import NF4_LEVELS, NF4Weight, quantize_nf4
+from slimlm.quant.qtensor import QuantizedWeight
+from slimlm.utils.errors import SlimlmError
+
+
+def random_qw(out: int, inp: int, bits: int, group: int, symmetric: bool, act_order: bool = False,
+              seed: int = 0) -> QuantizedWeight:
+    gen = torch.Generator().manual_seed(seed)
+    ng = -(-inp // group)
+    q = torch.randint(0, 2**bits, (out, inp), generator=gen).to(torch.uint8)
+    scale = torch.rand(out, ng, generator=gen) * 0.02 + 0.001
+    if symmetric:
+        zero = torch.full((out, ng), 2 ** (bits - 1), dtype=torch.int32)
+    else:
+        zero = torch.randint(0, 2**bits, (out, ng), generator=gen).to(torch.int32)
+    g_idx = None
+    if act_order:  # static groups under a random column order: each group still has `group` members
+        perm = torch.randperm(inp, generator=gen)
+        g_idx = (torch.argsort(perm) // group).to(torch.int32)
+    return QuantizedWeight(q, scale, zero, bits, group, symmetric, g_idx)
+
+
+def snr_db(ref: torch.Tensor, y: torch.Tensor) -> float:
+    """Signal-to-noise ratio of ``y`` against ``ref`` in dB (torchao's compute_error)."""
+    return float(20 * torch.log10(ref.float().norm() / (ref.float() - y.float()).norm().clamp(min=1e-30)))
+
+
+def roundtrip(mod: torch.nn.Module) -> torch.nn.Module:
+    """create(spec) -> load_state_dict -> process_after_loading, as the loader does."""
+    sd = {k: v.clone() for k, v in mod.state_dict().items()}
+    new = build_linear(mod.kind, mod.in_features, mod.out_features, mod.bias is not None, mod.spec())
+    new.load_state_dict(sd, strict=True)
+    new.process_after_loading()
+    return new
+
+
+# --- weight-only ----------------------------------------------------------------------------------
+WEIGHT_ONLY = [
+    # (bits, out, in, group, symmetric, act_order)
+    (8, 32, 64, 64, True, False),
+    (8, 32, 64, 64, False, False),
+    (8, 24, 96, 32, False, True),
+    (4, 32, 256, 64, False, False),
+    (4, 32, 256, 128, True, False),
+    (4, 48, 96, 64, False, False),  # ragged: 96 = 64 + 32 -> kernel group 32
+    (4, 32, 128, 32, False, True),  # act-order
+    (4, 20, 64, 32, False, False),  # out % 16 != 0 -> reference path
+    (2, 16, 40, 8, False, False),
+    (3, 16, 40, 16, True, False),
+    (3, 16, 64, 32, False, True),
+    (5, 8, 24, 8, False, False),
+    (6, 8, 24, 24, True, False),
+    (7, 8, 20, 20, False, False),
+]
+
+
+def _module_for(qw: QuantizedWeight, bias: torch.Tensor | None) -> torch.nn.Module:
+    if qw.bits == 8:
+        return Int8WeightLinear.from_quantized(qw, bias=bias)
+    if qw.bits == 4:
+        return Int4WeightLinear.from_quantized(qw, bias=bias)
+    return IntxWeightLinear.from_quantized(qw, bias=bias)
+
+
+@pytest.mark.parametrize("bits,out,inp,group,sym,act", WEIGHT_ONLY)
+def test_weight_only_exact_roundtrip_and_size(bits: int, out: int, inp: int, group: int, sym: bool, act: bool) -> None:
+    qw = random_qw(out, inp, bits, group, sym, act)
+    bias = torch.randn(out)
+    mod = _module_for(qw, bias)
+    ref_w = qw.dequantize()
+    assert torch.equal(mod.dense_weight(), ref_w)
+    back = mod.to_quantized()
+    assert torch.equal(back.qweight, qw.qweight) and torch.equal(back.zero, qw.zero)
+
+    x = torch.randn(2, 3, inp)
+    y = mod(x)
+    assert y.shape == (2, 3, out) and y.dtype == torch.float32
+    ref = F.linear(x, ref_w, bias)
+    kernel = getattr(mod, "use_kernel", False) or getattr(mod, "uses_kernel", False)
+    if kernel:  # bf16 activations inside the kernel
+        assert snr_db(ref, y) > 30
+    else:
+        torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    yb = mod(x.bfloat16())
+    assert yb.dtype == torch.bfloat16 and snr_db(ref, yb) > 30
+
+    new = roundtrip(mod)
+    assert torch.equal(new(x), y)
+    assert torch.equal(new.dense_weight(), ref_w)
+
+    # the checkpoint holds packed codes: bits/8 bytes per weight plus the group constants
+    n_const = qw.scale.numel() * 4 + (0 if sym else qw.scale.numel() * (1 if bits < 8 else 1))
+    expect = out * -(-inp * bits // 8) + n_const + out * 4 + (inp * 4 if act else 0)
+    assert persistent_nbytes(mod) <= expect + out  # int3 pads to 8-value units
+    assert persistent_nbytes(mod) < out * inp * 4 * (bits + 1) / 32 + n_const + out * 4 + inp * 4
+
+
+@pytest.mark.skipif(not has_int4_weight_kernel(), reason="no int4 CPU kernel in this torch build")
+def test_int4_kernel_path_is_used_and_holds_codes_once() -> None:
+    qw = random_qw(64, 576, 4, 128, False)  # SmolLM2's ragged 576 = 4 x 128 + 64
+    mod = Int4WeightLinear.from_quantized(qw)
+    assert mod.uses_kernel and mod._kernel_group == 64
+    assert mod.qweight is None  # the portable copy was dropped after the layout check
+    assert runtime_nbytes(mod) < 64 * 576 // 2 * 1.5 + qw.scale.numel() * 6
+    sd = mod.state_dict()
+    assert sd["qweight"].dtype == torch.uint8 and sd["qweight"].shape == (64, 288)
+    lo, hi = sd["qweight"] & 0xF, sd["qweight"] >> 4  # element 2j low nibble, 2j+1 high nibble
+    assert torch.equal(torch.stack([lo, hi], -1).reshape(64, 576), qw.qweight)
+    # loading into the already-converted module works too
+    mod.load_state_dict(sd)
+    mod.process_after_loading()
+    assert mod.uses_kernel and torch.equal(mod.dense_weight(), qw.dequantize())
+
+
+@pytest.mark.skipif(not has_int4_weight_kernel(), reason="no int4 CPU kernel in this torch build")
+def test_int4_act_order_permutes_inputs_on_the_kernel() -> None:
+    qw = random_qw(32, 256, 4, 64, True, act_order=True, seed=3)
+    mod = Int4WeightLinear.from_quantized(qw)
+    assert mod.uses_kernel and mod._perm is not None
+    x = torch.randn(5, 256)
+    assert snr_db(x @ qw.dequantize().t(), mod(x)) > 30
+    # the kernel zero convention w = (q - 8) s + z' equals ours exactly when run with fp32 activations
+    from slimlm.quant.kernels import int4_mm
+
+    src = (torch.arange(256 // mod._kernel_group) * mod._kernel_group) // 64
+    sz32 = torch.stack([qw.scale[:, src].t(), ((8 - qw.zero[:, src].float()) * qw.scale[:, src]).t()], -1)
+    y32 = int4_mm(x[:, mod._perm], mod._packed, mod._kernel_group, sz32.contiguous())
+    torch.testing.assert_close(y32, x @ qw.dequantize().t(), rtol=1e-4, atol=1e-4)
+
+
+def test_irregular_g_idx_falls_back_to_reference() -> None:
+    qw = random_qw(32, 128, 4, 32, False)
+    qw.g_idx = (torch.arange(128) % 4).to(torch.int32).flip(0)  # groups of 32, scattered
+    qw.g_idx[:3] = 0  # group 0 has 35 members: no contiguous-group order exists
+    mod = Int4WeightLinear.from_quantized(qw)
+    assert not mod.uses_kernel
+    x = torch.randn(3, 128)
+    torch.testing.assert_close(mod(x), x @ qw.dequantize().t(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not has_int8_weight_kernel(), reason="no int8 CPU kernel")
+def test_int8_asymmetric_per_channel_uses_kernel_with_exact_zero_fold() -> None:
+    qw = random_qw(32, 64, 8, 64, False)
+    mod = Int8WeightLinear.from_quantized(qw)
+    assert mod.use_kernel
+    x = torch.randn(4, 64)
+    assert snr_db(x @ qw.dequantize().t(), mod(x)) > 30
+
+
+def test_intx_cache_dense_is_opt_in() -> None:
+    mod = IntxWeightLinear.from_quantized(random_qw(8, 32, 3, 16, False))
+    x = torch.randn(2, 32)
+    y = mod(x)
+    assert mod._dense is None and runtime_nbytes(mod) == persistent_nbytes(mod)
+    mod.cache_dense = True
+    assert torch.equal(mod(x), y) and mod._dense is not None
+
+
+def test_bad_inputs_raise() -> None:
+    qw = random_qw(8, 32, 4, 16, False)
+    with pytest.raises(SlimlmError):
+        Int8WeightLinear.from_quantized(qw)  # 4-bit into int8
+    qw.scale = qw.scale[:, :1]
+    with pytest.raises(SlimlmError):
+        Int4WeightLinear.from_quantized(qw)
+    with pytest.raises(SlimlmError):
+        W8A8Linear.from_quantized(random_qw(8, 32, 8, 16, True))  # grouped
+
+
+# --- NF4 ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_nf4_exact_and_roundtrip(double_quant: bool) -> None:
+    w = torch.randn(24, 64)
+    nw = quantize_nf4(w, block_size=64, double_quant=double_quant, double_block_size=8)
+    mod = NF4Linear.from_quantized(nw, bias=None)
+    assert torch.equal(mod.dense_weight(), nw.dequantize())
+    # independent reference: level table lookup times the block absmax
+    codes = nw.codes.long().reshape(-1, 64)
+    ref = (NF4_LEVELS[codes] * nw.block_absmax()[:, None]).reshape(24, 64)
+    assert torch.equal(mod.dense_weight(), ref)
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(mod(x), x @ ref.t(), rtol=1e-5, atol=1e-5)
+    assert torch.equal(roundtrip(mod)(x), mod(x))
+    const = (24 * 64 // 64) * (1 if double_quant else 4) + (16 if double_quant else 0)
+    assert persistent_nbytes(mod) <= 24 * 64 // 2 + const + 16
+
+
+def test_nf4_from_hand_built_codes() -> None:
+    codes = torch.arange(16, dtype=torch.uint8).repeat(8)  # [128]: every level
+    nw = NF4Weight(codes, (4, 32), 32, torch.tensor([1.0, 2.0, 0.5, 3.0]))
+    mod = NF4Linear.from_quantized(nw)
+    expected = NF4_LEVELS.repeat(8).reshape(4, 32) * torch.tensor([1.0, 2.0, 0.5, 3.0])[:, None]
+    assert torch.equal(mod.dense_weight(), expected)
+
+
+# --- W8A8 / LLM.int8() ----------------------------------------------------------------------------
+@pytest.mark.parametrize("sym", [True, False])
+def test_w8a8_matches_int_reference(sym: bool) -> None:
+    qw = random_qw(24, 48, 8, 48, sym)
+    bias = torch.randn(24)
+    mod = W8A8Linear.from_quantized(qw, bias=bias)
+    assert torch.equal(mod.dense_weight(), qw.dequantize())
+    x = torch.randn(2, 5, 48) * 3
+    # reference: per-token absmax/127 codes, exact integer products, then the two scales
+    xf = x.reshape(-1, 48)
+    xs = xf.abs().amax(-1, keepdim=True) / 127
+    xq = torch.clamp(torch.round(xf / xs), -127, 127)
+    ref = (xq.double() @ (qw.qweight.double() - qw.zero.double()).t()) * xs.double() * qw.scale.double().t()
+    y = mod(x)
+    torch.testing.assert_close(y.reshape(-1, 24).double(), ref + bias.double(), rtol=1e-5, atol=1e-5)
+    assert torch.equal(roundtrip(mod)(x), y)
+    assert persistent_nbytes(mod) == 24 * 48 + 24 * 4 + 24 * 4 + (0 if sym else 24)
+
+
+def test_int8_outlier_matches_reference() -> None:
+    torch.manual_seed(0)
+    w = torch.randn(16, 40)
+    cols = torch.tensor([3, 17, 30])
+    regular = w.clone()
+    regular[:, cols] = 0
+    s = regular.abs().amax(1, keepdim=True) / 127
+    q = (torch.clamp(torch.round(regular / s), -127, 127) + 128).to(torch.uint8)
+    qw = QuantizedWeight(q, s, torch.full((16, 1), 128, dtype=torch.int32), 8, 40, True)
+    mod = Int8OutlierLinear.from_quantized(qw, cols, w[:, cols], bias=None)
+    x = torch.randn(6, 40)
+    x[:, cols] *= 20  # outlier features
+    xr = x.clone()
+    xr[:, cols] = 0
+    xq, xs = quantize_per_token_int8(xr)
+    ref = (xq.float() * xs) @ qw.dequantize().t() + x[:, cols] @ w[:, cols].t()
+    torch.testing.assert_close(mod(x), ref, rtol=1e-5, atol=1e-4)
+    dense = qw.dequantize()
+    dense[:, cols] = w[:, cols]
+    assert torch.equal(mod.dense_weight(), dense)
+    assert torch.equal(roundtrip(mod)(x), mod(x))
+    # int8 codes + fp32 row scales + the outlier columns (index + fp32 weights), vs 2,560 bytes in fp32
+    assert persistent_nbytes(mod) == 16 * 40 + 16 * 4 + 3 * 8 + 16 * 3 * 4
