@@ -58,13 +58,22 @@ def gguf_arch_for(config: dict[str, Any]) -> str:
     return arch
 
 
-def _rope_theta(config: dict[str, Any]) -> float | None:
-    if config.get("rope_theta") is not None:
-        return float(config["rope_theta"])
+def _rope_params(config: dict[str, Any]) -> dict[str, Any]:
+    """The global-attention rope parameters, from transformers 4.x (flat) or 5.x (rope_parameters) configs."""
     params = config.get("rope_parameters")
-    if isinstance(params, dict) and params.get("rope_theta") is not None:
-        return float(params["rope_theta"])
-    return None
+    if isinstance(params, dict) and isinstance(params.get("full_attention"), dict):
+        params = params["full_attention"]  # per-layer-type rope (Gemma 3): llama.cpp's freq_base is the global one
+    out = dict(params) if isinstance(params, dict) else {}
+    if config.get("rope_theta") is not None:
+        out["rope_theta"] = config["rope_theta"]
+    if isinstance(config.get("rope_scaling"), dict):
+        out.update(config["rope_scaling"])
+    return out
+
+
+def _rope_theta(config: dict[str, Any]) -> float | None:
+    theta = _rope_params(config).get("rope_theta")
+    return float(theta) if theta is not None else None
 
 
 def _head_dim(config: dict[str, Any]) -> int:
@@ -100,8 +109,8 @@ def add_config_metadata(w: Any, arch: str, config: dict[str, Any]) -> None:
         w.add_uint32(f"{arch}.rope.dimension_count", cfg["head_dim"])
     if arch == "gemma3":
         w.add_uint32(f"{arch}.attention.value_length", cfg["head_dim"])
-    scaling = cfg.get("rope_scaling")
-    if isinstance(scaling, dict) and scaling.get("rope_type", scaling.get("type")) in ("linear", "yarn"):
+    scaling = _rope_params(config)
+    if scaling.get("rope_type", scaling.get("type")) in ("linear", "yarn") and scaling.get("factor"):
         w.add_string(f"{arch}.rope.scaling.type", str(scaling.get("rope_type", scaling.get("type"))))
         w.add_float32(f"{arch}.rope.scaling.factor", float(scaling["factor"]))
         if scaling.get("original_max_position_embeddings"):
@@ -272,3 +281,35 @@ def write_gguf(path: str | os.PathLike[str], config: dict[str, Any], tensors: di
             os.unlink(tmp)
         raise
     return written
+
+
+def export_gguf(lm: Any, out: str | os.PathLike[str], default_type: str = "Q8_0", overwrite: bool = False,
+                raw: dict[str, RawTensor] | None = None) -> dict[str, str]:
+    """Export a loaded runtime model (`slimlm.loaders.LoadedModel`) as a GGUF file.
+
+    Compressed (swappable) linears are expanded with ``dense_weight()`` and re-encoded as
+    ``default_type``, unless ``raw`` gives their packed blocks. Returns ``{hf_name: GGUF type}``.
+    """
+    from slimlm.models.families import runtime_to_hf
+    from slimlm.models.modules import SwappableLinear
+    from slimlm.utils.errors import SlimlmError
+
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise SlimlmError(f"{out} exists; pass --overwrite to replace it")
+    model = lm.model
+    swapped = {name: m for name, m in model.named_modules() if isinstance(m, SwappableLinear)}
+    runtime: dict[str, torch.Tensor] = {}
+    for name, t in model.state_dict().items():
+        if not any(name.startswith(p + ".") for p in swapped):
+            runtime[name] = t.detach().float()
+    for name, m in swapped.items():
+        runtime[name + ".weight"] = m.dense_weight().detach().float()
+        bias = getattr(m, "bias", None)
+        if isinstance(bias, torch.Tensor):
+            runtime[name + ".bias"] = bias.detach().float()
+    if model.config.tie_word_embeddings:
+        runtime.pop("lm_head.weight", None)
+    config = model.config.to_hf_config()
+    return write_gguf(out, config, runtime_to_hf(model.config, runtime), lm.tokenizer, default_type=default_type,
+                      raw=raw)

@@ -22,7 +22,7 @@ import torch
 from slimlm.loaders.gguf_reader import GGUFFile, llama_permute_rows, read_gguf, tokenizer_from_gguf_metadata
 from slimlm.loaders.gguf_writer import add_tokenizer_metadata, write_gguf
 from slimlm.loaders.tokenizer import Tokenizer
-from slimlm.utils.errors import CheckpointError, ConfigError
+from slimlm.utils.errors import CheckpointError, ConfigError, SlimlmError
 from tests.helpers.tokenizers import make_tiny_tokenizer
 
 transformers = pytest.importorskip("transformers")
@@ -97,6 +97,11 @@ def test_write_then_read_matches_transformers(tmp_path: Path, tok: Tokenizer, ki
         if key in hf_cfg and hf_cfg[key] is not None and key in model.config.to_dict():
             assert ckpt.config[key] == hf_cfg[key], key
 
+    if kind != "gpt2":  # global rope base, also from transformers 5's per-layer-type rope_parameters (Gemma 3)
+        rope = model.config.to_dict()["rope_parameters"]
+        rope = rope.get("full_attention", rope)
+        assert ckpt.config["rope_theta"] == rope["rope_theta"]
+
     weight = {"llama": "model.layers.1.self_attn.q_proj.weight", "qwen2": "model.layers.1.self_attn.k_proj.weight",
               "gemma3": "model.layers.0.self_attn.q_proj.weight", "gpt2": "transformer.h.0.attn.c_attn.weight"}[kind]
     if qtype == "F32":
@@ -124,6 +129,26 @@ def test_write_then_read_matches_transformers(tmp_path: Path, tok: Tokenizer, ki
     assert ckpt.tokenizer.apply_chat_template(MESSAGES) == hf_tok.apply_chat_template(
         MESSAGES, tokenize=False, add_generation_prompt=True) == tok.apply_chat_template(MESSAGES)
     assert ckpt.tokenizer.eos_token_ids == {2} and ckpt.tokenizer.bos_token_id == 1
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma3"])
+def test_export_runtime_model_to_gguf(tmp_path: Path, tok: Tokenizer, kind: str) -> None:
+    """HF folder -> slimlm runtime (load_model) -> export_gguf -> transformers' GGUF load: same logits."""
+    from slimlm.loaders import load_model
+    from slimlm.loaders.gguf_writer import export_gguf
+
+    model = tiny_model(kind, tok.vocab_size, tie=kind == "gemma3").eval()
+    model.save_pretrained(tmp_path / "hf")
+    tok.save(tmp_path / "hf")
+    lm = load_model(str(tmp_path / "hf"))
+    types = export_gguf(lm, tmp_path / "out" / "m.gguf", default_type="F32")
+    assert set(types.values()) == {"F32"}
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", gguf_file="m.gguf").eval()
+    ids = torch.tensor([tok.encode("def f(x):\n    return x ** 2  # square")])
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, model(ids).logits, rtol=0, atol=1e-5)
+    with pytest.raises(SlimlmError, match="exists"):
+        export_gguf(lm, tmp_path / "out" / "m.gguf")
 
 
 def test_llama_permutation_is_llama_cpp_layout() -> None:
