@@ -22,6 +22,7 @@ time (*sparse on disk, dense at run time*). ``exec="auto"`` applies that thresho
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import torch
@@ -164,6 +165,8 @@ class SparseLinear(SwappableLinear):
             mod.mask.copy_(pack_bits(keep.to(torch.int32), 1))
         if codes is not None:
             q, scales, zeros = codes[0], codes[1], codes[2]
+            g = torch.arange(in_f) // mod.group_size
+            q = torch.where(w != 0, q, zeros[:, g])  # padded N:M slots hold the code of 0
             mod.qvalues.copy_(pack_bits(q[keep].to(torch.int32), code_bits(bits)))
             mod.scales.copy_(scales.float())
             mod.zeros.copy_(zeros.to(torch.uint8))
@@ -204,7 +207,9 @@ class SparseLinear(SwappableLinear):
             mode = "csr" if self.sparsity >= CSR_MIN_SPARSITY else "dense"
         self.path = mode
         if mode == "csr":
-            self._csr, self._dense = w.to_sparse_csr(), None
+            with warnings.catch_warnings():  # "sparse CSR support is in beta"
+                warnings.simplefilter("ignore", UserWarning)
+                self._csr, self._dense = w.to_sparse_csr(), None
         else:
             self._dense, self._csr = w, None
 
