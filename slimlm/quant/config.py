@@ -104,6 +104,10 @@ class WeightQuantConfig(QuantConfigBase):
         default=128, metadata={"help": "input columns per scale group; -1 = per channel, 0 = per tensor"}
     )
     symmetric: bool = field(default=False, metadata={"help": "symmetric (absmax) grid instead of min/max"})
+    ragged_last_group: bool = field(
+        default=False,
+        metadata={"help": "allow a group size that does not divide a row: the last group is shorter"},
+    )
 
     def validate(self) -> None:
         check_bits(self.bits)

@@ -14,7 +14,9 @@ Every method (RTN, GPTQ, AWQ, SmoothQuant, LLM.int8()) builds on these. The conv
 An all-zero row/group gets ``xmin, xmax = -1, 1`` (asymmetric) or ``absmax = 1`` (symmetric) so the
 scale is never 0. Granularity is a ``group_size``: ``g`` columns per group (must divide the row),
 ``-1`` = per output channel (one group per row), ``0`` = per tensor (one scale, broadcast to every
-row so the result still is a :class:`QuantizedWeight` with ``scale: [out, 1]``).
+row so the result still is a :class:`QuantizedWeight` with ``scale: [out, 1]``). With ``ragged=True``
+a group size that does not divide the row leaves a shorter last group (GPTQ reference behaviour,
+needed for g128 on SmolLM2's 576-wide rows); ``n_groups = ceil(in / group_size)``.
 
 Optional MSE clipping search (``clip_search=True``): for shrink factors ``p = 1 - i / grid``
 (``i < max_shrink * grid``) the range is shrunk to ``p * [xmin, xmax]`` and, per row and group, the
@@ -36,28 +38,40 @@ def check_bits(bits: int) -> None:
         raise ConfigError(f"bits must be an integer in 2..8, got {bits!r}")
 
 
-def resolve_group_size(in_features: int, group_size: int, where: str = "") -> int:
+def resolve_group_size(in_features: int, group_size: int, where: str = "", ragged: bool = False) -> int:
     """Columns per group for a row of ``in_features``: -1 -> in_features (per channel); 0 -> per tensor.
 
-    Raises ConfigError when a positive group size does not divide the row.
+    Raises ConfigError when a positive group size does not divide the row, unless ``ragged`` (the
+    last group is then shorter, as in the GPTQ reference code: 576 = 4 x 128 + 64).
     """
     if group_size == -1 or group_size == 0:
         return in_features
     if group_size < 0:
         raise ConfigError(f"group_size must be -1 (per channel), 0 (per tensor) or positive, got {group_size}")
-    if in_features % group_size != 0:
+    if in_features % group_size != 0 and not ragged:
         at = f" of {where}" if where else ""
         raise ConfigError(
             f"group_size {group_size} does not divide the row length {in_features}{at} "
-            f"(use a divisor of {in_features} or -1 for per channel)"
+            f"(use a divisor of {in_features}, -1 for per channel, or ragged_last_group for a shorter last group)"
         )
     return group_size
 
 
+def n_groups(in_features: int, group_size: int) -> int:
+    return -(-in_features // group_size)
+
+
 def _grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
-    """[out, in] -> [out, n_groups, group_size] (a view when contiguous)."""
+    """[out, in] -> [out, n_groups, group_size]; a ragged last group is padded with zeros.
+
+    Zero padding changes nothing: the grid always contains 0 (min/max include 0, absmax ignores 0)
+    and 0 is represented exactly, so padded entries add no error to any clipping search either.
+    """
     out, inp = w.shape
-    return w.reshape(out, inp // group_size, group_size)
+    pad = (-inp) % group_size
+    if pad:
+        w = torch.cat([w, w.new_zeros(out, pad)], dim=1)
+    return w.reshape(out, -1, group_size)
 
 
 def qparams_from_range(
@@ -112,6 +126,7 @@ def choose_qparams(
     grid: int = 100,
     max_shrink: float = 0.8,
     norm: float = 2.4,
+    ragged: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Scales and zeros for ``w: [out, in]``: returns ``scale: [out, n_groups]`` float32, ``zero`` int32."""
     check_bits(bits)
@@ -126,7 +141,7 @@ def choose_qparams(
         else:
             scale, zero = qparams_from_range(xmin, xmax, bits, symmetric)
         return scale.expand(out, 1).contiguous(), zero.expand(out, 1).contiguous()
-    g = resolve_group_size(inp, group_size)
+    g = resolve_group_size(inp, group_size, ragged=ragged)
     wg = _grouped(w, g)  # [out, G, g]
     xmin, xmax = wg.amin(dim=2), wg.amax(dim=2)  # [out, G]
     if clip_search:
@@ -159,10 +174,10 @@ def _clip_search(
     return best_scale, best_zero
 
 
-def expand_groups(t: torch.Tensor, in_features: int, g_idx: torch.Tensor | None = None) -> torch.Tensor:
-    """[out, n_groups] -> [out, in] following ``g_idx`` (default ``i // (in / n_groups)``)."""
+def expand_groups(t: torch.Tensor, in_features: int, group_size: int, g_idx: torch.Tensor | None = None) -> torch.Tensor:
+    """[out, n_groups] -> [out, in] following ``g_idx`` (default ``i // group_size``)."""
     if g_idx is None:
-        return t.repeat_interleave(in_features // t.shape[1], dim=1)
+        g_idx = torch.arange(in_features) // group_size
     return t[:, g_idx.long()]
 
 
@@ -175,6 +190,7 @@ def quantize_weight(
     grid: int = 100,
     max_shrink: float = 0.8,
     norm: float = 2.4,
+    ragged: bool = False,
 ) -> QuantizedWeight:
     """Round-to-nearest quantization of ``w: [out, in]`` into a :class:`QuantizedWeight`.
 
@@ -183,10 +199,10 @@ def quantize_weight(
         qw = quantize_weight(linear.weight, bits=4, group_size=128)
         w_hat = qw.dequantize()  # [out, in] float32
     """
-    scale, zero = choose_qparams(w, bits, group_size, symmetric, clip_search, grid, max_shrink, norm)
+    scale, zero = choose_qparams(w, bits, group_size, symmetric, clip_search, grid, max_shrink, norm, ragged)
     inp = w.shape[1]
-    q = quantize_codes(w, expand_groups(scale, inp), expand_groups(zero, inp), bits)
     g = inp if group_size in (-1, 0) else group_size
+    q = quantize_codes(w, expand_groups(scale, inp, g), expand_groups(zero, inp, g), bits)
     return QuantizedWeight(
         qweight=q.to(torch.uint8), scale=scale, zero=zero, bits=bits, group_size=g, symmetric=symmetric
     )

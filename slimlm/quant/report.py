@@ -3,7 +3,7 @@
 Bits are counted from what a module really holds (its persistent tensors: packed codes, scales,
 zeros, outlier columns; the bias is not counted as weight storage), divided by the number of
 weights of the dense ``[out, in]`` matrix it stands for. Totals are given for the linears only
-("without embeddings") and for the whole model (embeddings, norms, biases included; a tied
+("without embeddings"; also over the swapped modules only) and for the whole model (embeddings, norms, biases included; a tied
 ``lm_head`` counted once).
 """
 
@@ -44,6 +44,12 @@ class QuantReport:
         return sum(m.bits for m in self.modules) / max(sum(m.weights for m in self.modules), 1)
 
     @property
+    def quantized_bits_per_weight(self) -> float:
+        """Over the modules that were swapped (dense linears left alone, e.g. lm_head, excluded)."""
+        q = [m for m in self.modules if m.kind != "dense"]
+        return sum(m.bits for m in q) / max(sum(m.weights for m in q), 1)
+
+    @property
     def model_bits_per_weight(self) -> float:
         return self.total_bits / max(self.total_params, 1)
 
@@ -62,6 +68,7 @@ class QuantReport:
         return {
             "method": self.method,
             "seconds": self.seconds,
+            "bits_per_weight_quantized": self.quantized_bits_per_weight,
             "bits_per_weight_linears": self.linear_bits_per_weight,
             "bits_per_weight_model": self.model_bits_per_weight,
             "total_params": self.total_params,
@@ -73,7 +80,8 @@ class QuantReport:
 
     def summary(self) -> str:
         kinds = ", ".join(f"{k} x{int(v['modules'])} @ {v['bits_per_weight']:.3f} b/w" for k, v in self.by_kind().items())
-        return (f"{self.method}: linears {self.linear_bits_per_weight:.3f} bits/weight, whole model "
+        return (f"{self.method}: quantized linears {self.quantized_bits_per_weight:.3f} bits/weight, all linears "
+                f"{self.linear_bits_per_weight:.3f}, whole model "
                 f"{self.model_bits_per_weight:.3f} bits/weight ({self.total_bits / 8 / 2**20:.1f} MiB); {kinds}")
 
 

@@ -161,3 +161,17 @@ def test_fp8_round_trip() -> None:
     y2 = fp8_fake_quantize(x, per_row=True)
     big = x.abs() > 1e-2 * x.abs().amax(-1, keepdim=True)
     assert torch.all(((y2 - x).abs() <= x.abs() * 2**-4 + 1e-9)[big])
+
+
+def test_ragged_last_group_matches_reference_slicing() -> None:
+    # 24 columns in groups of 16: groups [0:16] and [16:24], as the GPTQ reference code slices them
+    torch.manual_seed(9)
+    w = torch.randn(3, 24)
+    qw = quantize_weight(w, 4, 16, ragged=True)
+    assert qw.scale.shape == (3, 2) and qw.group_size == 16
+    for o in range(3):
+        for k, (a, b) in enumerate([(0, 16), (16, 24)]):
+            scale, zero, q = ref_asym_row(w[o, a:b].tolist(), 4)
+            assert qw.scale[o, k].item() == scale and int(qw.zero[o, k]) == zero
+            assert qw.qweight[o, a:b].tolist() == q
+    assert torch.equal(qw.dequantize()[:, 16:], quantize_weight(w[:, 16:], 4, -1).dequantize())

@@ -80,7 +80,7 @@ def search_scale(
     for alpha, s in awq_scale_candidates(x_mean, n_grid):
         err = 0.0
         for w, c in zip(weights, cfgs, strict=True):
-            w_hat = quantize_weight(w * s, c.bits, c.group_size, c.symmetric).dequantize() / s
+            w_hat = quantize_weight(w * s, c.bits, c.group_size, c.symmetric, ragged=c.ragged_last_group).dequantize() / s
             err += output_error(w, w_hat, h)
         errs.append(err)
         if best is None or err < best[0]:
@@ -92,25 +92,26 @@ def search_scale(
 def search_clip(w: torch.Tensor, h: torch.Tensor, cfg: WeightQuantConfig, grid: int, max_shrink: float) -> torch.Tensor:
     """Clip ``w: [out, in]`` per row and group to ``ratio * absmax`` minimizing ``d_g H_gg d_g^T``."""
     out, cols = w.shape
-    g = resolve_group_size(cols, cfg.group_size)
-    if cfg.group_size == 0:
-        g = cols
-    n = cols // g
-    wg = w.float().reshape(out, n, g)  # [out, n, g]
-    hg = torch.stack([h[i * g : (i + 1) * g, i * g : (i + 1) * g] for i in range(n)])  # [n, g, g]
+    g = resolve_group_size(cols, cfg.group_size, ragged=cfg.ragged_last_group)
+    n = -(-cols // g)
+    pad = n * g - cols  # a ragged last group is padded with zero weights and zero Hessian entries
+    wg = torch.nn.functional.pad(w.float(), (0, pad)).reshape(out, n, g)  # [out, n, g]
+    hp = torch.nn.functional.pad(h.float(), (0, pad, 0, pad))
+    hg = torch.stack([hp[i * g : (i + 1) * g, i * g : (i + 1) * g] for i in range(n)])  # [n, g, g]
     absmax = wg.abs().amax(dim=2, keepdim=True)  # [out, n, 1]
     best_err = torch.full((out, n), float("inf"))
     best = wg.clone()
     for i in range(int(max_shrink * grid)):
         mx = absmax * (1 - i / grid)
         wc = torch.clamp(wg, -mx, mx)
-        dq = quantize_weight(wc.reshape(out, cols), cfg.bits, cfg.group_size, cfg.symmetric).dequantize()
-        d = dq.reshape(out, n, g) - wg
+        dq = quantize_weight(wc.reshape(out, n * g)[:, :cols], cfg.bits, cfg.group_size, cfg.symmetric,
+                             ragged=cfg.ragged_last_group).dequantize()
+        d = torch.nn.functional.pad(dq, (0, pad)).reshape(out, n, g) - wg
         err = torch.einsum("ong,ngk,onk->on", d, hg, d)  # [out, n]
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best = torch.where(better.unsqueeze(2), wc, best)
-    return best.reshape(out, cols)
+    return best.reshape(out, n * g)[:, :cols]
 
 
 # --- driver glue ----------------------------------------------------------------------------------
@@ -195,7 +196,7 @@ class AWQAlgorithm:
         cfgs = [self.cfg.for_module(pre + p) for p in paths]
         for p, lin, c in zip(paths, lins, cfgs, strict=True):
             assert isinstance(lin, nn.Linear) and c is not None
-            resolve_group_size(lin.in_features, c.group_size, pre + p)
+            resolve_group_size(lin.in_features, c.group_size, pre + p, c.ragged_last_group)
         prev = preceding(layer, paths)
         if prev is not None:
             weights = [lin.weight.detach().float() for lin in lins]
@@ -216,7 +217,7 @@ class AWQAlgorithm:
             lin = layer.get_submodule(p)
             c = self.cfg.for_module(full)
             assert isinstance(lin, nn.Linear) and c is not None
-            qw = quantize_weight(lin.weight, c.bits, c.group_size, c.symmetric)
+            qw = quantize_weight(lin.weight, c.bits, c.group_size, c.symmetric, ragged=c.ragged_last_group)
             layer.set_submodule(p, weight_module(lin, qw))
         self.pending, self.stats = [], {}
 

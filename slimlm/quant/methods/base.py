@@ -97,17 +97,22 @@ def fake_quant_linear(linear: nn.Linear, weight: torch.Tensor) -> nn.Linear:
 
 
 def weight_module(linear: nn.Linear, qw: QuantizedWeight) -> nn.Module:
-    """The packed runtime module for an integer weight-only ``qw`` (int8 / int4 / 2-3-5-6-7-bit)."""
-    lin = _linear_classes()
-    if lin is None:
+    """The packed runtime module for an integer weight-only ``qw`` (int8 / int4 / 2-3-5-6-7-bit).
+
+    Falls back to a fake-quantized ``nn.Linear`` (de-quantized values) when the storage module is not
+    available in this checkout.
+    """
+    name = {8: "Int8WeightLinear", 4: "Int4WeightLinear"}.get(qw.bits, "IntxWeightLinear")
+    cls = runtime_class(name)
+    if cls is None:
         return fake_quant_linear(linear, qw.dequantize())
-    if qw.bits == 8 and hasattr(lin, "Int8WeightLinear"):
-        cls = lin.Int8WeightLinear
-    elif qw.bits == 4 and hasattr(lin, "Int4WeightLinear"):
-        cls = lin.Int4WeightLinear
-    else:
-        cls = lin.IntxWeightLinear
-    return cls.from_quantized(qw, bias=_bias(linear))
+    return cls.from_quantized(qw, bias=_bias(linear))  # type: ignore[no-any-return]
+
+
+def runtime_class(name: str) -> Any:
+    """``slimlm.quant.linear.<name>`` or None when that storage module does not exist (yet)."""
+    lin = _linear_classes()
+    return getattr(lin, name, None) if lin is not None else None
 
 
 def _bias(linear: nn.Linear) -> torch.Tensor | None:

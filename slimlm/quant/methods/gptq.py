@@ -79,6 +79,7 @@ def gptq_quantize(
     damp: float = 0.01,
     block_size: int = 128,
     clip_search: bool = False,
+    ragged: bool = False,
 ) -> tuple[QuantizedWeight, float]:
     """GPTQ for ``w: [out, in]`` with Hessian ``h: [in, in]``; returns the weight and the summed loss.
 
@@ -86,18 +87,18 @@ def gptq_quantize(
     """
     w = w.detach().float().clone()
     out, cols = w.shape
-    g = resolve_group_size(cols, group_size)
+    g = resolve_group_size(cols, group_size, ragged=ragged)
     h = h.detach().float().clone()
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
 
-    n_groups = cols // g
+    n_groups = -(-cols // g)
     static = act_order or group_size == 0  # act-order: grids from the original weights (static groups)
     scale = torch.zeros(out, n_groups)
     zero = torch.zeros(out, n_groups, dtype=torch.int32)
     if static:
-        scale, zero = choose_qparams(w, bits, group_size, symmetric, clip_search)
+        scale, zero = choose_qparams(w, bits, group_size, symmetric, clip_search, ragged=ragged)
 
     perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(cols)
     w = w[:, perm]
@@ -182,11 +183,11 @@ class GPTQAlgorithm:
             assert cfg is not None
             lin = layer.get_submodule(p)
             assert isinstance(lin, nn.Linear)
-            resolve_group_size(lin.in_features, cfg.group_size, full)
+            resolve_group_size(lin.in_features, cfg.group_size, full, cfg.ragged_last_group)
             h, _ = self.hessians.pop(p)
             qw, loss = gptq_quantize(
                 lin.weight, h, cfg.bits, cfg.group_size, cfg.symmetric, cfg.act_order, cfg.damp,
-                cfg.block_size, cfg.clip_search,
+                cfg.block_size, cfg.clip_search, cfg.ragged_last_group,
             )  # fmt: skip
             self.losses[full] = loss
             layer.set_submodule(p, weight_module(lin, qw))

@@ -17,7 +17,7 @@ from torch import nn
 
 from slimlm.calib.driver import run_layerwise
 from slimlm.quant.config import QuantConfigBase
-from slimlm.quant.methods.base import _bias, _linear_classes, layer_groups, layer_prefix, register_method
+from slimlm.quant.methods.base import _bias, layer_groups, layer_prefix, register_method, runtime_class
 from slimlm.quant.primitives import quantize_per_token_int8, quantize_weight
 from slimlm.quant.qtensor import QuantizedWeight
 from slimlm.utils.config import register_config
@@ -82,9 +82,9 @@ class _FakeInt8OutlierLinear(nn.Module):
 
 def outlier_module(linear: nn.Linear, cols: torch.Tensor) -> nn.Module:
     qw, w_out = split_outliers(linear.weight, cols)
-    lin = _linear_classes()
-    if lin is not None and hasattr(lin, "Int8OutlierLinear"):
-        return lin.Int8OutlierLinear.from_quantized(qw, cols, w_out, bias=_bias(linear))
+    cls = runtime_class("Int8OutlierLinear")
+    if cls is not None:
+        return cls.from_quantized(qw, cols, w_out, bias=_bias(linear))  # type: ignore[no-any-return]
     return _FakeInt8OutlierLinear(qw, cols, w_out, _bias(linear))
 
 

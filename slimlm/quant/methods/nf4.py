@@ -14,7 +14,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from slimlm.quant.config import QuantConfigBase
-from slimlm.quant.methods.base import _bias, _linear_classes, fake_quant_linear, register_method
+from slimlm.quant.methods.base import _bias, fake_quant_linear, register_method, runtime_class
 from slimlm.quant.nf4 import quantize_nf4
 from slimlm.utils.config import register_config
 from slimlm.utils.errors import ConfigError
@@ -37,9 +37,9 @@ def nf4_module(linear: nn.Linear, cfg: NF4Config, path: str = "") -> nn.Module:
     if linear.weight.numel() % cfg.block_size != 0:
         raise ConfigError(f"nf4: block_size {cfg.block_size} does not divide the weight size of {path or 'a linear'}")
     nw = quantize_nf4(linear.weight, cfg.block_size, cfg.double_quant)
-    lin = _linear_classes()
-    if lin is not None and hasattr(lin, "NF4Linear"):
-        return lin.NF4Linear.from_quantized(nw, bias=_bias(linear))
+    cls = runtime_class("NF4Linear")
+    if cls is not None:
+        return cls.from_quantized(nw, bias=_bias(linear))  # type: ignore[no-any-return]
     return fake_quant_linear(linear, nw.dequantize())
 
 

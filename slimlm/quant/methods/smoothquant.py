@@ -20,7 +20,7 @@ from torch import nn
 from slimlm.calib.driver import run_layerwise
 from slimlm.quant.config import QuantConfigBase
 from slimlm.quant.methods.awq import fold_scale, preceding
-from slimlm.quant.methods.base import _bias, _linear_classes, layer_groups, layer_prefix, register_method
+from slimlm.quant.methods.base import _bias, layer_groups, layer_prefix, register_method, runtime_class
 from slimlm.quant.primitives import quantize_per_token_int8, quantize_weight
 from slimlm.quant.qtensor import QuantizedWeight
 from slimlm.utils.config import register_config
@@ -63,9 +63,9 @@ class _FakeW8A8Linear(nn.Linear):
 
 def w8a8_module(linear: nn.Linear) -> nn.Module:
     qw = w8a8_weight(linear.weight)
-    lin = _linear_classes()
-    if lin is not None and hasattr(lin, "W8A8Linear"):
-        return lin.W8A8Linear.from_quantized(qw, bias=_bias(linear))
+    cls = runtime_class("W8A8Linear")
+    if cls is not None:
+        return cls.from_quantized(qw, bias=_bias(linear))  # type: ignore[no-any-return]
     new = _FakeW8A8Linear(linear.in_features, linear.out_features, bias=linear.bias is not None)
     with torch.no_grad():
         new.weight.copy_(qw.dequantize())

@@ -1,0 +1,237 @@
+"""``slimlm quantize MODEL (--recipe FILE | --method M [options]) [--calib FILE] --out DIR``.
+
+Loads MODEL, quantizes it with :func:`slimlm.quant.quantize_` and saves a slimlm output directory
+(``save_model``) that ``eval``/``generate``/``bench``/``serve`` load. Method options are flags
+generated from the method configs (``--bits 3 --group-size 64 --act-order/--no-act-order``); flags
+override a recipe's values. ``--dry-run`` prints the plan and a rough estimate of peak memory and
+time without quantizing. Every input problem is checked before the long work starts and reported as
+one line; the output folder is written to a temp path and renamed, so it is never half-written.
+
+Example::
+
+    slimlm quantize smollm2-135m --recipe recipes/gptq-w4g128.yaml \\
+        --calib ../shared/data/wikitext-2-raw/wiki.test.raw --calib-start-char 400000 --out out/gptq
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import resource
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from slimlm.cli.common import add_json_arg, add_model_arg, add_runtime_args, emit_json, human_bytes, status
+from slimlm.utils.errors import ConfigError, SlimlmError
+
+
+def _config_classes() -> dict[str, Any]:
+    from slimlm.quant.methods import methods
+
+    return {k: e.config_cls for k, e in sorted(methods().items())}
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = subparsers.add_parser("quantize", help="post-training quantization (RTN, GPTQ, AWQ, SmoothQuant, LLM.int8(), NF4)",
+                              description=__doc__.split("\n\n")[1] if __doc__ else None)
+    add_model_arg(p)
+    src = p.add_argument_group("what to run")
+    src.add_argument("--recipe", help="YAML/JSON recipe file (serialized quantization config)")
+    src.add_argument("--method", help="method name: " + ", ".join(_config_classes()))
+    cal = p.add_argument_group("calibration (GPTQ, AWQ, SmoothQuant, LLM.int8())")
+    cal.add_argument("--calib", help="UTF-8 text file to calibrate on")
+    cal.add_argument("--calib-start-char", type=int, default=0, help="use the text from this character on")
+    cal.add_argument("--n-samples", type=int, default=128, help="calibration windows (default 128)")
+    cal.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window (default 512)")
+    cal.add_argument("--seed", type=int, default=0, help="window sampling seed (default 0)")
+    out = p.add_argument_group("output")
+    out.add_argument("--out", help="output folder (a slimlm model directory)")
+    out.add_argument("--overwrite", action="store_true", help="replace an existing model in --out")
+    out.add_argument("--dry-run", action="store_true", help="print the plan and estimates, quantize nothing")
+    out.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_json_arg(out)
+    add_runtime_args(p)
+    added: set[str] = set()
+    for kind, cls in _config_classes().items():
+        grp = p.add_argument_group(f"{kind} options")
+        names = {f.name for f in dataclasses.fields(cls)}
+        cls.add_arguments(grp, skip=tuple(added))  # shared fields (bits, ignore, ...) appear once
+        added |= names
+    p.set_defaults(func=run, _option_names=sorted(added))
+
+
+# --- building the config ------------------------------------------------------------------------
+def build_configs(args: argparse.Namespace) -> list[Any]:
+    from slimlm.quant.api import config_for_method, load_quant_recipe
+
+    given = {n for n in args._option_names if getattr(args, n, None) is not None}
+    if args.recipe and args.method:
+        raise SlimlmError("give either --recipe or --method, not both")
+    if args.recipe:
+        cfgs = load_quant_recipe(args.recipe)
+        if given and len(cfgs) > 1:
+            raise SlimlmError(f"recipe {args.recipe} has {len(cfgs)} stages; option flags only apply to one-stage recipes")
+        if given:
+            cfgs = [_with_flags(cfgs[0].kind, cfgs[0].to_dict(), args, given)]
+        return cfgs
+    if not args.method:
+        raise SlimlmError("say what to run: --recipe FILE or --method {" + ",".join(_config_classes()) + "}")
+    if args.method not in _config_classes():
+        raise SlimlmError(f"unknown method {args.method!r}; known: {', '.join(_config_classes())}")
+    return [_with_flags(args.method, {}, args, given)] if given else [config_for_method(args.method)]
+
+
+def _with_flags(kind: str, base: dict[str, Any], args: argparse.Namespace, given: set[str]) -> Any:
+    cls = _config_classes()[kind]
+    fields = {f.name for f in dataclasses.fields(cls) if f.init}
+    foreign = sorted(given - fields)
+    if foreign:
+        flag = "--" + foreign[0].replace("_", "-")
+        raise ConfigError(f"{flag} does not apply to {kind}; its options: "
+                          + ", ".join("--" + n.replace("_", "-") for n in sorted(fields)))
+    return cls.from_args(args, base)
+
+
+# --- calibration ----------------------------------------------------------------------------------
+class _Encoded:
+    """A tokenizer stand-in returning already computed ids (tokenize the text once)."""
+
+    def __init__(self, ids: list[int]) -> None:
+        self.ids = ids
+
+    def encode(self, text: str) -> list[int]:
+        return self.ids
+
+
+def calibration(args: argparse.Namespace, tokenizer: Any) -> list[torch.Tensor]:
+    from slimlm.calib.data import calibration_samples, read_text
+
+    if not args.calib:
+        raise SlimlmError("this method needs calibration text: pass --calib FILE (e.g. ../shared/data/wikitext-2-raw/wiki.test.raw)")
+    if args.n_samples < 1 or args.seq_len < 2:
+        raise SlimlmError("--n-samples must be >= 1 and --seq-len >= 2")
+    if not Path(args.calib).is_file():
+        raise SlimlmError(f"calibration file not found: {args.calib}")
+    if tokenizer is None:
+        raise SlimlmError(f"{args.model} has no tokenizer; calibration needs one")
+    text = read_text(args.calib, args.calib_start_char)
+    ids = tokenizer.encode(text)
+    need = args.n_samples * args.seq_len
+    if len(ids) < need:
+        raise SlimlmError(f"calibration text {args.calib} has {len(ids):,} tokens, fewer than the "
+                          f"{args.n_samples} x {args.seq_len} = {need:,} requested (use more text or fewer/shorter samples)")
+    return calibration_samples(_Encoded(ids), text, args.n_samples, args.seq_len, seed=args.seed)
+
+
+# --- plan and estimates ---------------------------------------------------------------------------
+def _gflops() -> float:
+    a = torch.randn(512, 512)
+    a @ a
+    t = time.perf_counter()
+    for _ in range(4):
+        a @ a
+    return 4 * 2 * 512**3 / (time.perf_counter() - t) / 1e9
+
+
+def plan(lm: Any, cfgs: list[Any], args: argparse.Namespace, calibrated: bool) -> dict[str, Any]:
+    from slimlm.quant.api import check_model
+    from slimlm.quant.methods.base import layer_groups
+
+    model, mc = lm.model, lm.config
+    params = model.num_parameters()
+    fp32 = params * 4
+    paths = check_model(model, cfgs[0])
+    bits: dict[str, int] = {}
+    for p in paths:
+        c = cfgs[0].for_module(p)
+        key = str(getattr(c, "bits", {"nf4": 4, "smoothquant": 8, "int8-outlier": 8}.get(c.kind, "?")))
+        bits[key] = bits.get(key, 0) + 1
+    tokens = args.n_samples * args.seq_len if calibrated else 0
+    layer0 = model.model.layers[0]
+    layer_params = sum(p.numel() for p in layer0.parameters())
+    ins = [layer0.get_submodule(g[0]).in_features for g in layer_groups(layer0)]
+    hidden_bytes = tokens * mc.hidden_size * 4 * 2  # the layer's inputs and outputs for the whole set
+    act_bytes = min(8, args.n_samples) * args.seq_len * max(mc.intermediate_size, mc.hidden_size) * 4 * 6
+    state_bytes = sum(i * i * 4 for i in ins) * 3 if calibrated else 0
+    peak = int(fp32 * 1.15 + hidden_bytes + act_bytes + state_bytes) if calibrated else int(fp32 * 1.3)
+    passes = 2 + (len(ins) if any(getattr(c, "true_sequential", False) for c in cfgs) else 0)
+    flops = 0.0
+    if calibrated:
+        flops += passes * 2 * layer_params * tokens * mc.num_hidden_layers  # layer forwards
+        flops += 2 * sum(i * i for i in ins) * tokens * mc.num_hidden_layers  # x^T x statistics
+        if any(c.kind == "awq" for c in cfgs):
+            flops += 20 * 2 * layer_params * max(ins) * mc.num_hidden_layers  # scale grid via H
+    flops += 50 * 2 * sum(model.get_submodule(p).weight.numel() for p in paths) * (
+        128 if any(c.kind == "gptq" for c in cfgs) else 1)
+    gf = _gflops()
+    return {
+        "model": args.model, "parameters": params, "fp32_bytes": fp32,
+        "configs": [c.to_dict() for c in cfgs], "steps": [c.short() for c in cfgs],
+        "linears": len(paths), "linears_by_bits": bits,
+        "calibration": {"file": args.calib, "start_char": args.calib_start_char, "n_samples": args.n_samples,
+                        "seq_len": args.seq_len, "seed": args.seed} if calibrated else None,
+        "estimated_peak_bytes": peak, "estimated_seconds": flops / (gf * 1e9) * 1.5, "measured_gflops": gf,
+        "out": args.out,
+    }
+
+
+def _print_plan(pl: dict[str, Any]) -> None:
+    print(f"model: {pl['model']} ({pl['parameters'] / 1e6:.1f} M parameters, fp32 {human_bytes(pl['fp32_bytes'])})")
+    for s in pl["steps"]:
+        print(f"step: {s}")
+    print(f"linears to quantize: {pl['linears']} (by bits: {pl['linears_by_bits']})")
+    if pl["calibration"]:
+        c = pl["calibration"]
+        print(f"calibration: {c['n_samples']} x {c['seq_len']} tokens from {c['file']} (from character {c['start_char']})")
+    print(f"estimated peak memory: ~{human_bytes(pl['estimated_peak_bytes'])}; estimated time: "
+          f"~{pl['estimated_seconds']:.0f} s (rough, at {pl['measured_gflops']:.0f} GFLOP/s measured now)")
+    print(f"output: {pl['out']}")
+
+
+# --- run ------------------------------------------------------------------------------------------
+def run(args: argparse.Namespace) -> int:
+    from slimlm.cli.common import load
+    from slimlm.loaders.save import check_output_dir, save_model
+    from slimlm.quant.api import needs_calibration, quantize_
+
+    cfgs = build_configs(args)
+    calibrated = needs_calibration(cfgs)
+    if not args.out and not args.dry_run:
+        raise SlimlmError("--out DIR is required (where the quantized model goes)")
+    if args.out:
+        check_output_dir(args.out, args.overwrite)
+    if calibrated and args.calib and not Path(args.calib).is_file():
+        raise SlimlmError(f"calibration file not found: {args.calib}")
+    if calibrated and not args.calib:
+        raise SlimlmError(f"{cfgs[0].kind} needs calibration text: pass --calib FILE")
+    lm = load(args)
+    samples = calibration(args, lm.tokenizer) if calibrated else None
+    pl = plan(lm, cfgs, args, calibrated)
+    if args.dry_run:
+        emit_json({"dry_run": True, **pl}) if args.json else _print_plan(pl)
+        return 0
+    if not args.json:
+        status(f"quantizing {args.model}: " + "; ".join(pl["steps"]))
+    t0 = time.perf_counter()
+    rep = quantize_(lm.model, cfgs, samples, progress=not args.no_progress)
+    seconds = time.perf_counter() - t0
+    meta = {"quantization": {"configs": [c.to_dict() for c in cfgs], "seconds": seconds,
+                             "bits_per_weight_linears": rep.linear_bits_per_weight,
+                             "bits_per_weight_model": rep.model_bits_per_weight,
+                             "calibration": pl["calibration"]},
+            "recipe": [c.to_dict() for c in cfgs]}
+    out = save_model(lm, args.out, meta=meta, overwrite=args.overwrite)
+    size = (out / "model.safetensors").stat().st_size
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    result = {"out": str(out), "method": rep.method, "seconds": seconds,
+              "bits_per_weight_linears": rep.linear_bits_per_weight, "bits_per_weight_model": rep.model_bits_per_weight,
+              "size_on_disk_bytes": size, "peak_rss_bytes": peak, "by_kind": rep.by_kind(), "configs": meta["recipe"]}
+    if args.json:
+        emit_json(result)
+    else:
+        print(rep.summary())
+        print(f"saved {out} ({human_bytes(size)} on disk) in {seconds:.1f}s; peak RSS {human_bytes(peak)}")
+    return 0

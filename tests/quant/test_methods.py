@@ -1,0 +1,163 @@
+"""Method math on tiny layers: GPTQ and AWQ beat RTN on the output error, SmoothQuant/LLM.int8() pieces."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from slimlm.quant.config import WeightQuantConfig
+from slimlm.quant.methods.awq import output_error, search_clip, search_scale
+from slimlm.quant.methods.gptq import accumulate_hessian, gptq_quantize, make_hessian
+from slimlm.quant.methods.int8_outlier import int8_outlier_reference, outlier_columns, split_outliers
+from slimlm.quant.methods.smoothquant import SmoothQuantAlgorithm, SmoothQuantConfig, smoothing_scale
+from slimlm.quant.primitives import quantize_per_token_int8, quantize_weight
+from slimlm.quant.qtensor import QuantizedWeight
+
+
+def correlated_inputs(n: int, d: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d, generator=g) @ torch.randn(d, d, generator=g)  # [n, d], correlated features
+
+
+def out_err(w: torch.Tensor, qw: QuantizedWeight, x: torch.Tensor) -> float:
+    return float(torch.linalg.norm(x @ w.t() - x @ qw.dequantize().t()))
+
+
+def test_hessian_accumulation_matches_closed_form() -> None:
+    x = correlated_inputs(96, 16)
+    h, n = make_hessian(16), 0
+    for chunk in x.split(32):
+        h, n = accumulate_hessian(h, n, chunk)
+    assert n == 96
+    assert torch.allclose(h, 2 * x.t() @ x / 96, rtol=1e-5, atol=1e-5)
+
+
+def test_gptq_beats_rtn_on_output_error() -> None:
+    torch.manual_seed(0)
+    w = torch.randn(24, 64)
+    x = correlated_inputs(512, 64)
+    h = 2 * x.t() @ x / x.shape[0]
+    for bits, gs in [(4, 16), (3, 32), (2, -1)]:
+        rtn = quantize_weight(w, bits, gs)
+        for act_order in (False, True):
+            qw, loss = gptq_quantize(w, h, bits, gs, act_order=act_order, damp=0.01, block_size=16)
+            assert qw.qweight.max() < 2**bits and qw.g_idx is None
+            assert out_err(w, qw, x) < 0.85 * out_err(w, rtn, x), (bits, gs, act_order)
+            assert loss > 0
+            # lazy block updates are only a reordering of the same arithmetic: block 1 == block 16
+            qw1, _ = gptq_quantize(w, h, bits, gs, act_order=act_order, damp=0.01, block_size=1)
+            assert torch.equal(qw1.qweight, qw.qweight)
+
+
+def test_gptq_with_identity_hessian_is_rtn() -> None:
+    # no correlation between inputs -> no error to propagate -> plain rounding
+    torch.manual_seed(1)
+    w = torch.randn(8, 32)
+    qw, _ = gptq_quantize(w, torch.eye(32), 4, 8, act_order=False, damp=0.0, block_size=8)
+    rtn = quantize_weight(w, 4, 8)
+    assert torch.equal(qw.qweight, rtn.qweight) and torch.equal(qw.scale, rtn.scale)
+
+
+def test_gptq_dead_inputs_and_symmetric() -> None:
+    torch.manual_seed(2)
+    w = torch.randn(8, 32)
+    x = correlated_inputs(128, 32)
+    x[:, 5] = 0.0  # a dead input column: its weight is irrelevant and set to 0
+    h = 2 * x.t() @ x / 128
+    qw, _ = gptq_quantize(w, h, 4, 16, symmetric=True, act_order=True)
+    assert torch.all(qw.zero == 8)
+    assert torch.all(qw.dequantize()[:, 5] == 0)
+
+
+def outlier_inputs(n: int = 512, d: int = 64) -> torch.Tensor:
+    x = torch.randn(n, d, generator=torch.Generator().manual_seed(3))
+    x[:, :4] *= 25.0  # a few salient channels, as in LLM activations
+    return x
+
+
+def test_awq_beats_rtn_on_tiny_layer_with_outlier_channels() -> None:
+    torch.manual_seed(4)
+    w = torch.randn(32, 64) * 0.1
+    x = outlier_inputs()
+    h = x.t() @ x
+    cfg = WeightQuantConfig(bits=3, group_size=32)
+    s, alpha, errs = search_scale([w], [cfg], x.abs().mean(0), h, 20)
+    assert alpha > 0 and errs[0] == max(errs[0], min(errs))  # alpha=0 is RTN
+    w_awq = quantize_weight(w * s, 3, 32).dequantize() / s
+    rtn = quantize_weight(w, 3, 32).dequantize()
+    e_awq = float(torch.linalg.norm(x @ w_awq.t() - x @ w.t()))
+    e_rtn = float(torch.linalg.norm(x @ rtn.t() - x @ w.t()))
+    assert e_awq < 0.8 * e_rtn
+    # the Hessian form of the error equals the direct one
+    assert abs(output_error(w, rtn, h) - e_rtn**2) < 1e-3 * e_rtn**2
+
+
+def test_awq_clip_search_lowers_error() -> None:
+    torch.manual_seed(5)
+    w = torch.randn(16, 64)
+    w[:, 3] *= 8  # weight outliers make clipping pay off
+    x = torch.randn(256, 64)
+    h = x.t() @ x
+    cfg = WeightQuantConfig(bits=3, group_size=32)
+    clipped = search_clip(w, h, cfg, grid=20, max_shrink=0.5)
+    e_clip = output_error(w, quantize_weight(clipped, 3, 32).dequantize(), h)
+    e_rtn = output_error(w, quantize_weight(w, 3, 32).dequantize(), h)
+    assert e_clip <= e_rtn
+
+
+def test_smoothing_scale_formula_and_equivalence() -> None:
+    torch.manual_seed(6)
+    w = torch.randn(8, 16)
+    x = outlier_inputs(64, 16)
+    act_max = x.abs().amax(0)
+    s = smoothing_scale(act_max, [w], 0.5)
+    assert torch.allclose(s, act_max.sqrt() / w.abs().amax(0).sqrt())
+    # (x / s) (w * s)^T == x w^T, and the smoothed activations quantize better per token
+    assert torch.allclose((x / s) @ (w * s).t(), x @ w.t(), atol=1e-4)
+
+    def w8a8(xx: torch.Tensor, ww: torch.Tensor) -> torch.Tensor:
+        q, sc = quantize_per_token_int8(xx)
+        return (q.float() * sc) @ quantize_weight(ww, 8, -1, True).dequantize().t()
+
+    ref = x @ w.t()
+    assert (w8a8(x / s, w * s) - ref).norm() < (w8a8(x, w) - ref).norm()
+
+
+def test_smoothquant_folds_into_norm() -> None:
+    from slimlm.models.layers import Norm
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.mlp_norm = Norm(16)
+            self.mlp = nn.Module()
+            self.mlp.gated = False  # type: ignore[assignment]
+            self.mlp.up_proj = nn.Linear(16, 8)
+            self.mlp.down_proj = nn.Linear(8, 16)
+
+    torch.manual_seed(7)
+    blk = Block()
+    x = outlier_inputs(32, 16)
+    before = blk.mlp.up_proj(blk.mlp_norm(x))
+    algo = SmoothQuantAlgorithm(SmoothQuantConfig())
+    algo.accumulate("mlp.up_proj", blk.mlp.up_proj, blk.mlp_norm(x))
+    up = blk.mlp.up_proj
+    algo.finish_group(0, blk, ["mlp.up_proj"])
+    assert "model.layers.0.mlp.up_proj" in algo.scales
+    assert torch.allclose(up(blk.mlp_norm(x)), before, atol=1e-4)  # folding keeps the function
+
+
+def test_int8_outlier_columns_and_math() -> None:
+    x = outlier_inputs(128, 64)
+    cols = outlier_columns(x.abs().amax(0), 6.0)
+    assert cols.tolist() == [0, 1, 2, 3]
+    assert outlier_columns(x.abs().amax(0), 6.0, max_fraction=2 / 64).numel() == 2
+    torch.manual_seed(8)
+    w = torch.randn(16, 64)
+    qw, w_out = split_outliers(w, cols)
+    assert torch.all(qw.dequantize()[:, cols] == 0) and torch.equal(w_out, w[:, cols])
+    y = int8_outlier_reference(x, qw, cols, w_out)
+    q, s = quantize_per_token_int8(x)
+    naive = (q.float() * s) @ quantize_weight(w, 8, -1, True).dequantize().t()
+    ref = x @ w.t()
+    assert (y - ref).norm() < 0.5 * (naive - ref).norm()
