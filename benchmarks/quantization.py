@@ -110,6 +110,7 @@ def worker(name: str, args: argparse.Namespace) -> dict[str, Any]:
         rep = quantize_(lm.model, cfg, samples, progress=not args.no_progress)  # type: ignore[arg-type]
         res["quant_seconds"] = time.perf_counter() - t0
         res["peak_rss_quant_bytes"] = peak_rss()
+        res["bits_per_weight_quantized"] = rep.quantized_bits_per_weight
         res["bits_per_weight_linears"] = rep.linear_bits_per_weight
         res["bits_per_weight_model"] = rep.model_bits_per_weight
         res["module_kinds"] = {k: int(v["modules"]) for k, v in rep.by_kind().items()}
@@ -133,14 +134,14 @@ def worker(name: str, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def table(results: list[dict[str, Any]]) -> str:
-    head = ("| variant | ppl | ref ppl | bits/w (linears) | bits/w (model) | disk MB | peak RSS quant MB | "
+    head = ("| variant | ppl | ref ppl | bits/w (quantized linears) | bits/w (model) | disk MB | peak RSS quant MB | "
             "quant s | tok/s b1 | tok/s b16 |")
     rows = [head, "|" + "---|" * 10]
     for r in results:
-        def f(k: str, fmt: str = "{:.2f}", scale: float = 1.0) -> str:
+        def f(k: str, fmt: str = "{:.2f}", scale: float = 1.0, r: dict[str, Any] = r) -> str:
             v = r.get(k)
             return fmt.format(v / scale) if isinstance(v, (int, float)) else "-"
-        rows.append(f"| {r['name']} | {f('ppl')} | {f('reference_ppl')} | {f('bits_per_weight_linears', '{:.3f}')} | "
+        rows.append(f"| {r['name']} | {f('ppl')} | {f('reference_ppl')} | {f('bits_per_weight_quantized', '{:.3f}')} | "
                     f"{f('bits_per_weight_model', '{:.3f}')} | {f('size_on_disk_bytes', '{:.1f}', 2**20)} | "
                     f"{f('peak_rss_quant_bytes', '{:.0f}', 2**20)} | {f('quant_seconds', '{:.1f}')} | "
                     f"{f('decode_tok_s_b1', '{:.1f}')} | {f('decode_tok_s_b16', '{:.1f}')} |")
