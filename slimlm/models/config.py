@@ -196,8 +196,9 @@ def _gemma3(hf: dict[str, Any], arch: str) -> ModelConfig:
     act = hf.get("hidden_activation") or hf.get("hidden_act", "gelu_pytorch_tanh")
     rope_global = _rope_params(hf, "full_attention")
     rope_local = _rope_params(hf, "sliding_attention")
-    if "rope_local_base_freq" in hf and not isinstance(hf.get("rope_parameters"), dict):
-        rope_local = {"rope_type": "default", "rope_theta": hf["rope_local_base_freq"],
+    if not isinstance(hf.get("rope_parameters"), dict):
+        # transformers 4.x layout (and GGUF): local layers use rope_local_base_freq, default 10_000
+        rope_local = {"rope_type": "default", "rope_theta": hf.get("rope_local_base_freq", 10_000.0),
                       "max_position_embeddings": hf.get("max_position_embeddings", 2048)}
     return ModelConfig(
         family="gemma3", architecture=arch, model_type=hf.get("model_type", "gemma3_text"),
