@@ -196,7 +196,8 @@ def _choose_type(hf_name: str, shape: tuple[int, ...], default_type: str, keep_f
 def write_gguf(path: str | os.PathLike[str], config: dict[str, Any], tensors: dict[str, torch.Tensor],
                tokenizer: Tokenizer | None, default_type: str = "F16",
                keep_f32: Iterable[str] = ("norm", "bias"),
-               raw: dict[str, RawTensor] | None = None, name: str | None = None) -> dict[str, str]:
+               raw: dict[str, RawTensor] | None = None, name: str | None = None,
+               embed_type: str | None = None) -> dict[str, str]:
     """Write a GGUF file.
 
     Args:
@@ -210,6 +211,8 @@ def write_gguf(path: str | os.PathLike[str], config: dict[str, Any], tensors: di
         raw: pre-packed tensors ``{hf_name: (uint8 blocks [rows, bytes_per_row], GGMLQuantizationType,
             HF shape)}``, written as given (rows re-permuted for llama Q/K); they replace ``tensors[hf_name]``.
         name: ``general.name``.
+        embed_type: GGUF type of the token embedding and output head (default: ``default_type``);
+            e.g. "Q8_0" with ``default_type="Q4_0"``, since 4-bit embeddings cost much more quality.
 
     Returns:
         ``{hf_name: GGUF type name}`` of every tensor written.
@@ -217,8 +220,9 @@ def write_gguf(path: str | os.PathLike[str], config: dict[str, Any], tensors: di
     import gguf
     from gguf import GGMLQuantizationType as Q
 
-    if default_type not in WRITE_TYPES:
-        raise ConfigError(f"GGUF type {default_type!r} cannot be written (choose one of {', '.join(WRITE_TYPES)})")
+    for wanted in (default_type, embed_type or default_type):
+        if wanted not in WRITE_TYPES:
+            raise ConfigError(f"GGUF type {wanted!r} cannot be written (choose one of {', '.join(WRITE_TYPES)})")
     arch = gguf_arch_for(config)
     assert arch in SUPPORTED_ARCHS
     raw = raw or {}
@@ -262,7 +266,9 @@ def write_gguf(path: str | os.PathLike[str], config: dict[str, Any], tensors: di
                 continue
             t = tensors[hf_name].detach().to(torch.float32).cpu().numpy()  # [out, in] (HF)
             data = np.ascontiguousarray(_to_gguf_layout(arch, config, gname, t), dtype=np.float32)
-            kind = _choose_type(hf_name, tuple(data.shape), default_type, keep)
+            is_embed = gname.split(".")[0] in ("token_embd", "output")
+            kind = _choose_type(hf_name, tuple(data.shape), (embed_type or default_type) if is_embed else default_type,
+                                keep)
             if kind == "F32":
                 w.add_tensor(gname, data)
             elif kind == "F16":
@@ -284,7 +290,7 @@ def write_gguf(path: str | os.PathLike[str], config: dict[str, Any], tensors: di
 
 
 def export_gguf(lm: Any, out: str | os.PathLike[str], default_type: str = "Q8_0", overwrite: bool = False,
-                raw: dict[str, RawTensor] | None = None) -> dict[str, str]:
+                raw: dict[str, RawTensor] | None = None, embed_type: str | None = None) -> dict[str, str]:
     """Export a loaded runtime model (`slimlm.loaders.LoadedModel`) as a GGUF file.
 
     Compressed (swappable) linears are expanded with ``dense_weight()`` and re-encoded as
@@ -312,4 +318,4 @@ def export_gguf(lm: Any, out: str | os.PathLike[str], default_type: str = "Q8_0"
         runtime.pop("lm_head.weight", None)
     config = model.config.to_hf_config()
     return write_gguf(out, config, runtime_to_hf(model.config, runtime), lm.tokenizer, default_type=default_type,
-                      raw=raw)
+                      raw=raw, embed_type=embed_type)
