@@ -128,12 +128,14 @@ def calibration(args: argparse.Namespace, tokenizer: Any) -> list[torch.Tensor]:
 
 # --- plan and estimates ---------------------------------------------------------------------------
 def _gflops() -> float:
-    a = torch.randn(512, 512)
-    a @ a
-    t = time.perf_counter()
-    for _ in range(4):
+    """fp32 matmul speed right now (best of 3), to turn FLOP counts into seconds."""
+    a = torch.randn(1024, 1024)
+    best = float("inf")
+    for _ in range(3):
+        t = time.perf_counter()
         a @ a
-    return 4 * 2 * 512**3 / (time.perf_counter() - t) / 1e9
+        best = min(best, time.perf_counter() - t)
+    return 2 * 1024**3 / best / 1e9
 
 
 def plan(lm: Any, cfgs: list[Any], args: argparse.Namespace, calibrated: bool) -> dict[str, Any]:
@@ -164,8 +166,12 @@ def plan(lm: Any, cfgs: list[Any], args: argparse.Namespace, calibrated: bool) -
         flops += 2 * sum(i * i for i in ins) * tokens * mc.num_hidden_layers  # x^T x statistics
         if any(c.kind == "awq" for c in cfgs):
             flops += 20 * 2 * layer_params * max(ins) * mc.num_hidden_layers  # scale grid via H
-    flops += 50 * 2 * sum(model.get_submodule(p).weight.numel() for p in paths) * (
-        128 if any(c.kind == "gptq" for c in cfgs) else 1)
+    shapes = [(model.get_submodule(p).out_features, model.get_submodule(p).in_features) for p in paths]
+    flops += 50 * sum(o * i for o, i in shapes)  # rounding, packing
+    overhead = 0.0
+    if any(c.kind == "gptq" for c in cfgs):  # block updates ~ out * in^2, plus a Python step per column
+        flops += 2 * sum(o * i * i for o, i in shapes)
+        overhead = 3e-5 * sum(i for _, i in shapes)
     gf = _gflops()
     return {
         "model": args.model, "parameters": params, "fp32_bytes": fp32,
@@ -173,7 +179,7 @@ def plan(lm: Any, cfgs: list[Any], args: argparse.Namespace, calibrated: bool) -
         "linears": len(paths), "linears_by_bits": bits,
         "calibration": {"file": args.calib, "start_char": args.calib_start_char, "n_samples": args.n_samples,
                         "seq_len": args.seq_len, "seed": args.seed} if calibrated else None,
-        "estimated_peak_bytes": peak, "estimated_seconds": flops / (gf * 1e9) * 1.5, "measured_gflops": gf,
+        "estimated_peak_bytes": peak, "estimated_seconds": flops / (gf * 1e9) * 1.5 + overhead, "measured_gflops": gf,
         "out": args.out,
     }
 
