@@ -21,7 +21,7 @@ import torch
 
 from slimlm.loaders.gguf_reader import GGUFFile, llama_permute_rows, read_gguf, tokenizer_from_gguf_metadata
 from slimlm.loaders.gguf_writer import add_tokenizer_metadata, write_gguf
-from slimlm.loaders.tokenizer import Tokenizer
+from slimlm.loaders.tokenizer import StreamDecoder, Tokenizer
 from slimlm.utils.errors import CheckpointError, ConfigError, SlimlmError
 from tests.helpers.tokenizers import make_tiny_tokenizer
 
@@ -240,6 +240,10 @@ def test_sentencepiece_tokenizer_matches_transformers(tmp_path: Path, arch: str)
         assert len(hf) == 400
     assert ours.apply_chat_template(MESSAGES) == hf.apply_chat_template(MESSAGES, tokenize=False,
                                                                        add_generation_prompt=True)
+    ids = ours.encode("Hello  world → ünï 𝔘 done")  # byte-fallback pieces and Metaspace's stripped space
+    stream = StreamDecoder(ours)
+    pieces = [stream.feed(i) for i in ids] + [stream.flush()]
+    assert "".join(pieces) == ours.decode(ids) and all("\ufffd" not in p for p in pieces)
     ours.save(tmp_path / "saved")  # HF files transformers reads back into the same tokenizer
     again = transformers.AutoTokenizer.from_pretrained(tmp_path / "saved")
     for text in texts:
