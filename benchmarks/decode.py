@@ -26,7 +26,6 @@ from slimlm.engine.generate import generate  # noqa: E402
 from slimlm.engine.sampling import SamplingConfig  # noqa: E402
 from slimlm.loaders import load_model  # noqa: E402
 from slimlm.loaders.resolve import alias_path  # noqa: E402
-from slimlm.models.modules import linear_weight  # noqa: E402
 
 DT = {"fp32": torch.float32, "bf16": torch.bfloat16}
 

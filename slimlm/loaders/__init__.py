@@ -107,6 +107,7 @@ def build_model(config: ModelConfig, runtime_tensors: dict[str, torch.Tensor], d
             m.process_after_loading()
     model.eval()
     model.requires_grad_(False)
+    model.fuse_projections_()
     return model
 
 

@@ -62,8 +62,16 @@ def atomic_dir(out: Path, write: Callable[[Path], None]) -> Path:
     return out
 
 
+def _owned(t: torch.Tensor) -> torch.Tensor:
+    """A tensor that owns its storage (fused q/k/v weights are views; safetensors refuses shared memory)."""
+    t = t.detach().contiguous()
+    if t.untyped_storage().nbytes() != t.numel() * t.element_size():
+        t = t.clone()
+    return t
+
+
 def _state_dict(model: Transformer) -> dict[str, torch.Tensor]:
-    sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    sd = {k: _owned(v) for k, v in model.state_dict().items()}
     if model.config.tie_word_embeddings:
         sd.pop("lm_head.weight", None)
     return sd
@@ -133,7 +141,9 @@ def export_hf(lm: Any, out: str | Path, overwrite: bool = False, dtype: torch.dt
     for name, m in swapped.items():
         runtime[name + ".weight"] = m.dense_weight().to(dtype)
         if m.has_bias:
-            runtime[name + ".bias"] = m.bias.detach().to(dtype)  # type: ignore[union-attr]
+            bias = m.bias
+            assert isinstance(bias, torch.Tensor)
+            runtime[name + ".bias"] = bias.detach().to(dtype)
     hf_tensors = runtime_to_hf(model.config, runtime)
     hf_cfg = model.config.to_hf_config()
     hf_cfg["torch_dtype"] = str(dtype).replace("torch.", "")

@@ -57,11 +57,49 @@ def _act(name: str):  # type: ignore[no-untyped-def]
     raise ValueError(f"unsupported activation {name!r}")
 
 
+class _Fusion:
+    """One matmul for several ``nn.Linear`` sharing an input (q/k/v, gate/up) at batch-1 decode.
+
+    The separate modules keep their names (checkpoints and compression methods see them), but
+    their weights become views into one concatenated tensor. If any module is later replaced
+    (quantized, pruned) or its weight re-assigned, the views no longer line up and the fused
+    path switches itself off for good (dropping the concatenated tensor).
+    """
+
+    def __init__(self, mods: list[nn.Linear]):
+        w = torch.cat([m.weight.detach() for m in mods], 0)
+        self.sizes = [m.out_features for m in mods]
+        for m, part in zip(mods, w.split(self.sizes, 0), strict=True):
+            m.weight = nn.Parameter(part, requires_grad=m.weight.requires_grad)
+        self.weight = w
+        self.bias = None
+        if mods[0].bias is not None:
+            b = torch.cat([m.bias.detach() for m in mods], 0)  # type: ignore[union-attr]
+            for m, part in zip(mods, b.split(self.sizes, 0), strict=True):
+                m.bias = nn.Parameter(part, requires_grad=m.bias.requires_grad)  # type: ignore[union-attr]
+            self.bias = b
+        self.ptrs = [m.weight.data_ptr() for m in mods]
+
+    @staticmethod
+    def possible(mods: list[nn.Module]) -> bool:
+        if not all(type(m) is nn.Linear for m in mods):
+            return False
+        lin = [m for m in mods if isinstance(m, nn.Linear)]
+        return (len({m.weight.dtype for m in lin}) == 1 and len({m.bias is None for m in lin}) == 1
+                and not any(m.weight.is_meta for m in lin))
+
+    def valid(self, mods: list[nn.Module]) -> bool:
+        for m, p in zip(mods, self.ptrs, strict=True):
+            if type(m) is not nn.Linear or m.weight.data_ptr() != p:  # type: ignore[union-attr]
+                return False
+        return True
+
+
 @dataclass
 class AttnContext:
     """Per-forward state shared by all layers: rotary tables, masks, cache."""
 
-    rope: dict[str, tuple[torch.Tensor, torch.Tensor]]  # layer type -> (cos, sin): [B, 1, T, D]
+    rope: dict[str, tuple[torch.Tensor, torch.Tensor]]  # layer type -> (cos, sin): [B, T, 1, D]
     masks: dict[str, torch.Tensor | None]  # layer type -> bool [B, 1, T, S] (True = attend) or None
     is_causal: bool  # use SDPA's built-in causal mask (no explicit mask, no cache history)
     cache: KVCache | None = None
@@ -81,23 +119,41 @@ class Attention(nn.Module):
         self.v_proj: nn.Module = nn.Linear(d, cfg.kv_size, bias=cfg.qkv_bias)
         self.o_proj: nn.Module = nn.Linear(cfg.q_size, d, bias=cfg.o_bias)
         self.use_rope = cfg.rope is not None
+        self._fusion: _Fusion | None = None
         if cfg.qk_norm:
             self.q_norm: Norm | None = Norm(cfg.head_dim, "rms", cfg.norm_eps, cfg.norm_offset)
             self.k_norm: Norm | None = Norm(cfg.head_dim, "rms", cfg.norm_eps, cfg.norm_offset)
         else:
             self.q_norm = self.k_norm = None
 
+    def fuse_(self) -> bool:
+        """Concatenate q/k/v weights for one decode matmul (see :class:`_Fusion`)."""
+        mods = [self.q_proj, self.k_proj, self.v_proj]
+        self._fusion = _Fusion(mods) if _Fusion.possible(mods) else None  # type: ignore[arg-type]
+        return self._fusion is not None
+
+    def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        f = self._fusion
+        if f is not None:
+            if f.valid([self.q_proj, self.k_proj, self.v_proj]):
+                q, k, v = F.linear(x, f.weight, f.bias).split(f.sizes, -1)
+                return q, k, v
+            self._fusion = None  # a module was swapped or re-assigned: fall back for good
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+
     def forward(self, x: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
         # x: [B, T, D]
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)  # [B, H, T, Dh]
-        k = self.k_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)  # [B, Hkv, T, Dh]
-        v = self.v_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
+        q, k, v = self._qkv(x)
+        q = q.view(b, t, -1, self.head_dim)  # [B, T, H, Dh]
+        k = k.view(b, t, -1, self.head_dim)  # [B, T, Hkv, Dh]
+        v = v.view(b, t, -1, self.head_dim).transpose(1, 2)  # [B, Hkv, T, Dh]
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if self.use_rope:
-            cos, sin = ctx.rope[self.layer_type]
+            cos, sin = ctx.rope[self.layer_type]  # [B, T, 1, Dh]
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # [B, H(kv), T, Dh]
         if ctx.cache is not None:
             k, v = ctx.cache.update(self.layer_idx, k, v)  # [B, Hkv, S, Dh]
         mask = ctx.masks.get(self.layer_type)
@@ -133,9 +189,22 @@ class MLP(nn.Module):
         self.up_proj: nn.Module = nn.Linear(d, f, bias=cfg.mlp_bias)
         self.down_proj: nn.Module = nn.Linear(f, d, bias=cfg.mlp_bias)
         self.act = _act(cfg.act)
+        self._fusion: _Fusion | None = None
+
+    def fuse_(self) -> bool:
+        """Concatenate gate/up weights for one decode matmul (see :class:`_Fusion`)."""
+        mods = [self.gate_proj, self.up_proj] if self.gated else []
+        self._fusion = _Fusion(mods) if mods and _Fusion.possible(mods) else None  # type: ignore[arg-type]
+        return self._fusion is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gated:
+            f = self._fusion
+            if f is not None:
+                if f.valid([self.gate_proj, self.up_proj]):
+                    gate, up = F.linear(x, f.weight, f.bias).split(f.sizes, -1)
+                    return self.down_proj(self.act(gate) * up)
+                self._fusion = None
             return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
         return self.down_proj(self.act(self.up_proj(x)))
 

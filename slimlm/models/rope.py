@@ -103,7 +103,7 @@ class RotaryCache:
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [B, H, T, D]; cos/sin: [B, 1, T, D] (rotate-half convention)."""
+    """x: [B, T, H, D]; cos/sin: [B, T, 1, D] (rotate-half convention)."""
     d = cos.shape[-1]
     if d < x.shape[-1]:  # partial rotary
         return torch.cat([apply_rotary(x[..., :d], cos, sin), x[..., d:]], dim=-1)

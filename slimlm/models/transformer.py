@@ -88,7 +88,7 @@ class Transformer(nn.Module):
             rc = self._rotary(lt)
             if rc is not None:
                 cos, sin = rc.lookup(positions)  # [B, T, Dh]
-                rope[lt] = (cos.unsqueeze(1), sin.unsqueeze(1))
+                rope[lt] = (cos.unsqueeze(2), sin.unsqueeze(2))  # [B, T, 1, Dh]
         padded = attention_mask is not None and not bool(attention_mask.all())
         masks: dict[str, torch.Tensor | None] = {}
         for lt in types:
@@ -138,6 +138,14 @@ class Transformer(nn.Module):
         if last_only:
             h = h[:, -1:]
         return self.head(h)
+
+    def fuse_projections_(self) -> int:
+        """Fuse q/k/v and gate/up matmuls of plain linears for inference; returns how many were fused."""
+        n = 0
+        for layer in self.model.layers:
+            assert isinstance(layer, DecoderLayer)
+            n += int(layer.self_attn.fuse_()) + int(layer.mlp.fuse_())
+        return n
 
     def num_parameters(self) -> int:
         seen: set[int] = set()

@@ -56,3 +56,26 @@ def test_left_padded_batch_matches_unpadded(family, tmp_path):
         out = lm.model(batch, attention_mask=mask)
     _close(out[1, -1], ref_b)
     _close(out[0], hf(a).logits[0].detach())
+
+
+def test_fused_projections_follow_module_swaps_and_inplace_edits(tmp_path):
+    """q/k/v and gate/up run as one matmul, but edits and swaps of the separate modules still count."""
+    make_hf_model("llama", tmp_path)
+    lm = load_model(str(tmp_path))
+    attn, mlp = lm.model.model.layers[0].self_attn, lm.model.model.layers[0].mlp
+    assert attn._fusion is not None and mlp._fusion is not None
+    ids = torch.randint(0, 256, (1, 8))
+    with torch.no_grad():
+        base = lm.model(ids)
+        attn.k_proj.weight.mul_(0.5)  # in-place edit (what pruning does) reaches the fused matmul
+        edited = lm.model(ids)
+        assert attn._fusion is not None and not torch.allclose(base, edited)
+        new = torch.nn.Linear(attn.v_proj.in_features, attn.v_proj.out_features, bias=False)
+        attn.v_proj = new  # a swap (what quantization does) switches fusion off
+        swapped = lm.model(ids)
+        assert attn._fusion is None
+        attn_ref = lm.model.model.layers[0].self_attn
+        x = torch.randn(1, 3, attn_ref.q_proj.in_features)
+        q, k, v = attn_ref._qkv(x)
+        assert torch.equal(v, new(x)) and torch.equal(k, attn_ref.k_proj(x))
+    assert not torch.allclose(edited, swapped)
