@@ -131,3 +131,19 @@ def test_real_process_exit_code_and_debug(tmp_path):
     r = subprocess.run([sys.executable, "-m", "slimlm.cli.main", "--debug", "info", str(tmp_path / "nope")],
                        capture_output=True, text=True)
     assert "Traceback" in r.stderr
+
+
+def test_gguf_with_unsupported_tensor_type(tmp_path, capsys):
+    import gguf
+    import numpy as np
+
+    path = tmp_path / "m.gguf"
+    w = gguf.GGUFWriter(path, "llama")
+    w.add_uint32("llama.attention.head_count", 2)
+    w.add_tensor("blk.0.attn_v.weight", np.zeros((4, 32), np.int8))  # I8: no de-quantizer
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    code, _, err = run(["info", str(path)], capsys)
+    _one_error_line(code, err, "I8")
