@@ -66,6 +66,11 @@ def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def current_rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
 def decode_tok_s(model: Any, batch: int, prompt_len: int, new_tokens: int) -> float:
     """Greedy decode throughput (batch tokens / s over the decode steps) through the KV cache."""
     from slimlm.models.kv_cache import KVCache
@@ -90,6 +95,7 @@ def worker(name: str, args: argparse.Namespace) -> dict[str, Any]:
     from slimlm.loaders import load_model
     from slimlm.loaders.save import save_model
     from slimlm.quant import needs_calibration, quantize_
+    from slimlm.quant.report import peak_rss_bytes, release_free_memory, reset_peak_rss
     from slimlm.utils.config import BaseConfig
 
     dtype_name, cfg_dict = VARIANTS[name]
@@ -106,15 +112,20 @@ def worker(name: str, args: argparse.Namespace) -> dict[str, Any]:
         if needs_calibration(cfg):  # type: ignore[arg-type]
             calib = read_text(WIKI, WIKITEXT_CALIB_OFFSET)
             samples = calibration_samples(lm.tokenizer, calib, args.n_samples, args.seq_len, seed=0)
+        lm.checkpoint.tensors = {}  # the loader's interchange copy is not needed any more
+        release_free_memory()
+        res["rss_before_quant_bytes"] = current_rss()
+        reset_peak_rss()
         t0 = time.perf_counter()
         rep = quantize_(lm.model, cfg, samples, progress=not args.no_progress)  # type: ignore[arg-type]
         res["quant_seconds"] = time.perf_counter() - t0
-        res["peak_rss_quant_bytes"] = peak_rss()
+        res["peak_rss_quant_bytes"] = peak_rss_bytes()  # process peak during quantization (model included)
         res["bits_per_weight_quantized"] = rep.quantized_bits_per_weight
         res["bits_per_weight_linears"] = rep.linear_bits_per_weight
         res["bits_per_weight_model"] = rep.model_bits_per_weight
         res["module_kinds"] = {k: int(v["modules"]) for k, v in rep.by_kind().items()}
-    res["rss_after_load_bytes"] = rss_loaded
+    res["peak_rss_load_bytes"] = rss_loaded
+    res["fp32_model_bytes"] = lm.model.num_parameters() * 4
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
         out = save_model(lm, Path(tmp) / "model", meta={"benchmark": name})
         res["size_on_disk_bytes"] = (out / "model.safetensors").stat().st_size

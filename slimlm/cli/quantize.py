@@ -202,6 +202,7 @@ def run(args: argparse.Namespace) -> int:
     from slimlm.cli.common import load
     from slimlm.loaders.save import check_output_dir, save_model
     from slimlm.quant.api import needs_calibration, quantize_
+    from slimlm.quant.report import peak_rss_bytes, release_free_memory, reset_peak_rss
 
     cfgs = build_configs(args)
     calibrated = needs_calibration(cfgs)
@@ -221,9 +222,13 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not args.json:
         status(f"quantizing {args.model}: " + "; ".join(pl["steps"]))
+    lm.checkpoint.tensors = {}  # the loader's interchange copy is not needed any more
+    release_free_memory()
+    reset_peak_rss()
     t0 = time.perf_counter()
     rep = quantize_(lm.model, cfgs, samples, progress=not args.no_progress)
     seconds = time.perf_counter() - t0
+    peak = peak_rss_bytes()
     meta = {"quantization": {"configs": [c.to_dict() for c in cfgs], "seconds": seconds,
                              "bits_per_weight_linears": rep.linear_bits_per_weight,
                              "bits_per_weight_model": rep.model_bits_per_weight,
@@ -231,13 +236,14 @@ def run(args: argparse.Namespace) -> int:
             "recipe": [c.to_dict() for c in cfgs]}
     out = save_model(lm, args.out, meta=meta, overwrite=args.overwrite)
     size = (out / "model.safetensors").stat().st_size
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     result = {"out": str(out), "method": rep.method, "seconds": seconds,
               "bits_per_weight_linears": rep.linear_bits_per_weight, "bits_per_weight_model": rep.model_bits_per_weight,
-              "size_on_disk_bytes": size, "peak_rss_bytes": peak, "by_kind": rep.by_kind(), "configs": meta["recipe"]}
+              "size_on_disk_bytes": size, "peak_rss_bytes": peak,
+              "peak_rss_process_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "by_kind": rep.by_kind(), "configs": meta["recipe"]}
     if args.json:
         emit_json(result)
     else:
         print(rep.summary())
-        print(f"saved {out} ({human_bytes(size)} on disk) in {seconds:.1f}s; peak RSS {human_bytes(peak)}")
+        print(f"saved {out} ({human_bytes(size)} on disk); quantization {seconds:.1f}s, peak RSS while quantizing "
+              f"{human_bytes(peak)}")
     return 0
