@@ -161,3 +161,39 @@ def test_int8_outlier_columns_and_math() -> None:
     naive = (q.float() * s) @ quantize_weight(w, 8, -1, True).dequantize().t()
     ref = x @ w.t()
     assert (y - ref).norm() < 0.5 * (naive - ref).norm()
+
+
+def test_awq_fold_into_preceding_linear_keeps_function() -> None:
+    from slimlm.quant.methods.awq import fold_scale, preceding
+
+    class Layer(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.mlp = nn.Module()
+            self.mlp.gated = True  # type: ignore[assignment]
+            self.mlp.gate_proj = nn.Linear(8, 16, bias=False)
+            self.mlp.up_proj = nn.Linear(8, 16, bias=True)
+            self.mlp.down_proj = nn.Linear(16, 8, bias=False)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            m = self.mlp
+            return m.down_proj(torch.nn.functional.silu(m.gate_proj(x)) * m.up_proj(x))
+
+    torch.manual_seed(10)
+    layer = Layer()
+    x = torch.randn(5, 8)
+    before = layer(x)
+    prev = preceding(layer, ["mlp.down_proj"])
+    assert prev is layer.mlp.up_proj
+    fold_scale(prev, [layer.mlp.down_proj], torch.rand(16) + 0.5)
+    assert torch.allclose(layer(x), before, atol=1e-5)
+    layer.mlp.gated = False  # type: ignore[assignment]  # act(up(x)) is not linear in up: no fold
+    assert preceding(layer, ["mlp.down_proj"]) is None
+
+
+def test_gptq_reference_protocol_config() -> None:
+    from slimlm.quant.methods.gptq import GPTQConfig
+
+    c = GPTQConfig.reference_protocol(bits=3, act_order=True)
+    assert (c.bits, c.group_size, c.symmetric, c.damp, c.block_size, c.true_sequential, c.ragged_last_group) == (
+        3, 128, False, 0.01, 128, False, True)

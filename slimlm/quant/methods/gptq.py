@@ -42,6 +42,13 @@ class GPTQConfig(WeightQuantConfig):
     )
     clip_search: bool = field(default=False, metadata={"help": "MSE search of the grid range per group"})
 
+    @classmethod
+    def reference_protocol(cls, bits: int = 4, act_order: bool = False) -> GPTQConfig:
+        """The settings of REFERENCE.md's SmolLM2 table: asymmetric, g128 (ragged last group), damp
+        0.01, block 128, not true-sequential (pair it with 64 x 512 calibration windows, seed 0)."""
+        return cls(bits=bits, group_size=128, symmetric=False, ragged_last_group=True, act_order=act_order,
+                   damp=0.01, block_size=128, true_sequential=False)
+
     def validate(self) -> None:
         if not 0 <= self.damp < 1:
             raise ConfigError(f"gptq: damp must be in [0, 1), got {self.damp}")
