@@ -125,16 +125,28 @@ def _export_hf(lm: Any, out: str, args: argparse.Namespace) -> None:
     export_hf(lm, out, overwrite=args.overwrite)
 
 
+def _export_gguf(lm: Any, out: str, args: argparse.Namespace) -> None:
+    from slimlm.loaders.gguf_writer import export_gguf
+
+    export_gguf(lm, out, default_type=args.gguf_type, overwrite=args.overwrite, embed_type=args.embed_type)
+
+
 # Export targets: name -> function(loaded model, out path, args). Other packages add theirs here.
-EXPORTERS: dict[str, Any] = {"hf": _export_hf}
+EXPORTERS: dict[str, Any] = {"hf": _export_hf, "gguf": _export_gguf}
 
 
 def run_export(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from slimlm.loaders.save import check_output_dir
 
     if args.to not in EXPORTERS:
         raise SlimlmError(f"unknown export target {args.to!r}; choose from {', '.join(sorted(EXPORTERS))}")
-    check_output_dir(args.out, args.overwrite)
+    if args.to == "gguf":
+        if Path(args.out).exists() and not args.overwrite:
+            raise SlimlmError(f"{args.out} exists; pass --overwrite to replace it")
+    else:
+        check_output_dir(args.out, args.overwrite)
     lm = load(args)
     t = time.perf_counter()
     EXPORTERS[args.to](lm, args.out, args)
@@ -181,6 +193,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--to", required=True, help=f"target format ({', '.join(sorted(EXPORTERS))})")
     p.add_argument("out", help="output path")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.add_argument("--gguf-type", default="Q8_0", choices=["F32", "F16", "BF16", "Q8_0", "Q4_0"],
+                   help="gguf: type of 2-D weights (default Q8_0)")
+    p.add_argument("--embed-type", default=None, choices=["F32", "F16", "BF16", "Q8_0", "Q4_0"],
+                   help="gguf: type of the token embeddings / output (default: as --gguf-type)")
     add_runtime_args(p)
     add_json_arg(p)
     p.set_defaults(func=run_export)

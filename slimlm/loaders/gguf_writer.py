@@ -296,26 +296,15 @@ def export_gguf(lm: Any, out: str | os.PathLike[str], default_type: str = "Q8_0"
     Compressed (swappable) linears are expanded with ``dense_weight()`` and re-encoded as
     ``default_type``, unless ``raw`` gives their packed blocks. Returns ``{hf_name: GGUF type}``.
     """
+    from slimlm.loaders.save import dense_runtime_tensors
     from slimlm.models.families import runtime_to_hf
-    from slimlm.models.modules import SwappableLinear
     from slimlm.utils.errors import SlimlmError
 
     out = Path(out)
     if out.exists() and not overwrite:
         raise SlimlmError(f"{out} exists; pass --overwrite to replace it")
     model = lm.model
-    swapped = {name: m for name, m in model.named_modules() if isinstance(m, SwappableLinear)}
-    runtime: dict[str, torch.Tensor] = {}
-    for name, t in model.state_dict().items():
-        if not any(name.startswith(p + ".") for p in swapped):
-            runtime[name] = t.detach().float()
-    for name, m in swapped.items():
-        runtime[name + ".weight"] = m.dense_weight().detach().float()
-        bias = getattr(m, "bias", None)
-        if isinstance(bias, torch.Tensor):
-            runtime[name + ".bias"] = bias.detach().float()
-    if model.config.tie_word_embeddings:
-        runtime.pop("lm_head.weight", None)
+    runtime = dense_runtime_tensors(model, torch.float32)
     config = model.config.to_hf_config()
     return write_gguf(out, config, runtime_to_hf(model.config, runtime), lm.tokenizer, default_type=default_type,
                       raw=raw, embed_type=embed_type)

@@ -127,11 +127,8 @@ def read_slimlm_dir(folder: Path) -> Checkpoint:
                       file_bytes=wfile.stat().st_size, meta={"slimlm": info})
 
 
-def export_hf(lm: Any, out: str | Path, overwrite: bool = False, dtype: torch.dtype | None = None) -> Path:
-    """Export a plain HF folder (dense weights; compressed modules are expanded with dense_weight)."""
-    out = check_output_dir(out, overwrite)
-    model: Transformer = lm.model
-    dtype = dtype or (model.dtype if model.dtype in (torch.float32, torch.bfloat16, torch.float16) else torch.float32)
+def dense_runtime_tensors(model: Transformer, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Runtime-named dense tensors: compressed modules expanded with ``dense_weight()`` (for exports)."""
     runtime: dict[str, torch.Tensor] = {}
     swapped = {name: m for name, m in model.named_modules() if isinstance(m, SwappableLinear)}
     for name, t in _state_dict(model).items():
@@ -139,11 +136,19 @@ def export_hf(lm: Any, out: str | Path, overwrite: bool = False, dtype: torch.dt
             continue
         runtime[name] = t.to(dtype) if t.is_floating_point() else t
     for name, m in swapped.items():
-        runtime[name + ".weight"] = m.dense_weight().to(dtype)
-        if m.has_bias:
-            bias = m.bias
-            assert isinstance(bias, torch.Tensor)
+        runtime[name + ".weight"] = m.dense_weight().detach().to(dtype)
+        bias = m.bias
+        if isinstance(bias, torch.Tensor):
             runtime[name + ".bias"] = bias.detach().to(dtype)
+    return runtime
+
+
+def export_hf(lm: Any, out: str | Path, overwrite: bool = False, dtype: torch.dtype | None = None) -> Path:
+    """Export a plain HF folder (dense weights; compressed modules are expanded with dense_weight)."""
+    out = check_output_dir(out, overwrite)
+    model: Transformer = lm.model
+    dtype = dtype or (model.dtype if model.dtype in (torch.float32, torch.bfloat16, torch.float16) else torch.float32)
+    runtime = dense_runtime_tensors(model, dtype)
     hf_tensors = runtime_to_hf(model.config, runtime)
     hf_cfg = model.config.to_hf_config()
     hf_cfg["torch_dtype"] = str(dtype).replace("torch.", "")

@@ -147,3 +147,15 @@ def test_gguf_with_unsupported_tensor_type(tmp_path, capsys):
     w.close()
     code, _, err = run(["info", str(path)], capsys)
     _one_error_line(code, err, "I8")
+
+
+def test_export_gguf_then_load_back(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "m.gguf"
+    code, _, _ = run(["export", str(tiny_dir), "--to", "gguf", str(out), "--gguf-type", "F32"], capsys)
+    assert code == 0
+    from slimlm.loaders import load_model
+
+    a, b = load_model(str(tiny_dir)), load_model(str(out))
+    ids = torch.randint(0, 384, (1, 10))
+    with torch.no_grad():
+        assert (a.model(ids) - b.model(ids)).abs().max() < 1e-4
