@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from slimlm.models.modules import register_linear_kind
-from slimlm.quant.kernels import has_int8_weight_kernel, int8_weight_mm
+from slimlm.quant.kernels import ACT_DTYPE, has_int8_weight_kernel, int8_weight_mm
 from slimlm.quant.linear.base import (
     QuantLinearBase,
     check_qweight,
@@ -90,6 +90,24 @@ class Int8WeightLinear(QuantLinearBase):
         self.use_kernel = ng == 1 and self.g_idx is None and has_int8_weight_kernel()
         if self.zero is not None and ng == 1:
             self._zero_scale = self.zero.float()[:, 0] * self.scale.float()[:, 0]
+        fast = self.use_kernel and self.zero is None
+        self.__dict__["_fast"] = (self.weight, self.scale[:, 0].to(ACT_DTYPE), self.bias) if fast else None
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        self.__dict__["_fast"] = None  # call process_after_loading() again
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [..., in] -> [..., out]; the symmetric per-channel decode hot path is one kernel call
+        fast = self.__dict__.get("_fast")
+        if fast is None:
+            return super().forward(x)
+        weight, scale, bias = fast
+        x2 = x.reshape(-1, self.in_features).to(ACT_DTYPE).contiguous()  # [M, in]
+        y = torch.ops.aten._weight_int8pack_mm(x2, weight, scale)
+        if bias is not None:
+            y = y + bias
+        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
     # --- math -----------------------------------------------------------------------------------
     def dense_weight(self) -> torch.Tensor:

@@ -183,6 +183,7 @@ class Int4WeightLinear(IntxWeightLinear):
             return
         kg = int4_kernel_group(self.group_size, self.in_features, self.out_features)
         perm = self._contiguous_order()
+        self.__dict__["_fast"] = None
         if kg is None or perm is None:
             self._packed = self._scales_zeros = self._perm = None
             return
@@ -193,6 +194,7 @@ class Int4WeightLinear(IntxWeightLinear):
         self._scales_zeros = int4_scales_and_zeros(self.scale[:, src_group], self.zeros_full()[:, src_group], ACT_DTYPE)
         self._perm = None if self.g_idx is None else perm
         self._kernel_group = kg
+        self.__dict__["_fast"] = (packed, kg, self._scales_zeros, self._perm, self.bias)
         layout = Int4Layout(self.out_features, self.in_features)
         if layout.verify(packed, q):  # hold the codes once: rebuild the portable layout on save
             self._layout = layout
@@ -217,6 +219,7 @@ class Int4WeightLinear(IntxWeightLinear):
             self.qweight = torch.zeros(self.out_features, packed_length(self.in_features, 4), dtype=torch.uint8)
             self._packed = self._scales_zeros = self._perm = None
             self._layout = None
+            self.__dict__["_fast"] = None
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _matmul(self, x2: torch.Tensor) -> torch.Tensor:
@@ -225,3 +228,18 @@ class Int4WeightLinear(IntxWeightLinear):
         if self._perm is not None:
             x2 = x2[:, self._perm]  # [M, in] in kernel column order
         return int4_mm(x2, self._packed, self._kernel_group, self._scales_zeros)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [..., in] -> [..., out]. The decode hot path: one kernel call and as few Python-level
+        # ops as possible (module attribute lookups of buffers cost microseconds per call).
+        fast = self.__dict__.get("_fast")
+        if fast is None:
+            return super().forward(x)
+        packed, group, scales_zeros, perm, bias = fast
+        x2 = x.reshape(-1, self.in_features)  # [M, in]
+        if perm is not None:
+            x2 = x2[:, perm]
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(ACT_DTYPE).contiguous(), packed, group, scales_zeros)
+        if bias is not None:
+            y = y + bias
+        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
