@@ -105,6 +105,7 @@ def worker(name: str, args: argparse.Namespace) -> dict[str, Any]:
     eval_ids = lm.tokenizer.encode(text)[: args.eval_tokens]
     res: dict[str, Any] = {"name": name, "config": cfg_dict}
     rss_loaded = peak_rss()
+    res["fp32_model_bytes"] = lm.model.num_parameters() * 4
     if cfg_dict is not None:
         cfg_dict = {**cfg_dict, **({"true_sequential": True} if args.true_sequential and cfg_dict["kind"] == "gptq" else {})}
         cfg = BaseConfig.load_any(cfg_dict)
@@ -125,7 +126,6 @@ def worker(name: str, args: argparse.Namespace) -> dict[str, Any]:
         res["bits_per_weight_model"] = rep.model_bits_per_weight
         res["module_kinds"] = {k: int(v["modules"]) for k, v in rep.by_kind().items()}
     res["peak_rss_load_bytes"] = rss_loaded
-    res["fp32_model_bytes"] = lm.model.num_parameters() * 4
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
         out = save_model(lm, Path(tmp) / "model", meta={"benchmark": name})
         res["size_on_disk_bytes"] = (out / "model.safetensors").stat().st_size
