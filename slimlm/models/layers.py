@@ -94,6 +94,11 @@ class _Fusion:
                 return False
         return True
 
+    @staticmethod
+    def hooked(mods: list[nn.Module]) -> bool:
+        """Hooks (calibration capture) must see each module's own call: run unfused meanwhile."""
+        return any(m._forward_pre_hooks or m._forward_hooks for m in mods)
+
 
 @dataclass
 class AttnContext:
@@ -135,10 +140,12 @@ class Attention(nn.Module):
     def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         f = self._fusion
         if f is not None:
-            if f.valid([self.q_proj, self.k_proj, self.v_proj]):
+            mods = [self.q_proj, self.k_proj, self.v_proj]
+            if not f.valid(mods):
+                self._fusion = None  # a module was swapped or re-assigned: fall back for good
+            elif not f.hooked(mods):
                 q, k, v = F.linear(x, f.weight, f.bias).split(f.sizes, -1)
                 return q, k, v
-            self._fusion = None  # a module was swapped or re-assigned: fall back for good
         return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
     def forward(self, x: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
@@ -201,10 +208,12 @@ class MLP(nn.Module):
         if self.gated:
             f = self._fusion
             if f is not None:
-                if f.valid([self.gate_proj, self.up_proj]):
+                mods = [self.gate_proj, self.up_proj]
+                if not f.valid(mods):
+                    self._fusion = None
+                elif not f.hooked(mods):
                     gate, up = F.linear(x, f.weight, f.bias).split(f.sizes, -1)
                     return self.down_proj(self.act(gate) * up)
-                self._fusion = None
             return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
         return self.down_proj(self.act(self.up_proj(x)))
 

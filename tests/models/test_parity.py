@@ -70,6 +70,10 @@ def test_fused_projections_follow_module_swaps_and_inplace_edits(tmp_path):
         attn.k_proj.weight.mul_(0.5)  # in-place edit (what pruning does) reaches the fused matmul
         edited = lm.model(ids)
         assert attn._fusion is not None and not torch.allclose(base, edited)
+        seen = []  # a hook (calibration capture) sees the module's own call while fusion stays on
+        h = attn.k_proj.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape))
+        assert torch.equal(lm.model(ids), edited) and seen and attn._fusion is not None
+        h.remove()
         new = torch.nn.Linear(attn.v_proj.in_features, attn.v_proj.out_features, bias=False)
         attn.v_proj = new  # a swap (what quantization does) switches fusion off
         swapped = lm.model(ids)
