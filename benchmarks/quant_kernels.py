@@ -5,7 +5,9 @@ kernels with fp32 vs bf16 activations (why the modules convert at the boundary),
 ``forward`` on fp32 inputs (what the model runtime calls): ``Int8WeightLinear`` (per channel),
 ``Int4WeightLinear`` g128 (576-wide rows run as kernel groups of 64), ``NF4Linear``, ``W8A8Linear``.
 Weights are random (speed does not depend on values). Each cell is the median of ``--repeats`` timed
-calls after warm-up; GB/s = bytes of weight storage read per call / time. The table and a JSON (with
+calls after warm-up, with the caches flushed before each call (``--cache hot`` keeps the weights
+cached, which flatters small fp32 matrices: decode streams every layer from memory);
+GB/s = bytes of weight storage read per call / time. The table and a JSON (with
 ``torch.backends.cpu.get_cpu_capability()`` and the CPU model) are written; compare numbers only
 within one run (the machine is shared).
 
@@ -44,8 +46,23 @@ SHAPES = [(576, 576), (576, 1536), (1536, 576), (576, 49152)]  # (in, out): q/o,
 QUICK_SHAPES = [(576, 576), (1536, 576)]
 
 
-def timed(fn: Callable[[], Any], repeats: int, warmup: int = 3, budget_s: float = 2.0) -> float:
-    """Median milliseconds of ``fn()`` (fewer repeats for slow cells: about ``budget_s`` per cell)."""
+_FLUSH: torch.Tensor | None = None
+
+
+def flush_caches() -> None:
+    """Evict the weights from the CPU caches by reading a buffer larger than the last-level cache."""
+    global _FLUSH
+    if _FLUSH is None:
+        _FLUSH = torch.ones(128 * 2**20 // 4)  # 128 MiB
+    _FLUSH.sum()
+
+
+def timed(fn: Callable[[], Any], repeats: int, cold: bool, warmup: int = 3, budget_s: float = 2.0) -> float:
+    """Median milliseconds of ``fn()`` (fewer repeats for slow cells: about ``budget_s`` per cell).
+
+    ``cold``: caches are flushed before every timed call, as in decode, where each layer's weights
+    were evicted by the other layers since the last token (the model does not fit in the cache).
+    """
     with torch.inference_mode():
         t0 = time.perf_counter()
         fn()
@@ -56,6 +73,8 @@ def timed(fn: Callable[[], Any], repeats: int, warmup: int = 3, budget_s: float 
             fn()
         times = []
         for _ in range(repeats):
+            if cold:
+                flush_caches()
             t = time.perf_counter()
             fn()
             times.append(time.perf_counter() - t)
@@ -69,7 +88,7 @@ def random_qw(out: int, inp: int, bits: int, group: int, sym: bool) -> Quantized
     return QuantizedWeight(q, torch.rand(out, ng) * 0.01 + 1e-3, zero.to(torch.int32), bits, group, sym)
 
 
-def bench_shape(inp: int, out: int, batch: int, repeats: int) -> list[dict[str, Any]]:
+def bench_shape(inp: int, out: int, batch: int, repeats: int, cold: bool) -> list[dict[str, Any]]:
     w = torch.randn(out, inp) * 0.02
     x32 = torch.randn(batch, inp)
     xbf = x32.bfloat16()
@@ -104,7 +123,7 @@ def bench_shape(inp: int, out: int, batch: int, repeats: int) -> list[dict[str, 
     ]
     rows = []
     for name, fn, nbytes in cells:
-        ms = timed(fn, repeats)
+        ms = timed(fn, repeats, cold)
         rows.append({"in": inp, "out": out, "batch": batch, "variant": name, "ms": round(ms, 4),
                      "weight_bytes": nbytes, "gb_s": round(nbytes / (ms / 1e3) / 1e9, 2)})
     return rows
@@ -130,6 +149,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=50)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     ap.add_argument("--quick", action="store_true", help="small shapes, 5 repeats (smoke test)")
+    ap.add_argument("--cache", choices=["cold", "hot"], default="cold",
+                    help="cold: flush the caches before each timed call (decode-like); hot: weights stay cached")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave the default)")
     ap.add_argument("--out", default="bench-results/quant_kernels.json")
     args = ap.parse_args()
@@ -141,13 +162,13 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     for inp, out in shapes:
         for b in args.batches:
-            rows += bench_shape(inp, out, b, repeats)
+            rows += bench_shape(inp, out, b, repeats, args.cache == "cold")
             print(f"done {inp}x{out} batch {b}", file=sys.stderr)
     info = system_info()
     print(f"CPU: {info['cpu_model']} | capability {info['cpu_capability']} | threads {info['threads']} | "
-          f"torch {info['torch']} | load {info['loadavg_1m']:.1f}")
+          f"torch {info['torch']} | load {info['loadavg_1m']:.1f} | caches {args.cache}")
     print_table(rows)
-    print(f"saved {save_json({'system': info, 'repeats': repeats, 'results': rows}, args.out)}")
+    print(f"saved {save_json({'system': info, 'repeats': repeats, 'cache': args.cache, 'results': rows}, args.out)}")
 
 
 if __name__ == "__main__":
