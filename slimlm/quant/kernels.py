@@ -14,7 +14,9 @@ dtype and layout rules. This module hides them behind small functions:
   dequantizes ``w = (q - 8) * s + z'``; our convention ``w = (q - z) * s`` maps to ``z' = (8 - z) * s``.
   ``Int4Layout`` inverts the CPU layout exactly (probing it with index-encoded codes), so a module can
   drop its portable copy and still save a portable checkpoint.
-- ``quantize_per_token_int8`` + ``int_mm``: W8A8 (``torch._int_mm`` with an exact int64 fallback).
+- ``quantize_per_token_int8`` + ``int_mm``: W8A8 (``torch._int_mm`` with an exact int64 fallback). On
+  CPU ``_int_mm`` takes any shape (CUDA needs M > 16 and K, N multiples of 8); ``has_int_mm`` probes
+  an odd shape once, and the fallback covers builds without it.
 
 Run ``.venv/bin/python benchmarks/quant_kernels.py`` to see what each path costs on this CPU.
 """
