@@ -139,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompt-len", type=int, default=256)
     ap.add_argument("--decode-tokens", type=int, default=64)
     ap.add_argument("--no-speed", action="store_true", help="skip the prefill/decode timing")
+    ap.add_argument("--paired-speed", type=int, default=0,
+                    help="after all cases, time the kept models in turn N rounds (best of N; fairer on a busy machine)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out-json", default=None)
     ap.add_argument("--out-md", default=None)
@@ -172,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         eval_ids = base.tokenizer.encode(text)[: args.eval_tokens]
         calib = calibration_samples(base.tokenizer, text[args.calib_start_char:], args.calib_samples,
                                     args.calib_seq_len, seed=0)
+    kept: dict[str, Any] = {}
     for name in names:
         print(f"== {name}", file=sys.stderr, flush=True)
         lm = copy.deepcopy(base)
@@ -187,13 +190,24 @@ def main(argv: list[str] | None = None) -> int:
         row = {"perplexity": ppl.perplexity, "parameters": lm2.model.num_parameters(),
                "nonzero_parameters": nonzero_params(lm2.model), "size_on_disk_bytes": disk,
                "compress_seconds": secs, "eval_seconds": ppl.seconds,
-               **({"prefill_tok_s": float("nan"), "decode_tok_s": float("nan")} if args.no_speed
+               **({"prefill_tok_s": float("nan"), "decode_tok_s": float("nan")} if args.no_speed or args.paired_speed
                   else speed(lm2.model, args.prompt_len, args.decode_tokens)),
                "report": {k: v for k, v in report.items() if k not in ("modules", "block_influence")}}
         results["cases"][name] = row
+        if args.paired_speed:
+            kept[name] = lm2.model
         print(json.dumps({name: {k: v for k, v in row.items() if k != "report"}}), file=sys.stderr, flush=True)
         if args.out_json:  # keep partial results of long runs
             Path(args.out_json).write_text(json.dumps(results, indent=2, default=str))
+    if kept:
+        for _ in range(args.paired_speed):  # interleave so load changes hit every model alike
+            for name, model in kept.items():
+                sp = speed(model, args.prompt_len, args.decode_tokens, repeats=1)
+                row = results["cases"][name]
+                for k, v in sp.items():
+                    row[k] = v if row[k] != row[k] else max(row[k], v)  # NaN -> first value
+        print(json.dumps({n: {k: results["cases"][n][k] for k in ("prefill_tok_s", "decode_tok_s")} for n in kept}),
+              file=sys.stderr)
     md = markdown(results)
     print(md)
     if args.out_json:
