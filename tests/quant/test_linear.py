@@ -192,6 +192,10 @@ def test_bad_inputs_raise() -> None:
         Int4WeightLinear.from_quantized(qw)
     with pytest.raises(SlimlmError):
         W8A8Linear.from_quantized(random_qw(8, 32, 8, 16, True))  # grouped
+    with pytest.raises(SlimlmError, match="group_size"):
+        build_linear("int4_weight", 32, 16, False, {"symmetric": True})  # a checkpoint spec missing a key
+    with pytest.raises(SlimlmError):
+        Int8OutlierLinear.from_quantized(random_qw(8, 32, 8, 32, True), torch.tensor([1, 1]), torch.zeros(8, 2))
 
 
 # --- NF4 ------------------------------------------------------------------------------------------
@@ -228,9 +232,10 @@ def test_w8a8_matches_int_reference(sym: bool) -> None:
     mod = W8A8Linear.from_quantized(qw, bias=bias)
     assert torch.equal(mod.dense_weight(), qw.dequantize())
     x = torch.randn(2, 5, 48) * 3
+    x[0, 0] = 0.0  # an all-zero token must not divide by zero
     # reference: per-token absmax/127 codes, exact integer products, then the two scales
     xf = x.reshape(-1, 48)
-    xs = xf.abs().amax(-1, keepdim=True) / 127
+    xs = xf.abs().amax(-1, keepdim=True).clamp(min=1e-8) / 127
     xq = torch.clamp(torch.round(xf / xs), -127, 127)
     ref = (xq.double() @ (qw.qweight.double() - qw.zero.double()).t()) * xs.double() * qw.scale.double().t()
     y = mod(x)
