@@ -126,13 +126,39 @@ def _export_hf(lm: Any, out: str, args: argparse.Namespace) -> None:
 
 
 def _export_gguf(lm: Any, out: str, args: argparse.Namespace) -> None:
+    """Quantized linears go in as their exact GGUF blocks (Q8_0/Q4_0/Q4_1) when their grid fits."""
     from slimlm.loaders.gguf_writer import export_gguf
+    from slimlm.quant.export import gguf_raw_from_model
 
-    export_gguf(lm, out, default_type=args.gguf_type, overwrite=args.overwrite, embed_type=args.embed_type)
+    raw, exact = gguf_raw_from_model(lm.model)
+    inexact = [k for k, ok in exact.items() if not ok]
+    if inexact:
+        status(f"note: {len(inexact)} quantized tensors have no exact GGUF type and were re-quantized")
+    export_gguf(lm, out, default_type=args.gguf_type, overwrite=args.overwrite, embed_type=args.embed_type,
+                raw=raw or None)
 
 
-# Export targets: name -> function(loaded model, out path, args). Other packages add theirs here.
-EXPORTERS: dict[str, Any] = {"hf": _export_hf, "gguf": _export_gguf}
+def _export_compressed_tensors(lm: Any, out: str, args: argparse.Namespace) -> None:
+    from slimlm.quant.export import export_compressed_tensors, split_model
+
+    parts = split_model(lm.model)
+    if not parts.quantized:
+        raise SlimlmError(f"{args.model} has no quantized linears to export as compressed-tensors (quantize it first)")
+    export_compressed_tensors(parts, out, overwrite=args.overwrite, tokenizer=lm.tokenizer)
+
+
+def _export_gptq(lm: Any, out: str, args: argparse.Namespace) -> None:
+    from slimlm.quant.export import export_gptq, split_model
+
+    parts = split_model(lm.model)
+    if not parts.quantized:
+        raise SlimlmError(f"{args.model} has no quantized linears to export in the GPTQ layout (quantize it first)")
+    export_gptq(parts, out, checkpoint_format=args.gptq_format, overwrite=args.overwrite, tokenizer=lm.tokenizer)
+
+
+# Export targets: name -> function(loaded model, out path, args).
+EXPORTERS: dict[str, Any] = {"hf": _export_hf, "gguf": _export_gguf,
+                             "compressed-tensors": _export_compressed_tensors, "gptq": _export_gptq}
 
 
 def run_export(args: argparse.Namespace) -> int:
@@ -188,7 +214,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     add_json_arg(p)
     p.set_defaults(func=run_generate)
 
-    p = sub.add_parser("export", help="export to another format (hf: safetensors folder transformers loads)")
+    p = sub.add_parser("export", help="export to hf (safetensors), gguf (llama.cpp), compressed-tensors or gptq")
     add_model_arg(p)
     p.add_argument("--to", required=True, help=f"target format ({', '.join(sorted(EXPORTERS))})")
     p.add_argument("out", help="output path")
@@ -197,6 +223,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    help="gguf: type of 2-D weights (default Q8_0)")
     p.add_argument("--embed-type", default=None, choices=["F32", "F16", "BF16", "Q8_0", "Q4_0"],
                    help="gguf: type of the token embeddings / output (default: as --gguf-type)")
+    p.add_argument("--gptq-format", default="gptq", choices=["gptq", "gptq_v2"],
+                   help="gptq: zero-point convention (v1 stores zero-1)")
     add_runtime_args(p)
     add_json_arg(p)
     p.set_defaults(func=run_export)

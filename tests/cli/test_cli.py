@@ -159,3 +159,31 @@ def test_export_gguf_then_load_back(tiny_dir, tmp_path, capsys):
     ids = torch.randint(0, 384, (1, 10))
     with torch.no_grad():
         assert (a.model(ids) - b.model(ids)).abs().max() < 1e-4
+
+
+def test_export_quantized_formats_need_a_quantized_model(tiny_dir, tmp_path, capsys):
+    for fmt in ("compressed-tensors", "gptq"):
+        code, _, err = run(["export", str(tiny_dir), "--to", fmt, str(tmp_path / fmt)], capsys)
+        _one_error_line(code, err, "no quantized linears")
+        assert not (tmp_path / fmt).exists()
+
+
+def test_export_compressed_tensors_and_gptq_of_a_quantized_model(tiny_dir, tmp_path, capsys):
+    q = tmp_path / "q"
+    code, _, err = run(["quantize", str(tiny_dir), "--method", "rtn", "--bits", "4", "--group-size", "32",
+                        "--out", str(q)], capsys)
+    assert code == 0, err
+    for fmt in ("compressed-tensors", "gptq", "gguf"):
+        out = tmp_path / (fmt + (".gguf" if fmt == "gguf" else ""))
+        code, _, err = run(["export", str(q), "--to", fmt, str(out)], capsys)
+        assert code == 0, err
+        assert out.exists()
+    cfg = json.loads((tmp_path / "compressed-tensors" / "config.json").read_text())
+    assert cfg["quantization_config"]["quant_method"] == "compressed-tensors"
+    # the GGUF holds the exact 4-bit codes: reading it back gives the quantized model's weights
+    from slimlm.loaders import load_model
+
+    a, b = load_model(str(q)), load_model(str(tmp_path / "gguf.gguf"))
+    wa = a.model.model.layers[0].mlp.down_proj.dense_weight()
+    wb = b.model.model.layers[0].mlp.down_proj.weight
+    assert (wa - wb).abs().max() < 1e-3 * wa.abs().max()
