@@ -49,11 +49,39 @@ def run_demo(args: argparse.Namespace) -> int:
     print()
     print(f"[{res.new_tokens} tokens | prefill {res.prefill_tokens_per_s:.0f} tok/s | "
           f"decode {res.decode_tokens_per_s:.1f} tok/s | finish: {res.finish_reasons[0]}]")
+    if not args.skip_quantize:
+        print()
+        _quantize_step(lm, args, r.perplexity, res.decode_tokens_per_s, ids)
     for step in DEMO_STEPS:
         print()
         step(lm, args)
     status("demo done")
     return 0
+
+
+def _quantize_step(lm, args, ppl_before: float, tok_s_before: float, ids: list[int]) -> None:  # type: ignore[no-untyped-def]
+    """Quantize in place (RTN int4, group 64: no calibration needed) and measure again."""
+    from slimlm.engine.generate import generate
+    from slimlm.engine.sampling import SamplingConfig
+    from slimlm.eval.perplexity import evaluate_perplexity
+    from slimlm.loaders import describe
+    from slimlm.quant import RTNConfig, quantize_
+
+    mem_before = describe(lm)["size_in_memory_bytes"]
+    print("== quantization: RTN int4, group 64, decoder linears (embeddings and lm_head kept)")
+    print("   (the embedded GGUF already stores 4-bit weights on a group-32 grid, so this shows the")
+    print("    pipeline and the speed/memory effect; see BENCHMARKS.md for method comparisons)")
+    rep = quantize_(lm.model, RTNConfig(bits=4, group_size=64), progress=True)
+    mem_after = describe(lm)["size_in_memory_bytes"]
+    r = evaluate_perplexity(lm.model, ids, seq_len=512, max_tokens=512 * args.eval_windows, progress=False)
+    prompt = lm.tokenizer.encode(lm.tokenizer.apply_chat_template(
+        [{"role": "user", "content": args.question}], add_generation_prompt=True))
+    res = generate(lm.model, lm.tokenizer, [prompt], SamplingConfig(max_new_tokens=args.max_new_tokens))
+    print(f"quantized in {rep.seconds:.1f}s: {rep.quantized_bits_per_weight:.2f} bits/weight on the quantized "
+          f"linears; model in memory {human_bytes(mem_before)} -> {human_bytes(mem_after)}")
+    print(f"perplexity {ppl_before:.2f} -> {r.perplexity:.2f}; decode {tok_s_before:.1f} -> "
+          f"{res.decode_tokens_per_s:.1f} tok/s")
+    print(f"assistant (int4)> {res.texts[0].strip()}")
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -63,5 +91,6 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    help="chat prompt")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--eval-windows", type=int, default=4, help="perplexity windows of 512 tokens")
+    p.add_argument("--skip-quantize", action="store_true", help="skip the quantization step")
     add_runtime_args(p)
     p.set_defaults(func=run_demo)
