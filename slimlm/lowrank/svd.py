@@ -42,9 +42,9 @@ def make_gram(in_features: int) -> torch.Tensor:
 
 
 def accumulate_gram(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Add one batch ``x: [tokens, in]`` to ``g`` in place."""
-    xd = x.double()
-    g += xd.t() @ xd
+    """Add one batch ``x: [tokens, in]`` to ``g`` in place (fp32 matmul per batch, fp64 running sum)."""
+    xf = x.float()
+    g += (xf.t() @ xf).double()
     return g
 
 
