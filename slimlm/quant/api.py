@@ -80,20 +80,6 @@ def check_model(model: nn.Module, config: QuantConfigBase) -> list[str]:
     return paths
 
 
-def unfuse_projections_(model: nn.Module) -> int:
-    """Switch off the runtime's fused q/k/v and gate/up decode matmul (``Transformer.fuse_projections_``).
-
-    The fused path calls one concatenated matmul instead of the separate modules, so their forward
-    hooks (what the calibration driver listens to) would never fire.
-    """
-    n = 0
-    for m in model.modules():
-        if getattr(m, "_fusion", None) is not None:
-            setattr(m, "_fusion", None)  # noqa: B010
-            n += 1
-    return n
-
-
 def quantize_(
     model: nn.Module,
     config: QuantConfigBase | Sequence[QuantConfigBase],
@@ -124,14 +110,10 @@ def quantize_(
         if not check_model(model, c):
             raise ConfigError(f"{c.kind}: no linear layer left to quantize (check 'ignore' and 'overrides')")
     t0 = time.perf_counter()
-    unfuse_projections_(model)  # calibration hooks must see q/k/v and gate/up called one by one
     with torch.no_grad():
         for c in cfgs:
             check_model(model, c)
             entries[c.kind].handler(model, c, calib_samples, progress)
-    refuse = getattr(model, "fuse_projections_", None)
-    if callable(refuse):
-        refuse()  # plain linears left (ignored ones) get the fused decode matmul back
     rep = build_report(model, method="+".join(c.kind for c in cfgs))
     rep.seconds = time.perf_counter() - t0
     rep.extra["configs"] = [c.to_dict() for c in cfgs]

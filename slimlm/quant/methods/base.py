@@ -11,7 +11,6 @@ A method registers a handler for its config type (torchao style)::
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -77,42 +76,17 @@ def top_level_linears(model: nn.Module) -> list[str]:
 
 
 # --- building runtime modules ---------------------------------------------------------------------
-def _linear_classes() -> Any:
-    try:
-        return importlib.import_module("slimlm.quant.linear")
-    except ModuleNotFoundError:
-        return None
-
-
-def fake_quant_linear(linear: nn.Linear, weight: torch.Tensor) -> nn.Linear:
-    """A plain ``nn.Linear`` holding ``weight`` (de-quantized values), keeping dtype and bias."""
-    new = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                    dtype=linear.weight.dtype)
-    with torch.no_grad():
-        new.weight.copy_(weight.to(linear.weight.dtype))
-        if linear.bias is not None:
-            new.bias.copy_(linear.bias)
-    new.requires_grad_(False)
-    return new
-
-
 def weight_module(linear: nn.Linear, qw: QuantizedWeight) -> nn.Module:
-    """The packed runtime module for an integer weight-only ``qw`` (int8 / int4 / 2-3-5-6-7-bit).
-
-    Falls back to a fake-quantized ``nn.Linear`` (de-quantized values) when the storage module is not
-    available in this checkout.
-    """
+    """The packed runtime module for an integer weight-only ``qw`` (int8 / int4 / 2-3-5-6-7-bit)."""
     name = {8: "Int8WeightLinear", 4: "Int4WeightLinear"}.get(qw.bits, "IntxWeightLinear")
-    cls = runtime_class(name)
-    if cls is None:
-        return fake_quant_linear(linear, qw.dequantize())
-    return cls.from_quantized(qw, bias=_bias(linear))  # type: ignore[no-any-return]
+    return runtime_class(name).from_quantized(qw, bias=_bias(linear))  # type: ignore[no-any-return]
 
 
 def runtime_class(name: str) -> Any:
-    """``slimlm.quant.linear.<name>`` or None when that storage module does not exist (yet)."""
-    lin = _linear_classes()
-    return getattr(lin, name, None) if lin is not None else None
+    """The storage module class ``slimlm.quant.linear.<name>``."""
+    import slimlm.quant.linear as lin
+
+    return getattr(lin, name)
 
 
 def _bias(linear: nn.Linear) -> torch.Tensor | None:

@@ -66,26 +66,9 @@ def int8_outlier_reference(x: torch.Tensor, qw: QuantizedWeight, cols: torch.Ten
     return (q.float() * s) @ qw.dequantize().t() + x.float()[:, cols] @ w_out.t()
 
 
-class _FakeInt8OutlierLinear(nn.Module):
-    """Stand-in until ``slimlm.quant.linear.Int8OutlierLinear`` exists (simulated math)."""
-
-    def __init__(self, qw: QuantizedWeight, cols: torch.Tensor, w_out: torch.Tensor, bias: torch.Tensor | None):
-        super().__init__()
-        self.qw, self.cols, self.w_out, self.b = qw, cols, w_out, bias
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = int8_outlier_reference(x.reshape(-1, x.shape[-1]), self.qw, self.cols, self.w_out)
-        if self.b is not None:
-            y = y + self.b
-        return y.reshape(*x.shape[:-1], -1).to(x.dtype)
-
-
 def outlier_module(linear: nn.Linear, cols: torch.Tensor) -> nn.Module:
     qw, w_out = split_outliers(linear.weight, cols)
-    cls = runtime_class("Int8OutlierLinear")
-    if cls is not None:
-        return cls.from_quantized(qw, cols, w_out, bias=_bias(linear))  # type: ignore[no-any-return]
-    return _FakeInt8OutlierLinear(qw, cols, w_out, _bias(linear))
+    return runtime_class("Int8OutlierLinear").from_quantized(qw, cols, w_out, bias=_bias(linear))  # type: ignore[no-any-return]
 
 
 # --- driver glue ----------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from slimlm.quant.config import QuantConfigBase
-from slimlm.quant.methods.base import _bias, fake_quant_linear, register_method, runtime_class
+from slimlm.quant.methods.base import _bias, register_method, runtime_class
 from slimlm.quant.nf4 import quantize_nf4
 from slimlm.utils.config import register_config
 from slimlm.utils.errors import ConfigError
@@ -37,10 +37,7 @@ def nf4_module(linear: nn.Linear, cfg: NF4Config, path: str = "") -> nn.Module:
     if linear.weight.numel() % cfg.block_size != 0:
         raise ConfigError(f"nf4: block_size {cfg.block_size} does not divide the weight size of {path or 'a linear'}")
     nw = quantize_nf4(linear.weight, cfg.block_size, cfg.double_quant)
-    cls = runtime_class("NF4Linear")
-    if cls is not None:
-        return cls.from_quantized(nw, bias=_bias(linear))  # type: ignore[no-any-return]
-    return fake_quant_linear(linear, nw.dequantize())
+    return runtime_class("NF4Linear").from_quantized(nw, bias=_bias(linear))  # type: ignore[no-any-return]
 
 
 @register_method(NF4Config, calibrated=False)

@@ -21,7 +21,7 @@ from slimlm.calib.driver import run_layerwise
 from slimlm.quant.config import QuantConfigBase
 from slimlm.quant.methods.awq import fold_scale, preceding
 from slimlm.quant.methods.base import _bias, layer_groups, layer_prefix, register_method, runtime_class
-from slimlm.quant.primitives import quantize_per_token_int8, quantize_weight
+from slimlm.quant.primitives import quantize_weight
 from slimlm.quant.qtensor import QuantizedWeight
 from slimlm.utils.config import register_config
 from slimlm.utils.errors import ConfigError
@@ -53,25 +53,9 @@ def w8a8_weight(w: torch.Tensor) -> QuantizedWeight:
     return quantize_weight(w, 8, -1, symmetric=True)
 
 
-class _FakeW8A8Linear(nn.Linear):
-    """Stand-in until ``slimlm.quant.linear.W8A8Linear`` exists: int8 per-token activations, simulated."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, s = quantize_per_token_int8(x)
-        return super().forward((q.float() * s).to(x.dtype))
-
-
 def w8a8_module(linear: nn.Linear) -> nn.Module:
     qw = w8a8_weight(linear.weight)
-    cls = runtime_class("W8A8Linear")
-    if cls is not None:
-        return cls.from_quantized(qw, bias=_bias(linear))  # type: ignore[no-any-return]
-    new = _FakeW8A8Linear(linear.in_features, linear.out_features, bias=linear.bias is not None)
-    with torch.no_grad():
-        new.weight.copy_(qw.dequantize())
-        if linear.bias is not None:
-            new.bias.copy_(linear.bias)
-    return new
+    return runtime_class("W8A8Linear").from_quantized(qw, bias=_bias(linear))  # type: ignore[no-any-return]
 
 
 # --- driver glue ----------------------------------------------------------------------------------
