@@ -1,6 +1,6 @@
 """Batch-1 greedy decode speed: slimlm vs transformers `generate`, same model, dtype, prompt, length.
 
-Both load the same GGUF (transformers de-quantizes it to the same float weights), run the same
+Both run the same dense weights (transformers loads slimlm's HF export of the model), the same
 chat prompt, and generate the same number of tokens (EOS ignored). Runs are interleaved and the
 median is reported, with the ratio and the achieved GB/s (weight bytes read per token x tok/s)
 against the read bandwidth measured in the same run.
@@ -12,8 +12,10 @@ against the read bandwidth measured in the same run.
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -25,7 +27,7 @@ from slimlm.bench.sysinfo import has_native_bf16, measure_bandwidth, save_json, 
 from slimlm.engine.generate import generate  # noqa: E402
 from slimlm.engine.sampling import SamplingConfig  # noqa: E402
 from slimlm.loaders import load_model  # noqa: E402
-from slimlm.loaders.resolve import alias_path  # noqa: E402
+from slimlm.loaders.save import export_hf  # noqa: E402
 
 DT = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -86,13 +88,13 @@ def main() -> None:
         prompt = lm.tokenizer.encode(lm.tokenizer.apply_chat_template(msgs, add_generation_prompt=True))
         hf = None
         if not args.no_hf:
-            path = alias_path(args.model) if args.model == "smollm2-135m" else Path(args.model)
-            if path.suffix == ".gguf":
-                hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dt,
-                                                          attn_implementation="eager")
-            else:
-                hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=dt, attn_implementation="eager")
+            # transformers runs the same dense weights: slimlm's HF export of the model (transformers
+            # 5.x would otherwise keep a GGUF's weights packed and de-quantize them per matmul)
+            hf_dir = Path(tempfile.mkdtemp(prefix="slimlm-bench-hf-"))
+            export_hf(lm, hf_dir / "m", dtype=torch.float32)
+            hf = AutoModelForCausalLM.from_pretrained(str(hf_dir / "m"), dtype=dt, attn_implementation="eager")
             hf.eval()
+            shutil.rmtree(hf_dir, ignore_errors=True)
         run_slimlm(lm, prompt, 8)  # warm-up
         if hf is not None:
             run_hf(hf, prompt, 8)
