@@ -77,7 +77,7 @@ def decode_tok_s(model: Any, batch: int, prompt_len: int, new_tokens: int) -> fl
 
     torch.manual_seed(0)
     ids = torch.randint(100, 1000, (batch, prompt_len))
-    cache = KVCache.for_model(model.config, batch, prompt_len + new_tokens + 1, model.dtype)
+    cache = KVCache.for_model(model.config, batch, prompt_len + new_tokens + 3, model.dtype)  # +2 warm-up
     with torch.no_grad():
         nxt = model(ids, cache=cache, last_only=True).argmax(-1)  # [B, 1]
         for _ in range(2):  # warm-up steps
