@@ -53,6 +53,8 @@ class QuantLinearBase(SwappableLinear):
     """Common bias handling and forward plumbing: subclasses implement ``_matmul(x2: [M, in]) -> [M, out]``."""
 
     bias: torch.Tensor | None
+    _dense: torch.Tensor | None  # dense copy kept by _dense_matmul when cache_dense is set
+    cache_dense = False
 
     def __init__(self, in_features: int, out_features: int, bias: torch.Tensor | None) -> None:
         super().__init__()
@@ -66,6 +68,18 @@ class QuantLinearBase(SwappableLinear):
 
     def _matmul(self, x2: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def _dense_matmul(self, x2: torch.Tensor) -> torch.Tensor:
+        """De-quantize and run a bf16/fp32 matmul; keeps the dense copy when ``cache_dense`` is set."""
+        _dense = getattr(self, "_dense", None)
+        dt = x2.dtype if x2.dtype in (torch.float32, torch.bfloat16) else torch.float32
+        if _dense is not None and _dense.dtype == dt:
+            w = _dense
+        else:
+            w = self.dense_weight().to(dt)
+            if self.cache_dense:
+                self._dense = w
+        return F.linear(x2.to(dt), w)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [..., in] -> [..., out] in x's dtype

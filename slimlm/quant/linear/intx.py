@@ -25,7 +25,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from slimlm.models.modules import register_linear_kind
 from slimlm.quant.kernels import (
@@ -128,14 +127,7 @@ class IntxWeightLinear(QuantLinearBase):
                                self.group_size, self.symmetric, None if self.g_idx is None else self.g_idx.clone())
 
     def _reference_matmul(self, x2: torch.Tensor) -> torch.Tensor:
-        dt = x2.dtype if x2.dtype in (torch.float32, torch.bfloat16) else torch.float32
-        if self._dense is not None and self._dense.dtype == dt:
-            w = self._dense
-        else:
-            w = self.dense_weight().to(dt)
-            if self.cache_dense:
-                self._dense = w
-        return F.linear(x2.to(dt), w)
+        return self._dense_matmul(x2)
 
     def _matmul(self, x2: torch.Tensor) -> torch.Tensor:
         return self._reference_matmul(x2)

@@ -21,7 +21,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from slimlm.models.modules import register_linear_kind
 from slimlm.quant.linear.base import QuantLinearBase, spec_int
@@ -122,11 +121,4 @@ class NF4Linear(QuantLinearBase):
         return (vals * self.block_absmax().unsqueeze(1)).reshape(self.out_features, self.in_features)
 
     def _matmul(self, x2: torch.Tensor) -> torch.Tensor:
-        dt = x2.dtype if x2.dtype in (torch.float32, torch.bfloat16) else torch.float32
-        if self._dense is not None and self._dense.dtype == dt:
-            w = self._dense
-        else:
-            w = self.dense_weight().to(dt)
-            if self.cache_dense:
-                self._dense = w
-        return F.linear(x2.to(dt), w)
+        return self._dense_matmul(x2)
