@@ -15,25 +15,22 @@ from slimlm.models.config import ModelConfig
 from slimlm.utils.errors import CheckpointError
 
 # (HF pattern, runtime replacement) per family; applied to names after the family prefix is handled.
-_LLAMA = [
+# Llama-style names shared by Llama and Gemma 3 (they differ only in their norms).
+_DECODER = [
     (r"model\.embed_tokens\.", "model.embed_tokens."),
     (r"model\.norm\.", "model.norm."),
     (r"lm_head\.", "lm_head."),
     (r"model\.layers\.(\d+)\.input_layernorm\.", r"model.layers.\1.attn_norm."),
-    (r"model\.layers\.(\d+)\.post_attention_layernorm\.", r"model.layers.\1.mlp_norm."),
     (r"model\.layers\.(\d+)\.self_attn\.", r"model.layers.\1.self_attn."),
     (r"model\.layers\.(\d+)\.mlp\.", r"model.layers.\1.mlp."),
 ]
-_GEMMA3 = [
-    (r"model\.embed_tokens\.", "model.embed_tokens."),
-    (r"model\.norm\.", "model.norm."),
-    (r"lm_head\.", "lm_head."),
-    (r"model\.layers\.(\d+)\.input_layernorm\.", r"model.layers.\1.attn_norm."),
+_LLAMA = _DECODER + [
+    (r"model\.layers\.(\d+)\.post_attention_layernorm\.", r"model.layers.\1.mlp_norm."),
+]
+_GEMMA3 = _DECODER + [
     (r"model\.layers\.(\d+)\.post_attention_layernorm\.", r"model.layers.\1.attn_post_norm."),
     (r"model\.layers\.(\d+)\.pre_feedforward_layernorm\.", r"model.layers.\1.mlp_norm."),
     (r"model\.layers\.(\d+)\.post_feedforward_layernorm\.", r"model.layers.\1.mlp_post_norm."),
-    (r"model\.layers\.(\d+)\.self_attn\.", r"model.layers.\1.self_attn."),
-    (r"model\.layers\.(\d+)\.mlp\.", r"model.layers.\1.mlp."),
 ]
 _OPT = [
     (r"model\.decoder\.embed_tokens\.", "model.embed_tokens."),
