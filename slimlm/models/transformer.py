@@ -19,7 +19,7 @@ from torch import nn
 
 from slimlm.models.config import ModelConfig
 from slimlm.models.kv_cache import KVCache
-from slimlm.models.layers import AttnContext, DecoderLayer, Norm
+from slimlm.models.layers import AttnContext, DecoderLayer, Norm, linear
 from slimlm.models.rope import RotaryCache
 
 
@@ -116,7 +116,7 @@ class Transformer(nn.Module):
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """Final norm + lm_head (+ Gemma's final soft-capping): [B, T, D] -> [B, T, V]."""
-        logits = self.lm_head(self.model.norm(h))
+        logits = linear(self.lm_head, self.model.norm(h))
         cap = self.config.final_logit_softcap
         if cap is not None:
             logits = torch.tanh(logits / cap) * cap

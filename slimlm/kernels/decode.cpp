@@ -1,0 +1,359 @@
+// slimlm's CPU decode kernels (AVX2 + FMA; built on first use by slimlm.kernels, with a torch fallback).
+//
+// Why: batch-1 decode of a small model is bound by how fast the weights stream from memory and by
+// the per-op cost of many tiny tensor ops. On the 2-core CPUs slimlm targets, torch's fp32 GEMV
+// reaches ~12 GB/s and does not scale with threads, and a bf16 weight gains nothing over fp32; an
+// RMSNorm is ~10 small ops. These kernels stream each thread's block of weight rows with 4
+// independent FMA chains (bf16 weights widened exactly by a 16-bit shift, so bf16 halves the bytes
+// read) and fuse RMSNorm, SiLU*mul and rotary embedding into one pass each. Accumulation is fp32;
+// bf16 outputs are rounded to nearest-even at the same points as the torch reference code.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+#include <algorithm>
+
+namespace {
+
+inline float bf2f(uint16_t v) {
+  uint32_t bits = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+inline uint16_t f2bf(float f) {  // round to nearest even (inputs are finite here)
+  uint32_t bits;
+  std::memcpy(&bits, &f, 4);
+  bits += 0x7FFF + ((bits >> 16) & 1);
+  return static_cast<uint16_t>(bits >> 16);
+}
+inline float rbf(float f) { return bf2f(f2bf(f)); }  // round a float to bf16 precision
+
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const uint16_t* p) {
+  __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
+}
+inline float scalar(float v) { return v; }
+inline float scalar(uint16_t v) { return bf2f(v); }
+inline float hsum(__m256 v) {
+  __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
+  lo = _mm_add_ps(lo, hi);
+  lo = _mm_hadd_ps(lo, lo);
+  lo = _mm_hadd_ps(lo, lo);
+  return _mm_cvtss_f32(lo);
+}
+
+template <typename WT>
+inline float dot(const WT* w, const float* x, int64_t n) {
+  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    a0 = _mm256_fmadd_ps(load8(w + i), _mm256_loadu_ps(x + i), a0);
+    a1 = _mm256_fmadd_ps(load8(w + i + 8), _mm256_loadu_ps(x + i + 8), a1);
+    a2 = _mm256_fmadd_ps(load8(w + i + 16), _mm256_loadu_ps(x + i + 16), a2);
+    a3 = _mm256_fmadd_ps(load8(w + i + 24), _mm256_loadu_ps(x + i + 24), a3);
+  }
+  for (; i + 8 <= n; i += 8) a0 = _mm256_fmadd_ps(load8(w + i), _mm256_loadu_ps(x + i), a0);
+  float s = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+  for (; i < n; ++i) s += scalar(w[i]) * x[i];
+  return s;
+}
+
+inline float ldo(const float* p, int64_t i) { return p[i]; }
+inline float ldo(const uint16_t* p, int64_t i) { return bf2f(p[i]); }
+inline void sto(float* p, int64_t i, float v) { p[i] = v; }
+inline void sto(uint16_t* p, int64_t i, float v) { p[i] = f2bf(v); }
+inline float rndo(float v, const float*) { return v; }
+inline float rndo(float v, const uint16_t*) { return rbf(v); }
+
+template <typename WT, typename OT>
+void gemv_run(const float* x, int64_t B, int64_t I, const WT* W, int64_t O, const float* bias, const OT* res, OT* y) {
+  // rows of W split across threads; each row is read once and applied to every batch row. With a
+  // residual, y = round(x w + b) + res is rounded again, as `res + F.linear(x, w, b)` would be.
+  at::parallel_for(0, O, 64, [&](int64_t begin, int64_t end) {
+    auto put = [&](int64_t b, int64_t o, float v) {
+      v += bias ? bias[o] : 0.f;
+      if (res) v = rndo(v, y) + ldo(res, b * O + o);
+      sto(y, b * O + o, v);
+    };
+    for (int64_t o = begin; o < end; ++o)
+      for (int64_t b = 0; b < B; ++b) put(b, o, dot(W + o * I, x + b * I, I));
+  });
+}
+
+void check_float(const torch::Tensor& t, const char* name) {
+  TORCH_CHECK(t.scalar_type() == torch::kFloat32 || t.scalar_type() == torch::kBFloat16, name,
+              " must be float32 or bfloat16");
+}
+
+}  // namespace
+
+// y = x @ w.T + bias (+ residual). x: [..., I] (fp32/bf16), w: [O, I] contiguous (fp32/bf16), bias: [O] or
+// empty, residual: [..., O] in x's dtype or empty. Returns [..., O] in x's dtype.
+torch::Tensor gemv(torch::Tensor x, torch::Tensor w, torch::Tensor bias, torch::Tensor residual) {
+  check_float(x, "x");
+  check_float(w, "w");
+  const int64_t I = x.size(-1), O = w.size(0);
+  TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.size(1) == I, "gemv: w must be [O, I] contiguous");
+  auto xf = x.reshape({-1, I}).to(torch::kFloat32).contiguous();
+  const int64_t B = xf.size(0);
+  torch::Tensor bf;
+  const float* bp = nullptr;
+  if (bias.defined() && bias.numel() > 0) {
+    TORCH_CHECK(bias.numel() == O, "gemv: bias must have O elements");
+    bf = bias.to(torch::kFloat32).contiguous();
+    bp = bf.data_ptr<float>();
+  }
+  auto sizes = x.sizes().vec();
+  sizes.back() = O;
+  auto y = torch::empty(sizes, x.options());
+  const bool has_res = residual.defined() && residual.numel() > 0;
+  if (has_res)
+    TORCH_CHECK(residual.numel() == B * O && residual.is_contiguous() && residual.scalar_type() == x.scalar_type(),
+                "gemv: residual must be [..., O] contiguous in x's dtype");
+  const bool wf = w.scalar_type() == torch::kFloat32;
+  const uint16_t* wb = reinterpret_cast<const uint16_t*>(w.data_ptr());
+  if (x.scalar_type() == torch::kFloat32) {
+    const float* r = has_res ? residual.data_ptr<float>() : nullptr;
+    if (wf) gemv_run(xf.data_ptr<float>(), B, I, w.data_ptr<float>(), O, bp, r, y.data_ptr<float>());
+    else gemv_run(xf.data_ptr<float>(), B, I, wb, O, bp, r, y.data_ptr<float>());
+  } else {
+    const uint16_t* r = has_res ? reinterpret_cast<const uint16_t*>(residual.data_ptr()) : nullptr;
+    uint16_t* yp = reinterpret_cast<uint16_t*>(y.data_ptr());
+    if (wf) gemv_run(xf.data_ptr<float>(), B, I, w.data_ptr<float>(), O, bp, r, yp);
+    else gemv_run(xf.data_ptr<float>(), B, I, wb, O, bp, r, yp);
+  }
+  return y;
+}
+
+// RMSNorm over the last dim of x [N, D]. fp32 x: x * r * (offset + w). bf16 x: llama_bf16 ? bf16(bf16(x * r) * w)
+// (transformers' Llama order) : bf16(x * r * (offset + w)) (Gemma: scale in fp32, cast once).
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps, double offset, bool llama_bf16) {
+  check_float(x, "x");
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && w.numel() == x.size(1), "rms_norm: x [N, D] contiguous, w [D]");
+  const int64_t N = x.size(0), D = x.size(1);
+  auto wf = w.to(torch::kFloat32).contiguous();
+  const float* wp = wf.data_ptr<float>();
+  auto out = torch::empty_like(x);
+  const bool bf = x.scalar_type() == torch::kBFloat16;
+  const float off = static_cast<float>(offset);
+  for (int64_t n = 0; n < N; ++n) {
+    float ss = 0.f;
+    if (bf) {
+      const uint16_t* xp = reinterpret_cast<const uint16_t*>(x.data_ptr()) + n * D;
+      uint16_t* op = reinterpret_cast<uint16_t*>(out.data_ptr()) + n * D;
+      for (int64_t i = 0; i < D; ++i) { float v = bf2f(xp[i]); ss += v * v; }
+      const float r = 1.f / std::sqrt(ss / D + static_cast<float>(eps));
+      for (int64_t i = 0; i < D; ++i) {
+        float v = bf2f(xp[i]) * r;
+        op[i] = llama_bf16 ? f2bf(rbf(v) * rbf(wp[i])) : f2bf(v * (off + wp[i]));
+      }
+    } else {
+      const float* xp = x.data_ptr<float>() + n * D;
+      float* op = out.data_ptr<float>() + n * D;
+      for (int64_t i = 0; i < D; ++i) ss += xp[i] * xp[i];
+      const float r = 1.f / std::sqrt(ss / D + static_cast<float>(eps));
+      for (int64_t i = 0; i < D; ++i) op[i] = xp[i] * r * (off + wp[i]);
+    }
+  }
+  return out;
+}
+
+// gu: [N, 2F] (gate | up, as the fused gate/up matmul returns them) -> silu(gate) * up: [N, F].
+torch::Tensor silu_mul(torch::Tensor gu) {
+  check_float(gu, "gu");
+  TORCH_CHECK(gu.dim() == 2 && gu.is_contiguous() && gu.size(1) % 2 == 0, "silu_mul: gu [N, 2F] contiguous");
+  const int64_t N = gu.size(0), F = gu.size(1) / 2;
+  auto out = torch::empty({N, F}, gu.options());
+  const bool bf = gu.scalar_type() == torch::kBFloat16;
+  for (int64_t n = 0; n < N; ++n) {
+    if (bf) {
+      const uint16_t* g = reinterpret_cast<const uint16_t*>(gu.data_ptr()) + n * 2 * F;
+      uint16_t* op = reinterpret_cast<uint16_t*>(out.data_ptr()) + n * F;
+      for (int64_t i = 0; i < F; ++i) {
+        float a = bf2f(g[i]);
+        op[i] = f2bf(rbf(a / (1.f + std::exp(-a))) * bf2f(g[F + i]));
+      }
+    } else {
+      const float* g = gu.data_ptr<float>() + n * 2 * F;
+      float* op = out.data_ptr<float>() + n * F;
+      for (int64_t i = 0; i < F; ++i) op[i] = g[i] / (1.f + std::exp(-g[i])) * g[F + i];
+    }
+  }
+  return out;
+}
+
+// Rotary embedding (rotate-half layout) of x [B, T, H, D] (any strides) with cos/sin [B, T, D]
+// (contiguous, x's dtype). Returns a contiguous [B, T, H, D].
+torch::Tensor rope(torch::Tensor x, torch::Tensor cos, torch::Tensor sin) {
+  check_float(x, "x");
+  TORCH_CHECK(x.dim() == 4 && cos.dim() == 3 && cos.is_contiguous() && sin.is_contiguous(), "rope: x [B, T, H, D], cos/sin [B, T, D]");
+  TORCH_CHECK(cos.scalar_type() == x.scalar_type() && sin.scalar_type() == x.scalar_type(), "rope: cos/sin dtype must match x");
+  const int64_t B = x.size(0), T = x.size(1), H = x.size(2), D = x.size(3), h = D / 2;
+  TORCH_CHECK(cos.size(0) == B && cos.size(1) == T && cos.size(2) == D && D % 2 == 0, "rope: shape mismatch");
+  auto xc = x.contiguous();
+  auto out = torch::empty_like(xc);
+  const bool bf = x.scalar_type() == torch::kBFloat16;
+  for (int64_t bt = 0; bt < B * T; ++bt) {
+    for (int64_t hh = 0; hh < H; ++hh) {
+      const int64_t base = (bt * H + hh) * D;
+      if (bf) {
+        const uint16_t* xp = reinterpret_cast<const uint16_t*>(xc.data_ptr()) + base;
+        const uint16_t* c = reinterpret_cast<const uint16_t*>(cos.data_ptr()) + bt * D;
+        const uint16_t* s = reinterpret_cast<const uint16_t*>(sin.data_ptr()) + bt * D;
+        uint16_t* op = reinterpret_cast<uint16_t*>(out.data_ptr()) + base;
+        for (int64_t i = 0; i < D; ++i) {
+          const float rot = i < h ? -bf2f(xp[i + h]) : bf2f(xp[i - h]);
+          op[i] = f2bf(rbf(bf2f(xp[i]) * bf2f(c[i])) + rbf(rot * bf2f(s[i])));
+        }
+      } else {
+        const float* xp = xc.data_ptr<float>() + base;
+        const float* c = cos.data_ptr<float>() + bt * D;
+        const float* s = sin.data_ptr<float>() + bt * D;
+        float* op = out.data_ptr<float>() + base;
+        for (int64_t i = 0; i < D; ++i) {
+          const float rot = i < h ? -xp[i + h] : xp[i - h];
+          op[i] = xp[i] * c[i] + rot * s[i];
+        }
+      }
+    }
+  }
+  return out;
+}
+
+// One decode step of attention for one layer, T = 1 new token per row, all rows writing cache slot `pos`:
+// rotary on q and k (when cos/sin are given), k/v written into the cache, then softmax(q k^T * scale) v
+// over slots [0, pos] (GQA: query head h reads kv head h / (H / Hkv)), skipping slots where mask is false.
+// qkv: [B, 1, (H + 2 Hkv) D] (the fused q|k|v matmul output); cos/sin: [B, (1, 1,) D] or empty;
+// kcache/vcache: [L, B, Hkv, Tmax, D] contiguous (slice `layer` is used); mask: [B, pos + 1] bool or empty.
+// Returns [B, 1, H D] in qkv's dtype.
+namespace {
+
+inline float ldv(const float* p, int64_t i) { return p[i]; }
+inline float ldv(const uint16_t* p, int64_t i) { return bf2f(p[i]); }
+inline void stv(float* p, int64_t i, float v) { p[i] = v; }
+inline void stv(uint16_t* p, int64_t i, float v) { p[i] = f2bf(v); }
+inline float rnd(float v, const float*) { return v; }
+inline float rnd(float v, const uint16_t*) { return rbf(v); }
+
+template <typename T>
+void attn_decode_run(const T* qkv, const T* cos, const T* sin, T* kc, T* vc, int64_t pos, const bool* mp, int64_t B,
+                     int64_t H, int64_t Hkv, int64_t D, int64_t Tmax, float scale, T* out) {
+  const int64_t S = pos + 1, half = D / 2, W = (H + 2 * Hkv) * D, group = H / Hkv;
+  // rotary of the head vector at qkv[b, src:src+D] into float dst, rounded where the torch code rounds
+  auto rotate = [&](int64_t b, int64_t src, float* dst) {
+    const T* x = qkv + b * W + src;
+    for (int64_t i = 0; i < D; ++i) {
+      if (!cos) { dst[i] = ldv(x, i); continue; }
+      const float r = i < half ? -ldv(x, i + half) : ldv(x, i - half);
+      dst[i] = rnd(rnd(ldv(x, i) * ldv(cos, b * D + i), x) + rnd(r * ldv(sin, b * D + i), x), x);
+    }
+  };
+  std::vector<float> tmp(D);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t j = 0; j < Hkv; ++j) {
+      rotate(b, (H + j) * D, tmp.data());
+      const int64_t c = ((b * Hkv + j) * Tmax + pos) * D;
+      const T* v = qkv + b * W + (H + Hkv + j) * D;
+      for (int64_t i = 0; i < D; ++i) {
+        stv(kc, c + i, tmp[i]);
+        vc[c + i] = v[i];
+      }
+    }
+  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> q(D), p(S), acc(D), row(D);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / H, h = bh % H, j = h / group;
+      rotate(b, h * D, q.data());
+      const T* K = kc + (b * Hkv + j) * Tmax * D;
+      const T* V = vc + (b * Hkv + j) * Tmax * D;
+      float mx = -INFINITY;
+      for (int64_t s = 0; s < S; ++s) {
+        if (mp && !mp[b * S + s]) { p[s] = -INFINITY; continue; }
+        const T* k = K + s * D;
+        float d = 0.f;
+        for (int64_t i = 0; i < D; ++i) d += q[i] * ldv(k, i);
+        p[s] = d * scale;
+        mx = std::max(mx, p[s]);
+      }
+      float den = 0.f;
+      for (int64_t s = 0; s < S; ++s) { p[s] = p[s] == -INFINITY ? 0.f : std::exp(p[s] - mx); den += p[s]; }
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t s = 0; s < S; ++s) {
+        if (p[s] == 0.f) continue;
+        const float w = p[s] / den;
+        const T* v = V + s * D;
+        for (int64_t i = 0; i < D; ++i) acc[i] += w * ldv(v, i);
+      }
+      for (int64_t i = 0; i < D; ++i) stv(out, b * H * D + h * D + i, acc[i]);
+    }
+  });
+}
+
+}  // namespace
+
+torch::Tensor attn_decode(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, torch::Tensor kcache,
+                          torch::Tensor vcache, int64_t layer, int64_t pos, torch::Tensor mask, int64_t H, int64_t Hkv,
+                          double scale) {
+  check_float(qkv, "qkv");
+  TORCH_CHECK(qkv.is_contiguous() && kcache.dim() == 5 && kcache.is_contiguous() && vcache.is_contiguous() &&
+              layer >= 0 && layer < kcache.size(0), "attn_decode: qkv [B, 1, (H+2Hkv)D], caches [L, B, Hkv, Tmax, D] contiguous");
+  TORCH_CHECK(kcache.scalar_type() == qkv.scalar_type() && vcache.scalar_type() == qkv.scalar_type(), "attn_decode: cache dtype");
+  auto kc = kcache.select(0, layer), vc = vcache.select(0, layer);
+  const int64_t B = kc.size(0), D = kc.size(3), Tmax = kc.size(2), S = pos + 1;
+  TORCH_CHECK(qkv.numel() == B * (H + 2 * Hkv) * D && kc.size(1) == Hkv && pos >= 0 && pos < Tmax && H % Hkv == 0 &&
+              D % 2 == 0, "attn_decode: shape mismatch");
+  const bool rot = cos.numel() > 0;
+  if (rot)
+    TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.numel() == B * D && sin.numel() == B * D &&
+                cos.scalar_type() == qkv.scalar_type() && sin.scalar_type() == qkv.scalar_type(), "attn_decode: cos/sin [B, D]");
+  const bool* mp = nullptr;
+  if (mask.numel() > 0) {
+    TORCH_CHECK(mask.scalar_type() == torch::kBool && mask.is_contiguous() && mask.numel() == B * S, "attn_decode: mask [B, pos+1] bool");
+    mp = mask.data_ptr<bool>();
+  }
+  auto out = torch::empty({B, 1, H * D}, qkv.options());
+  const float sc = static_cast<float>(scale);
+  if (qkv.scalar_type() == torch::kFloat32) {
+    attn_decode_run(qkv.data_ptr<float>(), rot ? cos.data_ptr<float>() : nullptr, rot ? sin.data_ptr<float>() : nullptr,
+                    kc.data_ptr<float>(), vc.data_ptr<float>(), pos, mp, B, H, Hkv, D, Tmax, sc, out.data_ptr<float>());
+  } else {
+    using U = uint16_t;
+    attn_decode_run(reinterpret_cast<const U*>(qkv.data_ptr()), rot ? reinterpret_cast<const U*>(cos.data_ptr()) : nullptr,
+                    rot ? reinterpret_cast<const U*>(sin.data_ptr()) : nullptr, reinterpret_cast<U*>(kc.data_ptr()),
+                    reinterpret_cast<U*>(vc.data_ptr()), pos, mp, B, H, Hkv, D, Tmax, sc, reinterpret_cast<U*>(out.data_ptr()));
+  }
+  return out;
+}
+
+// A whole Llama-style decoder layer for one decode step, composed from the kernels above, so that a
+// step costs one Python call per layer: h + o(attn(norm(h))) then + down(silu(gate) * up)(norm(h)).
+// h: [B, 1, D]; *_w weights [O, I]; biases empty or [O]; other arguments as in attn_decode / rms_norm.
+torch::Tensor decode_layer(torch::Tensor h, torch::Tensor attn_norm_w, torch::Tensor mlp_norm_w, double eps,
+                           torch::Tensor qkv_w, torch::Tensor qkv_b, torch::Tensor o_w, torch::Tensor o_b,
+                           torch::Tensor gu_w, torch::Tensor gu_b, torch::Tensor down_w, torch::Tensor down_b,
+                           torch::Tensor cos, torch::Tensor sin, torch::Tensor kcache, torch::Tensor vcache,
+                           int64_t layer, int64_t pos, torch::Tensor mask, int64_t H, int64_t Hkv, double scale) {
+  const bool llama_bf16 = h.scalar_type() == torch::kBFloat16;
+  const int64_t D = h.size(-1);
+  auto x = rms_norm(h.reshape({-1, D}), attn_norm_w, eps, 0.0, llama_bf16).view(h.sizes());
+  auto qkv = gemv(x, qkv_w, qkv_b, torch::Tensor());
+  auto a = attn_decode(qkv, cos, sin, kcache, vcache, layer, pos, mask, H, Hkv, scale);
+  auto h1 = gemv(a, o_w, o_b, h);
+  x = rms_norm(h1.reshape({-1, D}), mlp_norm_w, eps, 0.0, llama_bf16);
+  auto act = silu_mul(gemv(x, gu_w, gu_b, torch::Tensor()));
+  return gemv(act, down_w, down_b, h1.reshape({-1, D})).view(h.sizes());
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("gemv", &gemv, "y = x @ w.T + bias (+ residual) for a few rows (decode)");
+  m.def("rms_norm", &rms_norm, "fused RMSNorm");
+  m.def("silu_mul", &silu_mul, "silu(gate) * up from a fused [N, 2F] tensor");
+  m.def("rope", &rope, "rotary embedding, rotate-half layout");
+  m.def("attn_decode", &attn_decode, "one decode step of attention with the KV cache write");
+  m.def("decode_layer", &decode_layer, "one decode step of a Llama-style decoder layer");
+}

@@ -1,0 +1,125 @@
+"""The decode kernels against straightforward torch reference math (and the runtime's own fallback)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from slimlm import kernels
+from slimlm.models.rope import apply_rotary
+
+pytestmark = pytest.mark.skipif(kernels.load() is None, reason=f"decode kernels unavailable: {kernels.status()}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 3, 8])
+@pytest.mark.parametrize("bias", [False, True])
+def test_gemv_matches_linear(dtype: torch.dtype, rows: int, bias: bool) -> None:
+    g = torch.Generator().manual_seed(rows)
+    w = torch.randn(203, 77, generator=g).to(dtype)  # odd sizes: vector tails and thread splits
+    b = torch.randn(203, generator=g).to(dtype) if bias else None
+    x = torch.randn(1, rows, 77, generator=g).to(dtype)
+    with torch.inference_mode():
+        got = kernels.linear(x, w, b)
+    ref = F.linear(x.double(), w.double(), None if b is None else b.double())
+    assert got.dtype == dtype and got.shape == (1, rows, 203)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(got.double(), ref, atol=tol * ref.abs().max().item(), rtol=0)
+
+
+def test_kernels_stay_out_of_autograd_and_large_calls() -> None:
+    w = torch.randn(16, 8, requires_grad=True)
+    x = torch.randn(2, 8)
+    y = kernels.linear(x, w)  # grad mode: must be torch's op so backward works
+    y.sum().backward()
+    assert w.grad is not None
+    with torch.inference_mode():
+        big = torch.randn(kernels.SMALL_ROWS + 1, 8)
+        assert kernels.rms_norm(big, torch.ones(8), 1e-6) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("offset", [0.0, 1.0])
+def test_rms_norm_matches_reference(dtype: torch.dtype, offset: float) -> None:
+    x = (torch.randn(3, 64) * 4).to(dtype)
+    w = torch.randn(64).to(dtype)
+    with torch.inference_mode():
+        got = kernels.rms_norm(x, w, 1e-5, offset)
+    assert got is not None
+    y = F.rms_norm(x.float(), (64,), eps=1e-5)
+    if dtype == torch.bfloat16 and not offset:
+        ref = w * y.to(dtype)  # transformers' Llama order: cast, then scale in bf16
+        torch.testing.assert_close(got, ref, atol=0, rtol=1e-2)  # at most an ulp apart, from rsqrt
+        assert (got != ref).float().mean() < 0.05
+    else:
+        ref = (y * (offset + w.float())).to(dtype)
+        torch.testing.assert_close(got, ref, atol=1e-5 if dtype == torch.float32 else 0, rtol=1e-5 if dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_silu_mul_matches_reference(dtype: torch.dtype) -> None:
+    gu = (torch.randn(2, 2 * 40) * 3).to(dtype)
+    with torch.inference_mode():
+        got = kernels.silu_mul(gu)
+    gate, up = gu.split(40, -1)
+    ref = F.silu(gate) * up
+    assert got is not None
+    torch.testing.assert_close(got, ref, atol=1e-5 if dtype == torch.float32 else 1e-2, rtol=1e-5 if dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_matches_apply_rotary(dtype: torch.dtype) -> None:
+    qkv = torch.randn(2, 1, 5 * 16).to(dtype)
+    x = qkv[..., 16:].view(2, 1, 4, 16)  # a strided view, as after splitting the fused q/k/v
+    ang = torch.randn(2, 1, 1, 16)
+    cos, sin = ang.cos().to(dtype), ang.sin().to(dtype)
+    with torch.inference_mode():
+        got = kernels.rope(x, cos, sin)
+    ref = apply_rotary(x, cos, sin)
+    assert got is not None
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-6)
+    else:
+        torch.testing.assert_close(got, ref, atol=0, rtol=0)  # same rounding points as the torch code
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("masked", [False, True])
+def test_attn_decode_matches_sdpa(dtype: torch.dtype, masked: bool) -> None:
+    b, h, hkv, d, pos, tmax = 2, 6, 2, 16, 5, 9
+    g = torch.Generator().manual_seed(3)
+    qkv = torch.randn(b, 1, (h + 2 * hkv) * d, generator=g).to(dtype)
+    ang = torch.randn(b, 1, 1, d, generator=g)
+    cos, sin = ang.cos().to(dtype), ang.sin().to(dtype)
+    kc = torch.randn(1, b, hkv, tmax, d, generator=g).to(dtype)
+    vc = torch.randn(1, b, hkv, tmax, d, generator=g).to(dtype)
+    mask = torch.ones(b, 1, 1, pos + 1, dtype=torch.bool)
+    if masked:
+        mask[0, ..., :2] = False  # a left-padded row
+    k2, v2 = kc[0].clone(), vc[0].clone()
+    with torch.inference_mode():
+        got = kernels.attn_decode(qkv, cos, sin, kc, vc, 0, pos, mask if masked else None, h, hkv, d**-0.5)
+    q, k, v = qkv.split([h * d, hkv * d, hkv * d], -1)
+    q = apply_rotary(q.view(b, 1, h, d), cos, sin).transpose(1, 2)
+    k = apply_rotary(k.view(b, 1, hkv, d), cos, sin).transpose(1, 2)
+    k2[:, :, pos:pos + 1], v2[:, :, pos:pos + 1] = k, v.view(b, 1, hkv, d).transpose(1, 2)
+    ref = F.scaled_dot_product_attention(q.float(), k2[:, :, :pos + 1].float(), v2[:, :, :pos + 1].float(),
+                                         attn_mask=mask if masked else None, enable_gqa=True)
+    ref = ref.transpose(1, 2).reshape(b, 1, h * d)
+    assert got is not None
+    torch.testing.assert_close(kc[0], k2, atol=0, rtol=0)  # the cache write (k after rotary, v as is)
+    torch.testing.assert_close(vc[0], v2, atol=0, rtol=0)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.float(), ref, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gemv_fuses_the_residual_add_as_torch_rounds_it(dtype: torch.dtype) -> None:
+    w = torch.randn(48, 40).to(dtype)
+    x, res = torch.randn(1, 2, 40).to(dtype), torch.randn(1, 2, 48).to(dtype)
+    with torch.inference_mode():
+        got = kernels.linear(x, w, None, res)
+        plain = kernels.linear(x, w)
+    assert got.shape == (1, 2, 48)
+    torch.testing.assert_close(got, res + plain, atol=0, rtol=0)
