@@ -78,17 +78,22 @@ def _capture(layer: nn.Module, paths: list[str], algorithm: LayerwiseAlgorithm, 
              ctxs: list) -> None:  # type: ignore[type-arg]
     """Run the calibration batches through ``layer`` feeding each target module's inputs to the algorithm."""
     handles = []
+    last: list[torch.Tensor] = []  # [input, its flat float view]: modules fed the same tensor (q/k/v,
+    # gate/up) get the same object, so an algorithm can reuse work per input (GPTQ's x^T x)
     for path in paths:
         mod = layer.get_submodule(path)
 
         def hook(m: nn.Module, args: tuple, p: str = path) -> None:  # type: ignore[type-arg]
             x = args[0]
-            algorithm.accumulate(p, m, x.reshape(-1, x.shape[-1]).float())  # [tokens, in]
+            if not last or last[0] is not x:
+                last[:] = [x, x.reshape(-1, x.shape[-1]).float()]  # [tokens, in]
+            algorithm.accumulate(p, m, last[1])
 
         handles.append(mod.register_forward_pre_hook(hook))
     try:
         for h, ctx in zip(hidden, ctxs, strict=True):
             layer(h, ctx)
     finally:
+        last.clear()
         for hd in handles:
             hd.remove()
