@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -278,11 +279,16 @@ class DecoderLayer(nn.Module):
             self.attn_post_norm = norm()
             self.mlp_post_norm = norm()
 
-    def _decode_step(self, h: torch.Tensor, ctx: AttnContext) -> torch.Tensor | None:
-        """The whole layer in one kernel call for a decode step of a plain Llama-form layer, else None."""
+    def _make_plan(self) -> tuple[Any, ...] | None:
+        """What a one-call decode step needs, if this is a plain Llama-form layer (else None).
+
+        Returns (links, hook dicts, kernel arguments). ``links`` are (dict, key, object) triples for
+        every submodule and Parameter used, so the plan is re-validated each step by identity alone
+        (a module swap, a re-assigned Parameter or an added hook sends the step to the torch path).
+        """
         at, mlp, n1, n2 = self.self_attn, self.mlp, self.attn_norm, self.mlp_norm
-        fa, fm, cache = at._fusion, mlp._fusion, ctx.cache
-        if (fa is None or fm is None or cache is None or at.softcap is not None or at.q_norm is not None
+        fa, fm = at._fusion, mlp._fusion
+        if (fa is None or fm is None or at.softcap is not None or at.q_norm is not None
                 or not mlp.silu or n1.kind != "rms" or n1.offset or n1.bias is not None or n2.bias is not None
                 or n1.eps != n2.eps):
             return None
@@ -291,15 +297,39 @@ class DecoderLayer(nn.Module):
         o, down = at.o_proj, mlp.down_proj
         if not (fa.valid(qkv_mods) and fm.valid(gu_mods) and type(o) is nn.Linear and type(down) is nn.Linear):
             return None
-        for m in (n1, n2, at, mlp, o, down, *qkv_mods, *gu_mods):
-            if m._forward_pre_hooks or m._forward_hooks:
+        links: list[tuple[dict[str, Any], str, Any]] = [
+            (self._modules, "attn_norm", n1), (self._modules, "self_attn", at), (self._modules, "mlp_norm", n2),
+            (self._modules, "mlp", mlp), (at.__dict__, "_fusion", fa), (mlp.__dict__, "_fusion", fm),
+            (at._modules, "o_proj", o), (mlp._modules, "down_proj", down)]
+        links += [(at._modules, n, m) for n, m in zip(("q_proj", "k_proj", "v_proj"), qkv_mods, strict=True)]
+        links += [(mlp._modules, n, m) for n, m in zip(("gate_proj", "up_proj"), gu_mods, strict=True)]
+        for m in (n1, n2, o, down, *qkv_mods, *gu_mods):
+            links += [(m._parameters, n, p) for n, p in m._parameters.items()]
+        mods = (self, n1, n2, at, mlp, o, down, *qkv_mods, *gu_mods)
+        hooks = [d for m in mods for d in (m._forward_pre_hooks, m._forward_hooks)]
+        args = ((n1.weight, n2.weight), n1.eps, (fa.weight, fa.bias, o.weight, o.bias, fm.weight, fm.bias, down.weight,
+                                                 down.bias), at.layer_idx, at.num_heads, at.num_kv_heads, at.scale)
+        return links, hooks, args
+
+    def _decode_step(self, h: torch.Tensor, ctx: AttnContext) -> torch.Tensor | None:
+        """The whole layer in one kernel call for a decode step of a plain Llama-form layer, else None."""
+        cache = ctx.cache
+        if cache is None:
+            return None
+        plan = self.__dict__.get("_plan")
+        if plan is None or not all(d.get(k) is v for d, k, v in plan[0]):
+            plan = self._make_plan()
+            self.__dict__["_plan"] = plan
+            if plan is None:
                 return None
+        links, hooks, (norms, eps, weights, idx, heads, kv_heads, scale) = plan
+        if any(hooks[2:]):  # hooks on this layer itself still run: __call__ handles them
+            return None
+        at = self.self_attn
         cache.check_room(1)
         cos, sin = ctx.rope[at.layer_type] if at.use_rope else (None, None)
-        return kernels.decode_layer(
-            h, (n1.weight, n2.weight), n1.eps, (fa.weight, fa.bias, o.weight, o.bias, fm.weight, fm.bias, down.weight,
-                                                down.bias), cos, sin, cache.k, cache.v, at.layer_idx, cache.length,
-            ctx.masks.get(at.layer_type), at.num_heads, at.num_kv_heads, at.scale)
+        return kernels.decode_layer(h, norms, eps, weights, cos, sin, cache.k, cache.v, idx, cache.length,
+                                    ctx.masks.get(at.layer_type), heads, kv_heads, scale)
 
     def forward(self, h: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
         # h: [B, T, D]

@@ -123,3 +123,51 @@ def test_gemv_fuses_the_residual_add_as_torch_rounds_it(dtype: torch.dtype) -> N
         plain = kernels.linear(x, w)
     assert got.shape == (1, 2, 48)
     torch.testing.assert_close(got, res + plain, atol=0, rtol=0)
+
+
+def _decode_logits(lm, ids: torch.Tensor) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    from slimlm.models.kv_cache import KVCache
+
+    cache = KVCache.for_model(lm.model.config, ids.shape[0], ids.shape[1] + 4, lm.model.dtype)
+    with torch.inference_mode():
+        lm.model(ids, cache=cache)
+        steps = [lm.model(torch.tensor([[5 + i]]), cache=cache)[:, -1] for i in range(3)]
+    return torch.stack(steps)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_call_decode_layers_match_the_torch_path(tmp_path, monkeypatch, dtype: torch.dtype) -> None:  # type: ignore[no-untyped-def]
+    from slimlm.loaders import load_model
+    from tests.helpers.models import make_hf_model
+
+    make_hf_model("llama", tmp_path)
+    lm = load_model(str(tmp_path), dtype=dtype)
+    ids = torch.randint(0, 256, (1, 6))
+    fast = _decode_logits(lm, ids)
+    assert lm.model.model.layers[0].__dict__.get("_plan") is not None  # the one-call path was taken
+    monkeypatch.setattr(kernels, "_ext", None)  # torch reference ops only
+    ref = _decode_logits(lm, ids)
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(fast.float(), ref.float(), atol=tol * ref.abs().max().item(), rtol=0)
+
+
+def test_one_call_decode_steps_aside_for_hooks_and_swaps(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from slimlm.loaders import load_model
+    from tests.helpers.models import make_hf_model
+
+    make_hf_model("llama", tmp_path)
+    lm = load_model(str(tmp_path))
+    ids = torch.randint(0, 256, (1, 6))
+    base = _decode_logits(lm, ids)
+    layer = lm.model.model.layers[1]
+    seen: list[int] = []
+    h = layer.self_attn.o_proj.register_forward_hook(lambda m, a, out: seen.append(out.shape[1]))
+    torch.testing.assert_close(_decode_logits(lm, ids), base, rtol=1e-5, atol=1e-6)
+    assert seen.count(1) == 3  # the hook saw every decode step
+    h.remove()
+    down = layer.mlp.down_proj
+    new = torch.nn.Linear(down.in_features, down.out_features, bias=False)
+    with torch.no_grad():
+        new.weight.copy_(down.weight * 2)
+    layer.mlp.down_proj = new  # a swapped module is used, not the cached weight
+    assert not torch.allclose(_decode_logits(lm, ids), base)
