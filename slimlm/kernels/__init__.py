@@ -94,7 +94,7 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None,
             or (residual is not None and (not residual.is_contiguous() or residual.dtype != x.dtype)):
         y = torch.nn.functional.linear(x, w, b)
         return y if residual is None else residual + y
-    return ext.gemv(x, w, _EMPTY if b is None else b, _EMPTY if residual is None else residual)  # type: ignore[no-any-return]
+    return ext.gemv(x, w, _EMPTY if b is None else b, _EMPTY if residual is None else residual, _EMPTY)  # type: ignore[no-any-return]
 
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float, offset: float = 0.0) -> torch.Tensor | None:
@@ -147,21 +147,33 @@ def attn_decode(qkv: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor |
     return ext.attn_decode(qkv, cos, sin, k_cache, v_cache, layer, pos, mask, heads, kv_heads, scale)  # type: ignore[no-any-return]
 
 
+Triple = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (weight, bias, scale) as ``gemv`` takes them
+
+
+def linear_triple(mod: torch.nn.Module) -> Triple | None:
+    """How the decode kernels run ``mod``: a plain ``nn.Linear`` (fp32/bf16) or a module offering
+    ``decode_triple()`` (e.g. symmetric per-channel int8); ``None`` if they cannot."""
+    if type(mod) is torch.nn.Linear:
+        w = mod.weight
+        if not w.is_contiguous() or (w.dtype is not torch.float32 and w.dtype is not torch.bfloat16):
+            return None
+        return w, _EMPTY if mod.bias is None else mod.bias, _EMPTY
+    fn = getattr(mod, "decode_triple", None)
+    return fn() if fn is not None else None  # type: ignore[no-any-return]
+
+
 def decode_layer(h: torch.Tensor, norms: tuple[torch.Tensor, torch.Tensor], eps: float,
-                 weights: tuple[torch.Tensor | None, ...], cos: torch.Tensor | None, sin: torch.Tensor | None,
-                 k_cache: torch.Tensor, v_cache: torch.Tensor, layer: int, pos: int, mask: torch.Tensor | None,
-                 heads: int, kv_heads: int, scale: float) -> torch.Tensor | None:
+                 linears: tuple[list[Triple], Triple, list[Triple], Triple], cos: torch.Tensor | None,
+                 sin: torch.Tensor | None, k_cache: torch.Tensor, v_cache: torch.Tensor, layer: int, pos: int,
+                 mask: torch.Tensor | None, heads: int, kv_heads: int, scale: float) -> torch.Tensor | None:
     """A whole Llama-style layer's decode step in one call (see ``decode_layer`` in decode.cpp).
 
-    ``weights``: (qkv_w, qkv_b, o_w, o_b, gate_up_w, gate_up_b, down_w, down_b), biases may be None;
-    every weight contiguous fp32/bf16. Returns the new h [B, 1, D], or ``None`` to fall back.
+    ``linears``: (q|k|v as one fused triple or three, o, gate|up as one or two, down), each
+    triple from :func:`linear_triple`. Returns the new h [B, 1, D], or ``None`` to fall back.
     """
     ext = _usable(h)
     if ext is None or h.shape[1] != 1 or not h.is_contiguous() or k_cache.dtype != h.dtype:
         return None
-    for w in weights[::2]:
-        if w is None or not w.is_contiguous() or (w.dtype is not torch.float32 and w.dtype is not torch.bfloat16):
-            return None
     if cos is None or sin is None:
         cos = sin = _EMPTY
     elif cos.dtype != h.dtype or cos.shape[-1] != k_cache.shape[-1] or not cos.is_contiguous():
@@ -170,7 +182,7 @@ def decode_layer(h: torch.Tensor, norms: tuple[torch.Tensor, torch.Tensor], eps:
         mask = _EMPTY
     elif not mask.is_contiguous() or mask.numel() != h.shape[0] * (pos + 1):
         mask = mask.expand(h.shape[0], 1, 1, pos + 1).contiguous()
-    ws = [_EMPTY if w is None else w for w in weights]
-    return ext.decode_layer(h, norms[0], norms[1], eps, *ws, cos, sin, k_cache, v_cache, layer, pos, mask,  # type: ignore[no-any-return]
+    qkv, o, gu, down = linears
+    return ext.decode_layer(h, norms[0], norms[1], eps, [t for tr in qkv for t in tr], list(o),  # type: ignore[no-any-return]
+                            [t for tr in gu for t in tr], list(down), cos, sin, k_cache, v_cache, layer, pos, mask,
                             heads, kv_heads, scale)
-

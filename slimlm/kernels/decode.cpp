@@ -37,6 +37,10 @@ inline __m256 load8(const uint16_t* p) {
   __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
 }
+inline __m256 load8(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+inline float scalar(int8_t v) { return static_cast<float>(v); }
 inline float scalar(float v) { return v; }
 inline float scalar(uint16_t v) { return bf2f(v); }
 inline float hsum(__m256 v) {
@@ -71,11 +75,13 @@ inline float rndo(float v, const float*) { return v; }
 inline float rndo(float v, const uint16_t*) { return rbf(v); }
 
 template <typename WT, typename OT>
-void gemv_run(const float* x, int64_t B, int64_t I, const WT* W, int64_t O, const float* bias, const OT* res, OT* y) {
+void gemv_run(const float* x, int64_t B, int64_t I, const WT* W, int64_t O, const float* bias, const OT* res, OT* y,
+              const float* scale = nullptr) {
   // rows of W split across threads; each row is read once and applied to every batch row. With a
   // residual, y = round(x w + b) + res is rounded again, as `res + F.linear(x, w, b)` would be.
   at::parallel_for(0, O, 64, [&](int64_t begin, int64_t end) {
     auto put = [&](int64_t b, int64_t o, float v) {
+      if (scale) v *= scale[o];  // int8 weights: w = code * scale[row]
       v += bias ? bias[o] : 0.f;
       if (res) v = rndo(v, y) + ldo(res, b * O + o);
       sto(y, b * O + o, v);
@@ -92,11 +98,13 @@ void check_float(const torch::Tensor& t, const char* name) {
 
 }  // namespace
 
-// y = x @ w.T + bias (+ residual). x: [..., I] (fp32/bf16), w: [O, I] contiguous (fp32/bf16), bias: [O] or
-// empty, residual: [..., O] in x's dtype or empty. Returns [..., O] in x's dtype.
-torch::Tensor gemv(torch::Tensor x, torch::Tensor w, torch::Tensor bias, torch::Tensor residual) {
+// y = x @ w.T + bias (+ residual). x: [..., I] (fp32/bf16), w: [O, I] contiguous (fp32/bf16, or int8 codes
+// with a float32 [O] `scale`: w = code * scale), bias: [O] or empty, residual: [..., O] in x's dtype or
+// empty. Returns [..., O] in x's dtype.
+torch::Tensor gemv(torch::Tensor x, torch::Tensor w, torch::Tensor bias, torch::Tensor residual, torch::Tensor scale) {
   check_float(x, "x");
-  check_float(w, "w");
+  const bool w8 = w.scalar_type() == torch::kChar;
+  if (!w8) check_float(w, "w");
   const int64_t I = x.size(-1), O = w.size(0);
   TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.size(1) == I, "gemv: w must be [O, I] contiguous");
   auto xf = x.reshape({-1, I}).to(torch::kFloat32).contiguous();
@@ -115,17 +123,28 @@ torch::Tensor gemv(torch::Tensor x, torch::Tensor w, torch::Tensor bias, torch::
   if (has_res)
     TORCH_CHECK(residual.numel() == B * O && residual.is_contiguous() && residual.scalar_type() == x.scalar_type(),
                 "gemv: residual must be [..., O] contiguous in x's dtype");
+  const float* sp = nullptr;
+  if (w8) {
+    TORCH_CHECK(scale.defined() && scale.scalar_type() == torch::kFloat32 && scale.numel() == O && scale.is_contiguous(),
+                "gemv: int8 weights need a float32 [O] scale");
+    sp = scale.data_ptr<float>();
+  }
   const bool wf = w.scalar_type() == torch::kFloat32;
   const uint16_t* wb = reinterpret_cast<const uint16_t*>(w.data_ptr());
+  const int8_t* wi = reinterpret_cast<const int8_t*>(w.data_ptr());
+  const float* xp = xf.data_ptr<float>();
   if (x.scalar_type() == torch::kFloat32) {
     const float* r = has_res ? residual.data_ptr<float>() : nullptr;
-    if (wf) gemv_run(xf.data_ptr<float>(), B, I, w.data_ptr<float>(), O, bp, r, y.data_ptr<float>());
-    else gemv_run(xf.data_ptr<float>(), B, I, wb, O, bp, r, y.data_ptr<float>());
+    float* yp = y.data_ptr<float>();
+    if (w8) gemv_run(xp, B, I, wi, O, bp, r, yp, sp);
+    else if (wf) gemv_run(xp, B, I, w.data_ptr<float>(), O, bp, r, yp);
+    else gemv_run(xp, B, I, wb, O, bp, r, yp);
   } else {
     const uint16_t* r = has_res ? reinterpret_cast<const uint16_t*>(residual.data_ptr()) : nullptr;
     uint16_t* yp = reinterpret_cast<uint16_t*>(y.data_ptr());
-    if (wf) gemv_run(xf.data_ptr<float>(), B, I, w.data_ptr<float>(), O, bp, r, yp);
-    else gemv_run(xf.data_ptr<float>(), B, I, wb, O, bp, r, yp);
+    if (w8) gemv_run(xp, B, I, wi, O, bp, r, yp, sp);
+    else if (wf) gemv_run(xp, B, I, w.data_ptr<float>(), O, bp, r, yp);
+    else gemv_run(xp, B, I, wb, O, bp, r, yp);
   }
   return y;
 }
@@ -332,25 +351,38 @@ torch::Tensor attn_decode(torch::Tensor qkv, torch::Tensor cos, torch::Tensor si
 
 // A whole Llama-style decoder layer for one decode step, composed from the kernels above, so that a
 // step costs one Python call per layer: h + o(attn(norm(h))) then + down(silu(gate) * up)(norm(h)).
-// h: [B, 1, D]; *_w weights [O, I]; biases empty or [O]; other arguments as in attn_decode / rms_norm.
+// Each linear is a (weight, bias, scale) triple as gemv takes them; `qkv` holds one fused triple or
+// three (q, k, v), `gu` one fused triple or two (gate, up). h: [B, 1, D].
+namespace {
+torch::Tensor lin(const torch::Tensor& x, const std::vector<torch::Tensor>& t, size_t i, const torch::Tensor& res) {
+  return gemv(x, t[3 * i], t[3 * i + 1], res, t[3 * i + 2]);
+}
+torch::Tensor lin_cat(const torch::Tensor& x, const std::vector<torch::Tensor>& t) {
+  if (t.size() == 3) return lin(x, t, 0, torch::Tensor());
+  std::vector<torch::Tensor> parts;
+  for (size_t i = 0; i < t.size() / 3; ++i) parts.push_back(lin(x, t, i, torch::Tensor()));
+  return torch::cat(parts, -1);
+}
+}  // namespace
+
 torch::Tensor decode_layer(torch::Tensor h, torch::Tensor attn_norm_w, torch::Tensor mlp_norm_w, double eps,
-                           torch::Tensor qkv_w, torch::Tensor qkv_b, torch::Tensor o_w, torch::Tensor o_b,
-                           torch::Tensor gu_w, torch::Tensor gu_b, torch::Tensor down_w, torch::Tensor down_b,
-                           torch::Tensor cos, torch::Tensor sin, torch::Tensor kcache, torch::Tensor vcache,
-                           int64_t layer, int64_t pos, torch::Tensor mask, int64_t H, int64_t Hkv, double scale) {
+                           std::vector<torch::Tensor> qkv, std::vector<torch::Tensor> o, std::vector<torch::Tensor> gu,
+                           std::vector<torch::Tensor> down, torch::Tensor cos, torch::Tensor sin, torch::Tensor kcache,
+                           torch::Tensor vcache, int64_t layer, int64_t pos, torch::Tensor mask, int64_t H, int64_t Hkv,
+                           double scale) {
+  TORCH_CHECK(qkv.size() % 3 == 0 && gu.size() % 3 == 0 && o.size() == 3 && down.size() == 3, "decode_layer: linears are triples");
   const bool llama_bf16 = h.scalar_type() == torch::kBFloat16;
   const int64_t D = h.size(-1);
   auto x = rms_norm(h.reshape({-1, D}), attn_norm_w, eps, 0.0, llama_bf16).view(h.sizes());
-  auto qkv = gemv(x, qkv_w, qkv_b, torch::Tensor());
-  auto a = attn_decode(qkv, cos, sin, kcache, vcache, layer, pos, mask, H, Hkv, scale);
-  auto h1 = gemv(a, o_w, o_b, h);
+  auto a = attn_decode(lin_cat(x, qkv).contiguous(), cos, sin, kcache, vcache, layer, pos, mask, H, Hkv, scale);
+  auto h1 = lin(a, o, 0, h);
   x = rms_norm(h1.reshape({-1, D}), mlp_norm_w, eps, 0.0, llama_bf16);
-  auto act = silu_mul(gemv(x, gu_w, gu_b, torch::Tensor()));
-  return gemv(act, down_w, down_b, h1.reshape({-1, D})).view(h.sizes());
+  auto act = silu_mul(lin_cat(x, gu).contiguous());
+  return lin(act, down, 0, h1.reshape({-1, D})).view(h.sizes());
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("gemv", &gemv, "y = x @ w.T + bias (+ residual) for a few rows (decode)");
+  m.def("gemv", &gemv, "y = x @ w.T + bias (+ residual) for a few rows (decode); int8 w with a row scale");
   m.def("rms_norm", &rms_norm, "fused RMSNorm");
   m.def("silu_mul", &silu_mul, "silu(gate) * up from a fused [N, 2F] tensor");
   m.def("rope", &rope, "rotary embedding, rotate-half layout");

@@ -283,19 +283,29 @@ class DecoderLayer(nn.Module):
         """What a one-call decode step needs, if this is a plain Llama-form layer (else None).
 
         Returns (links, hook dicts, kernel arguments). ``links`` are (dict, key, object) triples for
-        every submodule and Parameter used, so the plan is re-validated each step by identity alone
-        (a module swap, a re-assigned Parameter or an added hook sends the step to the torch path).
+        every submodule, Parameter and buffer used, so the plan is re-validated each step by identity
+        alone (a module swap, a re-assigned tensor or an added hook sends the step to the torch path).
+        Linears may be plain (fp32/bf16, fused or not) or offer ``decode_triple()`` (int8).
         """
         at, mlp, n1, n2 = self.self_attn, self.mlp, self.attn_norm, self.mlp_norm
-        fa, fm = at._fusion, mlp._fusion
-        if (fa is None or fm is None or at.softcap is not None or at.q_norm is not None
-                or not mlp.silu or n1.kind != "rms" or n1.offset or n1.bias is not None or n2.bias is not None
-                or n1.eps != n2.eps):
+        if (not mlp.gated or at.softcap is not None or at.q_norm is not None or not mlp.silu or n1.kind != "rms"
+                or n1.offset or n1.bias is not None or n2.bias is not None or n1.eps != n2.eps):
             return None
         qkv_mods = [at.q_proj, at.k_proj, at.v_proj]
         gu_mods = [mlp.gate_proj, mlp.up_proj]
         o, down = at.o_proj, mlp.down_proj
-        if not (fa.valid(qkv_mods) and fm.valid(gu_mods) and type(o) is nn.Linear and type(down) is nn.Linear):
+        fa, fm = at._fusion, mlp._fusion
+        if fa is not None and not fa.valid(qkv_mods):
+            fa = at._fusion = None
+        if fm is not None and not fm.valid(gu_mods):
+            fm = mlp._fusion = None
+        zero = torch.empty(0)
+        qkv = ([(fa.weight, zero if fa.bias is None else fa.bias, zero)] if fa is not None
+               else [kernels.linear_triple(m) for m in qkv_mods])
+        gu = ([(fm.weight, zero if fm.bias is None else fm.bias, zero)] if fm is not None
+              else [kernels.linear_triple(m) for m in gu_mods])
+        ot, dt = kernels.linear_triple(o), kernels.linear_triple(down)
+        if ot is None or dt is None or any(t is None for t in qkv + gu):
             return None
         links: list[tuple[dict[str, Any], str, Any]] = [
             (self._modules, "attn_norm", n1), (self._modules, "self_attn", at), (self._modules, "mlp_norm", n2),
@@ -305,10 +315,11 @@ class DecoderLayer(nn.Module):
         links += [(mlp._modules, n, m) for n, m in zip(("gate_proj", "up_proj"), gu_mods, strict=True)]
         for m in (n1, n2, o, down, *qkv_mods, *gu_mods):
             links += [(m._parameters, n, p) for n, p in m._parameters.items()]
+            links += [(m._buffers, n, b) for n, b in m._buffers.items()]
         mods = (self, n1, n2, at, mlp, o, down, *qkv_mods, *gu_mods)
         hooks = [d for m in mods for d in (m._forward_pre_hooks, m._forward_hooks)]
-        args = ((n1.weight, n2.weight), n1.eps, (fa.weight, fa.bias, o.weight, o.bias, fm.weight, fm.bias, down.weight,
-                                                 down.bias), at.layer_idx, at.num_heads, at.num_kv_heads, at.scale)
+        args = ((n1.weight, n2.weight), n1.eps, (qkv, ot, gu, dt), at.layer_idx, at.num_heads, at.num_kv_heads,
+                at.scale)
         return links, hooks, args
 
     def _decode_step(self, h: torch.Tensor, ctx: AttnContext) -> torch.Tensor | None:
@@ -322,13 +333,13 @@ class DecoderLayer(nn.Module):
             self.__dict__["_plan"] = plan
             if plan is None:
                 return None
-        links, hooks, (norms, eps, weights, idx, heads, kv_heads, scale) = plan
+        links, hooks, (norms, eps, linears, idx, heads, kv_heads, scale) = plan
         if any(hooks[2:]):  # hooks on this layer itself still run: __call__ handles them
             return None
         at = self.self_attn
         cache.check_room(1)
         cos, sin = ctx.rope[at.layer_type] if at.use_rope else (None, None)
-        return kernels.decode_layer(h, norms, eps, weights, cos, sin, cache.k, cache.v, idx, cache.length,
+        return kernels.decode_layer(h, norms, eps, linears, cos, sin, cache.k, cache.v, idx, cache.length,
                                     ctx.masks.get(at.layer_type), heads, kv_heads, scale)
 
     def forward(self, h: torch.Tensor, ctx: AttnContext) -> torch.Tensor:

@@ -171,3 +171,34 @@ def test_one_call_decode_steps_aside_for_hooks_and_swaps(tmp_path) -> None:  # t
         new.weight.copy_(down.weight * 2)
     layer.mlp.down_proj = new  # a swapped module is used, not the cached weight
     assert not torch.allclose(_decode_logits(lm, ids), base)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gemv_int8_codes_with_row_scales(dtype: torch.dtype) -> None:
+    ext = kernels.load()
+    codes = torch.randint(-128, 128, (37, 70), dtype=torch.int8)
+    scale = torch.rand(37) / 100
+    x = torch.randn(3, 70).to(dtype)
+    with torch.inference_mode():
+        got = ext.gemv(x, codes, torch.empty(0), torch.empty(0), scale)
+    ref = x.double() @ (codes.double() * scale.double()[:, None]).t()
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(got.double(), ref, atol=tol * ref.abs().max().item(), rtol=0)
+
+
+def test_one_call_decode_runs_int8_layers_like_the_module_path(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from slimlm.loaders import load_model
+    from slimlm.quant.api import quantize_
+    from slimlm.quant.methods.rtn import RTNConfig
+    from tests.helpers.models import make_hf_model
+
+    make_hf_model("llama", tmp_path)
+    lm = load_model(str(tmp_path))
+    quantize_(lm.model, RTNConfig(bits=8, group_size=-1, symmetric=True, ignore=["lm_head"]))
+    ids = torch.randint(0, 256, (1, 6))
+    fast = _decode_logits(lm, ids)
+    plan = lm.model.model.layers[0].__dict__.get("_plan")
+    assert plan is not None and len(plan[2][2][0]) == 3  # q, k and v as three int8 triples
+    monkeypatch.setattr(kernels, "_ext", None)
+    ref = _decode_logits(lm, ids)  # the modules' own path (bf16 activations into torch's int8 kernel)
+    torch.testing.assert_close(fast, ref, atol=2e-2 * ref.abs().max().item(), rtol=0)

@@ -93,6 +93,14 @@ class Int8WeightLinear(QuantLinearBase):
         fast = self.use_kernel and self.zero is None
         self.__dict__["_fast"] = (self.weight, self.scale[:, 0].to(ACT_DTYPE), self.bias) if fast else None
 
+    def decode_triple(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """(int8 codes, bias, float32 row scale) for slimlm's decode kernels (symmetric per-channel only)."""
+        fast = self.__dict__.get("_fast")
+        if fast is None:
+            return None
+        empty = torch.empty(0)
+        return self.weight, empty if self.bias is None else self.bias, self.scale[:, 0].float().contiguous()
+
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         self.__dict__["_fast"] = None  # call process_after_loading() again
         super()._load_from_state_dict(*args, **kwargs)
