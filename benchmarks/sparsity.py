@@ -83,7 +83,10 @@ def nonzero_params(model: Any) -> int:
     seen: set[int] = set()
     for m in model.modules():
         if isinstance(m, SwappableLinear):
-            n += int((m.dense_weight() != 0).sum()) + (m.bias.numel() if m.has_bias else 0)  # type: ignore[union-attr]
+            if getattr(m, "kind", "") == "lowrank":  # the factors are what is stored and multiplied
+                n += sum(int((t != 0).sum()) for t in list(m.parameters()) + list(m.buffers()))
+            else:  # sparse/quantized: nonzeros of the effective weight
+                n += int((m.dense_weight() != 0).sum()) + (m.bias.numel() if m.has_bias else 0)  # type: ignore[union-attr]
             for t in m.parameters():
                 seen.add(id(t))
             for t in m.buffers():
