@@ -67,12 +67,14 @@ inline float dot(const WT* w, const float* x, int64_t n) {
   return s;
 }
 
-inline float ldo(const float* p, int64_t i) { return p[i]; }
-inline float ldo(const uint16_t* p, int64_t i) { return bf2f(p[i]); }
-inline void sto(float* p, int64_t i, float v) { p[i] = v; }
-inline void sto(uint16_t* p, int64_t i, float v) { p[i] = f2bf(v); }
-inline float rndo(float v, const float*) { return v; }
-inline float rndo(float v, const uint16_t*) { return rbf(v); }
+// element access for fp32 / bf16 (uint16 bits) activations: load as float, store rounded, and round a
+// float to the precision of the tensor a pointer belongs to (identity for fp32)
+inline float ld(const float* p, int64_t i) { return p[i]; }
+inline float ld(const uint16_t* p, int64_t i) { return bf2f(p[i]); }
+inline void st(float* p, int64_t i, float v) { p[i] = v; }
+inline void st(uint16_t* p, int64_t i, float v) { p[i] = f2bf(v); }
+inline float rnd(float v, const float*) { return v; }
+inline float rnd(float v, const uint16_t*) { return rbf(v); }
 
 template <typename WT, typename OT>
 void gemv_run(const float* x, int64_t B, int64_t I, const WT* W, int64_t O, const float* bias, const OT* res, OT* y,
@@ -83,8 +85,8 @@ void gemv_run(const float* x, int64_t B, int64_t I, const WT* W, int64_t O, cons
     auto put = [&](int64_t b, int64_t o, float v) {
       if (scale) v *= scale[o];  // int8 weights: w = code * scale[row]
       v += bias ? bias[o] : 0.f;
-      if (res) v = rndo(v, y) + ldo(res, b * O + o);
-      sto(y, b * O + o, v);
+      if (res) v = rnd(v, y) + ld(res, b * O + o);
+      st(y, b * O + o, v);
     };
     for (int64_t o = begin; o < end; ++o)
       for (int64_t b = 0; b < B; ++b) put(b, o, dot(W + o * I, x + b * I, I));
@@ -252,13 +254,6 @@ torch::Tensor rope(torch::Tensor x, torch::Tensor cos, torch::Tensor sin) {
 // Returns [B, 1, H D] in qkv's dtype.
 namespace {
 
-inline float ldv(const float* p, int64_t i) { return p[i]; }
-inline float ldv(const uint16_t* p, int64_t i) { return bf2f(p[i]); }
-inline void stv(float* p, int64_t i, float v) { p[i] = v; }
-inline void stv(uint16_t* p, int64_t i, float v) { p[i] = f2bf(v); }
-inline float rnd(float v, const float*) { return v; }
-inline float rnd(float v, const uint16_t*) { return rbf(v); }
-
 template <typename T>
 void attn_decode_run(const T* qkv, const T* cos, const T* sin, T* kc, T* vc, int64_t pos, const bool* mp, int64_t B,
                      int64_t H, int64_t Hkv, int64_t D, int64_t Tmax, float scale, T* out) {
@@ -267,9 +262,9 @@ void attn_decode_run(const T* qkv, const T* cos, const T* sin, T* kc, T* vc, int
   auto rotate = [&](int64_t b, int64_t src, float* dst) {
     const T* x = qkv + b * W + src;
     for (int64_t i = 0; i < D; ++i) {
-      if (!cos) { dst[i] = ldv(x, i); continue; }
-      const float r = i < half ? -ldv(x, i + half) : ldv(x, i - half);
-      dst[i] = rnd(rnd(ldv(x, i) * ldv(cos, b * D + i), x) + rnd(r * ldv(sin, b * D + i), x), x);
+      if (!cos) { dst[i] = ld(x, i); continue; }
+      const float r = i < half ? -ld(x, i + half) : ld(x, i - half);
+      dst[i] = rnd(rnd(ld(x, i) * ld(cos, b * D + i), x) + rnd(r * ld(sin, b * D + i), x), x);
     }
   };
   std::vector<float> tmp(D);
@@ -279,7 +274,7 @@ void attn_decode_run(const T* qkv, const T* cos, const T* sin, T* kc, T* vc, int
       const int64_t c = ((b * Hkv + j) * Tmax + pos) * D;
       const T* v = qkv + b * W + (H + Hkv + j) * D;
       for (int64_t i = 0; i < D; ++i) {
-        stv(kc, c + i, tmp[i]);
+        st(kc, c + i, tmp[i]);
         vc[c + i] = v[i];
       }
     }
@@ -295,7 +290,7 @@ void attn_decode_run(const T* qkv, const T* cos, const T* sin, T* kc, T* vc, int
         if (mp && !mp[b * S + s]) { p[s] = -INFINITY; continue; }
         const T* k = K + s * D;
         float d = 0.f;
-        for (int64_t i = 0; i < D; ++i) d += q[i] * ldv(k, i);
+        for (int64_t i = 0; i < D; ++i) d += q[i] * ld(k, i);
         p[s] = d * scale;
         mx = std::max(mx, p[s]);
       }
@@ -306,9 +301,9 @@ void attn_decode_run(const T* qkv, const T* cos, const T* sin, T* kc, T* vc, int
         if (p[s] == 0.f) continue;
         const float w = p[s] / den;
         const T* v = V + s * D;
-        for (int64_t i = 0; i < D; ++i) acc[i] += w * ldv(v, i);
+        for (int64_t i = 0; i < D; ++i) acc[i] += w * ld(v, i);
       }
-      for (int64_t i = 0; i < D; ++i) stv(out, b * H * D + h * D + i, acc[i]);
+      for (int64_t i = 0; i < D; ++i) st(out, b * H * D + h * D + i, acc[i]);
     }
   });
 }
