@@ -83,6 +83,11 @@ def _usable(x: torch.Tensor, row: int | None = None) -> Any:
     return _ext if _tried else load()
 
 
+def _gemv_weight(w: torch.Tensor) -> bool:
+    """Whether the GEMV kernel reads ``w`` as is (contiguous fp32/bf16)."""
+    return w.is_contiguous() and (w.dtype is torch.float32 or w.dtype is torch.bfloat16)
+
+
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None,
            residual: torch.Tensor | None = None) -> torch.Tensor:
     """``residual + F.linear(x, w, b)`` (residual optional), with the GEMV kernel for a few rows of x.
@@ -90,7 +95,7 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None,
     x: [..., I], w: [O, I] -> [..., O]; the residual is added after rounding to x's dtype, as torch would.
     """
     ext = _usable(x)
-    if ext is None or not w.is_contiguous() or (w.dtype is not torch.float32 and w.dtype is not torch.bfloat16) \
+    if ext is None or not _gemv_weight(w) \
             or (residual is not None and (not residual.is_contiguous() or residual.dtype != x.dtype)):
         y = torch.nn.functional.linear(x, w, b)
         return y if residual is None else residual + y
@@ -124,6 +129,23 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor 
     return ext.rope(x, cos.reshape(b, t, -1).contiguous(), sin.reshape(b, t, -1).contiguous())  # type: ignore[no-any-return]
 
 
+def _step_inputs(x: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None, k_cache: torch.Tensor, pos: int,
+                 mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """(cos, sin, mask) as the one-token attention kernels take them, for ``x: [B, 1, ...]``
+    (empty tensors for no rotary / no mask), or ``None`` if the step must fall back."""
+    if x.shape[1] != 1 or not x.is_contiguous() or k_cache.dtype != x.dtype:
+        return None
+    if cos is None or sin is None:
+        cos = sin = _EMPTY
+    elif cos.dtype != x.dtype or cos.shape[-1] != k_cache.shape[-1] or not cos.is_contiguous():
+        return None
+    if mask is None:
+        mask = _EMPTY
+    elif not mask.is_contiguous() or mask.numel() != x.shape[0] * (pos + 1):
+        mask = mask.expand(x.shape[0], 1, 1, pos + 1).contiguous()
+    return cos, sin, mask
+
+
 def attn_decode(qkv: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None, k_cache: torch.Tensor,
                 v_cache: torch.Tensor, layer: int, pos: int, mask: torch.Tensor | None, heads: int, kv_heads: int,
                 scale: float) -> torch.Tensor | None:
@@ -133,31 +155,26 @@ def attn_decode(qkv: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor |
     ``layer``); mask: bool [B, 1, 1, pos + 1] or None. Returns [B, 1, H D], or ``None`` to fall back.
     """
     ext = _usable(qkv)
-    if ext is None or qkv.shape[1] != 1 or not qkv.is_contiguous() or k_cache.dtype != qkv.dtype:
+    extras = _step_inputs(qkv, cos, sin, k_cache, pos, mask) if ext is not None else None
+    if extras is None:
         return None
-    if cos is not None and sin is not None:
-        if cos.dtype != qkv.dtype or cos.shape[-1] != k_cache.shape[-1] or not cos.is_contiguous():
-            return None
-    else:
-        cos = sin = _EMPTY
-    if mask is None:
-        mask = _EMPTY
-    elif not mask.is_contiguous() or mask.numel() != qkv.shape[0] * (pos + 1):
-        mask = mask.expand(qkv.shape[0], 1, 1, pos + 1).contiguous()
-    return ext.attn_decode(qkv, cos, sin, k_cache, v_cache, layer, pos, mask, heads, kv_heads, scale)  # type: ignore[no-any-return]
+    return ext.attn_decode(qkv, extras[0], extras[1], k_cache, v_cache, layer, pos, extras[2], heads,  # type: ignore[no-any-return]
+                           kv_heads, scale)
 
 
 Triple = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (weight, bias, scale) as ``gemv`` takes them
+
+
+def dense_triple(w: torch.Tensor, b: torch.Tensor | None) -> Triple | None:
+    """The triple of a dense fp32/bf16 weight ``[O, I]`` and optional bias, or ``None`` if unsupported."""
+    return (w, _EMPTY if b is None else b, _EMPTY) if _gemv_weight(w) else None
 
 
 def linear_triple(mod: torch.nn.Module) -> Triple | None:
     """How the decode kernels run ``mod``: a plain ``nn.Linear`` (fp32/bf16) or a module offering
     ``decode_triple()`` (e.g. symmetric per-channel int8); ``None`` if they cannot."""
     if type(mod) is torch.nn.Linear:
-        w = mod.weight
-        if not w.is_contiguous() or (w.dtype is not torch.float32 and w.dtype is not torch.bfloat16):
-            return None
-        return w, _EMPTY if mod.bias is None else mod.bias, _EMPTY
+        return dense_triple(mod.weight, mod.bias)
     fn = getattr(mod, "decode_triple", None)
     return fn() if fn is not None else None  # type: ignore[no-any-return]
 
@@ -172,17 +189,10 @@ def decode_layer(h: torch.Tensor, norms: tuple[torch.Tensor, torch.Tensor], eps:
     triple from :func:`linear_triple`. Returns the new h [B, 1, D], or ``None`` to fall back.
     """
     ext = _usable(h)
-    if ext is None or h.shape[1] != 1 or not h.is_contiguous() or k_cache.dtype != h.dtype:
+    extras = _step_inputs(h, cos, sin, k_cache, pos, mask) if ext is not None else None
+    if extras is None:
         return None
-    if cos is None or sin is None:
-        cos = sin = _EMPTY
-    elif cos.dtype != h.dtype or cos.shape[-1] != k_cache.shape[-1] or not cos.is_contiguous():
-        return None
-    if mask is None:
-        mask = _EMPTY
-    elif not mask.is_contiguous() or mask.numel() != h.shape[0] * (pos + 1):
-        mask = mask.expand(h.shape[0], 1, 1, pos + 1).contiguous()
     qkv, o, gu, down = linears
     return ext.decode_layer(h, norms[0], norms[1], eps, [t for tr in qkv for t in tr], list(o),  # type: ignore[no-any-return]
-                            [t for tr in gu for t in tr], list(down), cos, sin, k_cache, v_cache, layer, pos, mask,
-                            heads, kv_heads, scale)
+                            [t for tr in gu for t in tr], list(down), *extras[:2], k_cache, v_cache, layer, pos,
+                            extras[2], heads, kv_heads, scale)

@@ -299,10 +299,9 @@ class DecoderLayer(nn.Module):
             fa = at._fusion = None
         if fm is not None and not fm.valid(gu_mods):
             fm = mlp._fusion = None
-        zero = torch.empty(0)
-        qkv = ([(fa.weight, zero if fa.bias is None else fa.bias, zero)] if fa is not None
+        qkv = ([kernels.dense_triple(fa.weight, fa.bias)] if fa is not None
                else [kernels.linear_triple(m) for m in qkv_mods])
-        gu = ([(fm.weight, zero if fm.bias is None else fm.bias, zero)] if fm is not None
+        gu = ([kernels.dense_triple(fm.weight, fm.bias)] if fm is not None
               else [kernels.linear_triple(m) for m in gu_mods])
         ot, dt = kernels.linear_triple(o), kernels.linear_triple(down)
         if ot is None or dt is None or any(t is None for t in qkv + gu):
