@@ -48,6 +48,10 @@ VARIANTS: dict[str, tuple[str, dict[str, Any] | None]] = {
     "bf16": ("bf16", None),
     "rtn-w8": ("fp32", {"kind": "rtn", "bits": 8, "group_size": -1, "symmetric": True}),
     "rtn-w4g128": ("fp32", {"kind": "rtn", "bits": 4, **_G128}),
+    # the tied lm_head (113 MB in fp32, read on every decode step) also quantized, to int8 per channel
+    "rtn-w8-head8": ("fp32", {"kind": "rtn", "bits": 8, "group_size": -1, "symmetric": True, "ignore": []}),
+    "rtn-w4g128-head8": ("fp32", {"kind": "rtn", "bits": 4, **_G128, "ignore": [], "overrides": {
+        "lm_head": {"bits": 8, "group_size": -1, "symmetric": True, "ragged_last_group": False}}}),
     "gptq-w4g128": ("fp32", {"kind": "gptq", "bits": 4, "act_order": True, **_G128}),
     "gptq-w4g128-noact": ("fp32", {"kind": "gptq", "bits": 4, "act_order": False, **_G128}),
     "rtn-w3g128": ("fp32", {"kind": "rtn", "bits": 3, **_G128}),

@@ -1,9 +1,11 @@
 """slimlm's own CPU decode kernels (``decode.cpp``), built on first use, with a torch fallback.
 
 Batch-1 decode is bound by weight streaming and per-op overhead (see BENCHMARKS.md): the kernels
-here are a multi-threaded AVX2 GEMV for fp32/bf16 weights (~18 GB/s where torch's reaches ~12)
-and fused RMSNorm, SiLU*mul and rotary embedding. They serve only small, inference-only calls
-(at most :data:`SMALL_ROWS` rows, no autograd); everything else runs torch ops.
+here are a multi-threaded AVX2 GEMV for fp32/bf16 weights (~18 GB/s where torch's reaches ~12), a
+quantized GEMV for int8 / packed int4 codes (``qgemv.cpp``: activations quantized to int8 per 32
+on the fly, integer dot products, as llama.cpp does), and fused RMSNorm, SiLU*mul, rotary
+embedding and decode attention. They serve only small, inference-only calls (at most
+:data:`SMALL_ROWS` rows, no autograd); everything else runs torch ops.
 
 The extension is compiled once with ``torch.utils.cpp_extension`` (gcc + ninja, about a minute)
 into torch's extension cache. It is used only when the CPU reports AVX2 (or better) and the build
@@ -25,7 +27,7 @@ from typing import Any
 import torch
 
 SMALL_ROWS = 8  # calls with at most this many rows (tokens x batch) take the decode kernels
-_SRC = Path(__file__).with_name("decode.cpp")
+_SRC = [Path(__file__).with_name(n) for n in ("decode.cpp", "qgemv.cpp")]  # + common.h
 _EMPTY = torch.empty(0)
 _ext: Any = None
 _tried = False
@@ -59,7 +61,7 @@ def load(verbose: bool = False) -> Any:
         cache = Path(os.environ.get("TORCH_EXTENSIONS_DIR", Path.home() / ".cache" / "torch_extensions"))
         if not any(cache.glob("*/slimlm_decode_kernels")):
             print("slimlm: building CPU decode kernels (once, about a minute)...", file=sys.stderr)
-        _ext = build("slimlm_decode_kernels", [str(_SRC)], extra_cflags=["-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp"],
+        _ext = build("slimlm_decode_kernels", [str(p) for p in _SRC], extra_cflags=["-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp"],
                      extra_ldflags=["-fopenmp"], verbose=verbose)
         _why = "built"
     except Exception as e:  # no compiler, no ninja, ...: stay on torch ops
@@ -99,7 +101,7 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None,
             or (residual is not None and (not residual.is_contiguous() or residual.dtype != x.dtype)):
         y = torch.nn.functional.linear(x, w, b)
         return y if residual is None else residual + y
-    return ext.gemv(x, w, _EMPTY if b is None else b, _EMPTY if residual is None else residual, _EMPTY)  # type: ignore[no-any-return]
+    return ext.gemv(x, w, _EMPTY if b is None else b, _EMPTY if residual is None else residual)  # type: ignore[no-any-return]
 
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float, offset: float = 0.0) -> torch.Tensor | None:
@@ -162,31 +164,67 @@ def attn_decode(qkv: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor |
                            kv_heads, scale)
 
 
-Triple = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (weight, bias, scale) as ``gemv`` takes them
+# How the decode kernels run one linear: (weight, bias, scale, zs, group) as ``decode_layer`` takes
+# them. Dense fp32/bf16 weights leave scale/zs/group empty; quantized codes (int8 ``[O, I]`` or packed
+# 4-bit ``[O, I/2]``) carry float32 group scales ``[O, ng]``, zero*scale ``[O, ng]`` (or empty when
+# symmetric) and a 1-element int64 group size (see qgemv.cpp).
+LinearSpec = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+QBLOCK = 32  # qgemv reads codes in blocks of 32: rows and groups must be multiples of it
 
 
-def dense_triple(w: torch.Tensor, b: torch.Tensor | None) -> Triple | None:
-    """The triple of a dense fp32/bf16 weight ``[O, I]`` and optional bias, or ``None`` if unsupported."""
-    return (w, _EMPTY if b is None else b, _EMPTY) if _gemv_weight(w) else None
+def dense_spec(w: torch.Tensor, b: torch.Tensor | None) -> LinearSpec | None:
+    """The spec of a dense fp32/bf16 weight ``[O, I]`` and optional bias, or ``None`` if unsupported."""
+    return (w, _EMPTY if b is None else b, _EMPTY, _EMPTY, _EMPTY) if _gemv_weight(w) else None
 
 
-def linear_triple(mod: torch.nn.Module) -> Triple | None:
+def quant_spec(codes: torch.Tensor, bias: torch.Tensor | None, scale: torch.Tensor, zero: torch.Tensor | None,
+               group: int, in_features: int) -> LinearSpec | None:
+    """The spec of quantized codes for ``qgemv``, or ``None`` if its layout rules are not met.
+
+    codes: int8 ``[O, I]`` (signed, ``w = (q - zero) * scale``) or uint8 ``[O, I/2]`` (two 4-bit codes
+    per byte, even element in the low nibble); scale ``[O, ng]``; zero ``[O, ng]`` in the codes' own
+    convention (signed for int8, 0..15 for 4-bit) or ``None`` for symmetric int8; group: input columns
+    per scale (-1 = the whole row).
+    """
+    group = in_features if group in (-1, 0) or group >= in_features else group
+    nib = codes.dtype is torch.uint8
+    if in_features % QBLOCK or group % QBLOCK or not codes.is_contiguous() or codes.dim() != 2 \
+            or codes.dtype not in (torch.int8, torch.uint8) or codes.shape[1] != (in_features // 2 if nib else in_features):
+        return None
+    ng = -(-in_features // group)
+    if tuple(scale.shape) != (codes.shape[0], ng):
+        return None
+    s = scale.float().contiguous()
+    zs = _EMPTY if zero is None else (zero.float() * s).contiguous()
+    return codes, _EMPTY if bias is None else bias.float().contiguous(), s, zs, torch.tensor([group])
+
+
+def linear_spec(mod: torch.nn.Module) -> LinearSpec | None:
     """How the decode kernels run ``mod``: a plain ``nn.Linear`` (fp32/bf16) or a module offering
-    ``decode_triple()`` (e.g. symmetric per-channel int8); ``None`` if they cannot."""
+    ``decode_spec()`` (the int8 / int4 quantized linears); ``None`` if they cannot."""
     if type(mod) is torch.nn.Linear:
-        return dense_triple(mod.weight, mod.bias)
-    fn = getattr(mod, "decode_triple", None)
+        return dense_spec(mod.weight, mod.bias)
+    fn = getattr(mod, "decode_spec", None)
     return fn() if fn is not None else None  # type: ignore[no-any-return]
 
 
+def qlinear(x: torch.Tensor, spec: LinearSpec, residual: torch.Tensor | None = None) -> torch.Tensor | None:
+    """``residual + x @ W.T + b`` with a quantized spec for a few rows of x, or ``None`` to fall back."""
+    ext = _usable(x)
+    if ext is None or (residual is not None and (not residual.is_contiguous() or residual.dtype != x.dtype)):
+        return None
+    w, b, s, zs, g = spec
+    return ext.qgemv(x, w, b, _EMPTY if residual is None else residual, s, zs, int(g))  # type: ignore[no-any-return]
+
+
 def decode_layer(h: torch.Tensor, norms: tuple[torch.Tensor, torch.Tensor], eps: float,
-                 linears: tuple[list[Triple], Triple, list[Triple], Triple], cos: torch.Tensor | None,
+                 linears: tuple[list[LinearSpec], LinearSpec, list[LinearSpec], LinearSpec], cos: torch.Tensor | None,
                  sin: torch.Tensor | None, k_cache: torch.Tensor, v_cache: torch.Tensor, layer: int, pos: int,
                  mask: torch.Tensor | None, heads: int, kv_heads: int, scale: float) -> torch.Tensor | None:
     """A whole Llama-style layer's decode step in one call (see ``decode_layer`` in decode.cpp).
 
-    ``linears``: (q|k|v as one fused triple or three, o, gate|up as one or two, down), each
-    triple from :func:`linear_triple`. Returns the new h [B, 1, D], or ``None`` to fall back.
+    ``linears``: (q|k|v as one fused spec or three, o, gate|up as one or two, down), each
+    from :func:`linear_spec`. Returns the new h [B, 1, D], or ``None`` to fall back.
     """
     ext = _usable(h)
     extras = _step_inputs(h, cos, sin, k_cache, pos, mask) if ext is not None else None

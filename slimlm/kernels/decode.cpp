@@ -7,49 +7,14 @@
 // independent FMA chains (bf16 weights widened exactly by a 16-bit shift, so bf16 halves the bytes
 // read) and fuse RMSNorm, SiLU*mul and rotary embedding into one pass each. Accumulation is fp32;
 // bf16 outputs are rounded to nearest-even at the same points as the torch reference code.
-#include <torch/extension.h>
 #include <ATen/Parallel.h>
-#include <immintrin.h>
-#include <cmath>
-#include <cstdint>
-#include <cstring>
 #include <vector>
 #include <algorithm>
+#include "common.h"
+
+using namespace slimlm_k;
 
 namespace {
-
-inline float bf2f(uint16_t v) {
-  uint32_t bits = static_cast<uint32_t>(v) << 16;
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
-}
-inline uint16_t f2bf(float f) {  // round to nearest even (inputs are finite here)
-  uint32_t bits;
-  std::memcpy(&bits, &f, 4);
-  bits += 0x7FFF + ((bits >> 16) & 1);
-  return static_cast<uint16_t>(bits >> 16);
-}
-inline float rbf(float f) { return bf2f(f2bf(f)); }  // round a float to bf16 precision
-
-inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 load8(const uint16_t* p) {
-  __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
-}
-inline __m256 load8(const int8_t* p) {
-  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
-}
-inline float scalar(int8_t v) { return static_cast<float>(v); }
-inline float scalar(float v) { return v; }
-inline float scalar(uint16_t v) { return bf2f(v); }
-inline float hsum(__m256 v) {
-  __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
-  lo = _mm_add_ps(lo, hi);
-  lo = _mm_hadd_ps(lo, lo);
-  lo = _mm_hadd_ps(lo, lo);
-  return _mm_cvtss_f32(lo);
-}
 
 template <typename WT>
 inline float dot(const WT* w, const float* x, int64_t n) {
@@ -67,23 +32,12 @@ inline float dot(const WT* w, const float* x, int64_t n) {
   return s;
 }
 
-// element access for fp32 / bf16 (uint16 bits) activations: load as float, store rounded, and round a
-// float to the precision of the tensor a pointer belongs to (identity for fp32)
-inline float ld(const float* p, int64_t i) { return p[i]; }
-inline float ld(const uint16_t* p, int64_t i) { return bf2f(p[i]); }
-inline void st(float* p, int64_t i, float v) { p[i] = v; }
-inline void st(uint16_t* p, int64_t i, float v) { p[i] = f2bf(v); }
-inline float rnd(float v, const float*) { return v; }
-inline float rnd(float v, const uint16_t*) { return rbf(v); }
-
 template <typename WT, typename OT>
-void gemv_run(const float* x, int64_t B, int64_t I, const WT* W, int64_t O, const float* bias, const OT* res, OT* y,
-              const float* scale = nullptr) {
+void gemv_run(const float* x, int64_t B, int64_t I, const WT* W, int64_t O, const float* bias, const OT* res, OT* y) {
   // rows of W split across threads; each row is read once and applied to every batch row. With a
   // residual, y = round(x w + b) + res is rounded again, as `res + F.linear(x, w, b)` would be.
   at::parallel_for(0, O, 64, [&](int64_t begin, int64_t end) {
     auto put = [&](int64_t b, int64_t o, float v) {
-      if (scale) v *= scale[o];  // int8 weights: w = code * scale[row]
       v += bias ? bias[o] : 0.f;
       if (res) v = rnd(v, y) + ld(res, b * O + o);
       st(y, b * O + o, v);
@@ -93,20 +47,13 @@ void gemv_run(const float* x, int64_t B, int64_t I, const WT* W, int64_t O, cons
   });
 }
 
-void check_float(const torch::Tensor& t, const char* name) {
-  TORCH_CHECK(t.scalar_type() == torch::kFloat32 || t.scalar_type() == torch::kBFloat16, name,
-              " must be float32 or bfloat16");
-}
-
 }  // namespace
 
-// y = x @ w.T + bias (+ residual). x: [..., I] (fp32/bf16), w: [O, I] contiguous (fp32/bf16, or int8 codes
-// with a float32 [O] `scale`: w = code * scale), bias: [O] or empty, residual: [..., O] in x's dtype or
-// empty. Returns [..., O] in x's dtype.
-torch::Tensor gemv(torch::Tensor x, torch::Tensor w, torch::Tensor bias, torch::Tensor residual, torch::Tensor scale) {
+// y = x @ w.T + bias (+ residual). x: [..., I] (fp32/bf16), w: [O, I] contiguous fp32/bf16, bias: [O] or
+// empty, residual: [..., O] in x's dtype or empty. Returns [..., O] in x's dtype.
+torch::Tensor gemv(torch::Tensor x, torch::Tensor w, torch::Tensor bias, torch::Tensor residual) {
   check_float(x, "x");
-  const bool w8 = w.scalar_type() == torch::kChar;
-  if (!w8) check_float(w, "w");
+  check_float(w, "w");
   const int64_t I = x.size(-1), O = w.size(0);
   TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.size(1) == I, "gemv: w must be [O, I] contiguous");
   auto xf = x.reshape({-1, I}).to(torch::kFloat32).contiguous();
@@ -125,27 +72,18 @@ torch::Tensor gemv(torch::Tensor x, torch::Tensor w, torch::Tensor bias, torch::
   if (has_res)
     TORCH_CHECK(residual.numel() == B * O && residual.is_contiguous() && residual.scalar_type() == x.scalar_type(),
                 "gemv: residual must be [..., O] contiguous in x's dtype");
-  const float* sp = nullptr;
-  if (w8) {
-    TORCH_CHECK(scale.defined() && scale.scalar_type() == torch::kFloat32 && scale.numel() == O && scale.is_contiguous(),
-                "gemv: int8 weights need a float32 [O] scale");
-    sp = scale.data_ptr<float>();
-  }
   const bool wf = w.scalar_type() == torch::kFloat32;
   const uint16_t* wb = reinterpret_cast<const uint16_t*>(w.data_ptr());
-  const int8_t* wi = reinterpret_cast<const int8_t*>(w.data_ptr());
   const float* xp = xf.data_ptr<float>();
   if (x.scalar_type() == torch::kFloat32) {
     const float* r = has_res ? residual.data_ptr<float>() : nullptr;
     float* yp = y.data_ptr<float>();
-    if (w8) gemv_run(xp, B, I, wi, O, bp, r, yp, sp);
-    else if (wf) gemv_run(xp, B, I, w.data_ptr<float>(), O, bp, r, yp);
+    if (wf) gemv_run(xp, B, I, w.data_ptr<float>(), O, bp, r, yp);
     else gemv_run(xp, B, I, wb, O, bp, r, yp);
   } else {
     const uint16_t* r = has_res ? reinterpret_cast<const uint16_t*>(residual.data_ptr()) : nullptr;
     uint16_t* yp = reinterpret_cast<uint16_t*>(y.data_ptr());
-    if (w8) gemv_run(xp, B, I, wi, O, bp, r, yp, sp);
-    else if (wf) gemv_run(xp, B, I, w.data_ptr<float>(), O, bp, r, yp);
+    if (wf) gemv_run(xp, B, I, w.data_ptr<float>(), O, bp, r, yp);
     else gemv_run(xp, B, I, wb, O, bp, r, yp);
   }
   return y;
@@ -288,10 +226,7 @@ void attn_decode_run(const T* qkv, const T* cos, const T* sin, T* kc, T* vc, int
       float mx = -INFINITY;
       for (int64_t s = 0; s < S; ++s) {
         if (mp && !mp[b * S + s]) { p[s] = -INFINITY; continue; }
-        const T* k = K + s * D;
-        float d = 0.f;
-        for (int64_t i = 0; i < D; ++i) d += q[i] * ld(k, i);
-        p[s] = d * scale;
+        p[s] = dot(K + s * D, q.data(), D) * scale;
         mx = std::max(mx, p[s]);
       }
       float den = 0.f;
@@ -301,7 +236,10 @@ void attn_decode_run(const T* qkv, const T* cos, const T* sin, T* kc, T* vc, int
         if (p[s] == 0.f) continue;
         const float w = p[s] / den;
         const T* v = V + s * D;
-        for (int64_t i = 0; i < D; ++i) acc[i] += w * ld(v, i);
+        int64_t i = 0;
+        for (; i + 8 <= D; i += 8)
+          _mm256_storeu_ps(acc.data() + i, _mm256_fmadd_ps(_mm256_set1_ps(w), load8(v + i), _mm256_loadu_ps(acc.data() + i)));
+        for (; i < D; ++i) acc[i] += w * ld(v, i);
       }
       for (int64_t i = 0; i < D; ++i) st(out, b * H * D + h * D + i, acc[i]);
     }
@@ -346,16 +284,25 @@ torch::Tensor attn_decode(torch::Tensor qkv, torch::Tensor cos, torch::Tensor si
 
 // A whole Llama-style decoder layer for one decode step, composed from the kernels above, so that a
 // step costs one Python call per layer: h + o(attn(norm(h))) then + down(silu(gate) * up)(norm(h)).
-// Each linear is a (weight, bias, scale) triple as gemv takes them; `qkv` holds one fused triple or
-// three (q, k, v), `gu` one fused triple or two (gate, up). h: [B, 1, D].
+// Each linear is 5 tensors (weight, bias, scale, zs, group): dense fp32/bf16 weights leave the last
+// three empty (gemv); quantized codes carry qgemv's scale, zero*scale and a 1-element group size.
+// `qkv` holds one fused linear or three (q, k, v), `gu` one fused linear or two (gate, up). h: [B, 1, D].
 namespace {
+constexpr size_t NL = 5;  // tensors per linear
 torch::Tensor lin(const torch::Tensor& x, const std::vector<torch::Tensor>& t, size_t i, const torch::Tensor& res) {
-  return gemv(x, t[3 * i], t[3 * i + 1], res, t[3 * i + 2]);
+  const torch::Tensor* p = t.data() + NL * i;
+  if (p[4].numel() == 0) return gemv(x, p[0], p[1], res);
+  return qgemv(x, p[0], p[1], res, p[2], p[3], p[4].item<int64_t>());
 }
 torch::Tensor lin_cat(const torch::Tensor& x, const std::vector<torch::Tensor>& t) {
-  if (t.size() == 3) return lin(x, t, 0, torch::Tensor());
+  if (t.size() == NL) return lin(x, t, 0, torch::Tensor());
+  bool same = true;  // all quantized alike: one qgemv pass (x quantized once, one parallel loop)
+  for (size_t i = 0; i < t.size(); i += NL)
+    same = same && t[i + 4].numel() == 1 && t[i].scalar_type() == t[0].scalar_type() &&
+           t[i + 4].item<int64_t>() == t[4].item<int64_t>();
+  if (same) return qgemv_cat(x, t);
   std::vector<torch::Tensor> parts;
-  for (size_t i = 0; i < t.size() / 3; ++i) parts.push_back(lin(x, t, i, torch::Tensor()));
+  for (size_t i = 0; i < t.size() / NL; ++i) parts.push_back(lin(x, t, i, torch::Tensor()));
   return torch::cat(parts, -1);
 }
 }  // namespace
@@ -365,7 +312,8 @@ torch::Tensor decode_layer(torch::Tensor h, torch::Tensor attn_norm_w, torch::Te
                            std::vector<torch::Tensor> down, torch::Tensor cos, torch::Tensor sin, torch::Tensor kcache,
                            torch::Tensor vcache, int64_t layer, int64_t pos, torch::Tensor mask, int64_t H, int64_t Hkv,
                            double scale) {
-  TORCH_CHECK(qkv.size() % 3 == 0 && gu.size() % 3 == 0 && o.size() == 3 && down.size() == 3, "decode_layer: linears are triples");
+  TORCH_CHECK(qkv.size() % NL == 0 && gu.size() % NL == 0 && o.size() == NL && down.size() == NL,
+              "decode_layer: each linear is (weight, bias, scale, zs, group)");
   const bool llama_bf16 = h.scalar_type() == torch::kBFloat16;
   const int64_t D = h.size(-1);
   auto x = rms_norm(h.reshape({-1, D}), attn_norm_w, eps, 0.0, llama_bf16).view(h.sizes());
@@ -377,7 +325,9 @@ torch::Tensor decode_layer(torch::Tensor h, torch::Tensor attn_norm_w, torch::Te
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("gemv", &gemv, "y = x @ w.T + bias (+ residual) for a few rows (decode); int8 w with a row scale");
+  m.def("gemv", &gemv, "y = x @ w.T + bias (+ residual) for a few rows (decode)");
+  m.def("qgemv", &qgemv, "the same for int8 / packed int4 codes with group scales (int8 activations)");
+  m.def("qgemv_cat", &qgemv_cat, "several quantized matrices reading the same x in one pass");
   m.def("rms_norm", &rms_norm, "fused RMSNorm");
   m.def("silu_mul", &silu_mul, "silu(gate) * up from a fused [N, 2F] tensor");
   m.def("rope", &rope, "rotary embedding, rotate-half layout");

@@ -86,7 +86,8 @@ def build_model(config: ModelConfig, runtime_tensors: dict[str, torch.Tensor], d
     for k, t in runtime_tensors.items():
         sd[k] = t.to(dtype) if t.is_floating_point() and not _keeps_dtype(k, modules) else t
     expected = set(model.state_dict().keys())
-    if config.tie_word_embeddings:
+    tied = config.tie_word_embeddings and type(model.lm_head) is nn.Linear  # a swapped lm_head has its own tensors
+    if tied:
         expected.discard("lm_head.weight")
     missing = sorted(expected - set(sd))
     unexpected = sorted(set(sd) - expected)
@@ -99,7 +100,7 @@ def build_model(config: ModelConfig, runtime_tensors: dict[str, torch.Tensor], d
     except RuntimeError as e:
         msg = [ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln]
         raise CheckpointError(f"checkpoint does not match its config: {msg[0] if msg else str(e).splitlines()[0]}") from None
-    if config.tie_word_embeddings:
+    if tied:
         model.lm_head.weight = model.model.embed_tokens.weight
     _materialize_meta(model, dtype)
     for m in model.modules():

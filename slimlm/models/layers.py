@@ -285,7 +285,7 @@ class DecoderLayer(nn.Module):
         Returns (links, hook dicts, kernel arguments). ``links`` are (dict, key, object) triples for
         every submodule, Parameter and buffer used, so the plan is re-validated each step by identity
         alone (a module swap, a re-assigned tensor or an added hook sends the step to the torch path).
-        Linears may be plain (fp32/bf16, fused or not) or offer ``decode_triple()`` (int8).
+        Linears may be plain (fp32/bf16, fused or not) or offer ``decode_spec()`` (int8 / int4).
         """
         at, mlp, n1, n2 = self.self_attn, self.mlp, self.attn_norm, self.mlp_norm
         if (not mlp.gated or at.softcap is not None or at.q_norm is not None or not mlp.silu or n1.kind != "rms"
@@ -299,11 +299,11 @@ class DecoderLayer(nn.Module):
             fa = at._fusion = None
         if fm is not None and not fm.valid(gu_mods):
             fm = mlp._fusion = None
-        qkv = ([kernels.dense_triple(fa.weight, fa.bias)] if fa is not None
-               else [kernels.linear_triple(m) for m in qkv_mods])
-        gu = ([kernels.dense_triple(fm.weight, fm.bias)] if fm is not None
-              else [kernels.linear_triple(m) for m in gu_mods])
-        ot, dt = kernels.linear_triple(o), kernels.linear_triple(down)
+        qkv = ([kernels.dense_spec(fa.weight, fa.bias)] if fa is not None
+               else [kernels.linear_spec(m) for m in qkv_mods])
+        gu = ([kernels.dense_spec(fm.weight, fm.bias)] if fm is not None
+              else [kernels.linear_spec(m) for m in gu_mods])
+        ot, dt = kernels.linear_spec(o), kernels.linear_spec(down)
         if ot is None or dt is None or any(t is None for t in qkv + gu):
             return None
         links: list[tuple[dict[str, Any], str, Any]] = [

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -132,3 +133,25 @@ def test_report_counts_real_storage(tiny: Path) -> None:
     assert rep.quantized_bits_per_weight == sd_bits / sum(m.weights for m in q)
     # the dense lm_head (32 bits) and fp32 embeddings/norms raise the other totals
     assert rep.model_bits_per_weight > rep.linear_bits_per_weight > rep.quantized_bits_per_weight
+
+
+@pytest.mark.parametrize("head", [{"bits": 8, "group_size": -1, "symmetric": True}, {"bits": 4, "group_size": 32}])
+def test_quantized_tied_lm_head_saves_and_reloads(head: dict[str, Any], tmp_path: Path) -> None:
+    """A quantized lm_head of a tied model stops sharing the embedding: its own codes are saved and reloaded
+    (the embedding stays dense), instead of being dropped as the tied duplicate."""
+    make_hf_model("llama_tied_rope_llama3", tmp_path / "tied")
+    lm = load_model(str(tmp_path / "tied"))
+    assert lm.model.config.tie_word_embeddings
+    emb = lm.model.model.embed_tokens.weight.clone()
+    quantize_(lm.model, config_for_method("rtn", {"group_size": 32, "ignore": [], "overrides": {"lm_head": head}}))
+    assert type(lm.model.lm_head) is not torch.nn.Linear
+    with torch.inference_mode():
+        out = lm.model(IDS)
+        step = lm.model(IDS[:1, :1])  # one row: the decode-size path of the quantized lm_head
+    save_model(lm, tmp_path / "q")
+    back = load_model(str(tmp_path / "q"))
+    assert type(back.model.lm_head) is type(lm.model.lm_head)
+    assert torch.equal(back.model.model.embed_tokens.weight, emb)
+    with torch.inference_mode():
+        assert torch.equal(back.model(IDS), out)
+        assert torch.equal(back.model(IDS[:1, :1]), step)

@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from slimlm import kernels
 from slimlm.models.modules import build_linear
 from slimlm.quant.kernels import has_int4_weight_kernel, has_int8_weight_kernel, quantize_per_token_int8
 from slimlm.quant.linear import (
@@ -123,10 +124,11 @@ def test_weight_only_exact_roundtrip_and_size(bits: int, out: int, inp: int, gro
 
 
 @pytest.mark.skipif(not has_int4_weight_kernel(), reason="no int4 CPU kernel in this torch build")
-def test_int4_kernel_path_is_used_and_holds_codes_once() -> None:
+def test_int4_kernel_path_is_used_and_holds_codes_once(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setenv("SLIMLM_KERNELS", "0")  # without slimlm's decode kernels (they read the portable copy)
     qw = random_qw(64, 576, 4, 128, False)  # SmolLM2's ragged 576 = 4 x 128 + 64
     mod = Int4WeightLinear.from_quantized(qw)
-    assert mod.uses_kernel and mod._kernel_group == 64
+    assert mod.uses_kernel and mod._kernel_group == 64 and mod.decode_spec() is None
     assert mod.qweight is None  # the portable copy was dropped after the layout check
     assert runtime_nbytes(mod) < 64 * 576 // 2 * 1.5 + qw.scale.numel() * 6
     sd = mod.state_dict()
@@ -137,6 +139,25 @@ def test_int4_kernel_path_is_used_and_holds_codes_once() -> None:
     mod.load_state_dict(sd)
     mod.process_after_loading()
     assert mod.uses_kernel and torch.equal(mod.dense_weight(), qw.dequantize())
+
+
+@pytest.mark.skipif(kernels.load() is None, reason=f"decode kernels unavailable: {kernels.status()}")
+def test_int4_decode_kernel_reads_the_portable_codes() -> None:
+    qw = random_qw(64, 576, 4, 128, False)
+    mod = Int4WeightLinear.from_quantized(qw)
+    spec = mod.decode_spec()
+    assert spec is not None and mod.qweight is not None and spec[0] is mod.qweight  # both layouts kept
+    x = torch.randn(1, 576)
+    with torch.inference_mode():
+        small, big = mod(x), mod(x.expand(kernels.SMALL_ROWS + 1, 576))[:1]  # qgemv vs torch's int4 kernel
+    ref = x @ qw.dequantize().t()
+    assert snr_db(ref, small) > 35 and snr_db(ref, big) > 35
+    assert not torch.equal(small, big)  # two different kernels really ran
+    state = mod.state_dict()
+    mod.load_state_dict(state)
+    assert mod.decode_spec() is None  # stale until processed again
+    mod.process_after_loading()
+    assert mod.decode_spec() is not None
 
 
 @pytest.mark.skipif(not has_int4_weight_kernel(), reason="no int4 CPU kernel in this torch build")

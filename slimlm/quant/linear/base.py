@@ -7,6 +7,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from slimlm import kernels
 from slimlm.models.modules import SwappableLinear
 from slimlm.quant.qtensor import QuantizedWeight
 from slimlm.utils.errors import CheckpointError, SlimlmError
@@ -69,6 +70,32 @@ class QuantLinearBase(SwappableLinear):
     def _matmul(self, x2: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    # --- decode kernels (slimlm.kernels.qgemv) ---------------------------------------------------
+    def _set_decode_spec(self, codes: torch.Tensor | None, zero: torch.Tensor | None) -> None:
+        """Build the decode kernels' spec from codes in their layout (int8 signed / packed 4-bit) and
+        the zero in the codes' convention; ``None`` codes, act-order or an unusable shape clears it."""
+        spec = None
+        scale, group = getattr(self, "scale", None), getattr(self, "group_size", None)
+        if (codes is not None and isinstance(scale, torch.Tensor) and isinstance(group, int)
+                and getattr(self, "g_idx", None) is None and kernels.supported()[0]):
+            spec = kernels.quant_spec(codes, self.bias, scale, zero, group, self.in_features)
+        self.__dict__["_decode"] = spec
+
+    def decode_spec(self) -> kernels.LinearSpec | None:
+        """How slimlm's decode kernels run this layer (see :func:`slimlm.kernels.quant_spec`), or None."""
+        return self.__dict__.get("_decode")  # type: ignore[no-any-return]
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        self.__dict__["_decode"] = None  # stale until process_after_loading() runs again
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def _decode_forward(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The decode kernel for a few rows of x (activations int8 per 32, see qgemv.cpp), else None."""
+        spec = self.__dict__.get("_decode")
+        if spec is None or x.numel() > kernels.SMALL_ROWS * self.in_features:
+            return None
+        return kernels.qlinear(x, spec)
+
     def _dense_matmul(self, x2: torch.Tensor) -> torch.Tensor:
         """De-quantize and run a bf16/fp32 matmul; keeps the dense copy when ``cache_dense`` is set."""
         _dense = getattr(self, "_dense", None)
@@ -83,6 +110,9 @@ class QuantLinearBase(SwappableLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [..., in] -> [..., out] in x's dtype
+        y = self._decode_forward(x)
+        if y is not None:
+            return y
         x2 = x.reshape(-1, self.in_features)  # [M, in]
         y = self._matmul(x2)
         if self.bias is not None:

@@ -92,21 +92,18 @@ class Int8WeightLinear(QuantLinearBase):
             self._zero_scale = self.zero.float()[:, 0] * self.scale.float()[:, 0]
         fast = self.use_kernel and self.zero is None
         self.__dict__["_fast"] = (self.weight, self.scale[:, 0].to(ACT_DTYPE), self.bias) if fast else None
-
-    def decode_triple(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        """(int8 codes, bias, float32 row scale) for slimlm's decode kernels (symmetric per-channel only)."""
-        fast = self.__dict__.get("_fast")
-        if fast is None:
-            return None
-        empty = torch.empty(0)
-        return self.weight, empty if self.bias is None else self.bias, self.scale[:, 0].float().contiguous()
+        self._set_decode_spec(self.weight, self.zero)  # codes and zero are both stored minus 128
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         self.__dict__["_fast"] = None  # call process_after_loading() again
         super()._load_from_state_dict(*args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x: [..., in] -> [..., out]; the symmetric per-channel decode hot path is one kernel call
+        # x: [..., in] -> [..., out]; decode-size calls take slimlm's qgemv kernel, and the symmetric
+        # per-channel path is one torch kernel call otherwise
+        y = self._decode_forward(x)
+        if y is not None:
+            return y
         fast = self.__dict__.get("_fast")
         if fast is None:
             return super().forward(x)

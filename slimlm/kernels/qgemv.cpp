@@ -1,0 +1,231 @@
+// Quantized GEMV for decode: int8 or packed int4 weight codes with per-group scales (and zeros), the
+// activations quantized to int8 on the fly, as llama.cpp does for its quantized dot products.
+//
+// Why: on AVX2 a weight-only kernel that widens codes to fp32 is compute-bound below the memory
+// bandwidth (one int8 code per FMA lane: ~9 GB/s on 2 cores, slower than the bf16 GEMV it should
+// beat). With int8 activations, `vpmaddubsw` multiplies 32 code/activation pairs per instruction and
+// the products of up to 128 inputs are summed in integers before one conversion to fp32.
+//
+// Math, per output row o and input row b (x is the activation, G the quantization group size):
+//   activation chunks: each group is cut into chunks of C = the largest of 128/96/64/32 dividing G (a
+//   short last group gives a short last chunk); chunk c: d_c = max|x_c| / 127, a_i = round(x_i / d_c)
+//   in [-127, 127] (round half to even)
+//   y[b, o] = sum_g s[o, g] * sum_{c in g} d_c * (sum_{i in c} q[o, i] a_i)  -  sum_g zs[o, g] * xs[b, g]
+//   with xs[b, g] = sum_{c in g} d_c * sum_{i in c} a_i and zs = zero * scale (empty when symmetric),
+//   i.e. x_q @ ((q - zero) * scale).T where x_q = d * a is the int8 round trip of x.
+// Codes: int8 [O, I] signed (w = (q - zero) * s with a signed zero), or uint8 [O, I/2] holding two 4-bit
+// codes 0..15 per byte, element 2j in the low nibble (slimlm's portable `pack_int4` layout). For 4-bit
+// weights each block of 32 activations is stored evens-then-odds, matching the nibble split of 16
+// loaded bytes. Integer sums are exact: a 4-bit chunk's int16 lanes reach at most 4 * 2 * 15 * 127.
+#include <ATen/Parallel.h>
+#include <algorithm>
+#include <vector>
+#include "common.h"
+
+using namespace slimlm_k;
+
+namespace {
+
+constexpr int64_t QB = 32;  // weight block: one vpmaddubsw
+
+// How a row of I inputs is cut: chunks (activation scales) inside groups (weight scales).
+struct Chunks {
+  int64_t I, G, ng;
+  std::vector<int64_t> start, nblk, group;  // per chunk: first block, blocks (<= 4), group index
+  Chunks(int64_t I_, int64_t G_) : I(I_), G(G_), ng((I_ + G_ - 1) / G_) {
+    int64_t C = QB;
+    for (int64_t c : {128, 96, 64})
+      if (G % c == 0) { C = c; break; }
+    for (int64_t g = 0; g < ng; ++g)
+      for (int64_t i = g * G; i < std::min(I, (g + 1) * G); i += C) {
+        start.push_back(i / QB);
+        nblk.push_back((std::min({i + C, (g + 1) * G, I}) - i) / QB);
+        group.push_back(g);
+      }
+  }
+  int64_t n() const { return static_cast<int64_t>(start.size()); }
+};
+
+// x: [B, I] fp32 -> a: [B, I] int8 (4-bit: evens-then-odds inside each block of 32), d: [B, chunks],
+// xs: [B, ng] (the dequantized sum of each group's activations, for the zero-point term)
+void quantize_chunks(const float* x, int64_t B, const Chunks& ch, bool nib, int8_t* a, float* d, float* xs) {
+  const int64_t I = ch.I, nc = ch.n();
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t g = 0; g < ch.ng; ++g) xs[b * ch.ng + g] = 0.f;
+    for (int64_t c = 0; c < nc; ++c) {
+      const int64_t i0 = ch.start[c] * QB, n = ch.nblk[c] * QB;
+      const float* xc = x + b * I + i0;
+      float mx = 0.f;
+      for (int64_t i = 0; i < n; ++i) mx = std::max(mx, std::fabs(xc[i]));
+      const float dc = mx / 127.f;
+      int32_t sum = 0;
+      for (int64_t i = 0; i < n; ++i) {
+        const float r = dc > 0.f ? std::nearbyint(xc[i] / dc) : 0.f;  // default rounding: nearest even
+        const int8_t q = static_cast<int8_t>(std::min(127.f, std::max(-127.f, r)));
+        const int64_t j = i % QB;
+        a[b * I + i0 + (i - j) + (nib ? (j % 2) * (QB / 2) + j / 2 : j)] = q;
+        sum += q;
+      }
+      d[b * nc + c] = dc;
+      xs[b * ch.ng + ch.group[c]] += dc * static_cast<float>(sum);
+    }
+  }
+}
+
+// products of one block of 32 as 16 int16 pair sums
+inline __m256i block4(const uint8_t* w, const int8_t* a) {
+  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w));
+  const __m128i m = _mm_set1_epi8(0x0F);
+  const __m256i q = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), m), _mm_and_si128(v, m));  // [evens | odds]
+  return _mm256_maddubs_epi16(q, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a)));
+}
+inline __m256i block8(const int8_t* w, const int8_t* a) {
+  const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
+  const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a));
+  return _mm256_maddubs_epi16(_mm256_abs_epi8(q), _mm256_sign_epi8(x, q));
+}
+
+// one chunk's integer dot as 8 int32 lanes: 4-bit pair sums stay int16 over the chunk (no overflow),
+// int8 ones (up to 2 * 128 * 127) are widened per block. N: blocks in the chunk (unrolled).
+template <bool NIB, int N>
+inline __m256i chunk_dot(const uint8_t* wr, const int8_t* a, int64_t k0) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  if constexpr (NIB) {
+    __m256i s = block4(wr + k0 * 16, a + k0 * QB);
+    for (int k = 1; k < N; ++k) s = _mm256_add_epi16(s, block4(wr + (k0 + k) * 16, a + (k0 + k) * QB));
+    return _mm256_madd_epi16(s, ones);
+  } else {
+    const int8_t* w = reinterpret_cast<const int8_t*>(wr);
+    __m256i s = _mm256_madd_epi16(block8(w + k0 * QB, a + k0 * QB), ones);
+    for (int k = 1; k < N; ++k)
+      s = _mm256_add_epi32(s, _mm256_madd_epi16(block8(w + (k0 + k) * QB, a + (k0 + k) * QB), ones));
+    return s;
+  }
+}
+template <bool NIB>
+inline __m256i chunk_dot(const uint8_t* wr, const int8_t* a, int64_t k0, int64_t n) {
+  switch (n) {
+    case 4: return chunk_dot<NIB, 4>(wr, a, k0);
+    case 3: return chunk_dot<NIB, 3>(wr, a, k0);
+    case 2: return chunk_dot<NIB, 2>(wr, a, k0);
+    default: return chunk_dot<NIB, 1>(wr, a, k0);
+  }
+}
+
+struct Part {  // one weight matrix of a (possibly concatenated) call
+  const uint8_t* w;
+  int64_t O, off;  // rows, first output column
+  const float *scale, *zs, *bias;
+};
+
+template <bool NIB, typename OT>
+void qgemv_run(const std::vector<Part>& parts, const Chunks& ch, const int8_t* a, const float* d, const float* xs,
+               int64_t B, int64_t Otot, const OT* res, OT* y) {
+  const int64_t I = ch.I, ng = ch.ng, nc = ch.n(), row_bytes = NIB ? I / 2 : I;
+  const int64_t *cstart = ch.start.data(), *cnblk = ch.nblk.data(), *cgroup = ch.group.data();
+  at::parallel_for(0, Otot, 16, [&](int64_t begin, int64_t end) {
+    size_t p = 0;
+    for (int64_t r = begin; r < end; ++r) {
+      while (r >= parts[p].off + parts[p].O) ++p;
+      const Part& P = parts[p];
+      const int64_t o = r - P.off;
+      const uint8_t* wr = P.w + o * row_bytes;
+      for (int64_t b = 0; b < B; ++b) {
+        const int8_t* ab = a + b * I;
+        const float* db = d + b * nc;
+        __m256 acc = _mm256_setzero_ps();
+        for (int64_t c = 0, g = 0; g < ng; ++g) {
+          __m256 gacc = _mm256_setzero_ps();
+          for (; c < nc && cgroup[c] == g; ++c)
+            gacc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(chunk_dot<NIB>(wr, ab, cstart[c], cnblk[c])),
+                                   _mm256_set1_ps(db[c]), gacc);
+          acc = _mm256_fmadd_ps(gacc, _mm256_set1_ps(P.scale[o * ng + g]), acc);
+        }
+        float v = hsum(acc);
+        if (P.zs)
+          for (int64_t g = 0; g < ng; ++g) v -= P.zs[o * ng + g] * xs[b * ng + g];
+        v += P.bias ? P.bias[o] : 0.f;
+        if (res) v = rnd(v, y) + ld(res, b * Otot + r);
+        st(y, b * Otot + r, v);
+      }
+    }
+  });
+}
+
+torch::Tensor opt_float(const torch::Tensor& t, int64_t n, const char* what) {
+  if (!t.defined() || t.numel() == 0) return torch::Tensor();
+  TORCH_CHECK(t.numel() == n, "qgemv: ", what, " must have ", n, " elements");
+  return t.to(torch::kFloat32).contiguous();
+}
+
+// the shared body of qgemv and qgemv_cat: specs are 5 tensors per part (w, bias, scale, zs, group)
+torch::Tensor qgemv_parts(const torch::Tensor& x, const std::vector<torch::Tensor>& specs, const torch::Tensor& residual,
+                          int64_t group) {
+  check_float(x, "x");
+  const int64_t I = x.size(-1);
+  TORCH_CHECK(specs.size() % 5 == 0 && !specs.empty(), "qgemv: specs are (w, bias, scale, zs, group) per part");
+  TORCH_CHECK(I % QB == 0 && group > 0 && group % QB == 0, "qgemv: I and the group size must be multiples of 32");
+  const Chunks ch(I, std::min(group, I));
+  const bool nib = specs[0].scalar_type() == torch::kByte;
+  std::vector<Part> parts;
+  std::vector<torch::Tensor> keep;  // float copies of biases / zs that must outlive the run
+  int64_t Otot = 0;
+  for (size_t i = 0; i < specs.size(); i += 5) {
+    const torch::Tensor &w = specs[i], &scale = specs[i + 2];
+    const int64_t O = w.size(0);
+    TORCH_CHECK(w.scalar_type() == (nib ? torch::kByte : torch::kChar), "qgemv: w must be int8 codes or uint8 packed 4-bit codes (all parts alike)");
+    TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.size(1) == (nib ? I / 2 : I), "qgemv: w must be [O, I] / [O, I/2] contiguous");
+    TORCH_CHECK(scale.scalar_type() == torch::kFloat32 && scale.is_contiguous() && scale.numel() == O * ch.ng,
+                "qgemv: scale must be float32 [O, ceil(I / group)] contiguous");
+    auto zf = opt_float(specs[i + 3], O * ch.ng, "zs"), bf = opt_float(specs[i + 1], O, "bias");
+    keep.push_back(zf);
+    keep.push_back(bf);
+    parts.push_back({reinterpret_cast<const uint8_t*>(w.data_ptr()), O, Otot, scale.data_ptr<float>(),
+                     zf.defined() ? zf.data_ptr<float>() : nullptr, bf.defined() ? bf.data_ptr<float>() : nullptr});
+    Otot += O;
+  }
+  auto xf = x.reshape({-1, I}).to(torch::kFloat32).contiguous();
+  const int64_t B = xf.size(0);
+  const bool has_res = residual.defined() && residual.numel() > 0;
+  if (has_res)
+    TORCH_CHECK(residual.numel() == B * Otot && residual.is_contiguous() && residual.scalar_type() == x.scalar_type(),
+                "qgemv: residual must be [..., O] contiguous in x's dtype");
+  std::vector<int8_t> a(B * I);
+  std::vector<float> d(B * ch.n()), xs(B * ch.ng);
+  quantize_chunks(xf.data_ptr<float>(), B, ch, nib, a.data(), d.data(), xs.data());
+  auto sizes = x.sizes().vec();
+  sizes.back() = Otot;
+  auto y = torch::empty(sizes, x.options());
+  auto run = [&](auto* yp, const auto* rp) {
+    if (nib) qgemv_run<true>(parts, ch, a.data(), d.data(), xs.data(), B, Otot, rp, yp);
+    else qgemv_run<false>(parts, ch, a.data(), d.data(), xs.data(), B, Otot, rp, yp);
+  };
+  if (x.scalar_type() == torch::kFloat32) {
+    run(y.data_ptr<float>(), has_res ? residual.data_ptr<float>() : static_cast<const float*>(nullptr));
+  } else {
+    using U = uint16_t;
+    run(reinterpret_cast<U*>(y.data_ptr()), has_res ? reinterpret_cast<const U*>(residual.data_ptr()) : static_cast<const U*>(nullptr));
+  }
+  return y;
+}
+
+}  // namespace
+
+// x: [..., I] fp32/bf16 with I % 32 == 0; w: int8 [O, I] or uint8 [O, I/2] (4-bit codes); scale: float32
+// [O, ng] with ng = ceil(I / group) and group % 32 == 0 (the last group may be short); zs: float32 [O, ng]
+// (zero * scale) or empty; bias [O] or empty; residual [..., O] in x's dtype or empty.
+torch::Tensor qgemv(torch::Tensor x, torch::Tensor w, torch::Tensor bias, torch::Tensor residual, torch::Tensor scale,
+                    torch::Tensor zs, int64_t group) {
+  return qgemv_parts(x, {w, bias, scale, zs, torch::Tensor()}, residual, group);
+}
+
+// Several quantized matrices that read the same x (q|k|v, gate|up) in one pass: x is quantized once and
+// one parallel loop covers all rows. specs: 5 tensors per part as in qgemv's arguments (the 5th, the
+// group size, must be the same for all). Returns [..., sum of O].
+torch::Tensor qgemv_cat(torch::Tensor x, std::vector<torch::Tensor> specs) {
+  TORCH_CHECK(specs.size() % 5 == 0 && !specs.empty(), "qgemv_cat: specs are (w, bias, scale, zs, group) per part");
+  const int64_t group = specs[4].item<int64_t>();
+  for (size_t i = 9; i < specs.size(); i += 5)
+    TORCH_CHECK(specs[i].item<int64_t>() == group, "qgemv_cat: all parts must share the group size");
+  return qgemv_parts(x, specs, torch::Tensor(), group);
+}
