@@ -26,8 +26,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -148,6 +148,45 @@ def worker(name: str, args: argparse.Namespace) -> dict[str, Any]:
     return res
 
 
+def paired_decode(names: list[str], args: argparse.Namespace) -> dict[str, Any]:
+    """Batch-1 decode of several variants in one process, in interleaved rounds (order rotated each
+    round), so a noisy machine (other tenants, frequency changes) hits every variant alike.
+
+    Calibrated variants are skipped (their module kinds are the same as RTN's). Returns per-variant
+    rates and, when bf16 is among them, the median over rounds of each variant's ratio to bf16.
+    """
+    from slimlm.loaders import load_model
+    from slimlm.loaders.save import save_model
+    from slimlm.quant import needs_calibration, quantize_
+    from slimlm.utils.config import BaseConfig
+
+    models: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
+        for name in names:
+            dtype_name, cfg_dict = VARIANTS[name]
+            dtype = torch.bfloat16 if dtype_name == "bf16" else torch.float32
+            cfg = BaseConfig.load_any(cfg_dict) if cfg_dict is not None else None
+            if cfg is not None and needs_calibration(cfg):  # type: ignore[arg-type]
+                continue
+            lm = load_model(args.model, dtype=dtype)
+            if cfg is not None:
+                quantize_(lm.model, cfg)  # type: ignore[arg-type]
+            out = save_model(lm, Path(tmp) / name)
+            del lm
+            models[name] = load_model(str(out), dtype=dtype).model  # as the worker measures it: reloaded
+    rates: dict[str, list[float]] = {n: [] for n in models}
+    order = list(models)
+    for r in range(args.paired_decode):
+        for name in order[r % len(order):] + order[: r % len(order)]:
+            rates[name].append(decode_tok_s(models[name], 1, 16, args.decode_tokens))
+    res: dict[str, Any] = {"rounds": args.paired_decode, "tok_s_b1": rates,
+                           "median_tok_s_b1": {n: statistics.median(v) for n, v in rates.items()}}
+    if "bf16" in rates:
+        res["median_ratio_to_bf16"] = {n: statistics.median(a / b for a, b in zip(v, rates["bf16"], strict=True))
+                                       for n, v in rates.items()}
+    return res
+
+
 def table(results: list[dict[str, Any]]) -> str:
     head = ("| variant | ppl | ref ppl | bits/w (quantized linears) | bits/w (model) | disk MB | peak RSS quant MB | "
             "quant s | tok/s b1 | tok/s b16 |")
@@ -164,6 +203,8 @@ def table(results: list[dict[str, Any]]) -> str:
 
 
 def main() -> int:
+    from slimlm.bench.sysinfo import cpu_model
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--only", help="comma-separated variants: " + ",".join(VARIANTS))
@@ -176,6 +217,8 @@ def main() -> int:
     ap.add_argument("--decode-tokens", type=int, default=32)
     ap.add_argument("--batch-sizes", default="1,16")
     ap.add_argument("--no-decode", action="store_true")
+    ap.add_argument("--paired-decode", type=int, default=0, metavar="ROUNDS",
+                    help="afterwards, batch-1 decode of the non-calibrated variants in one process, ROUNDS interleaved rounds")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--tmp", default=None, help="folder for the temporary saved models")
@@ -187,6 +230,9 @@ def main() -> int:
         args.n_samples = 64
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.worker == "paired":
+        print("RESULT " + json.dumps(paired_decode(args.only.split(","), args)), flush=True)
+        return 0
     if args.worker:
         print("RESULT " + json.dumps(worker(args.worker, args)), flush=True)
         return 0
@@ -220,18 +266,32 @@ def main() -> int:
         r = json.loads(line[-1][7:])
         results.append(r)
         print(json.dumps({k: v for k, v in r.items() if k != "config"}), flush=True)
-    meta = {"cpu": platform.processor() or platform.machine(), "capability": torch.backends.cpu.get_cpu_capability(),
+    paired: dict[str, Any] | None = None
+    if args.paired_decode:
+        print("== paired decode", file=sys.stderr, flush=True)
+        proc = subprocess.run([sys.executable, __file__, *passthrough, "--only", ",".join(names), "--worker", "paired"],
+                              stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        paired = json.loads(line[-1][7:]) if proc.returncode == 0 and line else None
+        if paired is None:
+            print(f"paired decode failed (exit {proc.returncode})", file=sys.stderr)
+    meta = {"cpu": cpu_model(), "capability": torch.backends.cpu.get_cpu_capability(),
             "threads": torch.get_num_threads(), "torch": torch.__version__, "n_samples": args.n_samples,
             "seq_len": args.seq_len, "eval_tokens": args.eval_tokens, "eval_seq_len": args.eval_seq_len,
             "command": " ".join(sys.argv)}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     old = json.loads(out.read_text()) if out.is_file() else {"runs": []}
-    old["runs"].append({"meta": meta, "results": results})
+    old["runs"].append({"meta": meta, "results": results, "paired_decode": paired})
     tmp = out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(old, indent=2))
     tmp.replace(out)
     md = f"<!-- {meta['command']} -->\n" + table(results) + "\n"
+    if paired:
+        ratio = paired.get("median_ratio_to_bf16", {})
+        md += (f"\nPaired batch-1 decode ({paired['rounds']} interleaved rounds, median tok/s; x bf16 = median of "
+               "per-round ratios):\n\n| variant | tok/s b1 | x bf16 |\n|---|---|---|\n")
+        md += "".join(f"| {n} | {v:.1f} | {ratio.get(n, float('nan')):.2f} |\n" for n, v in paired["median_tok_s_b1"].items())
     out.with_suffix(".md").write_text(md)
     print(md)
     return 0

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
 import sys
 import tempfile
 import time
@@ -161,7 +160,9 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in names if n not in cases and n != "kernels"]
     if unknown:
         ap.error(f"unknown case(s) {unknown}; known: {', '.join([*cases, 'kernels'])}")
-    info = {"cpu": platform.processor() or platform.machine(), "capability": torch.backends.cpu.get_cpu_capability(),
+    from slimlm.bench.sysinfo import cpu_model
+
+    info = {"cpu": cpu_model(), "capability": torch.backends.cpu.get_cpu_capability(),
             "threads": torch.get_num_threads(), "torch": torch.__version__, "args": vars(args)}
     results: dict[str, Any] = {"machine": info, "cases": {}}
     if "kernels" in names:

@@ -217,20 +217,27 @@ def qlinear(x: torch.Tensor, spec: LinearSpec, residual: torch.Tensor | None = N
     return ext.qgemv(x, w, b, _EMPTY if residual is None else residual, s, zs, int(g))  # type: ignore[no-any-return]
 
 
-def decode_layer(h: torch.Tensor, norms: tuple[torch.Tensor, torch.Tensor], eps: float,
-                 linears: tuple[list[LinearSpec], LinearSpec, list[LinearSpec], LinearSpec], cos: torch.Tensor | None,
-                 sin: torch.Tensor | None, k_cache: torch.Tensor, v_cache: torch.Tensor, layer: int, pos: int,
-                 mask: torch.Tensor | None, heads: int, kv_heads: int, scale: float) -> torch.Tensor | None:
+LayerLinears = tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]
+
+
+def layer_linears(qkv: list[LinearSpec], o: LinearSpec, gu: list[LinearSpec], down: LinearSpec) -> LayerLinears:
+    """A layer's linears as ``decode_layer`` takes them: q|k|v (one fused spec or three), o, gate|up
+    (one or two) and down, each flattened to a list of tensors (built once per plan, not per step)."""
+    return [t for sp in qkv for t in sp], list(o), [t for sp in gu for t in sp], list(down)
+
+
+def decode_layer(h: torch.Tensor, norms: tuple[torch.Tensor, torch.Tensor], eps: float, linears: LayerLinears,
+                 cos: torch.Tensor | None, sin: torch.Tensor | None, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                 layer: int, pos: int, mask: torch.Tensor | None, heads: int, kv_heads: int,
+                 scale: float) -> torch.Tensor | None:
     """A whole Llama-style layer's decode step in one call (see ``decode_layer`` in decode.cpp).
 
-    ``linears``: (q|k|v as one fused spec or three, o, gate|up as one or two, down), each
-    from :func:`linear_spec`. Returns the new h [B, 1, D], or ``None`` to fall back.
+    ``linears``: from :func:`layer_linears` (specs from :func:`linear_spec`). Returns the new
+    h [B, 1, D], or ``None`` to fall back.
     """
     ext = _usable(h)
     extras = _step_inputs(h, cos, sin, k_cache, pos, mask) if ext is not None else None
     if extras is None:
         return None
-    qkv, o, gu, down = linears
-    return ext.decode_layer(h, norms[0], norms[1], eps, [t for tr in qkv for t in tr], list(o),  # type: ignore[no-any-return]
-                            [t for tr in gu for t in tr], list(down), *extras[:2], k_cache, v_cache, layer, pos,
-                            extras[2], heads, kv_heads, scale)
+    return ext.decode_layer(h, norms[0], norms[1], eps, *linears, extras[0], extras[1], k_cache, v_cache,  # type: ignore[no-any-return]
+                            layer, pos, extras[2], heads, kv_heads, scale)

@@ -292,14 +292,14 @@ constexpr size_t NL = 5;  // tensors per linear
 torch::Tensor lin(const torch::Tensor& x, const std::vector<torch::Tensor>& t, size_t i, const torch::Tensor& res) {
   const torch::Tensor* p = t.data() + NL * i;
   if (p[4].numel() == 0) return gemv(x, p[0], p[1], res);
-  return qgemv(x, p[0], p[1], res, p[2], p[3], p[4].item<int64_t>());
+  return qgemv(x, p[0], p[1], res, p[2], p[3], p[4].data_ptr<int64_t>()[0]);
 }
 torch::Tensor lin_cat(const torch::Tensor& x, const std::vector<torch::Tensor>& t) {
   if (t.size() == NL) return lin(x, t, 0, torch::Tensor());
   bool same = true;  // all quantized alike: one qgemv pass (x quantized once, one parallel loop)
   for (size_t i = 0; i < t.size(); i += NL)
     same = same && t[i + 4].numel() == 1 && t[i].scalar_type() == t[0].scalar_type() &&
-           t[i + 4].item<int64_t>() == t[4].item<int64_t>();
+           t[i + 4].data_ptr<int64_t>()[0] == t[4].data_ptr<int64_t>()[0];
   if (same) return qgemv_cat(x, t);
   std::vector<torch::Tensor> parts;
   for (size_t i = 0; i < t.size() / NL; ++i) parts.push_back(lin(x, t, i, torch::Tensor()));

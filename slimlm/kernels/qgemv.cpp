@@ -15,8 +15,8 @@
 //   i.e. x_q @ ((q - zero) * scale).T where x_q = d * a is the int8 round trip of x.
 // Codes: int8 [O, I] signed (w = (q - zero) * s with a signed zero), or uint8 [O, I/2] holding two 4-bit
 // codes 0..15 per byte, element 2j in the low nibble (slimlm's portable `pack_int4` layout). For 4-bit
-// weights each block of 32 activations is stored evens-then-odds, matching the nibble split of 16
-// loaded bytes. Integer sums are exact: a 4-bit chunk's int16 lanes reach at most 4 * 2 * 15 * 127.
+// weights the activations of each pair of blocks (64 inputs, 32 code bytes; a chunk's odd last block
+// alone) are stored evens-then-odds, matching the low/high nibble split of the loaded bytes. Integer sums are exact: a 4-bit chunk's int16 lanes reach at most 4 * 2 * 15 * 127.
 #include <ATen/Parallel.h>
 #include <algorithm>
 #include <vector>
@@ -46,7 +46,18 @@ struct Chunks {
   int64_t n() const { return static_cast<int64_t>(start.size()); }
 };
 
-// x: [B, I] fp32 -> a: [B, I] int8 (4-bit: evens-then-odds inside each block of 32), d: [B, chunks],
+// Where element e of a chunk of nblk blocks goes in the 4-bit activation layout (see the top comment).
+inline int64_t nib_pos(int64_t e, int64_t nblk) {
+  const int64_t pair = e / (2 * QB);
+  if (2 * pair + 1 < nblk) {
+    const int64_t j = e % (2 * QB);
+    return pair * 2 * QB + (j % 2) * QB + j / 2;
+  }
+  const int64_t j = e % QB;
+  return e - j + (j % 2) * (QB / 2) + j / 2;
+}
+
+// x: [B, I] fp32 -> a: [B, I] int8 (4-bit: evens-then-odds per pair of blocks), d: [B, chunks],
 // xs: [B, ng] (the dequantized sum of each group's activations, for the zero-point term)
 void quantize_chunks(const float* x, int64_t B, const Chunks& ch, bool nib, int8_t* a, float* d, float* xs) {
   const int64_t I = ch.I, nc = ch.n();
@@ -62,8 +73,7 @@ void quantize_chunks(const float* x, int64_t B, const Chunks& ch, bool nib, int8
       for (int64_t i = 0; i < n; ++i) {
         const float r = dc > 0.f ? std::nearbyint(xc[i] / dc) : 0.f;  // default rounding: nearest even
         const int8_t q = static_cast<int8_t>(std::min(127.f, std::max(-127.f, r)));
-        const int64_t j = i % QB;
-        a[b * I + i0 + (i - j) + (nib ? (j % 2) * (QB / 2) + j / 2 : j)] = q;
+        a[b * I + i0 + (nib ? nib_pos(i, ch.nblk[c]) : i)] = q;
         sum += q;
       }
       d[b * nc + c] = dc;
@@ -72,6 +82,14 @@ void quantize_chunks(const float* x, int64_t B, const Chunks& ch, bool nib, int8
   }
 }
 
+// products of two blocks (64 codes in 32 bytes) summed as 16 int16 lanes
+inline __m256i pair4(const uint8_t* w, const int8_t* a) {
+  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
+  const __m256i m = _mm256_set1_epi8(0x0F);
+  const __m256i lo = _mm256_and_si256(v, m), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m);  // evens, odds
+  return _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a))),
+                          _mm256_maddubs_epi16(hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + QB))));
+}
 // products of one block of 32 as 16 int16 pair sums
 inline __m256i block4(const uint8_t* w, const int8_t* a) {
   const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w));
@@ -91,8 +109,11 @@ template <bool NIB, int N>
 inline __m256i chunk_dot(const uint8_t* wr, const int8_t* a, int64_t k0) {
   const __m256i ones = _mm256_set1_epi16(1);
   if constexpr (NIB) {
-    __m256i s = block4(wr + k0 * 16, a + k0 * QB);
-    for (int k = 1; k < N; ++k) s = _mm256_add_epi16(s, block4(wr + (k0 + k) * 16, a + (k0 + k) * QB));
+    __m256i s = N >= 2 ? pair4(wr + k0 * 16, a + k0 * QB) : block4(wr + k0 * 16, a + k0 * QB);
+    if (N >= 3) {
+      const int64_t k = k0 + 2;
+      s = _mm256_add_epi16(s, N == 4 ? pair4(wr + k * 16, a + k * QB) : block4(wr + k * 16, a + k * QB));
+    }
     return _mm256_madd_epi16(s, ones);
   } else {
     const int8_t* w = reinterpret_cast<const int8_t*>(wr);
@@ -155,6 +176,7 @@ void qgemv_run(const std::vector<Part>& parts, const Chunks& ch, const int8_t* a
 torch::Tensor opt_float(const torch::Tensor& t, int64_t n, const char* what) {
   if (!t.defined() || t.numel() == 0) return torch::Tensor();
   TORCH_CHECK(t.numel() == n, "qgemv: ", what, " must have ", n, " elements");
+  if (t.scalar_type() == torch::kFloat32 && t.is_contiguous()) return t;  // the usual case: no dispatch
   return t.to(torch::kFloat32).contiguous();
 }
 
@@ -184,8 +206,8 @@ torch::Tensor qgemv_parts(const torch::Tensor& x, const std::vector<torch::Tenso
                      zf.defined() ? zf.data_ptr<float>() : nullptr, bf.defined() ? bf.data_ptr<float>() : nullptr});
     Otot += O;
   }
-  auto xf = x.reshape({-1, I}).to(torch::kFloat32).contiguous();
-  const int64_t B = xf.size(0);
+  const torch::Tensor xf = x.scalar_type() == torch::kFloat32 && x.is_contiguous() ? x : x.to(torch::kFloat32).contiguous();
+  const int64_t B = xf.numel() / I;
   const bool has_res = residual.defined() && residual.numel() > 0;
   if (has_res)
     TORCH_CHECK(residual.numel() == B * Otot && residual.is_contiguous() && residual.scalar_type() == x.scalar_type(),
@@ -224,8 +246,12 @@ torch::Tensor qgemv(torch::Tensor x, torch::Tensor w, torch::Tensor bias, torch:
 // group size, must be the same for all). Returns [..., sum of O].
 torch::Tensor qgemv_cat(torch::Tensor x, std::vector<torch::Tensor> specs) {
   TORCH_CHECK(specs.size() % 5 == 0 && !specs.empty(), "qgemv_cat: specs are (w, bias, scale, zs, group) per part");
-  const int64_t group = specs[4].item<int64_t>();
+  auto group_of = [&](size_t i) {
+    TORCH_CHECK(specs[i].numel() == 1 && specs[i].scalar_type() == torch::kLong, "qgemv_cat: group sizes are 1-element int64");
+    return specs[i].data_ptr<int64_t>()[0];
+  };
+  const int64_t group = group_of(4);
   for (size_t i = 9; i < specs.size(); i += 5)
-    TORCH_CHECK(specs[i].item<int64_t>() == group, "qgemv_cat: all parts must share the group size");
+    TORCH_CHECK(group_of(i) == group, "qgemv_cat: all parts must share the group size");
   return qgemv_parts(x, specs, torch::Tensor(), group);
 }

@@ -317,8 +317,8 @@ class DecoderLayer(nn.Module):
             links += [(m._buffers, n, b) for n, b in m._buffers.items()]
         mods = (self, n1, n2, at, mlp, o, down, *qkv_mods, *gu_mods)
         hooks = [d for m in mods for d in (m._forward_pre_hooks, m._forward_hooks)]
-        args = ((n1.weight, n2.weight), n1.eps, (qkv, ot, gu, dt), at.layer_idx, at.num_heads, at.num_kv_heads,
-                at.scale)
+        args = ((n1.weight, n2.weight), n1.eps, kernels.layer_linears(qkv, ot, gu, dt), at.layer_idx,  # type: ignore[arg-type]
+                at.num_heads, at.num_kv_heads, at.scale)
         return links, hooks, args
 
     def _decode_step(self, h: torch.Tensor, ctx: AttnContext) -> torch.Tensor | None:
