@@ -82,7 +82,7 @@ def decode_tok_s(model: Any, batch: int, prompt_len: int, new_tokens: int) -> fl
     torch.manual_seed(0)
     ids = torch.randint(100, 1000, (batch, prompt_len))
     cache = KVCache.for_model(model.config, batch, prompt_len + new_tokens + 3, model.dtype)  # +2 warm-up
-    with torch.no_grad():
+    with torch.inference_mode():  # as `slimlm generate` runs
         nxt = model(ids, cache=cache, last_only=True).argmax(-1)  # [B, 1]
         for _ in range(2):  # warm-up steps
             nxt = model(nxt, cache=cache, last_only=True).argmax(-1)

@@ -144,31 +144,44 @@ void qgemv_run(const std::vector<Part>& parts, const Chunks& ch, const int8_t* a
                int64_t B, int64_t Otot, const OT* res, OT* y) {
   const int64_t I = ch.I, ng = ch.ng, nc = ch.n(), row_bytes = NIB ? I / 2 : I;
   const int64_t *cstart = ch.start.data(), *cnblk = ch.nblk.data(), *cgroup = ch.group.data();
+  auto finish = [&](const Part& P, int64_t o, int64_t r, int64_t b, __m256 acc) {
+    float v = hsum(acc);
+    if (P.zs)
+      for (int64_t g = 0; g < ng; ++g) v -= P.zs[o * ng + g] * xs[b * ng + g];
+    v += P.bias ? P.bias[o] : 0.f;
+    if (res) v = rnd(v, y) + ld(res, b * Otot + r);
+    st(y, b * Otot + r, v);
+  };
   at::parallel_for(0, Otot, 16, [&](int64_t begin, int64_t end) {
     size_t p = 0;
-    for (int64_t r = begin; r < end; ++r) {
+    for (int64_t r = begin; r < end;) {
       while (r >= parts[p].off + parts[p].O) ++p;
       const Part& P = parts[p];
       const int64_t o = r - P.off;
-      const uint8_t* wr = P.w + o * row_bytes;
+      // 4-bit: two rows at a time share the activation loads and the loop overhead (a lone last row
+      // of a thread's range or of a part is computed twice, stored once); int8 measured slower so
+      const bool two = NIB && r + 1 < end && o + 1 < P.O;
+      const uint8_t* w0 = P.w + o * row_bytes;
+      const uint8_t* w1 = two ? w0 + row_bytes : w0;
+      const int64_t o1 = two ? o + 1 : o;
       for (int64_t b = 0; b < B; ++b) {
         const int8_t* ab = a + b * I;
         const float* db = d + b * nc;
-        __m256 acc = _mm256_setzero_ps();
+        __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
         for (int64_t c = 0, g = 0; g < ng; ++g) {
-          __m256 gacc = _mm256_setzero_ps();
-          for (; c < nc && cgroup[c] == g; ++c)
-            gacc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(chunk_dot<NIB>(wr, ab, cstart[c], cnblk[c])),
-                                   _mm256_set1_ps(db[c]), gacc);
-          acc = _mm256_fmadd_ps(gacc, _mm256_set1_ps(P.scale[o * ng + g]), acc);
+          __m256 g0 = _mm256_setzero_ps(), g1 = _mm256_setzero_ps();
+          for (; c < nc && cgroup[c] == g; ++c) {
+            const __m256 dc = _mm256_set1_ps(db[c]);
+            g0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(chunk_dot<NIB>(w0, ab, cstart[c], cnblk[c])), dc, g0);
+            if constexpr (NIB) g1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(chunk_dot<NIB>(w1, ab, cstart[c], cnblk[c])), dc, g1);
+          }
+          acc0 = _mm256_fmadd_ps(g0, _mm256_set1_ps(P.scale[o * ng + g]), acc0);
+          if constexpr (NIB) acc1 = _mm256_fmadd_ps(g1, _mm256_set1_ps(P.scale[o1 * ng + g]), acc1);
         }
-        float v = hsum(acc);
-        if (P.zs)
-          for (int64_t g = 0; g < ng; ++g) v -= P.zs[o * ng + g] * xs[b * ng + g];
-        v += P.bias ? P.bias[o] : 0.f;
-        if (res) v = rnd(v, y) + ld(res, b * Otot + r);
-        st(y, b * Otot + r, v);
+        finish(P, o, r, b, acc0);
+        if (two) finish(P, o1, r + 1, b, acc1);
       }
+      r += two ? 2 : 1;
     }
   });
 }

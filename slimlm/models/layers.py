@@ -315,6 +315,8 @@ class DecoderLayer(nn.Module):
         for m in (n1, n2, o, down, *qkv_mods, *gu_mods):
             links += [(m._parameters, n, p) for n, p in m._parameters.items()]
             links += [(m._buffers, n, b) for n, b in m._buffers.items()]
+            if "_decode" in m.__dict__:  # a quantized linear's kernel spec (rebuilt by process_after_loading)
+                links.append((m.__dict__, "_decode", m.__dict__["_decode"]))
         mods = (self, n1, n2, at, mlp, o, down, *qkv_mods, *gu_mods)
         hooks = [d for m in mods for d in (m._forward_pre_hooks, m._forward_hooks)]
         args = ((n1.weight, n2.weight), n1.eps, kernels.layer_linears(qkv, ot, gu, dt), at.layer_idx,  # type: ignore[arg-type]

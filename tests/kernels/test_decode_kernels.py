@@ -287,3 +287,32 @@ def test_one_call_decode_runs_quantized_layers_like_the_module_path(tmp_path, mo
     monkeypatch.setattr(kernels, "_ext", None)
     ref = _decode_logits(lm, ids)  # the modules' own path (bf16 or fp32 activations, no int8 rounding)
     torch.testing.assert_close(fast, ref, atol=3e-2 * ref.abs().max().item(), rtol=0)
+
+
+def test_decode_plan_follows_a_reloaded_quantized_linear(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Loading a state dict into a quantized linear makes its kernel spec stale: the cached layer plan
+    must notice (the spec is one of its identity links) instead of running the old zero*scale."""
+    from slimlm.loaders import load_model
+    from slimlm.quant.api import quantize_
+    from slimlm.quant.methods.rtn import RTNConfig
+    from tests.helpers.models import make_hf_model
+
+    make_hf_model("llama", tmp_path)
+    lm = load_model(str(tmp_path))
+    quantize_(lm.model, RTNConfig(bits=4, group_size=32))
+    ids = torch.randint(0, 256, (1, 6))
+    base = _decode_logits(lm, ids)
+    layer = lm.model.model.layers[0]
+    q = layer.self_attn.q_proj
+    sd = q.state_dict()
+    sd["scale"] = sd["scale"] * 3  # a different model, loaded in place into the same tensors
+    q.load_state_dict(sd)
+    stale = _decode_logits(lm, ids)  # spec cleared until processed: the plan steps aside
+    q.process_after_loading()
+    fresh = _decode_logits(lm, ids)
+    assert layer.__dict__["_plan"] is not None  # back on the one-call path ...
+    monkeypatch.setattr(kernels, "_ext", None)
+    ref = _decode_logits(lm, ids)  # the torch path with the new scales
+    assert not torch.allclose(ref, base)
+    for got in (stale, fresh):  # ... and neither step used the old zero * scale
+        torch.testing.assert_close(got, ref, atol=3e-2 * ref.abs().max().item(), rtol=0)
