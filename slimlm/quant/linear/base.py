@@ -109,10 +109,12 @@ class QuantLinearBase(SwappableLinear):
         return F.linear(x2.to(dt), w)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x: [..., in] -> [..., out] in x's dtype
+        # x: [..., in] -> [..., out] in x's dtype; decode-size calls take slimlm's qgemv kernel
         y = self._decode_forward(x)
-        if y is not None:
-            return y
+        return y if y is not None else self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Every call the decode kernel does not take (subclasses put their fast paths here)."""
         x2 = x.reshape(-1, self.in_features)  # [M, in]
         y = self._matmul(x2)
         if self.bias is not None:

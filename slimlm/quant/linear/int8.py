@@ -98,15 +98,11 @@ class Int8WeightLinear(QuantLinearBase):
         self.__dict__["_fast"] = None  # call process_after_loading() again
         super()._load_from_state_dict(*args, **kwargs)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x: [..., in] -> [..., out]; decode-size calls take slimlm's qgemv kernel, and the symmetric
-        # per-channel path is one torch kernel call otherwise
-        y = self._decode_forward(x)
-        if y is not None:
-            return y
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [..., in] -> [..., out]; the symmetric per-channel path is one torch kernel call
         fast = self.__dict__.get("_fast")
         if fast is None:
-            return super().forward(x)
+            return super()._forward(x)
         weight, scale, bias = fast
         x2 = x.reshape(-1, self.in_features).to(ACT_DTYPE).contiguous()  # [M, in]
         y = torch.ops.aten._weight_int8pack_mm(x2, weight, scale)

@@ -227,15 +227,12 @@ class Int4WeightLinear(IntxWeightLinear):
             x2 = x2[:, self._perm]  # [M, in] in kernel column order
         return int4_mm(x2, self._packed, self._kernel_group, self._scales_zeros)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x: [..., in] -> [..., out]. The decode hot path: one kernel call and as few Python-level
-        # ops as possible (module attribute lookups of buffers cost microseconds per call).
-        y = self._decode_forward(x)  # decode-size calls: slimlm's qgemv on the portable nibbles
-        if y is not None:
-            return y
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [..., in] -> [..., out]. torch's int4 kernel in one call and as few Python-level ops as
+        # possible (module attribute lookups of buffers cost microseconds per call).
         fast = self.__dict__.get("_fast")
         if fast is None:
-            return super().forward(x)
+            return super()._forward(x)
         packed, group, scales_zeros, perm, bias = fast
         x2 = x.reshape(-1, self.in_features)  # [M, in]
         if perm is not None:
