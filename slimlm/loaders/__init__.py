@@ -86,7 +86,7 @@ def build_model(config: ModelConfig, runtime_tensors: dict[str, torch.Tensor], d
     for k, t in runtime_tensors.items():
         sd[k] = t.to(dtype) if t.is_floating_point() and not _keeps_dtype(k, modules) else t
     expected = set(model.state_dict().keys())
-    tied = config.tie_word_embeddings and type(model.lm_head) is nn.Linear  # a swapped lm_head has its own tensors
+    tied = model.ties_lm_head()
     if tied:
         expected.discard("lm_head.weight")
     missing = sorted(expected - set(sd))

@@ -72,8 +72,8 @@ def _owned(t: torch.Tensor) -> torch.Tensor:
 
 def _state_dict(model: Transformer) -> dict[str, torch.Tensor]:
     sd = {k: _owned(v) for k, v in model.state_dict().items()}
-    if model.config.tie_word_embeddings and type(model.lm_head) is torch.nn.Linear:  # a swapped (quantized)
-        sd.pop("lm_head.weight", None)  # lm_head is no longer tied: its own tensors are saved
+    if model.ties_lm_head():
+        sd.pop("lm_head.weight", None)
     return sd
 
 

@@ -44,6 +44,11 @@ class Transformer(nn.Module):
         self._rope: dict[str, RotaryCache] = {}
         self._rope_dtype: torch.dtype | None = None
 
+    def ties_lm_head(self) -> bool:
+        """Whether ``lm_head`` shares the embedding matrix: a tied config whose head is still a plain
+        linear (a swapped, e.g. quantized, head holds its own tensors and is saved with them)."""
+        return self.config.tie_word_embeddings and type(self.lm_head) is nn.Linear
+
     # --- pieces reused by the calibration driver -----------------------------------------------
     @property
     def dtype(self) -> torch.dtype:
