@@ -53,11 +53,14 @@ inline void check_float(const torch::Tensor& t, const char* name) {
               " must be float32 or bfloat16");
 }
 
+// tensors per linear in the kernels' linear specs: (weight, bias, scale, zs, group)
+constexpr size_t NL = 5;
+
 }  // namespace slimlm_k
 
 // y = x @ w.T + bias (+ residual) for fp32/bf16 weights (decode.cpp)
 torch::Tensor gemv(torch::Tensor x, torch::Tensor w, torch::Tensor bias, torch::Tensor residual);
-// the same for int8 / packed int4 codes with group scales, int8 activations per 32 (qgemv.cpp)
+// the same for int8 / packed int4 codes with group scales, activations int8 per chunk (qgemv.cpp)
 torch::Tensor qgemv(torch::Tensor x, torch::Tensor w, torch::Tensor bias, torch::Tensor residual, torch::Tensor scale,
                     torch::Tensor zs, int64_t group);
 torch::Tensor qgemv_cat(torch::Tensor x, std::vector<torch::Tensor> specs);

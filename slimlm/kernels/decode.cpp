@@ -288,7 +288,6 @@ torch::Tensor attn_decode(torch::Tensor qkv, torch::Tensor cos, torch::Tensor si
 // three empty (gemv); quantized codes carry qgemv's scale, zero*scale and a 1-element group size.
 // `qkv` holds one fused linear or three (q, k, v), `gu` one fused linear or two (gate, up). h: [B, 1, D].
 namespace {
-constexpr size_t NL = 5;  // tensors per linear
 torch::Tensor lin(const torch::Tensor& x, const std::vector<torch::Tensor>& t, size_t i, const torch::Tensor& res) {
   const torch::Tensor* p = t.data() + NL * i;
   if (p[4].numel() == 0) return gemv(x, p[0], p[1], res);

@@ -30,9 +30,9 @@ constexpr int64_t QB = 32;  // weight block: one vpmaddubsw
 
 // How a row of I inputs is cut: chunks (activation scales) inside groups (weight scales).
 struct Chunks {
-  int64_t I, G, ng;
+  int64_t I, ng;
   std::vector<int64_t> start, nblk, group;  // per chunk: first block, blocks (<= 4), group index
-  Chunks(int64_t I_, int64_t G_) : I(I_), G(G_), ng((I_ + G_ - 1) / G_) {
+  Chunks(int64_t I_, int64_t G) : I(I_), ng((I_ + G - 1) / G) {
     int64_t C = QB;
     for (int64_t c : {128, 96, 64})
       if (G % c == 0) { C = c; break; }
@@ -198,14 +198,14 @@ torch::Tensor qgemv_parts(const torch::Tensor& x, const std::vector<torch::Tenso
                           int64_t group) {
   check_float(x, "x");
   const int64_t I = x.size(-1);
-  TORCH_CHECK(specs.size() % 5 == 0 && !specs.empty(), "qgemv: specs are (w, bias, scale, zs, group) per part");
+  TORCH_CHECK(specs.size() % NL == 0 && !specs.empty(), "qgemv: specs are (w, bias, scale, zs, group) per part");
   TORCH_CHECK(I % QB == 0 && group > 0 && group % QB == 0, "qgemv: I and the group size must be multiples of 32");
   const Chunks ch(I, std::min(group, I));
   const bool nib = specs[0].scalar_type() == torch::kByte;
   std::vector<Part> parts;
   std::vector<torch::Tensor> keep;  // float copies of biases / zs that must outlive the run
   int64_t Otot = 0;
-  for (size_t i = 0; i < specs.size(); i += 5) {
+  for (size_t i = 0; i < specs.size(); i += NL) {
     const torch::Tensor &w = specs[i], &scale = specs[i + 2];
     const int64_t O = w.size(0);
     TORCH_CHECK(w.scalar_type() == (nib ? torch::kByte : torch::kChar), "qgemv: w must be int8 codes or uint8 packed 4-bit codes (all parts alike)");
@@ -258,13 +258,13 @@ torch::Tensor qgemv(torch::Tensor x, torch::Tensor w, torch::Tensor bias, torch:
 // one parallel loop covers all rows. specs: 5 tensors per part as in qgemv's arguments (the 5th, the
 // group size, must be the same for all). Returns [..., sum of O].
 torch::Tensor qgemv_cat(torch::Tensor x, std::vector<torch::Tensor> specs) {
-  TORCH_CHECK(specs.size() % 5 == 0 && !specs.empty(), "qgemv_cat: specs are (w, bias, scale, zs, group) per part");
+  TORCH_CHECK(specs.size() % NL == 0 && !specs.empty(), "qgemv_cat: specs are (w, bias, scale, zs, group) per part");
   auto group_of = [&](size_t i) {
     TORCH_CHECK(specs[i].numel() == 1 && specs[i].scalar_type() == torch::kLong, "qgemv_cat: group sizes are 1-element int64");
     return specs[i].data_ptr<int64_t>()[0];
   };
-  const int64_t group = group_of(4);
-  for (size_t i = 9; i < specs.size(); i += 5)
+  const int64_t group = group_of(NL - 1);
+  for (size_t i = 2 * NL - 1; i < specs.size(); i += NL)
     TORCH_CHECK(group_of(i) == group, "qgemv_cat: all parts must share the group size");
   return qgemv_parts(x, specs, torch::Tensor(), group);
 }

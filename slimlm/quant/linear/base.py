@@ -90,7 +90,7 @@ class QuantLinearBase(SwappableLinear):
         super()._load_from_state_dict(*args, **kwargs)
 
     def _decode_forward(self, x: torch.Tensor) -> torch.Tensor | None:
-        """The decode kernel for a few rows of x (activations int8 per 32, see qgemv.cpp), else None."""
+        """The decode kernel for a few rows of x (activations rounded to int8, see qgemv.cpp), else None."""
         spec = self.__dict__.get("_decode")
         if spec is None or x.numel() > kernels.SMALL_ROWS * self.in_features:
             return None

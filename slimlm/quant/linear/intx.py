@@ -17,7 +17,7 @@ the memory saving for speed). ``Int4WeightLinear.process_after_loading`` repacks
 columns once at load time (and ``x`` in forward) so every kernel group is contiguous; it then drops
 the portable ``qweight`` and rebuilds it exactly when the state dict is saved, so the codes are held
 once -- unless slimlm's decode kernels are available: their ``qgemv`` reads the portable nibbles
-(activations int8 per 32, integer dots; ~2x faster at batch 1 than torch's kernel on AVX2), so both
+(activations rounded to int8 per chunk, integer dots; see docs/runtime.md), so both
 layouts are kept (prefill and eval stay on torch's kernel) and int4 linears take 1 byte per weight
 in memory instead of 0.5. Shapes the kernel cannot take (out % 16 != 0, no kernel group 32..256 dividing the quantization
 group and the row, irregular g_idx) use the reference path.
