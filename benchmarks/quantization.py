@@ -99,8 +99,8 @@ def worker(name: str, args: argparse.Namespace) -> dict[str, Any]:
     from slimlm.loaders import load_model
     from slimlm.loaders.save import save_model
     from slimlm.quant import needs_calibration, quantize_
-    from slimlm.quant.report import peak_rss_bytes, release_free_memory, reset_peak_rss
     from slimlm.utils.config import BaseConfig
+    from slimlm.utils.memory import peak_rss_bytes, release_free_memory, reset_peak_rss
 
     dtype_name, cfg_dict = VARIANTS[name]
     dtype = torch.bfloat16 if dtype_name == "bf16" else torch.float32

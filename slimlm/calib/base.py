@@ -15,6 +15,9 @@ samples once, then for each decoder layer in turn it
 3. calls ``algorithm.end_layer(idx, layer)`` and runs the samples through the compressed layer to
    produce the next layer's inputs.
 
+A capture forward stops as soon as every target module of the pass was fed; an algorithm that hooks
+more of the layer (e.g. its output) sets ``needs_full_forward = True`` (optional attribute).
+
 So peak memory is one layer's hidden states for the calibration set plus what the algorithm keeps
 (e.g. one Hessian per linear). Algorithms keep their math in pure functions and only glue here.
 """

@@ -5,6 +5,12 @@ the protocol), so peak memory is about one layer plus the hidden states of the c
 never the activations of the whole model. Each layer's outputs are recomputed *after* it was
 compressed, so later layers calibrate on what the compressed model really produces.
 
+Cost and memory, per layer: a capture pass stops each batch's forward as soon as every target
+module of the pass has been fed (the rest of the layer is not needed: GPTQ's true-sequential
+q/k/v group only runs the input norm), then one output pass overwrites the hidden states batch by
+batch (one copy of them, not two). Freed heap pages are handed back to the OS after each layer, so
+the process RSS shrinks as layers are compressed instead of keeping the fp32 weights' pages.
+
 Example::
 
     samples = calibration_samples(lm.tokenizer, text, n_samples=128, seq_len=512)
@@ -22,6 +28,7 @@ from tqdm.auto import tqdm
 
 from slimlm.calib.base import LayerwiseAlgorithm
 from slimlm.models.transformer import Transformer
+from slimlm.utils.memory import release_free_memory
 
 
 def _stack(samples: Sequence[torch.Tensor], batch_size: int) -> list[torch.Tensor]:
@@ -52,6 +59,7 @@ def run_layerwise(model: Transformer, samples: Sequence[torch.Tensor], algorithm
     ctxs = [model.context(p) for p in positions]
     hidden = [model.embed(b, p).float() for b, p in zip(batches, positions, strict=True)]  # [b, T, D] each
     layers = model.model.layers
+    full = bool(getattr(algorithm, "needs_full_forward", False))  # else captures stop early
     t0 = time.perf_counter()
     bar = tqdm(total=len(layers), desc=desc or f"{algorithm.name}: layers", unit="layer", disable=not progress,
                dynamic_ncols=True)
@@ -61,23 +69,34 @@ def run_layerwise(model: Transformer, samples: Sequence[torch.Tensor], algorithm
         if groups:
             if algorithm.sequential:
                 for g in groups:
-                    _capture(layer, g, algorithm, hidden, ctxs)
+                    _capture(layer, g, algorithm, hidden, ctxs, full)
                     algorithm.finish_group(idx, layer, g)
             else:
-                _capture(layer, [p for g in groups for p in g], algorithm, hidden, ctxs)
+                _capture(layer, [p for g in groups for p in g], algorithm, hidden, ctxs, full)
                 for g in groups:
                     algorithm.finish_group(idx, layer, g)
         algorithm.end_layer(idx, layer)
-        hidden = [layer(h, ctx) for h, ctx in zip(hidden, ctxs, strict=True)]  # outputs of the compressed layer
+        for i, ctx in enumerate(ctxs):  # outputs of the compressed layer, replacing its inputs one by one
+            hidden[i] = layer(hidden[i], ctx)
+        release_free_memory()
         bar.update(1)
     bar.close()
     return {"seconds": time.perf_counter() - t0, "layers": float(len(layers)), "samples": float(len(samples))}
 
 
+class _AllFed(Exception):
+    """Raised by a capture hook once every target module has seen the batch: stops the forward there."""
+
+
 def _capture(layer: nn.Module, paths: list[str], algorithm: LayerwiseAlgorithm, hidden: list[torch.Tensor],
-             ctxs: list) -> None:  # type: ignore[type-arg]
-    """Run the calibration batches through ``layer`` feeding each target module's inputs to the algorithm."""
+             ctxs: list, full: bool = False) -> None:  # type: ignore[type-arg]
+    """Run the calibration batches through ``layer`` feeding each target module's inputs to the algorithm.
+
+    Each batch's forward stops right after the last target module was fed (modules that never run,
+    e.g. unrouted experts, just let it finish), unless ``full`` (the algorithm hooks the layer's output).
+    """
     handles = []
+    waiting: set[str] = set()  # target modules not yet fed the current batch
     last: list[torch.Tensor] = []  # [input, its flat float view]: modules fed the same tensor (q/k/v,
     # gate/up) get the same object, so an algorithm can reuse work per input (GPTQ's x^T x)
     for path in paths:
@@ -88,11 +107,18 @@ def _capture(layer: nn.Module, paths: list[str], algorithm: LayerwiseAlgorithm, 
             if not last or last[0] is not x:
                 last[:] = [x, x.reshape(-1, x.shape[-1]).float()]  # [tokens, in]
             algorithm.accumulate(p, m, last[1])
+            waiting.discard(p)
+            if not waiting and not full:
+                raise _AllFed
 
         handles.append(mod.register_forward_pre_hook(hook))
     try:
         for h, ctx in zip(hidden, ctxs, strict=True):
-            layer(h, ctx)
+            waiting.update(paths)
+            try:
+                layer(h, ctx)
+            except _AllFed:
+                pass
     finally:
         last.clear()
         for hd in handles:

@@ -202,7 +202,7 @@ def run(args: argparse.Namespace) -> int:
     from slimlm.cli.common import load
     from slimlm.loaders.save import check_output_dir, save_model
     from slimlm.quant.api import needs_calibration, quantize_
-    from slimlm.quant.report import peak_rss_bytes, release_free_memory, reset_peak_rss
+    from slimlm.utils.memory import peak_rss_bytes, release_free_memory, reset_peak_rss
 
     cfgs = build_configs(args)
     calibrated = needs_calibration(cfgs)

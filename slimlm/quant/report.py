@@ -138,38 +138,3 @@ def _embedding_params(model: nn.Module) -> list[torch.Tensor]:
 def _persistent_buffers(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
     sd_keys = set(model.state_dict().keys())
     return [(n, b) for n, b in model.named_buffers() if n in sd_keys]
-
-
-# --- process memory (Linux): peak RSS of one phase -------------------------------------------------
-def release_free_memory() -> None:
-    """Return freed heap pages to the OS (glibc ``malloc_trim``), so RSS reflects live data."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-def reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS counter (VmHWM) of this process; False where unsupported."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def peak_rss_bytes() -> int:
-    """Peak RSS since the last :func:`reset_peak_rss` (VmHWM), else since the process started."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -73,6 +73,7 @@ class StructuredScorer:
 
     name = "structured-scores"
     sequential = False
+    needs_full_forward = True  # its layer-output hook (block influence) must see every capture forward
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int):
         self.h, self.kv, self.dh = num_heads, num_kv_heads, head_dim

@@ -58,3 +58,28 @@ def test_modules_sharing_an_input_get_the_same_tensor_object(tmp_path) -> None: 
             assert by_key[(layer, b, "mlp.gate_proj")] is by_key[(layer, b, "mlp.up_proj")]
             assert by_key[(layer, b, "mlp.down_proj")] is not by_key[(layer, b, "mlp.up_proj")]
         assert by_key[(layer, 0, "self_attn.q_proj")].shape[0] == 32  # batch of 2 x 16 tokens
+
+
+class QKVOnly(Recorder):
+    sequential = True
+
+    def target_groups(self, layer_idx: int, layer: nn.Module) -> list[list[str]]:
+        return [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]]
+
+
+def test_capture_stops_after_the_last_target_and_full_forward_opt_in(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    make_hf_model("llama", tmp_path)
+    lm = load_model(str(tmp_path))
+    samples = [torch.randint(0, 256, (16,)) for _ in range(4)]
+    calls = {"down": 0}
+    for layer in lm.model.model.layers:
+        layer.mlp.down_proj.register_forward_pre_hook(lambda m, a: calls.__setitem__("down", calls["down"] + 1))
+    rec = QKVOnly()
+    run_layerwise(lm.model, samples, rec, batch_size=2, progress=False)
+    assert len(rec.fed) == 2 * 2 * 3  # q/k/v fed every batch of every layer
+    assert calls["down"] == 2 * 2  # only the output pass reached down_proj: the captures stopped at q/k/v
+    calls["down"] = 0
+    rec = QKVOnly()
+    rec.needs_full_forward = True  # type: ignore[attr-defined]
+    run_layerwise(lm.model, samples, rec, batch_size=2, progress=False)
+    assert calls["down"] == 2 * 2 * 2
