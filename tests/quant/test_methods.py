@@ -7,10 +7,10 @@ from torch import nn
 
 from slimlm.quant.config import WeightQuantConfig
 from slimlm.quant.methods.awq import output_error, search_clip, search_scale
-from slimlm.quant.methods.gptq import accumulate_hessian, gptq_quantize, make_hessian
+from slimlm.quant.methods.gptq import accumulate_hessian, gptq_quantize, gram, make_hessian
 from slimlm.quant.methods.int8_outlier import int8_outlier_reference, outlier_columns, split_outliers
 from slimlm.quant.methods.smoothquant import SmoothQuantAlgorithm, SmoothQuantConfig, smoothing_scale
-from slimlm.quant.primitives import quantize_per_token_int8, quantize_weight
+from slimlm.quant.primitives import choose_qparams, quantize_codes, quantize_per_token_int8, quantize_weight
 from slimlm.quant.qtensor import QuantizedWeight
 
 
@@ -30,6 +30,59 @@ def test_hessian_accumulation_matches_closed_form() -> None:
         h, n = accumulate_hessian(h, n, chunk)
     assert n == 96
     assert torch.allclose(h, 2 * x.t() @ x / 96, rtol=1e-5, atol=1e-5)
+
+
+def reference_gptq(w: torch.Tensor, h: torch.Tensor, bits: int, g: int, symmetric: bool, act_order: bool,
+                   damp: float, block: int) -> torch.Tensor:
+    """GPTQ as the paper's reference code writes it, one column at a time; returns the codes [out, in]."""
+    w, h = w.clone(), h.clone()
+    out, cols = w.shape
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    scale, zero = choose_qparams(w, bits, g, symmetric)  # only used as-is with act-order (static groups)
+    perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(cols)
+    w, h = w[:, perm], h[perm][:, perm]
+    h.diagonal().add_(damp * torch.mean(torch.diag(h)))
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    codes = torch.zeros(out, cols, dtype=torch.int32)
+    for i1 in range(0, cols, block):
+        i2 = min(i1 + block, cols)
+        w1, err1, hinv1 = w[:, i1:i2].clone(), torch.zeros(out, i2 - i1), hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            orig = int(perm[i1 + i])
+            gi = orig // g
+            if not act_order and orig % g == 0:
+                s, z = choose_qparams(torch.cat([w1[:, i:], w[:, i2:]], dim=1)[:, :g], bits, -1, symmetric)
+                scale[:, gi], zero[:, gi] = s[:, 0], z[:, 0]
+            q = quantize_codes(w1[:, i], scale[:, gi], zero[:, gi], bits)
+            codes[:, i1 + i] = q
+            e = (w1[:, i] - (q.float() - zero[:, gi].float()) * scale[:, gi]) / hinv1[i, i]
+            w1[:, i:] -= e.unsqueeze(1) @ hinv1[i, i:].unsqueeze(0)
+            err1[:, i] = e
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    return codes[:, torch.argsort(perm)]
+
+
+def test_gptq_codes_match_the_reference_column_loop() -> None:
+    torch.manual_seed(3)
+    w = torch.randn(16, 96)
+    x = correlated_inputs(400, 96, seed=3)
+    x[:, 7] = 0.0
+    h = 2 * x.t() @ x / x.shape[0]
+    for bits, g, sym, act, block in [(4, 32, False, True, 32), (3, 32, False, False, 16), (4, 48, True, True, 40),
+                                     (2, 96, False, False, 128), (8, 32, True, False, 32)]:
+        qw, _ = gptq_quantize(w, h, bits, g, symmetric=sym, act_order=act, damp=0.01, block_size=block)
+        ref = reference_gptq(w, h, bits, g, sym, act, 0.01, block)
+        assert torch.equal(qw.qweight.to(torch.int32), ref), (bits, g, sym, act, block)
+
+
+def test_gram_is_exactly_symmetric_and_matches_xtx() -> None:
+    x = correlated_inputs(300, 1000)
+    gm = gram(x, panel=384)
+    assert torch.equal(gm, gm.t())
+    assert torch.allclose(gm, x.t() @ x, rtol=1e-4, atol=1e-2)
+    assert torch.equal(gram(x[:, :200]), x[:, :200].t() @ x[:, :200])  # narrower than a panel: one matmul
 
 
 def test_gptq_beats_rtn_on_output_error() -> None:
