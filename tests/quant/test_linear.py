@@ -325,3 +325,16 @@ def test_real_smollm2_int4_g128_runs_on_the_kernel_and_is_small() -> None:
             model.set_submodule(name, mod)
         out = model(ids)
     assert snr_db(ref, out) > 20  # only the kernel's bf16 activations differ
+
+
+@pytest.mark.parametrize("bits,cls", [(8, Int8WeightLinear), (4, Int4WeightLinear), (3, IntxWeightLinear)])
+def test_large_fp32_calls_run_fp32_weight_only_math(bits: int, cls: type) -> None:
+    """Prefill/eval/calibration-size fp32 inputs: de-quantized weights and the fp32 GEMM, bit for bit."""
+    from slimlm.quant.linear.base import DENSE_ROWS
+
+    mod = cls.from_quantized(random_qw(32, 128, bits, 32, symmetric=False), torch.randn(32))
+    x = torch.randn(2, DENSE_ROWS // 2, 128)
+    with torch.no_grad():
+        assert torch.equal(mod(x), mod.reference_forward(x))
+        xb = x.to(torch.bfloat16)  # bf16 models keep their kernels (and their dtype)
+        assert mod(xb).dtype == torch.bfloat16

@@ -50,12 +50,19 @@ def spec_int(spec: dict[str, Any], key: str, kind: str) -> int:
     return int(spec[key])
 
 
+DENSE_ROWS = 256  # crossover measured with benchmarks-style timing of int4/int8 kernels vs dequant + fp32 GEMM
+
+
 class QuantLinearBase(SwappableLinear):
     """Common bias handling and forward plumbing: subclasses implement ``_matmul(x2: [M, in]) -> [M, out]``."""
 
     bias: torch.Tensor | None
     _dense: torch.Tensor | None  # dense copy kept by _dense_matmul when cache_dense is set
     cache_dense = False
+    # weight-only kinds: float32 calls of at least DENSE_ROWS rows (prefill, eval, calibration) de-quantize
+    # once and run the fp32 GEMM: fp32 math for an fp32 model, and faster than torch's int4/int8 kernels
+    # (bf16 activations) at that size (measured 1.5-2x at 1,024-4,096 rows, AVX2 Zen 1)
+    dense_large_fp32 = False
 
     def __init__(self, in_features: int, out_features: int, bias: torch.Tensor | None) -> None:
         super().__init__()
@@ -111,7 +118,11 @@ class QuantLinearBase(SwappableLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [..., in] -> [..., out] in x's dtype; decode-size calls take slimlm's qgemv kernel
         y = self._decode_forward(x)
-        return y if y is not None else self._forward(x)
+        if y is not None:
+            return y
+        if self.dense_large_fp32 and x.dtype == torch.float32 and x.numel() >= DENSE_ROWS * self.in_features:
+            return self.reference_forward(x)
+        return self._forward(x)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         """Every call the decode kernel does not take (subclasses put their fast paths here)."""

@@ -39,6 +39,8 @@ from slimlm.quant.qtensor import QuantizedWeight
 class Int8WeightLinear(QuantLinearBase):
     """Weight-only int8 (per-channel or grouped, symmetric or asymmetric, optional act-order g_idx)."""
 
+    dense_large_fp32 = True
+
     kind = "int8_weight"
     weight: torch.Tensor
     scale: torch.Tensor

@@ -54,6 +54,8 @@ from slimlm.quant.qtensor import QuantizedWeight
 class IntxWeightLinear(QuantLinearBase):
     """Weight-only 2..8-bit grouped linear with packed storage; reference (dequantize + matmul) forward."""
 
+    dense_large_fp32 = True
+
     kind = "intx_weight"
     allowed_bits: tuple[int, ...] = (2, 3, 4, 5, 6, 7, 8)
     qweight: torch.Tensor | None
