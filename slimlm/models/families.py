@@ -106,13 +106,18 @@ def _inverse_rules(rules: list[tuple[str, str]]) -> list[tuple[str, str]]:
     return inv
 
 
-def runtime_to_hf(cfg: ModelConfig, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Inverse of :func:`hf_to_runtime` (dense tensors under HF names, ready for safetensors)."""
+def runtime_to_hf(cfg: ModelConfig, tensors: dict[str, torch.Tensor], tied: bool | None = None) -> dict[str, torch.Tensor]:
+    """Inverse of :func:`hf_to_runtime` (dense tensors under HF names, ready for safetensors).
+
+    ``tied`` (default: the config's ``tie_word_embeddings``) drops ``lm_head.weight`` as the
+    embedding's duplicate; pass False for a head that was swapped (e.g. quantized) and is its own.
+    """
     inverse = _inverse_rules(RULES[cfg.family])
     out: dict[str, torch.Tensor] = {}
     pending: dict[str, dict[str, torch.Tensor]] = {}
+    tied = cfg.tie_word_embeddings if tied is None else tied
     for name, t in tensors.items():
-        if cfg.tie_word_embeddings and name == "lm_head.weight":
+        if tied and name == "lm_head.weight":
             continue
         if cfg.family == "gpt2":
             m = re.match(r"model\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)$", name)

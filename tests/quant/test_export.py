@@ -209,3 +209,20 @@ def test_split_model_and_gguf_glue_on_tiny_llama(tmp_path: Path) -> None:
     g = torch.arange(down.shape[1]) // 32
     ref = (down.qweight.float() - 8) * down.scale.half().float()[:, g]  # float16 block scales
     assert torch.equal(back.reshape(ref.shape), ref)
+
+
+def test_quantized_head_of_a_tied_model_is_exported_untied(tmp_path: Path) -> None:
+    """HF readers tie lm_head to the embedding when config.json says so: a quantized head must say it is not."""
+    from slimlm.loaders import load_model
+    from slimlm.quant import RTNConfig, quantize_
+    from tests.helpers.models import make_hf_model
+
+    make_hf_model("llama_tied_rope_llama3", tmp_path / "hf")
+    for ignore, tied in ((["lm_head"], True), ([], False)):
+        lm = load_model(str(tmp_path / "hf"))
+        quantize_(lm.model, RTNConfig(bits=4, group_size=32, ignore=ignore))
+        parts = split_model(lm.model)
+        assert parts.config["tie_word_embeddings"] is tied
+        assert ("lm_head" in parts.quantized) is not tied and "lm_head.weight" not in parts.tensors
+        out = export_compressed_tensors(parts, tmp_path / f"ct{int(tied)}")
+        assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is tied

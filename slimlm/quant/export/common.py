@@ -32,12 +32,12 @@ class ExportParts:
     biases: dict[str, torch.Tensor] = field(default_factory=dict)  # HF module path -> [out]
 
 
-def _hf_module_name(cfg: Any, path: str) -> str:
+def _hf_module_name(cfg: Any, path: str, tied: bool) -> str:
     from slimlm.models.families import runtime_to_hf
 
     if getattr(cfg, "family", "") == "gpt2":
         raise SlimlmError("quantized export of GPT-2 (fused Conv1D qkv) is not supported")
-    names = list(runtime_to_hf(cfg, {path + ".weight": torch.zeros(1)}))
+    names = list(runtime_to_hf(cfg, {path + ".weight": torch.zeros(1)}, tied))
     if len(names) != 1 or not names[0].endswith(".weight"):
         raise SlimlmError(f"cannot map runtime linear {path!r} to a Hugging Face name")
     return names[0][: -len(".weight")]
@@ -49,6 +49,7 @@ def split_model(model: Any) -> ExportParts:
     from slimlm.models.families import runtime_to_hf
 
     cfg = model.config
+    tied = model.ties_lm_head()  # a swapped (quantized) head of a tied model is exported as its own
     swapped = {n: m for n, m in model.named_modules() if isinstance(m, SwappableLinear)}
     runtime: dict[str, torch.Tensor] = {}
     for name, t in model.state_dict().items():
@@ -60,7 +61,7 @@ def split_model(model: Any) -> ExportParts:
         bias = getattr(m, "bias", None)
         to_quantized = getattr(type(m), "to_quantized", None)
         if to_quantized is not None:
-            hf = _hf_module_name(cfg, path)
+            hf = _hf_module_name(cfg, path, tied)
             quantized[hf] = to_quantized(m)
             if isinstance(bias, torch.Tensor):
                 biases[hf] = bias.detach().float()
@@ -68,9 +69,12 @@ def split_model(model: Any) -> ExportParts:
             runtime[path + ".weight"] = m.dense_weight().detach().float()
             if isinstance(bias, torch.Tensor):
                 runtime[path + ".bias"] = bias.detach().float()
-    if cfg.tie_word_embeddings:
+    hf_config = cfg.to_hf_config()
+    if tied:
         runtime.pop("lm_head.weight", None)
-    return ExportParts(cfg.to_hf_config(), quantized, runtime_to_hf(cfg, runtime), biases)
+    elif cfg.tie_word_embeddings:
+        hf_config["tie_word_embeddings"] = False
+    return ExportParts(hf_config, quantized, runtime_to_hf(cfg, runtime, tied), biases)
 
 
 def write_folder(out: str | Path, config: dict[str, Any], tensors: dict[str, torch.Tensor], overwrite: bool,
