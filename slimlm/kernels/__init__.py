@@ -5,7 +5,8 @@ here are a multi-threaded AVX2 GEMV for fp32/bf16 weights (~18 GB/s where torch'
 quantized GEMV for int8 / packed int4 codes (``qgemv.cpp``: activations quantized to int8 per chunk
 of up to 128 on the fly, integer dot products, as llama.cpp does), and fused RMSNorm, SiLU*mul, rotary
 embedding and decode attention. They serve only small, inference-only calls (at most
-:data:`SMALL_ROWS` rows, no autograd); everything else runs torch ops.
+:data:`SMALL_ROWS` rows, no autograd); everything else runs torch ops. One more routine is not for
+decode: GPTQ's column sweep (``gptq.cpp``, rows in parallel, the torch loop's arithmetic bit for bit).
 
 The extension is compiled once with ``torch.utils.cpp_extension`` (gcc + ninja, about a minute)
 into torch's extension cache. It is used only when the CPU reports AVX2 (or better) and the build
@@ -27,7 +28,7 @@ from typing import Any
 import torch
 
 SMALL_ROWS = 8  # calls with at most this many rows (tokens x batch) take the decode kernels
-_SRC = [Path(__file__).with_name(n) for n in ("decode.cpp", "qgemv.cpp")]  # + common.h
+_SRC = [Path(__file__).with_name(n) for n in ("decode.cpp", "qgemv.cpp", "gptq.cpp")]  # + common.h
 _EMPTY = torch.empty(0)
 _ext: Any = None
 _tried = False

@@ -64,3 +64,6 @@ torch::Tensor gemv(torch::Tensor x, torch::Tensor w, torch::Tensor bias, torch::
 torch::Tensor qgemv(torch::Tensor x, torch::Tensor w, torch::Tensor bias, torch::Tensor residual, torch::Tensor scale,
                     torch::Tensor zs, int64_t group);
 torch::Tensor qgemv_cat(torch::Tensor x, std::vector<torch::Tensor> specs);
+// GPTQ's column sweep over one lazy block (gptq.cpp)
+void gptq_sweep(torch::Tensor w1, torch::Tensor q1, torch::Tensor err1, torch::Tensor hinv1, torch::Tensor scale,
+                torch::Tensor zero, torch::Tensor group, int64_t c0, int64_t c1, double qmax);

@@ -77,6 +77,34 @@ def test_gptq_codes_match_the_reference_column_loop() -> None:
         assert torch.equal(qw.qweight.to(torch.int32), ref), (bits, g, sym, act, block)
 
 
+def test_gptq_sweep_kernel_equals_the_torch_sweep() -> None:
+    import pytest
+
+    from slimlm.quant.methods.gptq import _sweep_kernel, _sweep_torch
+
+    kernel = _sweep_kernel()
+    if kernel is None:
+        pytest.skip("slimlm's C++ kernels are unavailable here (the torch sweep is used)")
+    gen = torch.Generator().manual_seed(4)
+    out, b = 37, 48
+    a = torch.randn(b, b, generator=gen)
+    hinv1 = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(a @ a.t() + b * torch.eye(b))),
+                                  upper=True).contiguous()
+    scale = torch.rand(out, 3, generator=gen) * 0.1 + 0.01
+    zero = torch.randint(0, 16, (out, 3), generator=gen).float()
+    groups = torch.randint(0, 3, (b,), generator=gen)
+    w = torch.randn(out, b, generator=gen)
+    runs = []
+    for fn in (_sweep_torch, kernel):
+        w1, q1, err1 = w.clone(), torch.zeros(out, b), torch.zeros(out, b)
+        fn(w1, q1, err1, hinv1, scale, zero, groups, 0, 20, 15.0)
+        fn(w1, q1, err1, hinv1, scale, zero, groups, 20, b, 15.0)  # a block split where a group starts
+        runs.append((w1, q1, err1))
+    for x, y in zip(*runs, strict=True):
+        assert torch.equal(x, y)
+    assert runs[0][1].max() == 15 and runs[0][1].min() == 0  # the grid is used end to end
+
+
 def test_gram_is_exactly_symmetric_and_matches_xtx() -> None:
     x = correlated_inputs(300, 1000)
     gm = gram(x, panel=384)

@@ -93,6 +93,34 @@ def accumulate_hessian(h: torch.Tensor, n: int, x: torch.Tensor, xtx: torch.Tens
     return h, new_n
 
 
+def _sweep_torch(w1: torch.Tensor, q1: torch.Tensor, err1: torch.Tensor, hinv1: torch.Tensor, scale: torch.Tensor,
+                 zero: torch.Tensor, groups: torch.Tensor, c0: int, c1: int, qmax: float) -> None:
+    """GPTQ's column sweep over columns ``c0 <= i < c1`` of one lazy block, in place.
+
+    w1/q1/err1: [out, b] (weights being updated, codes as floats, scaled errors); hinv1: [b, b];
+    scale/zero: [out, n_groups] floats; groups: [b] group of each column. The reference algorithm's
+    arithmetic op for op (``slimlm/kernels/gptq.cpp`` is the same loop with rows in parallel).
+    """
+    gl = groups.tolist()
+    diag = hinv1.diagonal().tolist()
+    for i in range(c0, c1):
+        s_g, z_g = scale[:, gl[i]], zero[:, gl[i]]
+        wc = w1[:, i]
+        q = torch.round(wc / s_g).add_(z_g).clamp_(0.0, qmax)  # = quantize_codes
+        q1[:, i] = q
+        e = (wc - (q - z_g).mul_(s_g)).div_(diag[i])  # (w - dequantized) / [H^-1]_ii: [out]
+        w1[:, i:].sub_(torch.outer(e, hinv1[i, i:]))
+        err1[:, i] = e
+
+
+def _sweep_kernel():  # type: ignore[no-untyped-def]
+    """slimlm's C++ sweep (same arithmetic, ~20x faster), or None where the kernels are unavailable."""
+    from slimlm import kernels
+
+    ext = kernels.load() if kernels.supported()[0] else None
+    return getattr(ext, "gptq_sweep", None)
+
+
 def gptq_quantize(
     w: torch.Tensor,
     h: torch.Tensor,
@@ -135,35 +163,31 @@ def gptq_quantize(
     except torch.linalg.LinAlgError:
         raise ConfigError("GPTQ: the Hessian is not positive definite; raise damp or use more calibration data") from None
 
-    # per-column work is a dozen small tensor ops (Python overhead bound at [out] vectors): groups as
-    # Python ints, codes kept as floats until the block ends, the loss summed once per block
     qmax = float(2**bits - 1)
     group_of = (perm // g).tolist()  # group of each (permuted) column
     new_group = [not static and c % g == 0 for c in perm.tolist()]
-    zero_f = zero.float()
+    scale = scale.float().contiguous()
+    zero_f = zero.float().contiguous()
+    sweep = _sweep_kernel() or _sweep_torch
     q_codes = torch.zeros(out, cols, dtype=torch.int32)
     loss = torch.zeros(())
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
-        w1 = w[:, i1:i2].clone()  # [out, b]
+        w1 = w[:, i1:i2].clone(memory_format=torch.contiguous_format)  # [out, b]
         q1 = torch.empty_like(w1)  # codes, as floats
         err1 = torch.empty_like(w1)
-        hinv1 = hinv[i1:i2, i1:i2]
-        diag = hinv1.diagonal().tolist()
-        for i in range(i2 - i1):
-            gi = group_of[i1 + i]
-            if new_group[i1 + i]:  # new group: grid from the current (updated) weights
-                upd = torch.cat([w1[:, i:], w[:, i2:]], dim=1)[:, :g]
+        hinv1 = hinv[i1:i2, i1:i2].contiguous()
+        groups = torch.tensor(group_of[i1:i2], dtype=torch.int64)
+        starts = [i for i in range(i2 - i1) if new_group[i1 + i]]  # a group's grid is chosen here
+        bounds = sorted({0, *starts, i2 - i1})
+        for c0, c1 in zip(bounds[:-1], bounds[1:], strict=True):
+            if new_group[i1 + c0]:  # new group: grid from the current (updated) weights
+                gi = group_of[i1 + c0]
+                upd = torch.cat([w1[:, c0:], w[:, i2:]], dim=1)[:, :g]
                 sc, z = choose_qparams(upd, bits, -1, symmetric, clip_search)
                 scale[:, gi], zero[:, gi] = sc[:, 0], z[:, 0]
                 zero_f[:, gi] = z[:, 0].float()
-            s_g, z_g = scale[:, gi], zero_f[:, gi]
-            wc = w1[:, i]
-            q = torch.round(wc / s_g).add_(z_g).clamp_(0.0, qmax)  # = quantize_codes
-            q1[:, i] = q
-            e = (wc - (q - z_g).mul_(s_g)).div_(diag[i])  # (w - dequantized) / [H^-1]_ii: [out]
-            w1[:, i:].sub_(torch.outer(e, hinv1[i, i:]))
-            err1[:, i] = e
+            sweep(w1, q1, err1, hinv1, scale, zero_f, groups, c0, c1, qmax)
         q_codes[:, i1:i2] = q1.to(torch.int32)
         loss += err1.square().sum() / 2
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
