@@ -146,7 +146,7 @@ def has_module(layer: nn.Module, path: str) -> bool:
 
 
 def factorize_(model: Transformer, cfg: FactorizeConfig, samples: Sequence[torch.Tensor] | None = None,
-               progress: bool = True, batch_size: int = 8) -> dict[str, Any]:
+               progress: bool = True, batch_size: int | None = None) -> dict[str, Any]:
     """Factorize ``model`` in place; returns per-module ranks, parameter counts and timing."""
     before = model.num_parameters()
     algo = FactorizeAlgorithm(cfg)

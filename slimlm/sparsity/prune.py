@@ -141,7 +141,7 @@ def prune_module(layer: nn.Module, path: str, cfg: PruneConfig, sparsity: float,
 
 
 def prune_(model: nn.Module, cfg: PruneConfig, samples: Sequence[torch.Tensor] | None = None,
-           progress: bool = True, batch_size: int = 8) -> dict[str, Any]:
+           progress: bool = True, batch_size: int | None = None) -> dict[str, Any]:
     """Prune ``model`` (a slimlm Transformer) in place; returns per-module sparsity and timing."""
     layers: nn.ModuleList = model.model.layers  # type: ignore[union-attr,assignment]
     algo = PruneAlgorithm(cfg, len(layers))

@@ -245,7 +245,7 @@ def apply_plan(model: Transformer, plan: StructuredPlan, group_keep: dict[int, t
 
 def structured_prune_(model: Transformer, cfg: StructuredPruneConfig, samples: Sequence[torch.Tensor],
                       recovery: Callable[[nn.Module], Any] | None = None, progress: bool = True,
-                      batch_size: int = 8) -> dict[str, Any]:
+                      batch_size: int | None = None) -> dict[str, Any]:
     """Score on ``samples``, remove the least important structures, optionally run ``recovery``."""
     from slimlm.calib.driver import run_layerwise
 
