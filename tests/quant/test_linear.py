@@ -338,3 +338,19 @@ def test_large_fp32_calls_run_fp32_weight_only_math(bits: int, cls: type) -> Non
         assert torch.equal(mod(x), mod.reference_forward(x))
         xb = x.to(torch.bfloat16)  # bf16 models keep their kernels (and their dtype)
         assert mod(xb).dtype == torch.bfloat16
+
+
+def test_int_mm_paths_are_exact_at_the_int8_extremes() -> None:
+    """W8A8's integer GEMM: torch._int_mm, and the fp32-chunked path (K over 1,024 needs two chunks)."""
+    from slimlm.quant.kernels import EXACT_FP32_K, has_int_mm, int_mm, int_mm_via_float
+
+    gen = torch.Generator().manual_seed(0)
+    for k in (576, EXACT_FP32_K, 1536, 2601):
+        a = torch.randint(-127, 128, (9, k), generator=gen, dtype=torch.int8)
+        b = torch.randint(-128, 128, (k, 24), generator=gen, dtype=torch.int8)
+        a[0], b[:, 0], b[:, 1] = 127, 127, -128  # odd sums up to 127 * 127 * k: above 2**24 (and odd) for k = 2601
+        ref = (a.to(torch.int64) @ b.to(torch.int64)).to(torch.int32)
+        assert torch.equal(int_mm_via_float(a, b), ref), k
+        assert torch.equal(int_mm(a, b), ref), k
+        if has_int_mm():
+            assert torch.equal(torch._int_mm(a, b), ref), k
