@@ -88,8 +88,16 @@ def run_layerwise(model: Transformer, samples: Sequence[torch.Tensor], algorithm
                 for g in groups:
                     algorithm.finish_group(idx, layer, g)
         algorithm.end_layer(idx, layer)
-        for i, ctx in enumerate(ctxs):  # outputs of the compressed layer, replacing its inputs one by one
-            hidden[i] = layer(hidden[i], ctx)
+        # quantized linears de-quantize once for all batches (pin_dense_weight), not once per batch
+        pin = [f for m in layer.modules() if callable(f := getattr(m, "pin_dense_weight", None))]
+        try:
+            for f in pin:
+                f(True)
+            for i, ctx in enumerate(ctxs):  # outputs of the compressed layer, replacing its inputs one by one
+                hidden[i] = layer(hidden[i], ctx)
+        finally:
+            for f in pin:
+                f(False)
         release_free_memory()
         bar.update(1)
     bar.close()

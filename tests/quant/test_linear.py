@@ -338,6 +338,12 @@ def test_large_fp32_calls_run_fp32_weight_only_math(bits: int, cls: type) -> Non
         assert torch.equal(mod(x), mod.reference_forward(x))
         xb = x.to(torch.bfloat16)  # bf16 models keep their kernels (and their dtype)
         assert mod(xb).dtype == torch.bfloat16
+        y = mod(x)
+        mod.pin_dense_weight(True)  # the calibration driver's output pass: de-quantize once per layer
+        mod.scale.mul_(2)
+        assert torch.equal(mod(x), y)  # the pinned weights are used
+        mod.pin_dense_weight(False)
+        assert torch.equal(mod(x), mod.reference_forward(x)) and not torch.equal(mod(x), y)
 
 
 def test_int_mm_paths_are_exact_at_the_int8_extremes() -> None:

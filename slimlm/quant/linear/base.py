@@ -121,8 +121,18 @@ class QuantLinearBase(SwappableLinear):
         if y is not None:
             return y
         if self.dense_large_fp32 and x.dtype == torch.float32 and x.numel() >= DENSE_ROWS * self.in_features:
-            return self.reference_forward(x)
+            w = self.__dict__.get("_pinned_dense")  # [out, in] float32 while pinned
+            w = self.dense_weight() if w is None else w
+            return F.linear(x, w, None if self.bias is None else self.bias.float())
         return self._forward(x)
+
+    def pin_dense_weight(self, on: bool) -> None:
+        """Keep the de-quantized fp32 weight for large fp32 calls until unpinned (the calibration driver
+        runs each layer over many batches: one de-quantization per layer instead of one per batch)."""
+        if on and self.dense_large_fp32:
+            self.__dict__["_pinned_dense"] = self.dense_weight()
+        else:
+            self.__dict__.pop("_pinned_dense", None)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         """Every call the decode kernel does not take (subclasses put their fast paths here)."""
