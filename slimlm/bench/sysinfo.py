@@ -29,7 +29,7 @@ def cpu_flags() -> list[str]:
         flags = text.split("flags", 1)[1].split("\n", 1)[0].split()
     except (OSError, IndexError):
         return []
-    keep = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "avx512_fp16")
+    keep = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "avx512_fp16")
     return [f for f in keep if f in flags]
 
 
