@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -64,10 +63,6 @@ VARIANTS: dict[str, tuple[str, dict[str, Any] | None]] = {
 }
 REFERENCE = {"rtn-w4g128": 32.20, "gptq-w4g128-noact": 31.95, "gptq-w4g128": 29.24, "rtn-w3g128": 120.29,
              "gptq-w3g128-noact": 75.91, "gptq-w3g128": 51.97, "fp32": 24.14}
-
-
-def peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def current_rss() -> int:
@@ -108,7 +103,7 @@ def worker(name: str, args: argparse.Namespace) -> dict[str, Any]:
     text = read_text(WIKI)
     eval_ids = lm.tokenizer.encode(text)[: args.eval_tokens]
     res: dict[str, Any] = {"name": name, "config": cfg_dict}
-    rss_loaded = peak_rss()
+    rss_loaded = peak_rss_bytes()  # nothing reset it yet: the process peak so far (the load)
     res["fp32_model_bytes"] = lm.model.num_parameters() * 4
     if cfg_dict is not None:
         cfg_dict = {**cfg_dict, **({"true_sequential": True} if args.true_sequential and cfg_dict["kind"] == "gptq" else {})}

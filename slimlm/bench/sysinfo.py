@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import resource
 import time
 from pathlib import Path
 from typing import Any
@@ -63,10 +62,6 @@ def measure_bandwidth(mib: int = 512, repeats: int = 5) -> float:
         buf.sum()
         best = min(best, time.perf_counter() - t)
     return buf.numel() * 4 / best / 1e9
-
-
-def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def save_json(obj: dict[str, Any], path: str | Path) -> Path:
