@@ -63,13 +63,15 @@ def run_layerwise(model: Transformer, samples: Sequence[torch.Tensor], algorithm
     if batch_size is None:
         batch_size = max(1, BATCH_TOKENS // max(s.numel() for s in samples))
     batches = _stack(samples, batch_size)
-    shared: dict[tuple[int, ...], tuple[torch.Tensor, Any]] = {}  # positions, context: one per batch shape
+    by_shape: dict[tuple[int, ...], Any] = {}  # one context (rotary tables) per batch shape
+    ctxs: list[Any] = []
+    hidden: list[torch.Tensor] = []
     for b in batches:
-        if tuple(b.shape) not in shared:
-            pos = torch.arange(b.shape[1]).unsqueeze(0).expand(b.shape[0], -1)  # [b, T]
-            shared[tuple(b.shape)] = (pos, model.context(pos))
-    ctxs = [shared[tuple(b.shape)][1] for b in batches]
-    hidden = [model.embed(b, shared[tuple(b.shape)][0]).float() for b in batches]  # [b, T, D] each
+        pos = torch.arange(b.shape[1]).unsqueeze(0).expand(b.shape[0], -1)  # [b, T]
+        if tuple(b.shape) not in by_shape:
+            by_shape[tuple(b.shape)] = model.context(pos)
+        ctxs.append(by_shape[tuple(b.shape)])
+        hidden.append(model.embed(b, pos).float())  # [b, T, D]
     layers = model.model.layers
     full = bool(getattr(algorithm, "needs_full_forward", False))  # else captures stop early
     t0 = time.perf_counter()
