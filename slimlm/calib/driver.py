@@ -96,7 +96,7 @@ def run_layerwise(model: Transformer, samples: Sequence[torch.Tensor], algorithm
             for f in pin:
                 f(True)
             for i, ctx in enumerate(ctxs):  # outputs of the compressed layer, replacing its inputs one by one
-                hidden[i] = layer(hidden[i], ctx)
+                hidden[i].copy_(layer(hidden[i], ctx))  # in place: the long-lived buffers never move
         finally:
             for f in pin:
                 f(False)

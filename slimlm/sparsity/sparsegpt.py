@@ -27,6 +27,7 @@ from typing import Protocol
 import torch
 
 from slimlm.sparsity.masks import check_sparsity
+from slimlm.utils.linalg import inverse_cholesky_upper
 
 
 class ColumnQuantizer(Protocol):
@@ -70,12 +71,11 @@ def _inverse_cholesky(h: torch.Tensor, percdamp: float) -> torch.Tensor:
     idx = torch.arange(h.shape[0])
     h[idx, idx] += damp
     for attempt in range(6):
-        lower, info = torch.linalg.cholesky_ex(h)
-        if int(info) == 0:
-            break
-        h[idx, idx] += damp * (10**attempt)  # numerically indefinite: dampen more
-    hinv = torch.cholesky_inverse(lower)
-    return torch.linalg.cholesky(hinv, upper=True)
+        try:
+            return inverse_cholesky_upper(h)
+        except torch.linalg.LinAlgError:
+            h[idx, idx] += damp * (10**attempt)  # numerically indefinite: dampen more
+    return inverse_cholesky_upper(h)
 
 
 @torch.no_grad()

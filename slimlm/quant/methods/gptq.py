@@ -28,6 +28,7 @@ from slimlm.quant.primitives import choose_qparams, resolve_group_size
 from slimlm.quant.qtensor import QuantizedWeight
 from slimlm.utils.config import register_config
 from slimlm.utils.errors import ConfigError
+from slimlm.utils.linalg import inverse_cholesky_upper
 
 
 @register_config
@@ -75,9 +76,12 @@ def gram(x: torch.Tensor, panel: int = 384) -> torch.Tensor:
     out = torch.empty(n, n, dtype=x.dtype)
     xt = x.t()
     for i in range(0, n, panel):
-        out[i : i + panel, i:] = xt[i : i + panel] @ x[:, i:]
-    upper = out.triu()
-    return upper + upper.triu(1).t()
+        torch.mm(xt[i : i + panel], x[:, i:], out=out[i : i + panel, i:])  # [p, n - i] straight into place
+    for i in range(0, n, panel):  # mirror in place: no [n, n] temporaries beside ``out``
+        d = out[i : i + panel, i : i + panel]
+        d.copy_(d.triu() + d.triu(1).t())  # the diagonal block, made exactly symmetric
+        out[i + panel :, i : i + panel] = out[i : i + panel, i + panel :].t()
+    return out
 
 
 def accumulate_hessian(h: torch.Tensor, n: int, x: torch.Tensor, xtx: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
@@ -159,7 +163,7 @@ def gptq_quantize(
     h = h[perm][:, perm]
     h.diagonal().add_(damp * torch.mean(torch.diag(h)))
     try:
-        hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+        hinv = inverse_cholesky_upper(h)  # [in, in] upper, U^T U = H^-1
     except torch.linalg.LinAlgError:
         raise ConfigError("GPTQ: the Hessian is not positive definite; raise damp or use more calibration data") from None
 
