@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 SMALL_ROWS = 8  # calls with at most this many rows (tokens x batch) take the decode kernels
-_SRC = [Path(__file__).with_name(n) for n in ("decode.cpp", "qgemv.cpp", "gptq.cpp")]  # + common.h
+_SRC = [Path(__file__).with_name(n) for n in ("decode.cpp", "qgemv.cpp", "gptq.cpp", "nf4.cpp")]  # + common.h
 _EMPTY = torch.empty(0)
 _ext: Any = None
 _tried = False

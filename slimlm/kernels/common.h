@@ -1,4 +1,4 @@
-// Shared helpers of slimlm's CPU decode kernels (decode.cpp, qgemv.cpp): bf16 <-> fp32 conversion,
+// Shared helpers of slimlm's CPU kernels (decode.cpp, qgemv.cpp, gptq.cpp, nf4.cpp): bf16 <-> fp32 conversion,
 // vector loads, and element access that rounds like the torch reference code.
 #pragma once
 #include <torch/extension.h>
@@ -67,3 +67,7 @@ torch::Tensor qgemv_cat(torch::Tensor x, std::vector<torch::Tensor> specs);
 // GPTQ's column sweep over one lazy block (gptq.cpp)
 void gptq_sweep(torch::Tensor w1, torch::Tensor q1, torch::Tensor err1, torch::Tensor hinv1, torch::Tensor scale,
                 torch::Tensor zero, torch::Tensor group, int64_t c0, int64_t c1, double qmax);
+// NF4 codes x a few activation rows (nf4.cpp)
+torch::Tensor nf4_gemv(torch::Tensor x, torch::Tensor codes, torch::Tensor levels, torch::Tensor absmax,
+                       torch::Tensor absmax_codes, torch::Tensor absmax_scale, double offset, int64_t dbs,
+                       int64_t out_features, int64_t block);

@@ -333,4 +333,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attn_decode", &attn_decode, "one decode step of attention with the KV cache write");
   m.def("decode_layer", &decode_layer, "one decode step of a Llama-style decoder layer");
   m.def("gptq_sweep", &gptq_sweep, "GPTQ's column sweep over one lazy block, rows in parallel (gptq.cpp)");
+  m.def("nf4_gemv", &nf4_gemv, "NF4 codes x a few activation rows, levels looked up in registers (nf4.cpp)");
 }

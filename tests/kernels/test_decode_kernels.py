@@ -316,3 +316,41 @@ def test_decode_plan_follows_a_reloaded_quantized_linear(tmp_path, monkeypatch) 
     assert not torch.allclose(ref, base)
     for got in (stale, fresh):  # ... and neither step used the old zero * scale
         torch.testing.assert_close(got, ref, atol=3e-2 * ref.abs().max().item(), rtol=0)
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 5, 8])
+def test_nf4_gemv_matches_the_dequantized_weight(double_quant: bool, dtype: torch.dtype, rows: int) -> None:
+    from slimlm.quant.linear.nf4 import NF4Linear, _nf4_kernel
+    from slimlm.quant.nf4 import quantize_nf4
+
+    assert _nf4_kernel() is not None  # the extension carries it wherever the kernels build
+    g = torch.Generator().manual_seed(rows)
+    w = torch.randn(40, 192, generator=g)  # 3 blocks of 64 per row; 40 rows: uneven thread split
+    bias = torch.randn(40, generator=g)
+    mod = NF4Linear.from_quantized(quantize_nf4(w, block_size=64, double_quant=double_quant, double_block_size=16), bias)
+    x = torch.randn(rows, 192, generator=g).to(dtype)
+    with torch.inference_mode():
+        got = mod(x)
+        assert mod._gemv(x) is not None  # the kernel took the call
+    ref = F.linear(x.double(), mod.dense_weight().double(), bias.double())  # de-quantized weight, exact math
+    assert got.dtype == dtype and got.shape == (rows, 40)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(got.double(), ref, atol=tol * ref.abs().max().item(), rtol=0)
+
+
+def test_nf4_gemv_leaves_straddling_blocks_large_calls_and_autograd_to_torch() -> None:
+    from slimlm.quant.linear.nf4 import NF4Linear
+    from slimlm.quant.nf4 import quantize_nf4
+
+    mod = NF4Linear.from_quantized(quantize_nf4(torch.randn(8, 96), block_size=64))  # blocks straddle rows
+    with torch.inference_mode():
+        assert mod._gemv(torch.randn(1, 96)) is None
+    mod = NF4Linear.from_quantized(quantize_nf4(torch.randn(8, 128), block_size=64))
+    with torch.inference_mode():
+        assert mod._gemv(torch.randn(9, 128)) is None
+    x = torch.randn(2, 128, requires_grad=True)
+    assert mod._gemv(x) is None
+    mod(x).sum().backward()
+    assert x.grad is not None

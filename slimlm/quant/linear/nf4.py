@@ -7,8 +7,10 @@ or double-quantized as ``absmax = absmax_codes * absmax_scale[block // double_bl
 Storage: ``codes`` uint8 ``[out * in / 2]`` (element ``2j`` in the low nibble), and either
 ``absmax`` float32 ``[n_blocks]`` or ``absmax_codes`` int8 ``[n_blocks]`` + ``absmax_scale`` float32
 ``[ceil(n_blocks / double_block_size)]`` + ``absmax_offset`` float32 ``[1]``. NF4 levels are not an
-affine grid, so there is no integer kernel: forward looks the levels up, scales by the block absmax
-and runs a bf16/fp32 matmul (``cache_dense = True`` keeps that dense copy; off by default).
+affine grid, so there is no integer kernel. Calls of up to 8 rows (decode) take slimlm's
+``nf4_gemv`` kernel (``slimlm/kernels/nf4.cpp``: codes expanded to levels in registers, fp32 dots,
+no de-quantized copy); larger calls look the levels up, scale by the
+block absmax and run a bf16/fp32 matmul (``cache_dense = True`` keeps that dense copy; off by default).
 
 Example::
 
@@ -120,5 +122,35 @@ class NF4Linear(QuantLinearBase):
         vals = pairs.view(torch.float32).reshape(-1, self.block_size)  # [n_blocks, block]
         return (vals * self.block_absmax().unsqueeze(1)).reshape(self.out_features, self.in_features)
 
+    def _gemv(self, x2: torch.Tensor) -> torch.Tensor | None:
+        """``nf4_gemv`` for a few rows ``x2: [M <= 8, in]``, or None where the kernel cannot take the call."""
+        if x2.shape[0] > 8 or x2.dtype not in (torch.float32, torch.bfloat16) or self.cache_dense:
+            return None
+        if torch.is_grad_enabled() and (x2.requires_grad or self.codes.requires_grad):
+            return None  # no backward in the kernel (QLoRA training takes the de-quantizing path)
+        if self.in_features % self.block_size or self.block_size % 8:
+            return None  # blocks must not straddle rows and hold whole vectors of 8
+        fn = _nf4_kernel()
+        if fn is None:
+            return None
+        empty = _EMPTY
+        if self.absmax is not None:
+            return fn(x2, self.codes, _LEVELS, self.absmax, empty, empty, 0.0, 1, self.out_features, self.block_size)
+        assert self.absmax_codes is not None and self.absmax_scale is not None and self.absmax_offset is not None
+        return fn(x2, self.codes, _LEVELS, empty, self.absmax_codes, self.absmax_scale, float(self.absmax_offset[0]),
+                  self.double_block_size, self.out_features, self.block_size)
+
     def _matmul(self, x2: torch.Tensor) -> torch.Tensor:
-        return self._dense_matmul(x2)
+        y = self._gemv(x2)
+        return self._dense_matmul(x2) if y is None else y
+
+
+_LEVELS = NF4_LEVELS.float().contiguous()
+_EMPTY = torch.empty(0)
+
+
+def _nf4_kernel():  # type: ignore[no-untyped-def]
+    """slimlm's C++ ``nf4_gemv`` or None (kernels unavailable: the de-quantizing path is used)."""
+    from slimlm import kernels
+
+    return getattr(kernels.load(), "nf4_gemv", None)
