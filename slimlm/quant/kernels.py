@@ -55,10 +55,21 @@ def has_int4_weight_kernel() -> bool:
 
 
 # --- weight-only int8 ---------------------------------------------------------------------------
+KERNEL_ALIGN = 64  # bytes: one AVX-512 vector
+
+
+def aligned(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself if its data starts on a 64-byte boundary, else a contiguous copy (which torch's
+    allocator aligns). torch 2.13's AVX-512 ``_weight_int8pack_mm`` reads the weight with aligned
+    vector loads for M >= ~12 rows and segfaults on a weight loaded from a safetensors file at an
+    offset that is only 8-byte aligned (seen on Zen 5)."""
+    return t if t.data_ptr() % KERNEL_ALIGN == 0 else t.contiguous().clone()
+
+
 def int8_weight_mm(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, use_kernel: bool = True) -> torch.Tensor:
     """``x: [M, K]``, ``w: [N, K]`` int8, ``scale: [N]`` float -> ``[M, N]`` in x's dtype."""
     if use_kernel and has_int8_weight_kernel():
-        y = torch.ops.aten._weight_int8pack_mm(x.to(ACT_DTYPE).contiguous(), w, scale.to(ACT_DTYPE))
+        y = torch.ops.aten._weight_int8pack_mm(x.to(ACT_DTYPE).contiguous(), aligned(w), scale.to(ACT_DTYPE))
         return y.to(x.dtype)
     return (x.float() @ w.float().t() * scale.float()).to(x.dtype)
 

@@ -360,3 +360,20 @@ def test_int_mm_paths_are_exact_at_the_int8_extremes() -> None:
         assert torch.equal(int_mm(a, b), ref), k
         if has_int_mm():
             assert torch.equal(torch._int_mm(a, b), ref), k
+
+
+def test_int8_weight_kernel_takes_a_weight_that_is_not_64_byte_aligned() -> None:
+    """A safetensors load can leave int8 codes 8-byte aligned; torch's AVX-512 int8 kernel then
+    crashed (Zen 5, M >= 12 rows). ``aligned`` copies such a weight; the result is the exact math."""
+    from slimlm.quant.kernels import KERNEL_ALIGN, aligned, int8_weight_mm
+
+    buf = torch.randint(-127, 128, (256 * 64 + 64,), dtype=torch.int8, generator=torch.Generator().manual_seed(0))
+    start = next(i for i in range(1, 64) if (buf.data_ptr() + i) % KERNEL_ALIGN == 8)
+    w = buf[start : start + 256 * 64].view(256, 64)
+    assert w.data_ptr() % KERNEL_ALIGN == 8 and aligned(w).data_ptr() % KERNEL_ALIGN == 0
+    assert aligned(aligned(w)).data_ptr() == aligned(w).data_ptr() or aligned(w).data_ptr() % KERNEL_ALIGN == 0
+    x = torch.randn(12, 64, dtype=torch.bfloat16)
+    scale = torch.rand(256) + 0.5
+    y = int8_weight_mm(x, w, scale)
+    ref = (x.float() @ w.float().t()) * scale.to(torch.bfloat16).float()
+    torch.testing.assert_close(y.float(), ref, atol=2e-2 * ref.abs().max().item(), rtol=0)

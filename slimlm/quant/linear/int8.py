@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from slimlm.models.modules import register_linear_kind
-from slimlm.quant.kernels import ACT_DTYPE, has_int8_weight_kernel, int8_weight_mm
+from slimlm.quant.kernels import ACT_DTYPE, KERNEL_ALIGN, aligned, has_int8_weight_kernel, int8_weight_mm
 from slimlm.quant.linear.base import (
     QuantLinearBase,
     check_qweight,
@@ -93,6 +93,8 @@ class Int8WeightLinear(QuantLinearBase):
         if self.zero is not None and ng == 1:
             self._zero_scale = self.zero.float()[:, 0] * self.scale.float()[:, 0]
         fast = self.use_kernel and self.zero is None
+        if fast and self.weight.data_ptr() % KERNEL_ALIGN:
+            self.weight = aligned(self.weight)  # a safetensors load can leave it 8-byte aligned (see aligned())
         self.__dict__["_fast"] = (self.weight, self.scale[:, 0].to(ACT_DTYPE), self.bias) if fast else None
         self._set_decode_spec(self.weight, self.zero)  # codes and zero are both stored minus 128
 
