@@ -53,6 +53,8 @@ VARIANTS: dict[str, tuple[str, dict[str, Any] | None]] = {
         "lm_head": {"bits": 8, "group_size": -1, "symmetric": True, "ragged_last_group": False}}}),
     "gptq-w4g128": ("fp32", {"kind": "gptq", "bits": 4, "act_order": True, **_G128}),
     "gptq-w4g128-noact": ("fp32", {"kind": "gptq", "bits": 4, "act_order": False, **_G128}),
+    # the calibration forwards in fp32 (the default "auto" runs them in bf16 on CPUs with native bf16)
+    "gptq-w4g128-fp32calib": ("fp32", {"kind": "gptq", "bits": 4, "act_order": True, **_G128, "calib_dtype": "fp32"}),
     "rtn-w3g128": ("fp32", {"kind": "rtn", "bits": 3, **_G128}),
     "gptq-w3g128": ("fp32", {"kind": "gptq", "bits": 3, "act_order": True, **_G128}),
     "gptq-w3g128-noact": ("fp32", {"kind": "gptq", "bits": 3, "act_order": False, **_G128}),
@@ -61,7 +63,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any] | None]] = {
     "int8-outlier": ("fp32", {"kind": "int8-outlier", "threshold": 6.0}),
     "nf4": ("fp32", {"kind": "nf4"}),
 }
-REFERENCE = {"rtn-w4g128": 32.20, "gptq-w4g128-noact": 31.95, "gptq-w4g128": 29.24, "rtn-w3g128": 120.29,
+REFERENCE = {"rtn-w4g128": 32.20, "gptq-w4g128-noact": 31.95, "gptq-w4g128": 29.24, "gptq-w4g128-fp32calib": 29.24, "rtn-w3g128": 120.29,
              "gptq-w3g128-noact": 75.91, "gptq-w3g128": 51.97, "fp32": 24.14}
 
 

@@ -11,31 +11,9 @@ from typing import Any
 
 import torch
 
+from slimlm.utils.cpu import cpu_flags, cpu_model, has_native_bf16
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def cpu_flags() -> list[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-        flags = text.split("flags", 1)[1].split("\n", 1)[0].split()
-    except (OSError, IndexError):
-        return []
-    keep = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "avx512_fp16")
-    return [f for f in keep if f in flags]
-
-
-def has_native_bf16() -> bool:
-    """True when the CPU computes bf16 matmuls natively (AVX-512 BF16 or AMX)."""
-    f = cpu_flags()
-    return "avx512_bf16" in f or "amx_bf16" in f
+__all__ = ["cpu_flags", "cpu_model", "has_native_bf16", "system_info"]
 
 
 def system_info() -> dict[str, Any]:

@@ -127,9 +127,9 @@ def calibration(args: argparse.Namespace, tokenizer: Any) -> list[torch.Tensor]:
 
 
 # --- plan and estimates ---------------------------------------------------------------------------
-def _gflops() -> float:
-    """fp32 matmul speed right now (best of 3), to turn FLOP counts into seconds."""
-    a = torch.randn(1024, 1024)
+def _gflops(dtype: torch.dtype = torch.float32) -> float:
+    """Matmul speed in ``dtype`` right now (best of 3), to turn FLOP counts into seconds."""
+    a = torch.randn(1024, 1024).to(dtype)
     best = float("inf")
     for _ in range(3):
         t = time.perf_counter()
@@ -139,6 +139,7 @@ def _gflops() -> float:
 
 
 def plan(lm: Any, cfgs: list[Any], args: argparse.Namespace, calibrated: bool) -> dict[str, Any]:
+    from slimlm.calib.driver import resolve_calib_dtype
     from slimlm.quant.api import check_model
     from slimlm.quant.methods.base import layer_groups
 
@@ -160,9 +161,9 @@ def plan(lm: Any, cfgs: list[Any], args: argparse.Namespace, calibrated: bool) -
     state_bytes = sum(i * i * 4 for i in ins) * 3 if calibrated else 0
     peak = int(fp32 * 1.15 + hidden_bytes + act_bytes + state_bytes) if calibrated else int(fp32 * 1.3)
     passes = 2 + (len(ins) if any(getattr(c, "true_sequential", False) for c in cfgs) else 0)
-    flops = 0.0
+    flops, fwd_flops = 0.0, 0.0
     if calibrated:
-        flops += passes * 2 * layer_params * tokens * mc.num_hidden_layers  # layer forwards
+        fwd_flops = passes * 2 * layer_params * tokens * mc.num_hidden_layers  # layer forwards
         flops += 2 * sum(i * i for i in ins) * tokens * mc.num_hidden_layers  # x^T x statistics
         if any(c.kind == "awq" for c in cfgs):
             flops += 20 * 2 * layer_params * max(ins) * mc.num_hidden_layers  # scale grid via H
@@ -173,13 +174,18 @@ def plan(lm: Any, cfgs: list[Any], args: argparse.Namespace, calibrated: bool) -
         flops += 2 * sum(o * i * i for o, i in shapes)
         overhead = 3e-5 * sum(i for _, i in shapes)
     gf = _gflops()
+    fwd_dtype = max((resolve_calib_dtype(c.calib_dtype) for c in cfgs if hasattr(c, "calib_dtype")),
+                    key=lambda d: d == torch.float32, default=torch.float32)  # fp32 if any step runs fp32
+    fwd_gf = gf if fwd_dtype == torch.float32 else _gflops(fwd_dtype)
+    seconds = (flops / (gf * 1e9) + fwd_flops / (fwd_gf * 1e9)) * 1.5 + overhead
     return {
         "model": args.model, "parameters": params, "fp32_bytes": fp32,
         "configs": [c.to_dict() for c in cfgs], "steps": [c.short() for c in cfgs],
         "linears": len(paths), "linears_by_bits": bits,
         "calibration": {"file": args.calib, "start_char": args.calib_start_char, "n_samples": args.n_samples,
                         "seq_len": args.seq_len, "seed": args.seed} if calibrated else None,
-        "estimated_peak_bytes": peak, "estimated_seconds": flops / (gf * 1e9) * 1.5 + overhead, "measured_gflops": gf,
+        "estimated_peak_bytes": peak, "estimated_seconds": seconds, "measured_gflops": gf,
+        "calibration_forward_dtype": str(fwd_dtype).removeprefix("torch.") if calibrated else None,
         "out": args.out,
     }
 
@@ -193,7 +199,8 @@ def _print_plan(pl: dict[str, Any]) -> None:
         c = pl["calibration"]
         print(f"calibration: {c['n_samples']} x {c['seq_len']} tokens from {c['file']} (from character {c['start_char']})")
     print(f"estimated peak memory: ~{human_bytes(pl['estimated_peak_bytes'])}; estimated time: "
-          f"~{pl['estimated_seconds']:.0f} s (rough, at {pl['measured_gflops']:.0f} GFLOP/s measured now)")
+          f"~{pl['estimated_seconds']:.0f} s (rough, at {pl['measured_gflops']:.0f} fp32 GFLOP/s measured now"
+          + (f"; calibration forwards in {pl['calibration_forward_dtype']})" if pl.get("calibration_forward_dtype") else ")"))
     print(f"output: {pl['out']}")
 
 

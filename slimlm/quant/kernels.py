@@ -181,9 +181,9 @@ def has_int8_dot_instructions() -> bool:
     """Whether the CPU has int8 dot-product instructions (AVX-512 VNNI, AVX-VNNI or AMX-INT8), which
     torch's CPU ``_int_mm`` needs to be fast: on an AVX2-only Zen 1 it ran 22x slower than the fp32
     GEMM of the same shape (1,024 x 576 x 1,536)."""
-    from slimlm.bench.sysinfo import cpu_flags
+    from slimlm.utils.cpu import has_int8_dot
 
-    return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & set(cpu_flags()))
+    return has_int8_dot()
 
 
 EXACT_FP32_K = 1024  # int8 x int8 products (|p| <= 128 * 127) summed over <= 1024 terms stay below 2**24

@@ -83,3 +83,57 @@ def test_capture_stops_after_the_last_target_and_full_forward_opt_in(tmp_path) -
     rec.needs_full_forward = True  # type: ignore[attr-defined]
     run_layerwise(lm.model, samples, rec, batch_size=2, progress=False)
     assert calls["down"] == 2 * 2 * 2
+
+
+class AutocastProbe(Recorder):
+    """Records, besides the inputs, whether autocast was on while the algorithm ran its own math."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.autocast_in_accumulate: list[bool] = []
+        self.gram_dtypes: list[torch.dtype] = []
+
+    def accumulate(self, path: str, module: nn.Module, x: torch.Tensor) -> None:
+        super().accumulate(path, module, x)
+        self.autocast_in_accumulate.append(torch.is_autocast_enabled("cpu"))
+        self.gram_dtypes.append((x.t() @ x).dtype)
+
+
+def test_bf16_compute_runs_the_layers_in_bf16_and_feeds_fp32(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """compute_dtype=bf16: the capture and output forwards run their matmuls in bf16 (the fed inputs
+    and the next layer's inputs differ from the fp32 run by about bf16 rounding, not more), while the
+    algorithm still gets fp32 tensors and does its math (x^T x) in fp32, outside autocast."""
+    make_hf_model("llama", tmp_path)
+    samples = [torch.randint(0, 256, (16,), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    runs = {}
+    for dt in (torch.float32, torch.bfloat16):
+        lm = load_model(str(tmp_path))
+        probe = AutocastProbe()
+        run_layerwise(lm.model, samples, probe, batch_size=2, progress=False, compute_dtype=dt)
+        runs[dt] = probe
+    a, b = runs[torch.float32], runs[torch.bfloat16]
+    assert not any(a.autocast_in_accumulate) and not any(b.autocast_in_accumulate)
+    assert set(b.gram_dtypes) == {torch.float32}
+    assert [(lay, p) for lay, p, _ in a.fed] == [(lay, p) for lay, p, _ in b.fed]
+    for (lay, path, xa), (_, _, xb) in zip(a.fed, b.fed, strict=True):
+        assert xb.dtype == torch.float32
+        if lay == 0 and path == "self_attn.q_proj":
+            assert torch.equal(xa, xb)  # the first norm's output: no matmul before it
+        elif path == "mlp.down_proj" or lay > 0:
+            assert not torch.equal(xa, xb)  # a bf16 matmul ran before this input
+            torch.testing.assert_close(xb, xa, atol=0.05 * xa.abs().max().item(), rtol=0)
+
+
+def test_resolve_calib_dtype_auto_follows_native_bf16(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import pytest
+
+    from slimlm.calib import driver
+    from slimlm.utils.errors import ConfigError
+
+    monkeypatch.setattr(driver, "has_native_bf16", lambda: True)
+    assert driver.resolve_calib_dtype("auto") == torch.bfloat16
+    monkeypatch.setattr(driver, "has_native_bf16", lambda: False)
+    assert driver.resolve_calib_dtype("auto") == torch.float32
+    assert driver.resolve_calib_dtype("bf16") == torch.bfloat16 and driver.resolve_calib_dtype("fp32") == torch.float32
+    with pytest.raises(ConfigError, match="calib_dtype must be one of auto, fp32, bf16"):
+        driver.resolve_calib_dtype("fp16")

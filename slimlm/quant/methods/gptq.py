@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from slimlm.calib.driver import run_layerwise
+from slimlm.calib.driver import resolve_calib_dtype, run_layerwise
 from slimlm.quant.config import WeightQuantConfig
 from slimlm.quant.methods.base import layer_groups, layer_prefix, register_method, weight_module
 from slimlm.quant.methods.rtn import quantize_top_level
@@ -42,19 +42,25 @@ class GPTQConfig(WeightQuantConfig):
         default=False, metadata={"help": "capture each group of linears after the earlier ones were quantized"}
     )
     clip_search: bool = field(default=False, metadata={"help": "MSE search of the grid range per group"})
+    calib_dtype: str = field(
+        default="auto",
+        metadata={"help": "dtype of the calibration forwards: auto (bf16 where the CPU has native bf16 "
+                  "matmuls, else fp32), fp32, bf16; Hessians and the GPTQ math stay fp32"},
+    )
 
     @classmethod
     def reference_protocol(cls, bits: int = 4, act_order: bool = False) -> GPTQConfig:
         """The settings of REFERENCE.md's SmolLM2 table: asymmetric, g128 (ragged last group), damp
         0.01, block 128, not true-sequential (pair it with 64 x 512 calibration windows, seed 0)."""
         return cls(bits=bits, group_size=128, symmetric=False, ragged_last_group=True, act_order=act_order,
-                   damp=0.01, block_size=128, true_sequential=False)
+                   damp=0.01, block_size=128, true_sequential=False, calib_dtype="fp32")
 
     def validate(self) -> None:
         if not 0 <= self.damp < 1:
             raise ConfigError(f"gptq: damp must be in [0, 1), got {self.damp}")
         if self.block_size <= 0:
             raise ConfigError(f"gptq: block_size must be positive, got {self.block_size}")
+        resolve_calib_dtype(self.calib_dtype)  # names the allowed values
         super().validate()
 
 
@@ -260,5 +266,6 @@ class GPTQAlgorithm:
 @register_method(GPTQConfig, calibrated=True)
 def _apply_gptq(model: nn.Module, cfg: GPTQConfig, samples: Sequence[torch.Tensor] | None, progress: bool) -> None:
     assert samples is not None
-    run_layerwise(model, samples, GPTQAlgorithm(cfg), progress=progress)  # type: ignore[arg-type]
+    run_layerwise(model, samples, GPTQAlgorithm(cfg), progress=progress,  # type: ignore[arg-type]
+                  compute_dtype=resolve_calib_dtype(cfg.calib_dtype))
     quantize_top_level(model, cfg)
