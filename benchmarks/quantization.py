@@ -90,6 +90,12 @@ def decode_tok_s(model: Any, batch: int, prompt_len: int, new_tokens: int) -> fl
     return batch * new_tokens / dt
 
 
+def decode_dtype(name: str) -> torch.dtype:
+    """Decode runs in bf16 (quantized models: bf16 activations, norms and embedding; the kernels'
+    preferred input) except for the fp32 baseline."""
+    return torch.float32 if name == "fp32" else torch.bfloat16
+
+
 def worker(name: str, args: argparse.Namespace) -> dict[str, Any]:
     from slimlm.calib.data import WIKITEXT_CALIB_OFFSET, calibration_samples, read_text
     from slimlm.eval.perplexity import evaluate_perplexity
@@ -109,6 +115,8 @@ def worker(name: str, args: argparse.Namespace) -> dict[str, Any]:
     res["fp32_model_bytes"] = lm.model.num_parameters() * 4
     if cfg_dict is not None:
         cfg_dict = {**cfg_dict, **({"true_sequential": True} if args.true_sequential and cfg_dict["kind"] == "gptq" else {})}
+        if args.reference_protocol and cfg_dict["kind"] == "gptq":  # REFERENCE.md's runs were fp32 throughout
+            cfg_dict = {"calib_dtype": "fp32", **cfg_dict}
         cfg = BaseConfig.load_any(cfg_dict)
         samples = None
         if needs_calibration(cfg):  # type: ignore[arg-type]
@@ -136,7 +144,7 @@ def worker(name: str, args: argparse.Namespace) -> dict[str, Any]:
         res["eval_seconds"] = r.seconds
         if not args.no_decode:
             del lm
-            dec = load_model(str(out), dtype=torch.bfloat16 if dtype_name != "fp32" else torch.float32)
+            dec = load_model(str(out), dtype=decode_dtype(name))
             for b in args.batch_sizes:
                 res[f"decode_tok_s_b{b}"] = decode_tok_s(dec.model, b, 16, args.decode_tokens)
             res["decode_dtype"] = str(dec.model.dtype).replace("torch.", "")
@@ -170,7 +178,7 @@ def paired_decode(names: list[str], args: argparse.Namespace) -> dict[str, Any]:
                 quantize_(lm.model, cfg)  # type: ignore[arg-type]
             out = save_model(lm, Path(tmp) / name)
             del lm
-            models[name] = load_model(str(out), dtype=dtype).model  # as the worker measures it: reloaded
+            models[name] = load_model(str(out), dtype=decode_dtype(name)).model  # as the worker measures it: reloaded
     rates: dict[str, list[float]] = {n: [] for n in models}
     order = list(models)
     for r in range(args.paired_decode):

@@ -70,4 +70,4 @@ void gptq_sweep(torch::Tensor w1, torch::Tensor q1, torch::Tensor err1, torch::T
 // NF4 codes x a few activation rows (nf4.cpp)
 torch::Tensor nf4_gemv(torch::Tensor x, torch::Tensor codes, torch::Tensor levels, torch::Tensor absmax,
                        torch::Tensor absmax_codes, torch::Tensor absmax_scale, double offset, int64_t dbs,
-                       int64_t out_features, int64_t block);
+                       int64_t out_features, int64_t block, bool allow_bf16_dot);

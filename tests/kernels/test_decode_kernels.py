@@ -318,10 +318,13 @@ def test_decode_plan_follows_a_reloaded_quantized_linear(tmp_path, monkeypatch) 
         torch.testing.assert_close(got, ref, atol=3e-2 * ref.abs().max().item(), rtol=0)
 
 
+@pytest.mark.parametrize("bf16_dot", [True, False])
 @pytest.mark.parametrize("double_quant", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [1, 5, 8])
-def test_nf4_gemv_matches_the_dequantized_weight(double_quant: bool, dtype: torch.dtype, rows: int) -> None:
+def test_nf4_gemv_matches_the_dequantized_weight(double_quant: bool, dtype: torch.dtype, rows: int, bf16_dot: bool) -> None:
+    """Both kernel paths (AVX2 fp32 dots; AVX-512 BF16 dots with hi/lo bf16 levels, where the CPU has
+    them) give the exact product of x and the de-quantized weight up to the output's rounding."""
     from slimlm.quant.linear.nf4 import NF4Linear, _nf4_kernel
     from slimlm.quant.nf4 import quantize_nf4
 
@@ -332,8 +335,11 @@ def test_nf4_gemv_matches_the_dequantized_weight(double_quant: bool, dtype: torc
     mod = NF4Linear.from_quantized(quantize_nf4(w, block_size=64, double_quant=double_quant, double_block_size=16), bias)
     x = torch.randn(rows, 192, generator=g).to(dtype)
     with torch.inference_mode():
-        got = mod(x)
-        assert mod._gemv(x) is not None  # the kernel took the call
+        got = mod._gemv(x, bf16_dot)
+        assert got is not None  # the kernel took the call
+        got = got + bias.to(dtype)
+        if bf16_dot:
+            assert torch.equal(mod(x), got)  # the module's forward is that kernel call
     ref = F.linear(x.double(), mod.dense_weight().double(), bias.double())  # de-quantized weight, exact math
     assert got.dtype == dtype and got.shape == (rows, 40)
     tol = 1e-5 if dtype == torch.float32 else 1e-2

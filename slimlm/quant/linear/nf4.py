@@ -9,7 +9,7 @@ Storage: ``codes`` uint8 ``[out * in / 2]`` (element ``2j`` in the low nibble), 
 ``[ceil(n_blocks / double_block_size)]`` + ``absmax_offset`` float32 ``[1]``. NF4 levels are not an
 affine grid, so there is no integer kernel. Calls of up to 8 rows (decode) take slimlm's
 ``nf4_gemv`` kernel (``slimlm/kernels/nf4.cpp``: codes expanded to levels in registers, fp32 dots,
-no de-quantized copy); larger calls look the levels up, scale by the
+no de-quantized copy; bf16 activations use AVX-512 BF16 dot products where the CPU has them); larger calls look the levels up, scale by the
 block absmax and run a bf16/fp32 matmul (``cache_dense = True`` keeps that dense copy; off by default).
 
 Example::
@@ -122,7 +122,7 @@ class NF4Linear(QuantLinearBase):
         vals = pairs.view(torch.float32).reshape(-1, self.block_size)  # [n_blocks, block]
         return (vals * self.block_absmax().unsqueeze(1)).reshape(self.out_features, self.in_features)
 
-    def _gemv(self, x2: torch.Tensor) -> torch.Tensor | None:
+    def _gemv(self, x2: torch.Tensor, bf16_dot: bool = True) -> torch.Tensor | None:
         """``nf4_gemv`` for a few rows ``x2: [M <= 8, in]``, or None where the kernel cannot take the call."""
         if x2.shape[0] > 8 or x2.dtype not in (torch.float32, torch.bfloat16) or self.cache_dense:
             return None
@@ -135,10 +135,11 @@ class NF4Linear(QuantLinearBase):
             return None
         empty = _EMPTY
         if self.absmax is not None:
-            return fn(x2, self.codes, _LEVELS, self.absmax, empty, empty, 0.0, 1, self.out_features, self.block_size)
+            return fn(x2, self.codes, _LEVELS, self.absmax, empty, empty, 0.0, 1, self.out_features, self.block_size,
+                      bf16_dot)
         assert self.absmax_codes is not None and self.absmax_scale is not None and self.absmax_offset is not None
         return fn(x2, self.codes, _LEVELS, empty, self.absmax_codes, self.absmax_scale, float(self.absmax_offset[0]),
-                  self.double_block_size, self.out_features, self.block_size)
+                  self.double_block_size, self.out_features, self.block_size, bf16_dot)
 
     def _matmul(self, x2: torch.Tensor) -> torch.Tensor:
         y = self._gemv(x2)
