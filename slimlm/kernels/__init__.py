@@ -3,7 +3,8 @@
 Batch-1 decode is bound by weight streaming and per-op overhead (see BENCHMARKS.md): the kernels
 here are a multi-threaded AVX2 GEMV for fp32/bf16 weights (~18 GB/s where torch's reaches ~12), a
 quantized GEMV for int8 / packed int4 codes (``qgemv.cpp``: activations quantized to int8 per chunk
-of up to 128 on the fly, integer dot products, as llama.cpp does), and fused RMSNorm, SiLU*mul, rotary
+of up to 128 on the fly, integer dot products, as llama.cpp does; AVX-512 VNNI where the CPU has it),
+an NF4 GEMV (``nf4.cpp``; AVX-512 BF16 dots where available), and fused RMSNorm, SiLU*mul, rotary
 embedding and decode attention. They serve only small, inference-only calls (at most
 :data:`SMALL_ROWS` rows, no autograd); everything else runs torch ops. One more routine is not for
 decode: GPTQ's column sweep (``gptq.cpp``, rows in parallel, the torch loop's arithmetic bit for bit).

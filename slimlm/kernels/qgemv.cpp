@@ -4,7 +4,9 @@
 // Why: on AVX2 a weight-only kernel that widens codes to fp32 is compute-bound below the memory
 // bandwidth (one int8 code per FMA lane: ~9 GB/s on 2 cores, slower than the bf16 GEMV it should
 // beat). With int8 activations, `vpmaddubsw` multiplies 32 code/activation pairs per instruction and
-// the products of up to 128 inputs are summed in integers before one conversion to fp32.
+// the products of up to 128 inputs are summed in integers before one conversion to fp32. CPUs with
+// AVX-512 VNNI (Zen 4/5, Ice Lake and later) take `vpdpbusd` instead: 64 pairs per instruction summed
+// straight into int32 lanes (the same integers; set SLIMLM_QGEMV_AVX2=1 to force the AVX2 path).
 //
 // Math, per output row o and input row b (x is the activation, G the quantization group size):
 //   activation chunks: each group is cut into chunks of C = the largest of 128/96/64/32 dividing G (a
@@ -19,6 +21,7 @@
 // alone) are stored evens-then-odds, matching the low/high nibble split of the loaded bytes. Integer sums are exact: a 4-bit chunk's int16 lanes reach at most 4 * 2 * 15 * 127.
 #include <ATen/Parallel.h>
 #include <algorithm>
+#include <cstdlib>
 #include <vector>
 #include "common.h"
 
@@ -139,19 +142,126 @@ struct Part {  // one weight matrix of a (possibly concatenated) call
   const float *scale, *zs, *bias;
 };
 
+// the epilogue of one output: zero-point term, bias, residual, store in y's dtype
+template <typename OT>
+inline void finish_out(const Part& P, int64_t ng, const float* xs, int64_t Otot, const OT* res, OT* y, int64_t o,
+                       int64_t r, int64_t b, float v) {
+  if (P.zs)
+    for (int64_t g = 0; g < ng; ++g) v -= P.zs[o * ng + g] * xs[b * ng + g];
+  v += P.bias ? P.bias[o] : 0.f;
+  if (res) v = rnd(v, y) + ld(res, b * Otot + r);
+  st(y, b * Otot + r, v);
+}
+
+// --- AVX-512 VNNI (Zen 4/5, Ice Lake and later): 64 code/activation pairs per vpdpbusd, summed
+// straight into int32 lanes. Same integers as the AVX2 path, so the same result up to fp32 order.
+#define QG512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
+#define QG512I __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"), always_inline))
+
+// a pair of 4-bit blocks: 32 code bytes -> [evens | odds], times the 64 activations laid out so
+QG512I inline __m512i pair4_512(__m512i acc, const uint8_t* w, const int8_t* a) {
+  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
+  const __m256i m = _mm256_set1_epi8(0x0F);
+  const __m512i q = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(v, m)),
+                                       _mm256_and_si256(_mm256_srli_epi16(v, 4), m), 1);
+  return _mm512_dpbusd_epi32(acc, q, _mm512_loadu_si512(a));
+}
+// one 4-bit block alone: 16 code bytes -> [evens | odds] (256 bits)
+QG512I inline __m256i block4_256(__m256i acc, const uint8_t* w, const int8_t* a) {
+  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w));
+  const __m128i m = _mm_set1_epi8(0x0F);
+  const __m256i q = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), m), _mm_and_si128(v, m));
+  return _mm256_dpbusd_epi32(acc, q, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a)));
+}
+// signed int8 codes: |q| (unsigned) times x with q's sign (vpdpbusd multiplies u8 by s8)
+QG512I inline __m512i pair8_512(__m512i acc, const int8_t* w, const int8_t* a) {
+  const __m512i q = _mm512_loadu_si512(w), x = _mm512_loadu_si512(a);
+  const __m512i sx = _mm512_mask_sub_epi8(x, _mm512_movepi8_mask(q), _mm512_setzero_si512(), x);
+  return _mm512_dpbusd_epi32(acc, _mm512_abs_epi8(q), sx);
+}
+QG512I inline __m256i block8_256(__m256i acc, const int8_t* w, const int8_t* a) {
+  const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
+  const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a));
+  return _mm256_dpbusd_epi32(acc, _mm256_abs_epi8(q), _mm256_sign_epi8(x, q));
+}
+// one chunk (N <= 4 blocks from block k0) as 16 int32 lanes
+template <bool NIB, int N>
+QG512I inline __m512i chunk_dot512(const uint8_t* wr, const int8_t* a, int64_t k0) {
+  const int8_t* w8 = reinterpret_cast<const int8_t*>(wr);
+  __m512i s = _mm512_setzero_si512();
+  if constexpr (N >= 2) s = NIB ? pair4_512(s, wr + k0 * 16, a + k0 * QB) : pair8_512(s, w8 + k0 * QB, a + k0 * QB);
+  if constexpr (N == 4) s = NIB ? pair4_512(s, wr + (k0 + 2) * 16, a + (k0 + 2) * QB) : pair8_512(s, w8 + (k0 + 2) * QB, a + (k0 + 2) * QB);
+  if constexpr (N % 2) {
+    const int64_t k = k0 + N - 1;
+    const __m256i t = NIB ? block4_256(_mm256_setzero_si256(), wr + k * 16, a + k * QB)
+                          : block8_256(_mm256_setzero_si256(), w8 + k * QB, a + k * QB);
+    s = _mm512_add_epi32(s, _mm512_zextsi256_si512(t));
+  }
+  return s;
+}
+template <bool NIB>
+QG512I inline __m512i chunk_dot512(const uint8_t* wr, const int8_t* a, int64_t k0, int64_t n) {
+  switch (n) {
+    case 4: return chunk_dot512<NIB, 4>(wr, a, k0);
+    case 3: return chunk_dot512<NIB, 3>(wr, a, k0);
+    case 2: return chunk_dot512<NIB, 2>(wr, a, k0);
+    default: return chunk_dot512<NIB, 1>(wr, a, k0);
+  }
+}
+
+// rows [begin, end) of the concatenated parts, two rows at a time (they share the activation loads)
+template <bool NIB, typename OT>
+QG512 void qgemv_rows512(const std::vector<Part>& parts, const Chunks& ch, const int8_t* a, const float* d,
+                         const float* xs, int64_t B, int64_t Otot, const OT* res, OT* y, int64_t begin, int64_t end) {
+  const int64_t I = ch.I, ng = ch.ng, nc = ch.n(), row_bytes = NIB ? I / 2 : I;
+  const int64_t *cstart = ch.start.data(), *cnblk = ch.nblk.data(), *cgroup = ch.group.data();
+  size_t p = 0;
+  for (int64_t r = begin; r < end;) {
+    while (r >= parts[p].off + parts[p].O) ++p;
+    const Part& P = parts[p];
+    const int64_t o = r - P.off;
+    const bool two = NIB && r + 1 < end && o + 1 < P.O;  // int8: one row at a time measured faster
+    const uint8_t* w0 = P.w + o * row_bytes;
+    const uint8_t* w1 = two ? w0 + row_bytes : w0;
+    const int64_t o1 = two ? o + 1 : o;
+    for (int64_t b = 0; b < B; ++b) {
+      const int8_t* ab = a + b * I;
+      const float* db = d + b * nc;
+      __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+      for (int64_t c = 0, g = 0; g < ng; ++g) {
+        __m512 g0 = _mm512_setzero_ps(), g1 = _mm512_setzero_ps();
+        for (; c < nc && cgroup[c] == g; ++c) {
+          const __m512 dc = _mm512_set1_ps(db[c]);
+          g0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(chunk_dot512<NIB>(w0, ab, cstart[c], cnblk[c])), dc, g0);
+          if (two) g1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(chunk_dot512<NIB>(w1, ab, cstart[c], cnblk[c])), dc, g1);
+        }
+        acc0 = _mm512_fmadd_ps(g0, _mm512_set1_ps(P.scale[o * ng + g]), acc0);
+        if (two) acc1 = _mm512_fmadd_ps(g1, _mm512_set1_ps(P.scale[o1 * ng + g]), acc1);
+      }
+      finish_out(P, ng, xs, Otot, res, y, o, r, b, _mm512_reduce_add_ps(acc0));
+      if (two) finish_out(P, ng, xs, Otot, res, y, o1, r + 1, b, _mm512_reduce_add_ps(acc1));
+    }
+    r += two ? 2 : 1;
+  }
+}
+
+bool cpu_has_vnni512() {
+  static const bool ok = __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+                         __builtin_cpu_supports("avx512vnni") && !std::getenv("SLIMLM_QGEMV_AVX2");
+  return ok;
+}
+
 template <bool NIB, typename OT>
 void qgemv_run(const std::vector<Part>& parts, const Chunks& ch, const int8_t* a, const float* d, const float* xs,
                int64_t B, int64_t Otot, const OT* res, OT* y) {
+  if (cpu_has_vnni512()) {
+    at::parallel_for(0, Otot, 16, [&](int64_t begin, int64_t end) {
+      qgemv_rows512<NIB, OT>(parts, ch, a, d, xs, B, Otot, res, y, begin, end);
+    });
+    return;
+  }
   const int64_t I = ch.I, ng = ch.ng, nc = ch.n(), row_bytes = NIB ? I / 2 : I;
   const int64_t *cstart = ch.start.data(), *cnblk = ch.nblk.data(), *cgroup = ch.group.data();
-  auto finish = [&](const Part& P, int64_t o, int64_t r, int64_t b, __m256 acc) {
-    float v = hsum(acc);
-    if (P.zs)
-      for (int64_t g = 0; g < ng; ++g) v -= P.zs[o * ng + g] * xs[b * ng + g];
-    v += P.bias ? P.bias[o] : 0.f;
-    if (res) v = rnd(v, y) + ld(res, b * Otot + r);
-    st(y, b * Otot + r, v);
-  };
   at::parallel_for(0, Otot, 16, [&](int64_t begin, int64_t end) {
     size_t p = 0;
     for (int64_t r = begin; r < end;) {
@@ -178,8 +288,8 @@ void qgemv_run(const std::vector<Part>& parts, const Chunks& ch, const int8_t* a
           acc0 = _mm256_fmadd_ps(g0, _mm256_set1_ps(P.scale[o * ng + g]), acc0);
           if constexpr (NIB) acc1 = _mm256_fmadd_ps(g1, _mm256_set1_ps(P.scale[o1 * ng + g]), acc1);
         }
-        finish(P, o, r, b, acc0);
-        if (two) finish(P, o1, r + 1, b, acc1);
+        finish_out(P, ng, xs, Otot, res, y, o, r, b, hsum(acc0));
+        if (two) finish_out(P, ng, xs, Otot, res, y, o1, r + 1, b, hsum(acc1));
       }
       r += two ? 2 : 1;
     }

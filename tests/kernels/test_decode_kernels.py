@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -252,6 +254,32 @@ def test_qgemv_cat_equals_separate_calls(bits: int) -> None:
     assert got.shape == (2, 1, 128) and torch.equal(got, sep)
 
 
+@pytest.mark.parametrize("bits,symmetric", [(3, False), (2, True), (5, False)])
+def test_intx_decode_calls_run_qgemv_on_unpacked_codes(bits: int, symmetric: bool) -> None:
+    """2/3/5-bit linears: decode-size calls take qgemv's int8 path on the unpacked codes (the exact
+    int8-activation math of the reference), larger calls still de-quantize; act-order stays on torch."""
+    from slimlm.quant.linear import IntxWeightLinear
+    from slimlm.quant.primitives import choose_qparams, quantize_codes
+    from slimlm.quant.qtensor import QuantizedWeight
+
+    gen = torch.Generator().manual_seed(bits)
+    w = torch.randn(48, 576, generator=gen)
+    scale, zero = choose_qparams(w, bits, 128, symmetric, ragged=True)  # 576 = 4 x 128 + 64
+    g = torch.arange(576) // 128
+    q = quantize_codes(w, scale[:, g], zero[:, g], bits)
+    mod = IntxWeightLinear.from_quantized(QuantizedWeight(q.to(torch.uint8), scale, zero, bits, 128, symmetric))
+    assert mod.decode_spec() is not None and mod.decode_spec()[0].dtype == torch.int8
+    x = torch.randn(2, 576, generator=gen)
+    with torch.inference_mode():
+        got = mod(x)
+        big = mod(torch.randn(9, 576, generator=gen))
+    ref = _qgemv_reference(x, q, scale, zero, 128)
+    torch.testing.assert_close(got.double(), ref, atol=1e-5 * ref.abs().max().item(), rtol=0)
+    assert big.shape == (9, 48)
+    qa = QuantizedWeight(q.to(torch.uint8), scale, zero, bits, 128, symmetric, g_idx=torch.randperm(576, generator=gen) // 128)
+    assert IntxWeightLinear.from_quantized(qa).decode_spec() is None  # act-order g_idx: the torch path
+
+
 def test_quant_spec_refuses_layouts_qgemv_cannot_read() -> None:
     codes = torch.zeros(8, 48, dtype=torch.int8)
     assert kernels.quant_spec(codes, None, torch.ones(8, 1), None, -1, 48) is None  # 48 is not a multiple of 32
@@ -262,7 +290,8 @@ def test_quant_spec_refuses_layouts_qgemv_cannot_read() -> None:
 
 
 @pytest.mark.parametrize("cfg", [dict(bits=8, group_size=-1, symmetric=True), dict(bits=8, group_size=32, symmetric=False),
-                                 dict(bits=4, group_size=32, symmetric=False), dict(bits=4, group_size=-1, symmetric=True)])
+                                 dict(bits=4, group_size=32, symmetric=False), dict(bits=4, group_size=-1, symmetric=True),
+                                 dict(bits=3, group_size=32, symmetric=False)])
 def test_one_call_decode_runs_quantized_layers_like_the_module_path(tmp_path, monkeypatch, cfg) -> None:  # type: ignore[no-untyped-def]
     from slimlm.loaders import load_model
     from slimlm.quant.api import quantize_
@@ -360,3 +389,38 @@ def test_nf4_gemv_leaves_straddling_blocks_large_calls_and_autograd_to_torch() -
     assert mod._gemv(x) is None
     mod(x).sum().backward()
     assert x.grad is not None
+
+
+def test_qgemv_avx2_and_avx512_vnni_paths_agree(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """qgemv picks AVX-512 VNNI where the CPU has it and AVX2 elsewhere (SLIMLM_QGEMV_AVX2=1 forces
+    AVX2): the integer sums are the same, so the outputs agree to fp32 summation order."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "run.py"
+    script.write_text(
+        "import sys, torch\n"
+        "from slimlm import kernels\n"
+        "from slimlm.quant.packing import pack_int4\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "outs = []\n"
+        "for bits, o, i, group in ((4, 40, 576, 128), (4, 33, 96, 96), (8, 37, 576, -1), (8, 24, 352, 32)):\n"
+        "    q = torch.randint(0, 16, (o, i), generator=g).to(torch.uint8) if bits == 4 else torch.randint(-128, 128, (o, i), generator=g).to(torch.int8)\n"
+        "    ng = 1 if group == -1 else -(-i // group)\n"
+        "    zero = torch.randint(0, 16, (o, ng), generator=g).to(q.dtype)\n"
+        "    spec = kernels.quant_spec(pack_int4(q) if bits == 4 else q, torch.randn(o, generator=g), torch.rand(o, ng, generator=g), zero, group, i)\n"
+        "    for rows in (1, 3):\n"
+        "        with torch.inference_mode():\n"
+        "            outs.append(kernels.qlinear(torch.randn(rows, i, generator=g), spec))\n"
+        "torch.save(outs, sys.argv[1])\n")
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "SLIMLM_QGEMV_AVX2"}
+    root = str(Path(__file__).resolve().parents[2])
+    for name, extra in (("default", {}), ("avx2", {"SLIMLM_QGEMV_AVX2": "1"})):
+        subprocess.run([sys.executable, str(script), str(tmp_path / f"{name}.pt")], check=True, cwd=root,
+                       env={**env, **extra, "PYTHONPATH": root})
+    a, b = (torch.load(tmp_path / f"{n}.pt", weights_only=True) for n in ("default", "avx2"))
+    assert len(a) == len(b) == 8
+    for x, y in zip(a, b, strict=True):
+        torch.testing.assert_close(x, y, atol=1e-5 * y.abs().max().item(), rtol=0)

@@ -370,8 +370,9 @@ def test_int8_weight_kernel_takes_a_weight_that_is_not_64_byte_aligned() -> None
     buf = torch.randint(-127, 128, (256 * 64 + 64,), dtype=torch.int8, generator=torch.Generator().manual_seed(0))
     start = next(i for i in range(1, 64) if (buf.data_ptr() + i) % KERNEL_ALIGN == 8)
     w = buf[start : start + 256 * 64].view(256, 64)
-    assert w.data_ptr() % KERNEL_ALIGN == 8 and aligned(w).data_ptr() % KERNEL_ALIGN == 0
-    assert aligned(aligned(w)).data_ptr() == aligned(w).data_ptr() or aligned(w).data_ptr() % KERNEL_ALIGN == 0
+    a = aligned(w)
+    assert w.data_ptr() % KERNEL_ALIGN == 8 and a.data_ptr() % KERNEL_ALIGN == 0 and torch.equal(a, w)
+    assert aligned(a) is a  # an aligned tensor is used as is
     x = torch.randn(12, 64, dtype=torch.bfloat16)
     scale = torch.rand(256) + 0.5
     y = int8_weight_mm(x, w, scale)

@@ -12,7 +12,8 @@ Storage (the portable checkpoint, identical for every bit width):
 ``w = (q - zero[:, g_idx]) * scale[:, g_idx]``: bit-identical to ``QuantizedWeight.dequantize()``.
 
 Runtime: ``IntxWeightLinear`` unpacks and dequantizes on every call (set ``cache_dense = True`` to trade
-the memory saving for speed). ``Int4WeightLinear.process_after_loading`` repacks into the layout of
+the memory saving for speed), except decode-size calls where slimlm's kernels are available: those run
+``qgemv`` on an unpacked int8 copy of the codes made at load time (1 byte per weight in memory). ``Int4WeightLinear.process_after_loading`` repacks into the layout of
 ``aten._weight_int4pack_mm_for_cpu`` (bf16 activations), with act-order handled by permuting the input
 columns once at load time (and ``x`` in forward) so every kernel group is contiguous; it then drops
 the portable ``qweight`` and rebuilds it exactly when the state dict is saved, so the codes are held
@@ -29,6 +30,7 @@ from typing import Any
 
 import torch
 
+from slimlm import kernels
 from slimlm.models.modules import register_linear_kind
 from slimlm.quant.kernels import (
     ACT_DTYPE,
@@ -109,8 +111,14 @@ class IntxWeightLinear(QuantLinearBase):
 
     def process_after_loading(self) -> None:
         self._dense = None
-        four = self.bits == 4 and self.qweight is not None  # packed nibbles are what qgemv reads
-        self._set_decode_spec(self.qweight if four else None, self.zeros_full() if four else None)
+        codes: torch.Tensor | None = None
+        if self.qweight is not None and self.bits == 4:
+            codes = self.qweight  # packed nibbles are what qgemv reads
+        elif self.qweight is not None and self.bits < 8 and self.g_idx is None and kernels.supported()[0]:
+            # 2/3/5/6/7 bits: qgemv's int8 path reads the codes unpacked (0 .. 2**bits - 1), one byte per
+            # weight held for decode (de-quantizing the whole matrix per decode step ran at 3 tok/s)
+            codes = self.codes().to(torch.int8).contiguous()
+        self._set_decode_spec(codes, None if codes is None else self.zeros_full())
 
     # --- math -----------------------------------------------------------------------------------
     def codes(self) -> torch.Tensor:
