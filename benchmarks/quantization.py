@@ -80,12 +80,12 @@ def decode_tok_s(model: Any, batch: int, prompt_len: int, new_tokens: int) -> fl
     ids = torch.randint(100, 1000, (batch, prompt_len))
     cache = KVCache.for_model(model.config, batch, prompt_len + new_tokens + 3, model.dtype)  # +2 warm-up
     with torch.inference_mode():  # as `slimlm generate` runs
-        nxt = model(ids, cache=cache, last_only=True).argmax(-1)  # [B, 1]
+        nxt = model(ids, cache=cache, last_only=True).float().argmax(-1)  # [B, 1]; float logits as slimlm generate samples them
         for _ in range(2):  # warm-up steps
-            nxt = model(nxt, cache=cache, last_only=True).argmax(-1)
+            nxt = model(nxt, cache=cache, last_only=True).float().argmax(-1)
         t = time.perf_counter()
         for _ in range(new_tokens):
-            nxt = model(nxt, cache=cache, last_only=True).argmax(-1)
+            nxt = model(nxt, cache=cache, last_only=True).float().argmax(-1)
         dt = time.perf_counter() - t
     return batch * new_tokens / dt
 
