@@ -165,6 +165,24 @@ struct Part {  // one weight matrix of a (possibly concatenated) call
   const float *scale, *zs, *bias;
 };
 
+// The next output row(s) from r of a thread's range [., end) over the concatenated parts: 4-bit rows go
+// two at a time (they share the activation loads and the loop overhead; a lone last row of a range or
+// of a part is computed twice, stored once); int8 rows one at a time (measured faster).
+struct RowStep {
+  const Part* P;
+  int64_t o, o1;  // rows within the part
+  bool two;
+  const uint8_t *w0, *w1;
+};
+__attribute__((always_inline)) inline RowStep row_step(const std::vector<Part>& parts, size_t& p, int64_t r, int64_t end, bool nib, int64_t row_bytes) {
+  while (r >= parts[p].off + parts[p].O) ++p;
+  const Part& P = parts[p];
+  const int64_t o = r - P.off;
+  const bool two = nib && r + 1 < end && o + 1 < P.O;
+  const uint8_t* w0 = P.w + o * row_bytes;
+  return {&P, o, two ? o + 1 : o, two, w0, two ? w0 + row_bytes : w0};
+}
+
 // the epilogue of one output: zero-point term, bias, residual, store in y's dtype
 template <typename OT>
 inline void finish_out(const Part& P, int64_t ng, const float* xs, int64_t Otot, const OT* res, OT* y, int64_t o,
@@ -240,13 +258,11 @@ QG512 void qgemv_rows512(const std::vector<Part>& parts, const Chunks& ch, const
   const int64_t *cstart = ch.start.data(), *cnblk = ch.nblk.data(), *cgroup = ch.group.data();
   size_t p = 0;
   for (int64_t r = begin; r < end;) {
-    while (r >= parts[p].off + parts[p].O) ++p;
-    const Part& P = parts[p];
-    const int64_t o = r - P.off;
-    const bool two = NIB && r + 1 < end && o + 1 < P.O;  // int8: one row at a time measured faster
-    const uint8_t* w0 = P.w + o * row_bytes;
-    const uint8_t* w1 = two ? w0 + row_bytes : w0;
-    const int64_t o1 = two ? o + 1 : o;
+    const RowStep S = row_step(parts, p, r, end, NIB, row_bytes);
+    const Part& P = *S.P;
+    const int64_t o = S.o, o1 = S.o1;
+    const bool two = S.two;
+    const uint8_t *w0 = S.w0, *w1 = S.w1;
     for (int64_t b = 0; b < B; ++b) {
       const int8_t* ab = a + b * I;
       const float* db = d + b * nc;
@@ -288,15 +304,11 @@ void qgemv_run(const std::vector<Part>& parts, const Chunks& ch, const int8_t* a
   at::parallel_for(0, Otot, 16, [&](int64_t begin, int64_t end) {
     size_t p = 0;
     for (int64_t r = begin; r < end;) {
-      while (r >= parts[p].off + parts[p].O) ++p;
-      const Part& P = parts[p];
-      const int64_t o = r - P.off;
-      // 4-bit: two rows at a time share the activation loads and the loop overhead (a lone last row
-      // of a thread's range or of a part is computed twice, stored once); int8 measured slower so
-      const bool two = NIB && r + 1 < end && o + 1 < P.O;
-      const uint8_t* w0 = P.w + o * row_bytes;
-      const uint8_t* w1 = two ? w0 + row_bytes : w0;
-      const int64_t o1 = two ? o + 1 : o;
+      const RowStep S = row_step(parts, p, r, end, NIB, row_bytes);
+      const Part& P = *S.P;
+      const int64_t o = S.o, o1 = S.o1;
+      const bool two = S.two;
+      const uint8_t *w0 = S.w0, *w1 = S.w1;
       for (int64_t b = 0; b < B; ++b) {
         const int8_t* ab = a + b * I;
         const float* db = d + b * nc;
