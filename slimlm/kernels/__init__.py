@@ -48,6 +48,17 @@ def supported() -> tuple[bool, str]:
     return True, f"cpu capability {cap}"
 
 
+def _build_name() -> str:
+    """The extension's name carries a hash of its sources, so two checkouts or versions of slimlm keep
+    separate builds in torch's extension cache instead of rebuilding each other's on first use."""
+    import hashlib
+
+    h = hashlib.sha1()
+    for p in [*_SRC, Path(__file__).with_name("common.h")]:
+        h.update(p.read_bytes())
+    return f"slimlm_decode_kernels_{h.hexdigest()[:10]}"
+
+
 def load(verbose: bool = False) -> Any:
     """The compiled extension, building it on first call; ``None`` when unavailable."""
     global _ext, _tried, _why
@@ -61,9 +72,10 @@ def load(verbose: bool = False) -> Any:
         from torch.utils.cpp_extension import load as build
 
         cache = Path(os.environ.get("TORCH_EXTENSIONS_DIR", Path.home() / ".cache" / "torch_extensions"))
-        if not any(cache.glob("*/slimlm_decode_kernels")):
+        name = _build_name()
+        if not any(cache.glob(f"*/{name}")):
             print("slimlm: building CPU decode kernels (once, about a minute)...", file=sys.stderr)
-        _ext = build("slimlm_decode_kernels", [str(p) for p in _SRC], extra_cflags=["-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp"],
+        _ext = build(name, [str(p) for p in _SRC], extra_cflags=["-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp"],
                      extra_ldflags=["-fopenmp"], verbose=verbose)
         _why = "built"
     except Exception as e:  # no compiler, no ninja, ...: stay on torch ops

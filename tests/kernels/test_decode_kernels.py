@@ -424,3 +424,14 @@ def test_qgemv_avx2_and_avx512_vnni_paths_agree(tmp_path) -> None:  # type: igno
     assert len(a) == len(b) == 8
     for x, y in zip(a, b, strict=True):
         torch.testing.assert_close(x, y, atol=1e-5 * y.abs().max().item(), rtol=0)
+
+
+def test_build_name_follows_the_sources(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Each version of the kernel sources builds under its own name (no rebuilds between checkouts)."""
+    src = tmp_path / "a.cpp"
+    src.write_text("int f() { return 1; }")
+    monkeypatch.setattr(kernels, "_SRC", [src])
+    first = kernels._build_name()
+    assert first.startswith("slimlm_decode_kernels_") and kernels._build_name() == first
+    src.write_text("int f() { return 2; }")
+    assert kernels._build_name() != first
