@@ -49,13 +49,13 @@ def supported() -> tuple[bool, str]:
 
 
 def _build_name() -> str:
-    """The extension's name carries a hash of its sources, their folder and the interpreter, so two
+    """The extension's name carries a hash of its sources, their folder and the environment (sys.prefix), so two
     checkouts, versions or virtual environments of slimlm keep separate builds in torch's extension
     cache (the build file names absolute paths: sharing one name, they rebuilt each other's build,
     ~45 s, on first use)."""
     import hashlib
 
-    h = hashlib.sha1(f"{Path(__file__).resolve().parent}|{sys.executable}|{torch.__version__}".encode())
+    h = hashlib.sha1(f"{Path(__file__).resolve().parent}|{Path(sys.prefix).resolve()}|{torch.__version__}".encode())
     for p in [*_SRC, Path(__file__).with_name("common.h")]:
         h.update(p.read_bytes())
     return f"slimlm_decode_kernels_{h.hexdigest()[:10]}"
