@@ -151,25 +151,18 @@ torch::Tensor nf4_gemv(torch::Tensor x, torch::Tensor codes, torch::Tensor level
   torch::Tensor xf = x.to(torch::kFloat).contiguous();
   torch::Tensor y = torch::empty({M, O}, xf.options());
   const float* xp = xf.data_ptr<float>();
-  const uint8_t* cp = codes.data_ptr<uint8_t>();
-  const float* ap = dq ? nullptr : absmax.data_ptr<float>();
-  const int8_t* acp = dq ? absmax_codes.data_ptr<int8_t>() : nullptr;
-  const float* asp = dq ? absmax_scale.data_ptr<float>() : nullptr;
-  const float off = static_cast<float>(offset);
   float* yp = y.data_ptr<float>();
   const __m256 lo = _mm256_loadu_ps(levels.data_ptr<float>()), hi = _mm256_loadu_ps(levels.data_ptr<float>() + 8);
   at::parallel_for(0, O, 16, [&](int64_t begin, int64_t end) {
     const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
     const __m256i fifteen = _mm256_set1_epi32(15), seven = _mm256_set1_epi32(7);
     for (int64_t o = begin; o < end; ++o) {
-      const uint8_t* c = cp + o * I / 2;
+      const uint8_t* c = A.codes + o * I / 2;
       const int64_t b0 = o * (I / block);  // first block of this row
       __m256 acc[8];
       for (int64_t m = 0; m < M; ++m) acc[m] = _mm256_setzero_ps();
       for (int64_t b = 0; b < I / block; ++b) {
-        const int64_t bi = b0 + b;
-        const float amax = dq ? static_cast<float>(acp[bi]) * asp[bi / dbs] + off : ap[bi];
-        const __m256 a = _mm256_set1_ps(amax);
+        const __m256 a = _mm256_set1_ps(block_absmax(A, b0 + b));
         for (int64_t k = b * block; k < (b + 1) * block; k += 8) {
           uint32_t v;
           std::memcpy(&v, c + k / 2, 4);  // 8 codes
