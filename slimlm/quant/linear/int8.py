@@ -92,9 +92,11 @@ class Int8WeightLinear(QuantLinearBase):
         self.use_kernel = ng == 1 and self.g_idx is None and has_int8_weight_kernel()
         if self.zero is not None and ng == 1:
             self._zero_scale = self.zero.float()[:, 0] * self.scale.float()[:, 0]
+        if self.use_kernel and self.weight.data_ptr() % KERNEL_ALIGN:
+            # a safetensors load can leave it 8-byte aligned (see aligned()): copy once here, not in
+            # int8_weight_mm on every call of the asymmetric kernel path
+            self.weight = aligned(self.weight)
         fast = self.use_kernel and self.zero is None
-        if fast and self.weight.data_ptr() % KERNEL_ALIGN:
-            self.weight = aligned(self.weight)  # a safetensors load can leave it 8-byte aligned (see aligned())
         self.__dict__["_fast"] = (self.weight, self.scale[:, 0].to(ACT_DTYPE), self.bias) if fast else None
         self._set_decode_spec(self.weight, self.zero)  # codes and zero are both stored minus 128
 
