@@ -250,7 +250,7 @@ QG512I inline __m512i chunk_dot512(const uint8_t* wr, const int8_t* a, int64_t k
   }
 }
 
-// rows [begin, end) of the concatenated parts, two rows at a time (they share the activation loads)
+// rows [begin, end) of the concatenated parts, stepped by row_step (4-bit rows in pairs, int8 one by one)
 template <bool NIB, typename OT>
 QG512 void qgemv_rows512(const std::vector<Part>& parts, const Chunks& ch, const int8_t* a, const float* d,
                          const float* xs, int64_t B, int64_t Otot, const OT* res, OT* y, int64_t begin, int64_t end) {
