@@ -29,7 +29,8 @@ from typing import Any
 import torch
 
 SMALL_ROWS = 8  # calls with at most this many rows (tokens x batch) take the decode kernels
-_SRC = [Path(__file__).with_name(n) for n in ("decode.cpp", "qgemv.cpp", "gptq.cpp", "nf4.cpp")]  # + common.h
+_SRC = [Path(__file__).with_name(n) for n in ("decode.cpp", "qgemv.cpp", "qgemv16.cpp", "gptq.cpp", "nf4.cpp")]
+_HEADERS = [Path(__file__).with_name(n) for n in ("common.h", "qgemv.h")]
 _EMPTY = torch.empty(0)
 _ext: Any = None
 _tried = False
@@ -56,7 +57,7 @@ def _build_name() -> str:
     import hashlib
 
     h = hashlib.sha1(f"{Path(__file__).resolve().parent}|{Path(sys.prefix).resolve()}|{torch.__version__}".encode())
-    for p in [*_SRC, Path(__file__).with_name("common.h")]:
+    for p in [*_SRC, *_HEADERS]:
         h.update(p.read_bytes())
     return f"slimlm_decode_kernels_{h.hexdigest()[:10]}"
 
@@ -200,7 +201,8 @@ def quant_spec(codes: torch.Tensor, bias: torch.Tensor | None, scale: torch.Tens
     codes: int8 ``[O, I]`` (signed, ``w = (q - zero) * scale``) or uint8 ``[O, I/2]`` (two 4-bit codes
     per byte, even element in the low nibble); scale ``[O, ng]``; zero ``[O, ng]`` in the codes' own
     convention (signed for int8, 0..15 for 4-bit) or ``None`` for symmetric int8; group: input columns
-    per scale (-1 = the whole row).
+    per scale (-1 = the whole row). 4-bit codes with ``O % 16 == 0`` are re-laid in 16-row tiles
+    (:func:`tile_int4`, a new tensor of the same size: the spec no longer reads ``codes``).
     """
     group = in_features if group in (-1, 0) or group >= in_features else group
     nib = codes.dtype is torch.uint8
@@ -212,7 +214,29 @@ def quant_spec(codes: torch.Tensor, bias: torch.Tensor | None, scale: torch.Tens
         return None
     s = scale.float().contiguous()
     zs = _EMPTY if zero is None else (zero.float() * s).contiguous()
-    return codes, _EMPTY if bias is None else bias.float().contiguous(), s, zs, torch.tensor([group])
+    b = _EMPTY if bias is None else bias.float().contiguous()
+    if nib and codes.shape[0] % TILE_ROWS == 0:
+        return (tile_int4(codes), b, tile_rows(s), _EMPTY if zero is None else tile_rows(zs), torch.tensor([group]))
+    return codes, b, s, zs, torch.tensor([group])
+
+
+TILE_ROWS = 16  # rows per tile of the tiled 4-bit layout (qgemv16.cpp)
+
+
+def tile_int4(packed: torch.Tensor) -> torch.Tensor:
+    """Packed 4-bit codes ``[O, I/2]`` (even element in the low nibble) -> qgemv16's tiles
+    ``[O/16, I/8, 64]``: tile (R, k) holds rows 16R.. x inputs 8k..8k+7, row r in bytes 4r..4r+3 with
+    byte j = code(8k + j) | code(8k + 4 + j) << 4."""
+    o, half = packed.shape
+    q = torch.stack([packed & 0x0F, packed >> 4], -1).reshape(o // TILE_ROWS, TILE_ROWS, half // 4, 2, 4)  # [R, r, k, hi, j]
+    t = q[:, :, :, 0] | (q[:, :, :, 1] << 4)  # [R, r, k, j]
+    return t.permute(0, 2, 1, 3).contiguous().view(o // TILE_ROWS, half // 4, 4 * TILE_ROWS)
+
+
+def tile_rows(v: torch.Tensor) -> torch.Tensor:
+    """Per-row group values ``[O, ng]`` -> ``[O/16, ng, 16]`` (a group's 16 row values contiguous)."""
+    o, ng = v.shape
+    return v.view(o // TILE_ROWS, TILE_ROWS, ng).transpose(1, 2).contiguous()
 
 
 def linear_spec(mod: torch.nn.Module) -> LinearSpec | None:

@@ -297,7 +297,7 @@ torch::Tensor lin_cat(const torch::Tensor& x, const std::vector<torch::Tensor>& 
   if (t.size() == NL) return lin(x, t, 0, torch::Tensor());
   bool same = true;  // all quantized alike: one qgemv pass (x quantized once, one parallel loop)
   for (size_t i = 0; i < t.size(); i += NL)
-    same = same && t[i + 4].numel() == 1 && t[i].scalar_type() == t[0].scalar_type() &&
+    same = same && t[i + 4].numel() == 1 && t[i].scalar_type() == t[0].scalar_type() && t[i].dim() == t[0].dim() &&
            t[i + 4].data_ptr<int64_t>()[0] == t[4].data_ptr<int64_t>()[0];
   if (same) return qgemv_cat(x, t);
   std::vector<torch::Tensor> parts;

@@ -23,90 +23,19 @@
 #include <algorithm>
 #include <cstdlib>
 #include <vector>
-#include "common.h"
+#include "qgemv.h"
 
 using namespace slimlm_k;
+using namespace slimlm_q;
+
+bool slimlm_q::cpu_has_vnni512() {
+  static const bool ok = __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+                         __builtin_cpu_supports("avx512vnni") && !std::getenv("SLIMLM_QGEMV_AVX2");
+  return ok;
+}
+
 
 namespace {
-
-constexpr int64_t QB = 32;  // weight block: one vpmaddubsw
-
-// How a row of I inputs is cut: chunks (activation scales) inside groups (weight scales).
-struct Chunks {
-  int64_t I, ng;
-  std::vector<int64_t> start, nblk, group;  // per chunk: first block, blocks (<= 4), group index
-  Chunks(int64_t I_, int64_t G) : I(I_), ng((I_ + G - 1) / G) {
-    int64_t C = QB;
-    for (int64_t c : {128, 96, 64})
-      if (G % c == 0) { C = c; break; }
-    for (int64_t g = 0; g < ng; ++g)
-      for (int64_t i = g * G; i < std::min(I, (g + 1) * G); i += C) {
-        start.push_back(i / QB);
-        nblk.push_back((std::min({i + C, (g + 1) * G, I}) - i) / QB);
-        group.push_back(g);
-      }
-  }
-  int64_t n() const { return static_cast<int64_t>(start.size()); }
-};
-
-// Where element e of a chunk of nblk blocks goes in the 4-bit activation layout (see the top comment).
-inline int64_t nib_pos(int64_t e, int64_t nblk) {
-  const int64_t pair = e / (2 * QB);
-  if (2 * pair + 1 < nblk) {
-    const int64_t j = e % (2 * QB);
-    return pair * 2 * QB + (j % 2) * QB + j / 2;
-  }
-  const int64_t j = e % QB;
-  return e - j + (j % 2) * (QB / 2) + j / 2;
-}
-
-// x: [B, I] fp32 or bf16 -> a: [B, I] int8 (4-bit: evens-then-odds per pair of blocks), d: [B, chunks],
-// xs: [B, ng] (the dequantized sum of each group's activations, for the zero-point term). Vectorized
-// 32 at a time; the same arithmetic as the scalar form: a = nearbyint(x / d) clamped to +-127.
-template <typename XT>
-void quantize_chunks(const XT* x, int64_t B, const Chunks& ch, bool nib, int8_t* a, float* d, float* xs) {
-  const int64_t I = ch.I, nc = ch.n();
-  const __m256 sign = _mm256_set1_ps(-0.0f), lo = _mm256_set1_ps(-127.f), hi = _mm256_set1_ps(127.f);
-  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);  // undo the lane interleave of the packs
-  alignas(32) int8_t tmp[4 * QB];
-  for (int64_t b = 0; b < B; ++b) {
-    for (int64_t g = 0; g < ch.ng; ++g) xs[b * ch.ng + g] = 0.f;
-    for (int64_t c = 0; c < nc; ++c) {
-      const int64_t i0 = ch.start[c] * QB, n = ch.nblk[c] * QB;
-      const XT* xc = x + b * I + i0;
-      __m256 mx = _mm256_setzero_ps();
-      for (int64_t i = 0; i < n; i += 8) mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, load8(xc + i)));
-      __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
-      m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-      m4 = _mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1));
-      const float dc = _mm_cvtss_f32(m4) / 127.f;
-      int8_t* dst = nib ? tmp : a + b * I + i0;
-      __m256i sum = _mm256_setzero_si256();
-      if (dc > 0.f) {
-        const __m256 dv = _mm256_set1_ps(dc);
-        for (int64_t i = 0; i < n; i += 32) {
-          __m256i q[4];
-          for (int k = 0; k < 4; ++k) {
-            const __m256 r = _mm256_round_ps(_mm256_div_ps(load8(xc + i + 8 * k), dv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-            q[k] = _mm256_cvtps_epi32(_mm256_min_ps(hi, _mm256_max_ps(lo, r)));
-            sum = _mm256_add_epi32(sum, q[k]);
-          }
-          const __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
-          _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), _mm256_permutevar8x32_epi32(p, order));
-        }
-      } else {
-        std::memset(dst, 0, n);
-      }
-      if (nib)
-        for (int64_t i = 0; i < n; ++i) a[b * I + i0 + nib_pos(i, ch.nblk[c])] = tmp[i];
-      __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
-      s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
-      s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
-      d[b * nc + c] = dc;
-      xs[b * ch.ng + ch.group[c]] += dc * static_cast<float>(_mm_cvtsi128_si32(s4));
-    }
-  }
-}
 
 // products of two blocks (64 codes in 32 bytes) summed as 16 int16 lanes
 inline __m256i pair4(const uint8_t* w, const int8_t* a) {
@@ -159,11 +88,6 @@ inline __m256i chunk_dot(const uint8_t* wr, const int8_t* a, int64_t k0, int64_t
   }
 }
 
-struct Part {  // one weight matrix of a (possibly concatenated) call
-  const uint8_t* w;
-  int64_t O, off;  // rows, first output column
-  const float *scale, *zs, *bias;
-};
 
 // The next output row(s) from r of a thread's range [., end) over the concatenated parts: 4-bit rows go
 // two at a time (they share the activation loads and the loop overhead; a lone last row of a range or
@@ -183,16 +107,6 @@ __attribute__((always_inline)) inline RowStep row_step(const std::vector<Part>& 
   return {&P, o, two ? o + 1 : o, two, w0, two ? w0 + row_bytes : w0};
 }
 
-// the epilogue of one output: zero-point term, bias, residual, store in y's dtype
-template <typename OT>
-inline void finish_out(const Part& P, int64_t ng, const float* xs, int64_t Otot, const OT* res, OT* y, int64_t o,
-                       int64_t r, int64_t b, float v) {
-  if (P.zs)
-    for (int64_t g = 0; g < ng; ++g) v -= P.zs[o * ng + g] * xs[b * ng + g];
-  v += P.bias ? P.bias[o] : 0.f;
-  if (res) v = rnd(v, y) + ld(res, b * Otot + r);
-  st(y, b * Otot + r, v);
-}
 
 // --- AVX-512 VNNI (Zen 4/5, Ice Lake and later): 64 code/activation pairs per vpdpbusd, summed
 // straight into int32 lanes. Same integers as the AVX2 path, so the same result up to fp32 order.
@@ -284,11 +198,6 @@ QG512 void qgemv_rows512(const std::vector<Part>& parts, const Chunks& ch, const
   }
 }
 
-bool cpu_has_vnni512() {
-  static const bool ok = __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
-                         __builtin_cpu_supports("avx512vnni") && !std::getenv("SLIMLM_QGEMV_AVX2");
-  return ok;
-}
 
 template <bool NIB, typename OT>
 void qgemv_run(const std::vector<Part>& parts, const Chunks& ch, const int8_t* a, const float* d, const float* xs,
@@ -346,15 +255,22 @@ torch::Tensor qgemv_parts(const torch::Tensor& x, const std::vector<torch::Tenso
   TORCH_CHECK(specs.size() % NL == 0 && !specs.empty(), "qgemv: specs are (w, bias, scale, zs, group) per part");
   TORCH_CHECK(I % QB == 0 && group > 0 && group % QB == 0, "qgemv: I and the group size must be multiples of 32");
   const Chunks ch(I, std::min(group, I));
-  const bool nib = specs[0].scalar_type() == torch::kByte;
+  const bool tiled = specs[0].dim() == 3;  // 4-bit codes in 16-row tiles (qgemv16.cpp)
+  const bool nib = !tiled && specs[0].scalar_type() == torch::kByte;
   std::vector<Part> parts;
   std::vector<torch::Tensor> keep;  // float copies of biases / zs that must outlive the run
   int64_t Otot = 0;
   for (size_t i = 0; i < specs.size(); i += NL) {
     const torch::Tensor &w = specs[i], &scale = specs[i + 2];
-    const int64_t O = w.size(0);
-    TORCH_CHECK(w.scalar_type() == (nib ? torch::kByte : torch::kChar), "qgemv: w must be int8 codes or uint8 packed 4-bit codes (all parts alike)");
-    TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.size(1) == (nib ? I / 2 : I), "qgemv: w must be [O, I] / [O, I/2] contiguous");
+    const int64_t O = tiled ? w.size(0) * 16 : w.size(0);
+    if (tiled) {
+      TORCH_CHECK(w.scalar_type() == torch::kByte && w.dim() == 3 && w.is_contiguous() && w.size(1) == I / 8 && w.size(2) == 64,
+                  "qgemv: tiled 4-bit codes must be uint8 [O/16, I/8, 64] contiguous (all parts alike)");
+      TORCH_CHECK(scale.dim() == 3 && scale.size(0) == O / 16 && scale.size(2) == 16, "qgemv: tiled scale must be [O/16, ng, 16]");
+    } else {
+      TORCH_CHECK(w.scalar_type() == (nib ? torch::kByte : torch::kChar), "qgemv: w must be int8 codes or uint8 packed 4-bit codes (all parts alike)");
+      TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.size(1) == (nib ? I / 2 : I), "qgemv: w must be [O, I] / [O, I/2] contiguous");
+    }
     TORCH_CHECK(scale.scalar_type() == torch::kFloat32 && scale.is_contiguous() && scale.numel() == O * ch.ng,
                 "qgemv: scale must be float32 [O, ceil(I / group)] contiguous");
     auto zf = opt_float(specs[i + 3], O * ch.ng, "zs"), bf = opt_float(specs[i + 1], O, "bias");
@@ -380,7 +296,8 @@ torch::Tensor qgemv_parts(const torch::Tensor& x, const std::vector<torch::Tenso
   sizes.back() = Otot;
   auto y = torch::empty(sizes, x.options());
   auto run = [&](auto* yp, const auto* rp) {
-    if (nib) qgemv_run<true>(parts, ch, a.data(), d.data(), xs.data(), B, Otot, rp, yp);
+    if (tiled) qgemv16_run(parts, ch, a.data(), d.data(), xs.data(), B, Otot, rp, yp);
+    else if (nib) qgemv_run<true>(parts, ch, a.data(), d.data(), xs.data(), B, Otot, rp, yp);
     else qgemv_run<false>(parts, ch, a.data(), d.data(), xs.data(), B, Otot, rp, yp);
   };
   if (x.scalar_type() == torch::kFloat32) {
@@ -412,7 +329,14 @@ torch::Tensor qgemv_cat(torch::Tensor x, std::vector<torch::Tensor> specs) {
     return specs[i].data_ptr<int64_t>()[0];
   };
   const int64_t group = group_of(NL - 1);
-  for (size_t i = 2 * NL - 1; i < specs.size(); i += NL)
-    TORCH_CHECK(group_of(i) == group, "qgemv_cat: all parts must share the group size");
-  return qgemv_parts(x, specs, torch::Tensor(), group);
+  bool mixed = false;  // tiled and row-major 4-bit parts (O % 16 differs): one call per part
+  for (size_t i = NL; i < specs.size(); i += NL) {
+    TORCH_CHECK(group_of(i + NL - 1) == group, "qgemv_cat: all parts must share the group size");
+    mixed = mixed || specs[i].dim() != specs[0].dim();
+  }
+  if (!mixed) return qgemv_parts(x, specs, torch::Tensor(), group);
+  std::vector<torch::Tensor> outs;
+  for (size_t i = 0; i < specs.size(); i += NL)
+    outs.push_back(qgemv_parts(x, std::vector<torch::Tensor>(specs.begin() + i, specs.begin() + i + NL), torch::Tensor(), group));
+  return torch::cat(outs, -1);
 }

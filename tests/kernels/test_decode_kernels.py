@@ -195,7 +195,8 @@ def _qgemv_reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, zero
 
 
 @pytest.mark.parametrize("bits", [8, 4])
-@pytest.mark.parametrize("shape", [(37, 96, 64, 1), (70, 576, 128, 3), (64, 320, -1, 8), (40, 384, 192, 2)])  # out, in, group, rows
+# out, in, group, rows; 4-bit with out % 16 == 0 runs on 16-row tiles (qgemv16.cpp), the others row-major
+@pytest.mark.parametrize("shape", [(37, 96, 64, 1), (70, 576, 128, 3), (64, 320, -1, 8), (40, 384, 192, 2), (96, 576, 128, 2)])
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_qgemv_matches_int8_activation_reference(bits: int, shape: tuple[int, int, int, int], symmetric: bool,
@@ -234,13 +235,14 @@ def test_qgemv_matches_int8_activation_reference(bits: int, shape: tuple[int, in
 
 
 @pytest.mark.parametrize("bits", [8, 4])
-def test_qgemv_cat_equals_separate_calls(bits: int) -> None:
+@pytest.mark.parametrize("sizes", [(64, 24, 40), (64, 32, 48)])  # 4-bit: row-major, and 16-row tiles
+def test_qgemv_cat_equals_separate_calls(bits: int, sizes: tuple[int, int, int]) -> None:
     """q|k|v (or gate|up) in one pass: x quantized once, every row computed as in its own call."""
     from slimlm.quant.packing import pack_int4
 
     gen = torch.Generator().manual_seed(bits)
     specs = []
-    for o in (64, 24, 40):
+    for o in sizes:
         q = torch.randint(-128, 128, (o, 256), generator=gen).to(torch.int8) if bits == 8 else \
             pack_int4(torch.randint(0, 16, (o, 256), generator=gen).to(torch.uint8))
         zero = torch.randint(0, 16, (o, 2), generator=gen).to(q.dtype)
@@ -251,7 +253,9 @@ def test_qgemv_cat_equals_separate_calls(bits: int) -> None:
     with torch.inference_mode():
         got = kernels.load().qgemv_cat(x, [t for s in specs for t in s])
         sep = torch.cat([kernels.qlinear(x, s) for s in specs], -1)  # type: ignore[misc]
-    assert got.shape == (2, 1, 128) and torch.equal(got, sep)
+    assert got.shape == (2, 1, sum(sizes)) and torch.equal(got, sep)
+    if bits == 4:  # tiled exactly when O % 16 == 0 (sizes0 mixes both layouts in one call)
+        assert [s[0].dim() for s in specs] == [3 if o % 16 == 0 else 2 for o in sizes]
 
 
 @pytest.mark.parametrize("bits,symmetric", [(3, False), (2, True), (5, False)])
@@ -404,7 +408,7 @@ def test_qgemv_avx2_and_avx512_vnni_paths_agree(tmp_path) -> None:  # type: igno
         "from slimlm.quant.packing import pack_int4\n"
         "g = torch.Generator().manual_seed(0)\n"
         "outs = []\n"
-        "for bits, o, i, group in ((4, 40, 576, 128), (4, 33, 96, 96), (8, 37, 576, -1), (8, 24, 352, 32)):\n"
+        "for bits, o, i, group in ((4, 40, 576, 128), (4, 33, 96, 96), (4, 48, 576, 128), (8, 37, 576, -1), (8, 24, 352, 32)):\n"
         "    q = torch.randint(0, 16, (o, i), generator=g).to(torch.uint8) if bits == 4 else torch.randint(-128, 128, (o, i), generator=g).to(torch.int8)\n"
         "    ng = 1 if group == -1 else -(-i // group)\n"
         "    zero = torch.randint(0, 16, (o, ng), generator=g).to(q.dtype)\n"
@@ -421,7 +425,7 @@ def test_qgemv_avx2_and_avx512_vnni_paths_agree(tmp_path) -> None:  # type: igno
         subprocess.run([sys.executable, str(script), str(tmp_path / f"{name}.pt")], check=True, cwd=root,
                        env={**env, **extra, "PYTHONPATH": root})
     a, b = (torch.load(tmp_path / f"{n}.pt", weights_only=True) for n in ("default", "avx2"))
-    assert len(a) == len(b) == 8
+    assert len(a) == len(b) == 10
     for x, y in zip(a, b, strict=True):
         torch.testing.assert_close(x, y, atol=1e-5 * y.abs().max().item(), rtol=0)
 

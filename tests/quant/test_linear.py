@@ -142,11 +142,19 @@ def test_int4_kernel_path_is_used_and_holds_codes_once(monkeypatch) -> None:  # 
 
 
 @pytest.mark.skipif(kernels.load() is None, reason=f"decode kernels unavailable: {kernels.status()}")
-def test_int4_decode_kernel_reads_the_portable_codes() -> None:
-    qw = random_qw(64, 576, 4, 128, False)
+@pytest.mark.parametrize("out", [64, 40])
+def test_int4_decode_kernel_layouts(out: int) -> None:
+    """out % 16 == 0: decode runs on 16-row tiles and the portable codes are dropped (held once per
+    kernel); otherwise qgemv reads the portable codes, which stay. Both reload and save the same."""
+    qw = random_qw(out, 576, 4, 128, False)
     mod = Int4WeightLinear.from_quantized(qw)
     spec = mod.decode_spec()
-    assert spec is not None and mod.qweight is not None and spec[0] is mod.qweight  # both layouts kept
+    assert spec is not None
+    if out % 16 == 0:
+        assert spec[0].shape == (out // 16, 576 // 8, 64) and mod.qweight is None
+        assert runtime_nbytes(mod) < out * 576 * 1.25 + qw.scale.numel() * 16
+    else:
+        assert mod.qweight is not None and spec[0] is mod.qweight  # both layouts kept
     x = torch.randn(1, 576)
     with torch.inference_mode():
         small, big = mod(x), mod(x.expand(kernels.SMALL_ROWS + 1, 576))[:1]  # qgemv vs torch's int4 kernel
@@ -154,10 +162,15 @@ def test_int4_decode_kernel_reads_the_portable_codes() -> None:
     assert snr_db(ref, small) > 35 and snr_db(ref, big) > 35
     assert not torch.equal(small, big)  # two different kernels really ran
     state = mod.state_dict()
+    lo, hi = state["qweight"] & 0xF, state["qweight"] >> 4
+    assert torch.equal(torch.stack([lo, hi], -1).reshape(out, 576), qw.qweight)
     mod.load_state_dict(state)
     assert mod.decode_spec() is None  # stale until processed again
     mod.process_after_loading()
     assert mod.decode_spec() is not None
+    mod.process_after_loading()  # idempotent: the converted module keeps its layouts
+    with torch.inference_mode():
+        assert torch.equal(mod(x), small)
 
 
 @pytest.mark.skipif(not has_int4_weight_kernel(), reason="no int4 CPU kernel in this torch build")

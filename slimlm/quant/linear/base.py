@@ -157,10 +157,12 @@ def persistent_nbytes(module: torch.nn.Module) -> int:
 
 
 def runtime_nbytes(module: torch.nn.Module) -> int:
-    """Bytes held in memory now: parameters and all buffers (persistent or not), no double counting."""
+    """Bytes held in memory now: parameters, all buffers (persistent or not) and the decode kernels'
+    copies (a quantized linear's ``decode_spec``, e.g. 4-bit tiles), no double counting."""
     seen: set[int] = set()
     total = 0
-    for t in list(module.parameters()) + list(module.buffers()):
+    extra = [t for m in module.modules() for t in (m.__dict__.get("_decode") or ()) if isinstance(t, torch.Tensor)]
+    for t in list(module.parameters()) + list(module.buffers()) + extra:
         if id(t) not in seen:
             seen.add(id(t))
             total += t.numel() * t.element_size()

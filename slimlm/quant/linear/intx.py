@@ -16,11 +16,11 @@ the memory saving for speed), except decode-size calls where slimlm's kernels ar
 ``qgemv`` on an unpacked int8 copy of the codes made at load time (1 byte per weight in memory). ``Int4WeightLinear.process_after_loading`` repacks into the layout of
 ``aten._weight_int4pack_mm_for_cpu`` (bf16 activations), with act-order handled by permuting the input
 columns once at load time (and ``x`` in forward) so every kernel group is contiguous; it then drops
-the portable ``qweight`` and rebuilds it exactly when the state dict is saved, so the codes are held
-once -- unless slimlm's decode kernels are available: their ``qgemv`` reads the portable nibbles
-(activations rounded to int8 per chunk, integer dots; see docs/runtime.md), so both
-layouts are kept (prefill and eval stay on torch's kernel) and int4 linears take 1 byte per weight
-in memory instead of 0.5. Shapes the kernel cannot take (out % 16 != 0, no kernel group 32..256 dividing the quantization
+the portable ``qweight`` and rebuilds it exactly when the state dict is saved. With slimlm's decode
+kernels, decode-size calls run ``qgemv`` (activations rounded to int8 per chunk, integer dots; see
+docs/runtime.md) on a copy of the codes re-laid in 16-row tiles (``out % 16 == 0``; otherwise on the
+portable nibbles, which then stay): an int4 linear holds 1 byte per weight in memory (torch's layout
+for prefill and eval, the tiles for decode), 0.5 without the decode kernels. Shapes the kernel cannot take (out % 16 != 0, no kernel group 32..256 dividing the quantization
 group and the row, irregular g_idx) use the reference path.
 """
 
@@ -185,9 +185,10 @@ class Int4WeightLinear(IntxWeightLinear):
         return perm if torch.equal(g[perm], expected) else None
 
     def process_after_loading(self) -> None:
-        super().process_after_loading()
-        if self._layout is not None:  # already converted (and the portable copy dropped)
+        if self._layout is not None:  # already converted (the portable copy dropped): the kernel layouts stand
+            self._dense = None
             return
+        super().process_after_loading()  # the decode spec: 16-row tiles (a copy) or the portable codes
         kg = int4_kernel_group(self.group_size, self.in_features, self.out_features)
         perm = self._contiguous_order()
         self.__dict__["_fast"] = None
@@ -203,8 +204,11 @@ class Int4WeightLinear(IntxWeightLinear):
         self._kernel_group = kg
         self.__dict__["_fast"] = (packed, kg, self._scales_zeros, self._perm, self.bias)
         layout = Int4Layout(self.out_features, self.in_features)
-        if self.decode_spec() is None and layout.verify(packed, q):  # hold the codes once (the decode
-            # kernels read the portable layout, so with them both are kept); rebuild it on save
+        spec = self.decode_spec()
+        if (spec is None or spec[0] is not self.qweight) and layout.verify(packed, q):
+            # hold the codes once per kernel: torch's layout for prefill, the decode tiles (when out % 16
+            # == 0; otherwise the decode kernel reads the portable copy, which then stays); the portable
+            # layout is rebuilt on save
             self._layout = layout
             self.qweight = None
 
