@@ -91,57 +91,80 @@ torch::Tensor gemv(torch::Tensor x, torch::Tensor w, torch::Tensor bias, torch::
 
 // RMSNorm over the last dim of x [N, D]. fp32 x: x * r * (offset + w). bf16 x: llama_bf16 ? bf16(bf16(x * r) * w)
 // (transformers' Llama order) : bf16(x * r * (offset + w)) (Gemma: scale in fp32, cast once).
+namespace {
+template <typename T>
+void rms_row(const T* x, const float* w, T* out, int64_t D, float eps, float off, bool llama_bf16) {
+  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= D; i += 16) {
+    const __m256 v0 = load8(x + i), v1 = load8(x + i + 8);
+    a0 = _mm256_fmadd_ps(v0, v0, a0);
+    a1 = _mm256_fmadd_ps(v1, v1, a1);
+  }
+  for (; i + 8 <= D; i += 8) a0 = _mm256_fmadd_ps(load8(x + i), load8(x + i), a0);
+  float ss = hsum(_mm256_add_ps(a0, a1));
+  for (; i < D; ++i) ss += ld(x, i) * ld(x, i);
+  const float r = 1.f / std::sqrt(ss / D + eps);
+  const bool llama = llama_bf16 && sizeof(T) == 2;  // w holds bf16 values: rbf(w) == w
+  const __m256 rv = _mm256_set1_ps(r), ov = _mm256_set1_ps(off);
+  for (i = 0; i + 8 <= D; i += 8) {
+    const __m256 v = _mm256_mul_ps(load8(x + i), rv), wv = _mm256_loadu_ps(w + i);
+    store8(out + i, llama ? _mm256_mul_ps(rbf8(v), wv) : _mm256_mul_ps(v, _mm256_add_ps(ov, wv)));
+  }
+  for (; i < D; ++i) {
+    const float v = ld(x, i) * r;
+    st(out, i, llama ? rbf(v) * w[i] : v * (off + w[i]));
+  }
+}
+}  // namespace
+
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps, double offset, bool llama_bf16) {
   check_float(x, "x");
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && w.numel() == x.size(1), "rms_norm: x [N, D] contiguous, w [D]");
   const int64_t N = x.size(0), D = x.size(1);
-  auto wf = w.to(torch::kFloat32).contiguous();
+  auto wf = w.scalar_type() == torch::kFloat32 && w.is_contiguous() ? w : w.to(torch::kFloat32).contiguous();
   const float* wp = wf.data_ptr<float>();
   auto out = torch::empty_like(x);
-  const bool bf = x.scalar_type() == torch::kBFloat16;
-  const float off = static_cast<float>(offset);
+  const float e = static_cast<float>(eps), off = static_cast<float>(offset);
   for (int64_t n = 0; n < N; ++n) {
-    float ss = 0.f;
-    if (bf) {
-      const uint16_t* xp = reinterpret_cast<const uint16_t*>(x.data_ptr()) + n * D;
-      uint16_t* op = reinterpret_cast<uint16_t*>(out.data_ptr()) + n * D;
-      for (int64_t i = 0; i < D; ++i) { float v = bf2f(xp[i]); ss += v * v; }
-      const float r = 1.f / std::sqrt(ss / D + static_cast<float>(eps));
-      for (int64_t i = 0; i < D; ++i) {
-        float v = bf2f(xp[i]) * r;
-        op[i] = llama_bf16 ? f2bf(rbf(v) * rbf(wp[i])) : f2bf(v * (off + wp[i]));
-      }
-    } else {
-      const float* xp = x.data_ptr<float>() + n * D;
-      float* op = out.data_ptr<float>() + n * D;
-      for (int64_t i = 0; i < D; ++i) ss += xp[i] * xp[i];
-      const float r = 1.f / std::sqrt(ss / D + static_cast<float>(eps));
-      for (int64_t i = 0; i < D; ++i) op[i] = xp[i] * r * (off + wp[i]);
-    }
+    if (x.scalar_type() == torch::kBFloat16)
+      rms_row(reinterpret_cast<const uint16_t*>(x.data_ptr()) + n * D, wp, reinterpret_cast<uint16_t*>(out.data_ptr()) + n * D,
+              D, e, off, llama_bf16);
+    else
+      rms_row(x.data_ptr<float>() + n * D, wp, out.data_ptr<float>() + n * D, D, e, off, llama_bf16);
   }
   return out;
 }
 
-// gu: [N, 2F] (gate | up, as the fused gate/up matmul returns them) -> silu(gate) * up: [N, F].
+// gu: [N, 2F] (gate | up, as the fused gate/up matmul returns them) -> silu(gate) * up: [N, F]; bf16 rounds
+// silu(gate) before the product, as torch's F.silu(gate) * up does.
+namespace {
+template <typename T>
+void silu_row(const T* g, T* out, int64_t F) {
+  int64_t i = 0;
+  const __m256 one = _mm256_set1_ps(1.f), neg = _mm256_set1_ps(-0.f);
+  for (; i + 8 <= F; i += 8) {
+    const __m256 a = load8(g + i);
+    const __m256 sl = rnd8(_mm256_div_ps(a, _mm256_add_ps(one, exp8(_mm256_xor_ps(a, neg)))), out);
+    store8(out + i, _mm256_mul_ps(sl, load8(g + F + i)));
+  }
+  for (; i < F; ++i) {
+    const float a = ld(g, i);
+    st(out, i, rnd(a / (1.f + std::exp(-a)), out) * ld(g, F + i));
+  }
+}
+}  // namespace
+
 torch::Tensor silu_mul(torch::Tensor gu) {
   check_float(gu, "gu");
   TORCH_CHECK(gu.dim() == 2 && gu.is_contiguous() && gu.size(1) % 2 == 0, "silu_mul: gu [N, 2F] contiguous");
   const int64_t N = gu.size(0), F = gu.size(1) / 2;
   auto out = torch::empty({N, F}, gu.options());
-  const bool bf = gu.scalar_type() == torch::kBFloat16;
   for (int64_t n = 0; n < N; ++n) {
-    if (bf) {
-      const uint16_t* g = reinterpret_cast<const uint16_t*>(gu.data_ptr()) + n * 2 * F;
-      uint16_t* op = reinterpret_cast<uint16_t*>(out.data_ptr()) + n * F;
-      for (int64_t i = 0; i < F; ++i) {
-        float a = bf2f(g[i]);
-        op[i] = f2bf(rbf(a / (1.f + std::exp(-a))) * bf2f(g[F + i]));
-      }
-    } else {
-      const float* g = gu.data_ptr<float>() + n * 2 * F;
-      float* op = out.data_ptr<float>() + n * F;
-      for (int64_t i = 0; i < F; ++i) op[i] = g[i] / (1.f + std::exp(-g[i])) * g[F + i];
-    }
+    if (gu.scalar_type() == torch::kBFloat16)
+      silu_row(reinterpret_cast<const uint16_t*>(gu.data_ptr()) + n * 2 * F, reinterpret_cast<uint16_t*>(out.data_ptr()) + n * F, F);
+    else
+      silu_row(gu.data_ptr<float>() + n * 2 * F, out.data_ptr<float>() + n * F, F);
   }
   return out;
 }
@@ -230,7 +253,14 @@ void attn_decode_run(const T* qkv, const T* cos, const T* sin, T* kc, T* vc, int
         mx = std::max(mx, p[s]);
       }
       float den = 0.f;
-      for (int64_t s = 0; s < S; ++s) { p[s] = p[s] == -INFINITY ? 0.f : std::exp(p[s] - mx); den += p[s]; }
+      int64_t s = 0;
+      for (const __m256 m8 = _mm256_set1_ps(mx), ninf = _mm256_set1_ps(-INFINITY); s + 8 <= S; s += 8) {
+        const __m256 v = _mm256_loadu_ps(p.data() + s);  // masked slots (-inf) stay exactly 0
+        const __m256 e = _mm256_andnot_ps(_mm256_cmp_ps(v, ninf, _CMP_EQ_OQ), exp8(_mm256_sub_ps(v, m8)));
+        _mm256_storeu_ps(p.data() + s, e);
+        den += hsum(e);
+      }
+      for (; s < S; ++s) { p[s] = p[s] == -INFINITY ? 0.f : std::exp(p[s] - mx); den += p[s]; }
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t s = 0; s < S; ++s) {
         if (p[s] == 0.f) continue;
