@@ -110,6 +110,10 @@ __attribute__((always_inline)) inline RowStep row_step(const std::vector<Part>& 
 
 // --- AVX-512 VNNI (Zen 4/5, Ice Lake and later): 64 code/activation pairs per vpdpbusd, summed
 // straight into int32 lanes. Same integers as the AVX2 path, so the same result up to fp32 order.
+// int8 rows: the row this many rows ahead is prefetched while one is computed (measured on Zen 5, int8
+// model decode: +5% at 4-8 rows ahead, +1% at 2, +3% at 16; the hardware prefetcher alone left gaps)
+constexpr int64_t PF_ROWS = 6;
+
 #define QG512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
 #define QG512I __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"), always_inline))
 
@@ -177,6 +181,8 @@ QG512 void qgemv_rows512(const std::vector<Part>& parts, const Chunks& ch, const
     const int64_t o = S.o, o1 = S.o1;
     const bool two = S.two;
     const uint8_t *w0 = S.w0, *w1 = S.w1;
+    if (!NIB && r + PF_ROWS < end)  // software prefetch PF_ROWS rows ahead (see PF_ROWS)
+      for (int64_t k = 0; k < row_bytes; k += 64) _mm_prefetch(reinterpret_cast<const char*>(w0 + PF_ROWS * row_bytes + k), _MM_HINT_T0);
     for (int64_t b = 0; b < B; ++b) {
       const int8_t* ab = a + b * I;
       const float* db = d + b * nc;
