@@ -105,15 +105,15 @@ void rms_row(const T* x, const float* w, T* out, int64_t D, float eps, float off
   float ss = hsum(_mm256_add_ps(a0, a1));
   for (; i < D; ++i) ss += ld(x, i) * ld(x, i);
   const float r = 1.f / std::sqrt(ss / D + eps);
-  const bool llama = llama_bf16 && sizeof(T) == 2;  // w holds bf16 values: rbf(w) == w
+  const bool llama = llama_bf16 && sizeof(T) == 2;
   const __m256 rv = _mm256_set1_ps(r), ov = _mm256_set1_ps(off);
   for (i = 0; i + 8 <= D; i += 8) {
     const __m256 v = _mm256_mul_ps(load8(x + i), rv), wv = _mm256_loadu_ps(w + i);
-    store8(out + i, llama ? _mm256_mul_ps(rbf8(v), wv) : _mm256_mul_ps(v, _mm256_add_ps(ov, wv)));
+    store8(out + i, llama ? _mm256_mul_ps(rbf8(v), rbf8(wv)) : _mm256_mul_ps(v, _mm256_add_ps(ov, wv)));
   }
   for (; i < D; ++i) {
     const float v = ld(x, i) * r;
-    st(out, i, llama ? rbf(v) * w[i] : v * (off + w[i]));
+    st(out, i, llama ? rbf(v) * rbf(w[i]) : v * (off + w[i]));
   }
 }
 }  // namespace
@@ -252,14 +252,15 @@ void attn_decode_run(const T* qkv, const T* cos, const T* sin, T* kc, T* vc, int
         p[s] = dot(K + s * D, q.data(), D) * scale;
         mx = std::max(mx, p[s]);
       }
-      float den = 0.f;
       int64_t s = 0;
+      __m256 den8 = _mm256_setzero_ps();
       for (const __m256 m8 = _mm256_set1_ps(mx), ninf = _mm256_set1_ps(-INFINITY); s + 8 <= S; s += 8) {
         const __m256 v = _mm256_loadu_ps(p.data() + s);  // masked slots (-inf) stay exactly 0
         const __m256 e = _mm256_andnot_ps(_mm256_cmp_ps(v, ninf, _CMP_EQ_OQ), exp8(_mm256_sub_ps(v, m8)));
         _mm256_storeu_ps(p.data() + s, e);
-        den += hsum(e);
+        den8 = _mm256_add_ps(den8, e);
       }
+      float den = hsum(den8);
       for (; s < S; ++s) { p[s] = p[s] == -INFINITY ? 0.f : std::exp(p[s] - mx); den += p[s]; }
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t s = 0; s < S; ++s) {
@@ -327,7 +328,7 @@ torch::Tensor lin_cat(const torch::Tensor& x, const std::vector<torch::Tensor>& 
   if (t.size() == NL) return lin(x, t, 0, torch::Tensor());
   bool same = true;  // all quantized alike: one qgemv pass (x quantized once, one parallel loop)
   for (size_t i = 0; i < t.size(); i += NL)
-    same = same && t[i + 4].numel() == 1 && t[i].scalar_type() == t[0].scalar_type() && t[i].dim() == t[0].dim() &&
+    same = same && t[i + 4].numel() == 1 && t[i].scalar_type() == t[0].scalar_type() &&
            t[i + 4].data_ptr<int64_t>()[0] == t[4].data_ptr<int64_t>()[0];
   if (same) return qgemv_cat(x, t);
   std::vector<torch::Tensor> parts;

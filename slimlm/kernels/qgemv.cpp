@@ -34,7 +34,6 @@ bool slimlm_q::cpu_has_vnni512() {
   return ok;
 }
 
-
 namespace {
 
 // products of two blocks (64 codes in 32 bytes) summed as 16 int16 lanes
@@ -88,7 +87,6 @@ inline __m256i chunk_dot(const uint8_t* wr, const int8_t* a, int64_t k0, int64_t
   }
 }
 
-
 // The next output row(s) from r of a thread's range [., end) over the concatenated parts: 4-bit rows go
 // two at a time (they share the activation loads and the loop overhead; a lone last row of a range or
 // of a part is computed twice, stored once); int8 rows one at a time (measured faster).
@@ -107,12 +105,12 @@ __attribute__((always_inline)) inline RowStep row_step(const std::vector<Part>& 
   return {&P, o, two ? o + 1 : o, two, w0, two ? w0 + row_bytes : w0};
 }
 
-
-// --- AVX-512 VNNI (Zen 4/5, Ice Lake and later): 64 code/activation pairs per vpdpbusd, summed
-// straight into int32 lanes. Same integers as the AVX2 path, so the same result up to fp32 order.
 // int8 rows: the row this many rows ahead is prefetched while one is computed (measured on Zen 5, int8
 // model decode: +5% at 4-8 rows ahead, +1% at 2, +3% at 16; the hardware prefetcher alone left gaps)
 constexpr int64_t PF_ROWS = 6;
+
+// --- AVX-512 VNNI (Zen 4/5, Ice Lake and later): 64 code/activation pairs per vpdpbusd, summed
+// straight into int32 lanes. Same integers as the AVX2 path, so the same result up to fp32 order.
 
 #define QG512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
 #define QG512I __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"), always_inline))
@@ -204,7 +202,6 @@ QG512 void qgemv_rows512(const std::vector<Part>& parts, const Chunks& ch, const
   }
 }
 
-
 template <bool NIB, typename OT>
 void qgemv_run(const std::vector<Part>& parts, const Chunks& ch, const int8_t* a, const float* d, const float* xs,
                int64_t B, int64_t Otot, const OT* res, OT* y) {
@@ -268,11 +265,11 @@ torch::Tensor qgemv_parts(const torch::Tensor& x, const std::vector<torch::Tenso
   int64_t Otot = 0;
   for (size_t i = 0; i < specs.size(); i += NL) {
     const torch::Tensor &w = specs[i], &scale = specs[i + 2];
-    const int64_t O = tiled ? w.size(0) * 16 : w.size(0);
+    const int64_t O = tiled ? w.size(0) * TR : w.size(0);
     if (tiled) {
-      TORCH_CHECK(w.scalar_type() == torch::kByte && w.dim() == 3 && w.is_contiguous() && w.size(1) == I / 8 && w.size(2) == 64,
+      TORCH_CHECK(w.scalar_type() == torch::kByte && w.dim() == 3 && w.is_contiguous() && w.size(1) == I / 8 && w.size(2) == 4 * TR,
                   "qgemv: tiled 4-bit codes must be uint8 [O/16, I/8, 64] contiguous (all parts alike)");
-      TORCH_CHECK(scale.dim() == 3 && scale.size(0) == O / 16 && scale.size(2) == 16, "qgemv: tiled scale must be [O/16, ng, 16]");
+      TORCH_CHECK(scale.dim() == 3 && scale.size(0) == O / TR && scale.size(2) == TR, "qgemv: tiled scale must be [O/16, ng, 16]");
     } else {
       TORCH_CHECK(w.scalar_type() == (nib ? torch::kByte : torch::kChar), "qgemv: w must be int8 codes or uint8 packed 4-bit codes (all parts alike)");
       TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.size(1) == (nib ? I / 2 : I), "qgemv: w must be [O, I] / [O, I/2] contiguous");

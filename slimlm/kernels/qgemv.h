@@ -10,6 +10,7 @@ namespace slimlm_q {
 using namespace slimlm_k;
 
 constexpr int64_t QB = 32;  // weight block: one vpmaddubsw
+constexpr int64_t TR = 16;  // rows per tile of the tiled 4-bit layout (qgemv16.cpp)
 
 // How a row of I inputs is cut: chunks (activation scales) inside groups (weight scales).
 struct Chunks {

@@ -21,8 +21,6 @@ using namespace slimlm_k;
 namespace slimlm_q {
 namespace {
 
-constexpr int64_t TR = 16;  // rows per tile
-
 inline int32_t dword(const int8_t* p) {  // 4 activations as one broadcastable dword
   int32_t v;
   std::memcpy(&v, p, 4);
