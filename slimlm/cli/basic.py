@@ -162,15 +162,13 @@ EXPORTERS: dict[str, Any] = {"hf": _export_hf, "gguf": _export_gguf,
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from slimlm.loaders.save import check_output_dir
+    from slimlm.loaders.gguf_writer import written_by_slimlm
+    from slimlm.loaders.outputs import check_output_dir, check_output_file
 
     if args.to not in EXPORTERS:
         raise SlimlmError(f"unknown export target {args.to!r}; choose from {', '.join(sorted(EXPORTERS))}")
     if args.to == "gguf":
-        if Path(args.out).exists() and not args.overwrite:
-            raise SlimlmError(f"{args.out} exists; pass --overwrite to replace it")
+        check_output_file(args.out, args.overwrite, written_by_slimlm)
     else:
         check_output_dir(args.out, args.overwrite)
     lm = load(args)
@@ -218,7 +216,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     add_model_arg(p)
     p.add_argument("--to", required=True, help=f"target format ({', '.join(sorted(EXPORTERS))})")
     p.add_argument("out", help="output path")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing output slimlm wrote (anything else is never replaced)")
     p.add_argument("--gguf-type", default="Q8_0", choices=["F32", "F16", "BF16", "Q8_0", "Q4_0"],
                    help="gguf: type of 2-D weights (default Q8_0)")
     p.add_argument("--embed-type", default=None, choices=["F32", "F16", "BF16", "Q8_0", "Q4_0"],

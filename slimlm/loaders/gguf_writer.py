@@ -6,7 +6,9 @@ rotary layout, Gemma norms stored as (1 + w), GPT-2 Conv1D weights transposed, m
 eps, tokenizer vocabulary/merges/special ids, chat template) written under llama.cpp's keys, tensors
 encoded with ``gguf.quants.quantize`` (F32, F16, BF16, Q8_0, Q4_0) or taken pre-packed from ``raw``
 (e.g. a symmetric group-32 GPTQ result is exactly Q4_0). The file is written to a temp path in the
-same folder and renamed, so a crash never leaves a half-written GGUF.
+same folder and renamed, so a crash never leaves a half-written GGUF; it carries the metadata key
+``slimlm.written_by``, and an existing file is replaced only when it has that key
+(:mod:`slimlm.loaders.outputs`).
 
 Example:
     write_gguf("out.gguf", ckpt.config, ckpt.tensors, ckpt.tokenizer, default_type="Q8_0")
@@ -18,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -39,14 +40,27 @@ from slimlm.loaders.gguf_reader import (
     hf_to_gguf_name,
     llama_permute_rows,
 )
+from slimlm.loaders.outputs import atomic_file, check_output_file
 from slimlm.loaders.tokenizer import Tokenizer
-from slimlm.utils.errors import CheckpointError, ConfigError
+from slimlm.utils.errors import CheckpointError, ConfigError, SlimlmError
 
 # HF model_type -> GGUF architecture
 MODEL_TYPE_TO_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "gemma3_text": "gemma3",
                       "gemma3": "gemma3", "gpt2": "gpt2"}
 WRITE_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0")
+WRITTEN_BY_KEY = "slimlm.written_by"  # metadata key marking a GGUF file slimlm wrote (llama.cpp ignores it)
 RawTensor = tuple[np.ndarray, Any, tuple[int, ...]]  # (packed uint8 blocks, GGMLQuantizationType, HF shape)
+
+
+def written_by_slimlm(path: Path) -> bool:
+    """True for a GGUF file slimlm wrote (it carries ``slimlm.written_by``): the only file --overwrite replaces."""
+    from slimlm.loaders.gguf_reader import GGUFFile
+    from slimlm.loaders.resolve import is_gguf_file
+
+    try:
+        return is_gguf_file(path) and GGUFFile(path).metadata.get(WRITTEN_BY_KEY) == "slimlm"
+    except (OSError, SlimlmError):
+        return False
 
 
 def gguf_arch_for(config: dict[str, Any]) -> str:
@@ -228,14 +242,12 @@ def write_gguf(path: str | os.PathLike[str], config: dict[str, Any], tensors: di
     raw = raw or {}
     keep = tuple(keep_f32)
     tied = bool(config.get("tie_word_embeddings", arch != "gpt2" and "lm_head.weight" not in tensors))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
     written: dict[str, str] = {}
-    try:
+
+    def write(tmp: Path) -> None:
         w = gguf.GGUFWriter(tmp, arch)
         w.add_name(name or str(config.get("_name_or_path") or "slimlm model"))
+        w.add_string(WRITTEN_BY_KEY, "slimlm")  # what lets --overwrite replace this file later
         file_type = {"F32": 0, "F16": 1, "Q4_0": 2, "Q8_0": 7, "BF16": 32}[default_type]
         w.add_file_type(file_type)
         if default_type in ("Q8_0", "Q4_0") or raw:
@@ -281,11 +293,8 @@ def write_gguf(path: str | os.PathLike[str], config: dict[str, Any], tensors: di
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+
+    atomic_file(path, write, owned=written_by_slimlm)
     return written
 
 
@@ -298,11 +307,8 @@ def export_gguf(lm: Any, out: str | os.PathLike[str], default_type: str = "Q8_0"
     """
     from slimlm.loaders.save import dense_runtime_tensors
     from slimlm.models.families import runtime_to_hf
-    from slimlm.utils.errors import SlimlmError
 
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise SlimlmError(f"{out} exists; pass --overwrite to replace it")
+    out = check_output_file(out, overwrite, written_by_slimlm)
     model = lm.model
     runtime = dense_runtime_tensors(model, torch.float32)
     config = model.config.to_hf_config()

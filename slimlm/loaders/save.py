@@ -4,15 +4,13 @@ A slimlm output directory holds ``config.json`` (the HF config of the architectu
 edits applied), ``model.safetensors`` under runtime names, the tokenizer files, and ``slimlm.json``:
 ``{"format_version": 1, "tensor_names": "runtime", "modules": {path: {"kind", "spec"}}, ...}``.
 Everything is written into a temporary sibling folder and renamed at the end, so an interrupted
-save never leaves a half-written model.
+save never leaves a half-written model; what may be replaced is decided in
+:mod:`slimlm.loaders.outputs` (only folders slimlm wrote, never anyone else's files).
 """
 
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,46 +18,14 @@ import torch
 from safetensors.torch import save_file
 
 from slimlm.loaders.hf import read_config, read_safetensors
+from slimlm.loaders.outputs import atomic_dir, check_output_dir
 from slimlm.loaders.types import Checkpoint
 from slimlm.models.families import runtime_to_hf
 from slimlm.models.modules import SwappableLinear
 from slimlm.models.transformer import Transformer
-from slimlm.utils.errors import CheckpointError, SlimlmError
+from slimlm.utils.errors import CheckpointError
 
 SLIMLM_FORMAT_VERSION = 1
-
-
-def check_output_dir(out: str | Path, overwrite: bool) -> Path:
-    """Refuse to clobber an existing model unless ``overwrite``; call before long work starts."""
-    out = Path(out)
-    if out.exists():
-        if not out.is_dir():
-            raise SlimlmError(f"output path {out} exists and is not a folder")
-        holds_model = any((out / n).exists() for n in ("config.json", "slimlm.json", "model.safetensors"))
-        if holds_model and not overwrite:
-            raise SlimlmError(f"output folder {out} already holds a model; pass --overwrite to replace it")
-        if any(out.iterdir()) and not holds_model and not overwrite:
-            raise SlimlmError(f"output folder {out} is not empty; pass --overwrite to replace it")
-    return out
-
-
-def atomic_dir(out: Path, write: Callable[[Path], None]) -> Path:
-    """Run ``write(tmp)`` into a temp sibling folder, then swap it into place."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        write(tmp)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{tmp.name[-8:]}")
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
 
 
 def _owned(t: torch.Tensor) -> torch.Tensor:
@@ -102,7 +68,7 @@ def save_model(lm: Any, out: str | Path, meta: dict[str, Any] | None = None, ove
         if lm.tokenizer is not None:
             lm.tokenizer.save(tmp)
 
-    return atomic_dir(out, write)
+    return atomic_dir(out, write, kind="slimlm-model")
 
 
 def read_slimlm_dir(folder: Path) -> Checkpoint:
@@ -161,4 +127,4 @@ def export_hf(lm: Any, out: str | Path, overwrite: bool = False, dtype: torch.dt
         if lm.tokenizer is not None:
             lm.tokenizer.save(tmp)
 
-    return atomic_dir(out, write)
+    return atomic_dir(out, write, kind="hf")
