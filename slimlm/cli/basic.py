@@ -13,6 +13,7 @@ from slimlm.cli.common import (
     add_runtime_args,
     emit_json,
     human_bytes,
+    int_arg,
     load,
     status,
 )
@@ -192,11 +193,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("eval", help="perplexity over text files (GPTQ-paper protocol by default)")
     add_model_arg(p)
     p.add_argument("--data", nargs="+", default=None, help="text file(s); default: Python's pydoc topics text")
-    p.add_argument("--seq-len", type=int, default=2048, help="window length in tokens (default 2048)")
-    p.add_argument("--stride", type=int, default=None, help="overlapping windows: score the last STRIDE tokens")
+    p.add_argument("--seq-len", type=int_arg(min=2), default=2048, help="window length in tokens (default 2048)")
+    p.add_argument("--stride", type=int_arg(min=1), default=None,
+                   help="overlapping windows: after the first, each window scores only its last STRIDE tokens")
     p.add_argument("--bos", action="store_true", help="prepend BOS to every window")
-    p.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens of each file")
-    p.add_argument("--start-char", type=int, default=0, help="skip this many characters of each file")
+    p.add_argument("--max-tokens", type=int_arg(min=1), default=None, help="score only the first N tokens of each file")
+    p.add_argument("--start-char", type=int_arg(min=0), default=0, help="skip this many characters of each file")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_runtime_args(p)
     add_json_arg(p)

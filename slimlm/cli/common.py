@@ -1,4 +1,11 @@
-"""Shared CLI pieces: model/dtype/thread flags, JSON output, the stderr status printer."""
+"""Shared CLI pieces: model/dtype/thread flags, numeric flag types, JSON output, the stderr status printer.
+
+Every numeric flag of every command takes a range-checked type, so bad numbers fail at parse time
+(one ``error: argument --flag: expects ...`` line, exit 2) before anything is loaded or written:
+``p.add_argument("--stride", type=int_arg(min=1))``. Flags generated from config dataclasses get the
+same type from their field metadata (``slimlm.utils.config``). ``tests/cli/test_bad_input.py`` walks
+the parser and fails on any numeric flag it does not cover.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +16,19 @@ from typing import Any
 
 import torch
 
+from slimlm.utils.config import NumberArg
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def int_arg(**limits: float) -> NumberArg:
+    """argparse type: an integer within ``min``/``max`` (inclusive), ``gt``/``lt`` (strict)."""
+    return NumberArg(int, **limits)
+
+
+def float_arg(**limits: float) -> NumberArg:
+    """argparse type: a finite float within ``min``/``max`` (inclusive), ``gt``/``lt`` (strict)."""
+    return NumberArg(float, **limits)
 
 
 def add_model_arg(p: argparse.ArgumentParser) -> None:
@@ -19,7 +38,7 @@ def add_model_arg(p: argparse.ArgumentParser) -> None:
 def add_runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
                    help="compute dtype (default fp32; fp16 is never used on CPU)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    p.add_argument("--threads", type=int_arg(min=1), default=None, help="torch threads (default: all cores)")
 
 
 def add_json_arg(p: argparse.ArgumentParser) -> None:
@@ -27,11 +46,7 @@ def add_json_arg(p: argparse.ArgumentParser) -> None:
 
 
 def apply_threads(args: argparse.Namespace) -> None:
-    if getattr(args, "threads", None):
-        if args.threads < 1:
-            from slimlm.utils.errors import SlimlmError
-
-            raise SlimlmError("--threads must be >= 1")
+    if getattr(args, "threads", None) is not None:
         torch.set_num_threads(args.threads)
 
 

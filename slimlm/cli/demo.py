@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from slimlm.cli.common import DTYPES, add_runtime_args, apply_threads, human_bytes, status
+from slimlm.cli.common import DTYPES, add_runtime_args, apply_threads, human_bytes, int_arg, status
 
 # Extra demo steps registered by other packages: fn(loaded_model, args) -> None
 DEMO_STEPS: list = []  # type: ignore[type-arg]
@@ -89,8 +89,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--model", default="smollm2-135m", help="model to demo (default: the embedded smollm2-135m)")
     p.add_argument("--question", default="What is the capital of France? Answer in one sentence.",
                    help="chat prompt")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--eval-windows", type=int, default=4, help="perplexity windows of 512 tokens")
+    p.add_argument("--max-new-tokens", type=int_arg(min=1), default=64, help="tokens to generate (default 64)")
+    p.add_argument("--eval-windows", type=int_arg(min=1), default=4, help="perplexity windows of 512 tokens (default 4)")
     p.add_argument("--skip-quantize", action="store_true", help="skip the quantization step")
     add_runtime_args(p)
     p.set_defaults(func=run_demo)

@@ -18,7 +18,7 @@ import argparse
 import time
 from typing import Any
 
-from slimlm.cli.common import add_json_arg, add_model_arg, add_runtime_args, emit_json, load, status
+from slimlm.cli.common import add_json_arg, add_model_arg, add_runtime_args, emit_json, int_arg, load, status
 from slimlm.utils.config import BaseConfig, load_recipe
 from slimlm.utils.errors import ConfigError, SlimlmError
 
@@ -27,11 +27,11 @@ from slimlm.utils.errors import ConfigError, SlimlmError
 def add_calib_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("calibration")
     g.add_argument("--calib", default=None, help="calibration text file (default: Python's pydoc topics text)")
-    g.add_argument("--calib-start-char", type=int, default=0,
+    g.add_argument("--calib-start-char", type=int_arg(min=0), default=0,
                    help="skip this many characters of --calib (WikiText test: 400000)")
-    g.add_argument("--calib-samples", type=int, default=128, help="number of calibration windows (default 128)")
-    g.add_argument("--calib-seq-len", type=int, default=512, help="tokens per calibration window (default 512)")
-    g.add_argument("--seed", type=int, default=0, help="calibration sampling seed (default 0)")
+    g.add_argument("--calib-samples", type=int_arg(min=1), default=128, help="number of calibration windows (default 128)")
+    g.add_argument("--calib-seq-len", type=int_arg(min=2), default=512, help="tokens per calibration window (default 512)")
+    g.add_argument("--seed", type=int_arg(min=0), default=0, help="calibration sampling seed (default 0)")
 
 
 def add_output_args(p: argparse.ArgumentParser) -> None:

@@ -24,7 +24,15 @@ from typing import Any
 
 import torch
 
-from slimlm.cli.common import add_json_arg, add_model_arg, add_runtime_args, emit_json, human_bytes, status
+from slimlm.cli.common import (
+    add_json_arg,
+    add_model_arg,
+    add_runtime_args,
+    emit_json,
+    human_bytes,
+    int_arg,
+    status,
+)
 from slimlm.utils.errors import ConfigError, SlimlmError
 
 
@@ -43,10 +51,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     src.add_argument("--method", help="method name: " + ", ".join(_config_classes()))
     cal = p.add_argument_group("calibration (GPTQ, AWQ, SmoothQuant, LLM.int8())")
     cal.add_argument("--calib", help="UTF-8 text file to calibrate on")
-    cal.add_argument("--calib-start-char", type=int, default=0, help="use the text from this character on")
-    cal.add_argument("--n-samples", type=int, default=128, help="calibration windows (default 128)")
-    cal.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window (default 512)")
-    cal.add_argument("--seed", type=int, default=0, help="window sampling seed (default 0)")
+    cal.add_argument("--calib-start-char", type=int_arg(min=0), default=0, help="use the text from this character on")
+    cal.add_argument("--n-samples", type=int_arg(min=1), default=128, help="calibration windows (default 128)")
+    cal.add_argument("--seq-len", type=int_arg(min=2), default=512, help="tokens per calibration window (default 512)")
+    cal.add_argument("--seed", type=int_arg(min=0), default=0, help="window sampling seed (default 0)")
     out = p.add_argument_group("output")
     out.add_argument("--out", help="output folder (a slimlm model directory)")
     out.add_argument("--overwrite", action="store_true", help="replace an existing model in --out")

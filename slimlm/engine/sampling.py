@@ -8,33 +8,20 @@ from typing import ClassVar
 import torch
 
 from slimlm.utils.config import BaseConfig, register_config
-from slimlm.utils.errors import ConfigError
 
 
 @register_config
 @dataclass
 class SamplingConfig(BaseConfig):
     kind: ClassVar[str] = "sampling"
-    max_new_tokens: int = field(default=128, metadata={"help": "tokens to generate at most"})
-    temperature: float = field(default=0.0, metadata={"help": "0 = greedy; >0 samples from softmax(logits/T)"})
-    top_k: int = field(default=0, metadata={"help": "keep the k most likely tokens (0 = off)"})
-    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass (1.0 = off)"})
-    repetition_penalty: float = field(default=1.0, metadata={"help": "CTRL-style penalty on seen tokens (1.0 = off)"})
-    seed: int = field(default=0, metadata={"help": "random seed for sampling"})
+    max_new_tokens: int = field(default=128, metadata={"help": "tokens to generate at most", "min": 1})
+    temperature: float = field(default=0.0, metadata={"help": "0 = greedy; >0 samples from softmax(logits/T)", "min": 0})
+    top_k: int = field(default=0, metadata={"help": "keep the k most likely tokens (0 = off)", "min": 0})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass (1.0 = off)", "gt": 0, "max": 1})
+    repetition_penalty: float = field(default=1.0, metadata={"help": "CTRL-style penalty on seen tokens (1.0 = off)", "gt": 0})
+    seed: int = field(default=0, metadata={"help": "random seed for sampling", "min": 0, "max": 2**63 - 1})
     stop: list[str] = field(default_factory=list, metadata={"help": "stop strings"})
     ignore_eos: bool = field(default=False, metadata={"help": "keep generating past EOS (for benchmarks)"})
-
-    def validate(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ConfigError("max_new_tokens must be >= 1")
-        if self.temperature < 0:
-            raise ConfigError("temperature must be >= 0")
-        if not 0 < self.top_p <= 1:
-            raise ConfigError("top_p must be in (0, 1]")
-        if self.top_k < 0:
-            raise ConfigError("top_k must be >= 0")
-        if self.repetition_penalty <= 0:
-            raise ConfigError("repetition_penalty must be > 0")
 
     @property
     def greedy(self) -> bool:

@@ -34,30 +34,47 @@ class PerplexityResult:
         return asdict(self)
 
 
-def windows(n_tokens: int, seq_len: int, stride: int | None) -> list[tuple[int, int, int]]:
-    """(start, end, first scored index inside the window) for each window."""
-    if stride is None or stride >= seq_len:
-        return [(s, s + seq_len, 1) for s in range(0, n_tokens - seq_len + 1, seq_len)]
-    out = [(0, seq_len, 1)]
+def windows(n_tokens: int, length: int, stride: int | None, first: int = 1) -> list[tuple[int, int, int]]:
+    """(start, end, first scored index inside the span) for each text span of ``length`` tokens.
+
+    ``first`` is where the first window's scoring starts: 1 without BOS (token 0 has no context), 0
+    with BOS. Later overlapping windows score their last ``stride`` tokens only.
+    """
+    if length < 1 or (stride is not None and stride < 1):
+        raise SlimlmError(f"window length ({length}) and stride ({stride}) must be >= 1")
+    if stride is None or stride >= length:
+        return [(s, s + length, first) for s in range(0, n_tokens - length + 1, length)]
+    out = [(0, length, first)] if n_tokens >= length else []
     s = stride
-    while s + seq_len <= n_tokens:
-        out.append((s, s + seq_len, seq_len - stride))
+    while s + length <= n_tokens:
+        out.append((s, s + length, length - stride))
         s += stride
     return out
+
+
+def check_context(model: Transformer, n_positions: int, what: str) -> None:
+    """Refuse windows longer than a learned-position model's table (GPT-2/OPT) before work starts."""
+    limit = model.config.max_position_embeddings
+    if model.config.learned_pos and n_positions > limit:
+        raise SlimlmError(f"{what} {n_positions} exceeds the model's context of {limit} positions "
+                          f"(it learned only {limit} position embeddings)")
 
 
 @torch.no_grad()
 def evaluate_perplexity(model: Transformer, ids: list[int] | torch.Tensor, seq_len: int = 2048,
                         stride: int | None = None, bos_id: int | None = None, max_tokens: int | None = None,
                         progress: bool = True) -> PerplexityResult:
+    if seq_len < 2:
+        raise SlimlmError(f"seq_len must be >= 2, got {seq_len}")
+    if stride is not None and stride < 1:
+        raise SlimlmError(f"stride must be >= 1, got {stride}")
+    if max_tokens is not None and max_tokens < 1:
+        raise SlimlmError(f"max_tokens must be >= 1, got {max_tokens}")
+    check_context(model, seq_len, "seq_len")
     t = torch.as_tensor(ids, dtype=torch.long).flatten()
     if max_tokens is not None:
         t = t[:max_tokens]
-    body = seq_len - 1 if bos_id is not None else seq_len
-    if body < 2:
-        raise SlimlmError(f"seq_len {seq_len} is too short")
-    if seq_len > model.config.max_position_embeddings and model.config.learned_pos:
-        raise SlimlmError(f"seq_len {seq_len} exceeds the model's context of {model.config.max_position_embeddings}")
+    body = seq_len - 1 if bos_id is not None else seq_len  # text tokens per window
     spans = windows(len(t), body, stride)
     if not spans:
         raise SlimlmError(f"text has {len(t)} tokens, fewer than one window of {body}")
@@ -65,10 +82,10 @@ def evaluate_perplexity(model: Transformer, ids: list[int] | torch.Tensor, seq_l
     start = time.perf_counter()
     for s, e, first in tqdm(spans, desc="perplexity", unit="window", disable=not progress, dynamic_ncols=True):
         w = t[s:e]
-        if bos_id is not None:
+        if bos_id is not None:  # w: [BOS, text...]; text index i sits at window position i + 1
             w = torch.cat([torch.tensor([bos_id]), w])
             first += 1
-        logits = model(w.unsqueeze(0))[0].float()  # [T, V]
+        logits = model(w.unsqueeze(0))[0].float()  # [T, V]; logits[j] predicts w[j + 1]
         targets = w[first:]
         nll = F.cross_entropy(logits[first - 1 : -1], targets, reduction="sum")
         nll_sum += float(nll)

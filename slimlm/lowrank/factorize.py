@@ -51,11 +51,11 @@ class FactorizeConfig(BaseConfig):
     """Low-rank factorization of the decoder's linear layers."""
 
     kind: ClassVar[str] = "factorize"
-    ratio: float = field(default=0.8, metadata={"help": "parameters kept per factorized linear, in (0, 1]"})
-    energy: float = field(default=0.0, metadata={"help": "pick each rank by this fraction of singular-value energy (0 = use ratio)"})
-    rank: int = field(default=0, metadata={"help": "fixed rank for every target (0 = use ratio/energy)"})
+    ratio: float = field(default=0.8, metadata={"help": "parameters kept per factorized linear, in (0, 1]", "gt": 0, "max": 1})
+    energy: float = field(default=0.0, metadata={"help": "pick each rank by this fraction of singular-value energy (0 = use ratio)", "min": 0, "max": 1})
+    rank: int = field(default=0, metadata={"help": "fixed rank for every target (0 = use ratio/energy)", "min": 0})
     activation_aware: bool = field(default=False, metadata={"help": "whiten by the calibration Gram matrix (SVD-LLM)"})
-    damp: float = field(default=0.01, metadata={"help": "activation-aware: Gram dampening, fraction of mean diagonal"})
+    damp: float = field(default=0.01, metadata={"help": "activation-aware: Gram dampening, fraction of mean diagonal", "min": 0, "lt": 1})
     targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS), metadata={"help": "linear paths inside each layer"})
     ignore: list[str] = field(default_factory=list, metadata={"help": "globs on 'layers.<i>.<path>' to leave dense"})
 

@@ -33,7 +33,7 @@ from slimlm.utils.errors import ConfigError, SlimlmError
 @dataclass
 class GQAConfig(BaseConfig):
     kind: ClassVar[str] = "convert-gqa"
-    kv_heads: int = field(default=1, metadata={"help": "number of KV heads (groups) after conversion; must divide the query heads"})
+    kv_heads: int = field(default=1, metadata={"help": "number of KV heads (groups) after conversion; must divide the query heads", "min": 1})
     weighting: Literal["uniform", "activation"] = field(
         default="uniform", metadata={"help": "mean-pool uniformly or weighted by calibration output energy"})
 

@@ -99,9 +99,9 @@ class QuantConfigBase(BaseConfig):
 class WeightQuantConfig(QuantConfigBase):
     """Integer weight quantization fields shared by RTN, GPTQ and AWQ."""
 
-    bits: int = field(default=4, metadata={"help": "bits per weight (2-8)"})
+    bits: int = field(default=4, metadata={"help": "bits per weight (2-8)", "min": 2, "max": 8})
     group_size: int = field(
-        default=128, metadata={"help": "input columns per scale group; -1 = per channel, 0 = per tensor"}
+        default=128, metadata={"help": "input columns per scale group; -1 = per channel, 0 = per tensor", "min": -1}
     )
     symmetric: bool = field(default=False, metadata={"help": "symmetric (absmax) grid instead of min/max"})
     ragged_last_group: bool = field(

@@ -22,22 +22,22 @@ class PruneConfig(BaseConfig):
     kind: ClassVar[str] = "prune"
     method: Literal["magnitude", "wanda", "sparsegpt"] = field(
         default="sparsegpt", metadata={"help": "magnitude (no calibration), wanda or sparsegpt"})
-    sparsity: float = field(default=0.5, metadata={"help": "fraction of weights removed, in [0, 1)"})
+    sparsity: float = field(default=0.5, metadata={"help": "fraction of weights removed, in [0, 1)", "min": 0, "lt": 1})
     pattern: str = field(default="", metadata={"help": "N:M semi-structured pattern, e.g. 2:4 (overrides sparsity)"})
     scope: Literal["auto", "row", "layer"] = field(
         default="auto", metadata={"help": "magnitude/wanda comparison group: row or layer (auto: magnitude layer, wanda row)"})
     schedule: Literal["uniform", "linear"] = field(
         default="uniform", metadata={"help": "global schedule: uniform, or linear ramp over depth (mean = sparsity)"})
-    schedule_delta: float = field(default=0.0, metadata={"help": "linear schedule: first layer sparsity - delta, last + delta"})
+    schedule_delta: float = field(default=0.0, metadata={"help": "linear schedule: first layer sparsity - delta, last + delta", "gt": -1, "lt": 1})
     layer_sparsity: dict[str, float] = field(
         default_factory=dict, metadata={"help": "per-module overrides: glob on 'layers.<i>.<path>' -> sparsity"})
     targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS),
                                metadata={"help": "linear paths inside each decoder layer to prune"})
     ignore: list[str] = field(default_factory=list, metadata={"help": "globs on 'layers.<i>.<path>' to leave dense"})
-    blocksize: int = field(default=128, metadata={"help": "SparseGPT: columns per block (mask chosen per block)"})
-    dampening: float = field(default=0.01, metadata={"help": "SparseGPT: damp = dampening * mean(diag(H))"})
-    bits: int = field(default=0, metadata={"help": "SparseGPT: also quantize the kept weights to this many bits (0 = off)"})
-    group_size: int = field(default=128, metadata={"help": "quantization group size along the input (0 = per row)"})
+    blocksize: int = field(default=128, metadata={"help": "SparseGPT: columns per block (mask chosen per block)", "min": 1})
+    dampening: float = field(default=0.01, metadata={"help": "SparseGPT: damp = dampening * mean(diag(H))", "min": 0, "lt": 1})
+    bits: int = field(default=0, metadata={"help": "SparseGPT: also quantize the kept weights to this many bits (0 = off)", "min": 0, "max": 8})
+    group_size: int = field(default=128, metadata={"help": "quantization group size along the input (0 = per row)", "min": 0})
     storage: Literal["sparse", "dense"] = field(
         default="sparse", metadata={"help": "sparse: compact SparseLinear modules; dense: zeros in nn.Linear"})
     exec: Literal["auto", "dense", "csr"] = field(

@@ -44,13 +44,13 @@ class StructuredPruneConfig(BaseConfig):
     """What to remove: a target parameter ratio, or explicit counts."""
 
     kind: ClassVar[str] = "prune-structured"
-    target_ratio: float = field(default=0.0, metadata={"help": "keep this fraction of all parameters (0 = use the explicit counts)"})
-    remove_layers: int = field(default=-1, metadata={"help": "decoder layers to remove (-1 = derive from target_ratio)"})
-    kv_groups: int = field(default=-1, metadata={"help": "KV-head groups to keep per layer (-1 = derive from target_ratio / keep all)"})
-    intermediate_size: int = field(default=-1, metadata={"help": "MLP channels to keep per layer (-1 = derive / keep all)"})
-    layer_share: float = field(default=0.5, metadata={"help": "target_ratio: share of the removed parameters taken as whole layers"})
-    head_share: float = field(default=0.0, metadata={"help": "target_ratio: share of the rest taken as KV groups (the remainder: MLP channels)"})
-    round_to: int = field(default=32, metadata={"help": "round the kept intermediate size down to a multiple of this"})
+    target_ratio: float = field(default=0.0, metadata={"help": "keep this fraction of all parameters (0 = use the explicit counts)", "min": 0, "lt": 1})
+    remove_layers: int = field(default=-1, metadata={"help": "decoder layers to remove (-1 = derive from target_ratio)", "min": -1})
+    kv_groups: int = field(default=-1, metadata={"help": "KV-head groups to keep per layer (-1 = derive from target_ratio / keep all)", "min": -1})
+    intermediate_size: int = field(default=-1, metadata={"help": "MLP channels to keep per layer (-1 = derive / keep all)", "min": -1})
+    layer_share: float = field(default=0.5, metadata={"help": "target_ratio: share of the removed parameters taken as whole layers", "min": 0, "max": 1})
+    head_share: float = field(default=0.0, metadata={"help": "target_ratio: share of the rest taken as KV groups (the remainder: MLP channels)", "min": 0, "max": 1})
+    round_to: int = field(default=32, metadata={"help": "round the kept intermediate size down to a multiple of this", "min": 1})
 
     def validate(self) -> None:
         if not 0.0 <= self.target_ratio < 1.0:

@@ -5,6 +5,12 @@ is just serialized configs. Subclass :class:`BaseConfig` with ``@dataclass`` and
 ``metadata={"help": ...}``; ``add_arguments``/``from_args`` turn the fields into argparse flags, so
 CLI flags always come from the config and are never parsed at import time.
 
+Numeric fields declare their range in the same metadata: ``"min"``/``"max"`` (inclusive) and
+``"gt"``/``"lt"`` (strict), e.g. ``metadata={"help": ..., "min": 2, "max": 8}``. The range is
+enforced on every construction (``__post_init__``, so recipes and ``from_dict`` too, naming the
+key) and by the generated flag's argparse type (:class:`NumberArg`, so a bad flag fails at parse
+time: one ``error:`` line naming the flag, exit 2). Non-finite floats (nan, inf) are always refused.
+
 Example::
 
     @register_config
@@ -22,6 +28,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import types
 import typing
 from pathlib import Path
@@ -45,6 +52,80 @@ def register_config(cls: type[T]) -> type[T]:
 
 def config_kinds() -> dict[str, type[BaseConfig]]:
     return dict(_CONFIGS)
+
+
+# --- numeric ranges -------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Bounds:
+    """An allowed numeric range: ``min <= v <= max``, ``gt < v < lt`` (None = unbounded); always finite."""
+
+    min: float | None = None
+    max: float | None = None
+    gt: float | None = None
+    lt: float | None = None
+
+    @classmethod
+    def from_metadata(cls, metadata: Any) -> Bounds:
+        return cls(**{k: metadata[k] for k in ("min", "max", "gt", "lt") if k in metadata})
+
+    @property
+    def bounded(self) -> bool:
+        return any(v is not None for v in (self.min, self.max, self.gt, self.lt))
+
+    def describe(self) -> str:
+        parts = []
+        if self.min is not None and self.max is not None:
+            parts.append(f"in [{self.min:g}, {self.max:g}]")
+        elif self.min is not None:
+            parts.append(f">= {self.min:g}")
+        elif self.max is not None:
+            parts.append(f"<= {self.max:g}")
+        if self.gt is not None:
+            parts.append(f"> {self.gt:g}")
+        if self.lt is not None:
+            parts.append(f"< {self.lt:g}")
+        return " and ".join(parts)
+
+    def violation(self, value: float) -> str | None:
+        """None when ``value`` is allowed, else what it must be (for the error line)."""
+        ok = math.isfinite(value)
+        ok = ok and (self.min is None or value >= self.min) and (self.max is None or value <= self.max)
+        ok = ok and (self.gt is None or value > self.gt) and (self.lt is None or value < self.lt)
+        if ok:
+            return None
+        if math.isfinite(value):
+            return f"must be {self.describe()}"
+        return f"must be a finite number {self.describe()}".rstrip()
+
+
+class NumberArg:
+    """argparse ``type=``: parse an int (no "1.5") or a finite float and check its :class:`Bounds`.
+
+    ``NumberArg(int, min=1)``; argparse turns the ArgumentTypeError into ``error: argument --flag: ...``.
+    """
+
+    def __init__(self, kind: type, bounds: Bounds | None = None, **limits: float) -> None:
+        if kind not in (int, float):
+            raise TypeError(f"NumberArg takes int or float, not {kind!r}")
+        self.kind = kind
+        self.bounds = bounds or Bounds(**limits)
+        self.__name__ = kind.__name__  # argparse names the type in some messages
+
+    def describe(self) -> str:
+        what = "an integer" if self.kind is int else "a number"
+        return f"{what} {self.bounds.describe()}".rstrip()
+
+    def __call__(self, text: str) -> int | float:
+        try:
+            value = self.kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expects {self.describe()}, got {text!r}") from None
+        if self.bounds.violation(value) is not None:
+            raise argparse.ArgumentTypeError(f"expects {self.describe()}, got {text!r}")
+        return value
+
+    def __repr__(self) -> str:
+        return f"NumberArg({self.kind.__name__}, {self.bounds})"
 
 
 def _strip_optional(tp: Any) -> tuple[Any, bool]:
@@ -112,7 +193,18 @@ class BaseConfig:
     version: ClassVar[int] = 1
 
     def __post_init__(self) -> None:
+        self._check_bounds()
         self.validate()
+
+    def _check_bounds(self) -> None:
+        """Enforce the ``min``/``max``/``gt``/``lt`` field metadata and finiteness of numbers."""
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                continue
+            why = Bounds.from_metadata(f.metadata).violation(v)
+            if why is not None:
+                raise ConfigError(f"{self.kind or type(self).__name__}: '{f.name}' {why}, got {v!r}")
 
     def validate(self) -> None:
         """Override to check value ranges; raise ConfigError with one clear line."""
@@ -180,8 +272,11 @@ class BaseConfig:
                 parser.add_argument(flag, dest=f.name, choices=list(get_args(tp)), default=None, help=help_)
             elif get_origin(tp) in (list, tuple) or tp is dict or get_origin(tp) is dict:
                 parser.add_argument(flag, dest=f.name, type=json.loads, default=None, help=help_ + " [JSON]")
-            elif tp in (int, float, str):
-                parser.add_argument(flag, dest=f.name, type=tp, default=None, help=help_)
+            elif tp in (int, float):
+                parser.add_argument(flag, dest=f.name, type=NumberArg(tp, Bounds.from_metadata(f.metadata)),
+                                    default=None, help=help_)
+            elif tp is str:
+                parser.add_argument(flag, dest=f.name, type=str, default=None, help=help_)
 
     @classmethod
     def from_args(cls: type[T], args: argparse.Namespace, base: dict[str, Any] | None = None) -> T:

@@ -37,10 +37,10 @@ from slimlm.utils.errors import ConfigError
 @dataclass
 class AWQConfig(WeightQuantConfig):
     kind = "awq"
-    n_grid: int = field(default=20, metadata={"help": "alpha grid points in [0, 1)"})
+    n_grid: int = field(default=20, metadata={"help": "alpha grid points in [0, 1)", "min": 1})
     clip_search: bool = field(default=True, metadata={"help": "search a clipping ratio per row and group"})
-    clip_grid: int = field(default=20, metadata={"help": "clipping grid resolution (ratios 1 - i/clip_grid)"})
-    max_shrink: float = field(default=0.5, metadata={"help": "largest clipping shrink tried"})
+    clip_grid: int = field(default=20, metadata={"help": "clipping grid resolution (ratios 1 - i/clip_grid)", "min": 1})
+    max_shrink: float = field(default=0.5, metadata={"help": "largest clipping shrink tried", "min": 0, "lt": 1})
 
     def validate(self) -> None:
         if self.n_grid < 1 or self.clip_grid < 1:

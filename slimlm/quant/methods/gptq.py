@@ -36,8 +36,8 @@ from slimlm.utils.linalg import inverse_cholesky_upper
 class GPTQConfig(WeightQuantConfig):
     kind = "gptq"
     act_order: bool = field(default=True, metadata={"help": "quantize columns by descending Hessian diagonal"})
-    damp: float = field(default=0.01, metadata={"help": "dampening, fraction of the mean Hessian diagonal"})
-    block_size: int = field(default=128, metadata={"help": "columns per lazy batch update"})
+    damp: float = field(default=0.01, metadata={"help": "dampening, fraction of the mean Hessian diagonal", "min": 0, "lt": 1})
+    block_size: int = field(default=128, metadata={"help": "columns per lazy batch update", "min": 1})
     true_sequential: bool = field(
         default=False, metadata={"help": "capture each group of linears after the earlier ones were quantized"}
     )

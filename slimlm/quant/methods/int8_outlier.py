@@ -28,9 +28,9 @@ from slimlm.utils.errors import ConfigError
 @dataclass
 class Int8OutlierConfig(QuantConfigBase):
     kind = "int8-outlier"
-    threshold: float = field(default=6.0, metadata={"help": "|x| above which an input feature is an outlier"})
+    threshold: float = field(default=6.0, metadata={"help": "|x| above which an input feature is an outlier", "gt": 0})
     max_outlier_fraction: float = field(
-        default=0.25, metadata={"help": "keep at most this fraction of columns in high precision (largest first)"}
+        default=0.25, metadata={"help": "keep at most this fraction of columns in high precision (largest first)", "min": 0, "max": 1}
     )
 
     def validate(self) -> None:

@@ -24,7 +24,7 @@ from slimlm.utils.errors import ConfigError
 @dataclass
 class NF4Config(QuantConfigBase):
     kind = "nf4"
-    block_size: int = field(default=64, metadata={"help": "values per absmax block"})
+    block_size: int = field(default=64, metadata={"help": "values per absmax block", "min": 1})
     double_quant: bool = field(default=True, metadata={"help": "quantize the absmax values to int8 (QLoRA)"})
 
     def validate(self) -> None:

@@ -31,7 +31,7 @@ from slimlm.utils.errors import ConfigError
 @dataclass
 class SmoothQuantConfig(QuantConfigBase):
     kind = "smoothquant"
-    alpha: float = field(default=0.5, metadata={"help": "migration strength (0 = none, 1 = all into weights)"})
+    alpha: float = field(default=0.5, metadata={"help": "migration strength (0 = none, 1 = all into weights)", "min": 0, "max": 1})
     smooth: bool = field(default=True, metadata={"help": "apply smoothing (False = plain W8A8)"})
 
     def validate(self) -> None:
