@@ -190,13 +190,18 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     add_json_arg(p)
     p.set_defaults(func=run_info)
 
-    p = sub.add_parser("eval", help="perplexity over text files (GPTQ-paper protocol by default)")
+    from slimlm.eval.perplexity import PROTOCOL
+
+    p = sub.add_parser("eval", help="perplexity over text files (GPTQ-paper protocol by default)",
+                       description="Perplexity of MODEL over text files.\n\n" + PROTOCOL,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arg(p)
     p.add_argument("--data", nargs="+", default=None, help="text file(s); default: Python's pydoc topics text")
     p.add_argument("--seq-len", type=int_arg(min=2), default=2048, help="window length in tokens (default 2048)")
     p.add_argument("--stride", type=int_arg(min=1), default=None,
                    help="overlapping windows: after the first, each window scores only its last STRIDE tokens")
-    p.add_argument("--bos", action="store_true", help="prepend BOS to every window")
+    p.add_argument("--bos", action="store_true",
+                   help="prepend BOS to every window and score the first text token too (see above)")
     p.add_argument("--max-tokens", type=int_arg(min=1), default=None, help="score only the first N tokens of each file")
     p.add_argument("--start-char", type=int_arg(min=0), default=0, help="skip this many characters of each file")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -1,9 +1,7 @@
-"""Perplexity with the GPTQ-paper protocol by default.
+"""Perplexity with the GPTQ-paper protocol by default; :data:`PROTOCOL` states it exactly.
 
-Tokenize the whole text once, cut non-overlapping windows of ``seq_len`` (tail dropped), score
-each window independently, ``ppl = exp(total NLL / scored tokens)``. Options: ``stride`` for
-overlapping windows (each window scores only its last ``stride`` tokens, after the first),
-``bos_id`` to prepend BOS to every window, ``max_tokens`` to score only the beginning.
+``slimlm eval --help`` prints :data:`PROTOCOL`; tests/eval/test_perplexity.py checks every variant
+against NLLs computed by hand from transformers' logits.
 """
 
 from __future__ import annotations
@@ -18,6 +16,17 @@ from tqdm.auto import tqdm
 
 from slimlm.models.transformer import Transformer
 from slimlm.utils.errors import SlimlmError
+
+PROTOCOL = """\
+Protocol: the text is tokenized once, without special tokens (--max-tokens N keeps the first N).
+Default (GPTQ paper): non-overlapping windows of --seq-len tokens, a tail shorter than a window
+dropped; each window is scored on its own, every token but its first (seq-len - 1 per window);
+perplexity = exp(total NLL / scored tokens).
+--bos: each window is BOS + (seq-len - 1) text tokens and every text token is scored, the first
+one conditioned on BOS alone (as lm-evaluation-harness does): still seq-len - 1 per window.
+--stride S: windows start every S text tokens; the first is scored as above, each later one only
+on its last S tokens (the rest is context), so no token is scored twice; S >= the window's text
+length is the default protocol."""
 
 
 @dataclass
@@ -75,7 +84,7 @@ def evaluate_perplexity(model: Transformer, ids: list[int] | torch.Tensor, seq_l
     if max_tokens is not None:
         t = t[:max_tokens]
     body = seq_len - 1 if bos_id is not None else seq_len  # text tokens per window
-    spans = windows(len(t), body, stride)
+    spans = windows(len(t), body, stride, first=0 if bos_id is not None else 1)
     if not spans:
         raise SlimlmError(f"text has {len(t)} tokens, fewer than one window of {body}")
     nll_sum, scored = 0.0, 0
