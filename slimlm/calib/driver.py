@@ -86,6 +86,7 @@ def run_layerwise(model: Transformer, samples: Sequence[torch.Tensor], algorithm
         raise ValueError(f"run_layerwise: compute_dtype must be float32 or bfloat16, got {compute_dtype}")
     if not samples:
         raise ValueError("run_layerwise needs at least one calibration sample")
+    model.config.check_positions(max(s.numel() for s in samples), "calibration sample length (--seq-len)")
     if batch_size is None:
         batch_size = max(1, BATCH_TOKENS // max(s.numel() for s in samples))
     batches = _stack(samples, batch_size)

@@ -61,14 +61,6 @@ def windows(n_tokens: int, length: int, stride: int | None, first: int = 1) -> l
     return out
 
 
-def check_context(model: Transformer, n_positions: int, what: str) -> None:
-    """Refuse windows longer than a learned-position model's table (GPT-2/OPT) before work starts."""
-    limit = model.config.max_position_embeddings
-    if model.config.learned_pos and n_positions > limit:
-        raise SlimlmError(f"{what} {n_positions} exceeds the model's context of {limit} positions "
-                          f"(it learned only {limit} position embeddings)")
-
-
 @torch.no_grad()
 def evaluate_perplexity(model: Transformer, ids: list[int] | torch.Tensor, seq_len: int = 2048,
                         stride: int | None = None, bos_id: int | None = None, max_tokens: int | None = None,
@@ -79,7 +71,7 @@ def evaluate_perplexity(model: Transformer, ids: list[int] | torch.Tensor, seq_l
         raise SlimlmError(f"stride must be >= 1, got {stride}")
     if max_tokens is not None and max_tokens < 1:
         raise SlimlmError(f"max_tokens must be >= 1, got {max_tokens}")
-    check_context(model, seq_len, "seq_len")
+    model.config.check_positions(seq_len, "seq_len")
     t = torch.as_tensor(ids, dtype=torch.long).flatten()
     if max_tokens is not None:
         t = t[:max_tokens]

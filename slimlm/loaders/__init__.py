@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from slimlm.loaders.resolve import DEFAULT_MODEL, resolve
+from slimlm.loaders.schema import SLIMLM_FORMAT_VERSION, module_error
 from slimlm.loaders.types import Checkpoint
 from slimlm.models.config import ModelConfig
 from slimlm.models.families import hf_to_runtime
@@ -24,9 +25,8 @@ from slimlm.models.modules import SwappableLinear, build_linear
 from slimlm.models.transformer import Transformer
 from slimlm.utils.errors import CheckpointError
 
-SLIMLM_FORMAT_VERSION = 1
-
-__all__ = ["DEFAULT_MODEL", "LoadedModel", "build_model", "load_model", "read_checkpoint", "resolve"]
+__all__ = ["DEFAULT_MODEL", "SLIMLM_FORMAT_VERSION", "LoadedModel", "build_model", "load_model", "read_checkpoint",
+           "resolve"]
 
 
 @dataclass
@@ -55,7 +55,7 @@ def read_checkpoint(spec: str) -> Checkpoint:
     return ckpt
 
 
-def _import_plugins() -> None:
+def import_plugins() -> None:
     """Import the packages that register swappable linear kinds (quant, sparsity, lowrank)."""
     import importlib
 
@@ -68,19 +68,30 @@ def _import_plugins() -> None:
 
 
 def build_model(config: ModelConfig, runtime_tensors: dict[str, torch.Tensor], dtype: torch.dtype,
-                modules: dict[str, dict[str, Any]] | None = None) -> Transformer:
-    """Create (on the meta device) -> swap in recorded module kinds -> load -> process after loading."""
+                modules: dict[str, dict[str, Any]] | None = None, where: str = "slimlm.json") -> Transformer:
+    """Create (on the meta device) -> swap in recorded module kinds -> load -> process after loading.
+
+    ``modules``: the checked ``slimlm.json`` "modules" (:mod:`slimlm.loaders.schema`); ``where``
+    names that file in errors.
+    """
     with torch.device("meta"):
         model = Transformer(config)
     if modules:
-        _import_plugins()
+        import_plugins()
         for path, entry in modules.items():
-            old = model.get_submodule(path)
+            try:
+                old = model.get_submodule(path)
+            except AttributeError:
+                raise CheckpointError(f"{where}: modules[{path!r}] names no module of this "
+                                      f"{config.architecture} model") from None
             if not isinstance(old, nn.Linear):
-                raise CheckpointError(f"slimlm.json names {path!r}, which is not a linear layer")
-            with torch.device("cpu"):
-                new = build_linear(entry["kind"], old.in_features, old.out_features, old.bias is not None,
-                                   entry.get("spec", {}))
+                raise CheckpointError(f"{where}: modules[{path!r}] names a {type(old).__name__}, not a linear layer")
+            try:
+                with torch.device("cpu"):
+                    new = build_linear(entry["kind"], old.in_features, old.out_features, old.bias is not None,
+                                       entry["spec"])
+            except (KeyError, TypeError, ValueError, AttributeError, CheckpointError) as e:
+                raise module_error(where, path, entry["kind"], e) from None
             model.set_submodule(path, new)
     sd = {}
     for k, t in runtime_tensors.items():
@@ -132,7 +143,7 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32) ->
     config = ModelConfig.from_hf(ckpt.config)
     meta = ckpt.meta.get("slimlm", {}) if ckpt.format == "slimlm" else {}
     runtime = ckpt.tensors if ckpt.format == "slimlm" else hf_to_runtime(config, ckpt.tensors)
-    model = build_model(config, runtime, dtype, meta.get("modules"))
+    model = build_model(config, runtime, dtype, meta.get("modules"), where=f"{ckpt.source}/slimlm.json")
     tok = ckpt.tokenizer
     return LoadedModel(model=model, tokenizer=tok, config=config, checkpoint=ckpt, meta=meta)
 

@@ -295,4 +295,7 @@ def atomic_file(out: str | Path, write: Callable[[Path], None], owned: Callable[
 
 def write_text_atomic(path: Path, text: str) -> None:
     """Write one text file inside a folder being written (temp file + rename; mode per the umask)."""
-    atomic_file(path, lambda tmp: tmp.write_text(text, encoding="utf-8"), owned=lambda p: True)
+    def write(tmp: Path) -> None:
+        tmp.write_text(text, encoding="utf-8")
+
+    atomic_file(path, write, owned=lambda p: True)

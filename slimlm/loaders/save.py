@@ -19,13 +19,12 @@ from safetensors.torch import save_file
 
 from slimlm.loaders.hf import read_config, read_safetensors
 from slimlm.loaders.outputs import atomic_dir, check_output_dir
+from slimlm.loaders.schema import SLIMLM_FORMAT_VERSION, validate_slimlm_json
 from slimlm.loaders.types import Checkpoint
 from slimlm.models.families import runtime_to_hf
 from slimlm.models.modules import SwappableLinear
 from slimlm.models.transformer import Transformer
 from slimlm.utils.errors import CheckpointError
-
-SLIMLM_FORMAT_VERSION = 1
 
 
 def _owned(t: torch.Tensor) -> torch.Tensor:
@@ -72,13 +71,13 @@ def save_model(lm: Any, out: str | Path, meta: dict[str, Any] | None = None, ove
 
 
 def read_slimlm_dir(folder: Path) -> Checkpoint:
+    file = folder / "slimlm.json"
     try:
-        info = json.loads((folder / "slimlm.json").read_text())
+        info = validate_slimlm_json(json.loads(file.read_text()), file)
     except json.JSONDecodeError as e:
-        raise CheckpointError(f"{folder / 'slimlm.json'} is not valid JSON: {e.msg}") from None
-    version = info.get("format_version")
-    if version != SLIMLM_FORMAT_VERSION:
-        raise CheckpointError(f"{folder} was written with slimlm format {version}; this slimlm reads {SLIMLM_FORMAT_VERSION}")
+        raise CheckpointError(f"{file} is not valid JSON: {e.msg} (line {e.lineno})") from None
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{file} is not UTF-8 text") from None
     config = read_config(folder)
     wfile = folder / "model.safetensors"
     if not wfile.is_file():

@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from slimlm.utils.errors import CheckpointError
+from slimlm.utils.errors import CheckpointError, SlimlmError
 
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
@@ -81,6 +81,12 @@ class ModelConfig:
     @property
     def kv_size(self) -> int:
         return self.num_key_value_heads * self.head_dim
+
+    def check_positions(self, n: int, what: str) -> None:
+        """Refuse ``n`` positions beyond a learned position table (GPT-2/OPT), in one line, before work starts."""
+        if self.learned_pos and n > self.max_position_embeddings:
+            raise SlimlmError(f"{what} {n} exceeds the model's context of {self.max_position_embeddings} positions "
+                              "(its position embeddings are learned, there are no more)")
 
     def is_sliding(self, layer_idx: int) -> bool:
         return bool(self.layer_types) and self.layer_types[layer_idx] == "sliding_attention"
