@@ -16,19 +16,19 @@ from typing import Any
 
 import torch
 
-from slimlm.utils.config import NumberArg
+from slimlm.utils.config import Bounds, NumberArg
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def int_arg(**limits: float) -> NumberArg:
     """argparse type: an integer within ``min``/``max`` (inclusive), ``gt``/``lt`` (strict)."""
-    return NumberArg(int, **limits)
+    return NumberArg(int, Bounds(**limits))
 
 
 def float_arg(**limits: float) -> NumberArg:
     """argparse type: a finite float within ``min``/``max`` (inclusive), ``gt``/``lt`` (strict)."""
-    return NumberArg(float, **limits)
+    return NumberArg(float, Bounds(**limits))
 
 
 def add_model_arg(p: argparse.ArgumentParser) -> None:

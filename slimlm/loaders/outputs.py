@@ -91,7 +91,7 @@ def _refusal(out: Path, foreign: list[str]) -> str:
     return f"refusing to replace {out}: it holds {what} (choose another output path, or move them away yourself)"
 
 
-def check_output_dir(out: str | Path, overwrite: bool) -> Path:
+def check_output_dir(out: str | os.PathLike[str], overwrite: bool) -> Path:
     """Refuse an output folder we may not write; call before long work starts. Returns ``Path(out)``."""
     out = Path(out)
     if out.is_symlink():
@@ -110,7 +110,7 @@ def check_output_dir(out: str | Path, overwrite: bool) -> Path:
     return out
 
 
-def check_output_file(out: str | Path, overwrite: bool, owned: Callable[[Path], bool]) -> Path:
+def check_output_file(out: str | os.PathLike[str], overwrite: bool, owned: Callable[[Path], bool]) -> Path:
     """Refuse an output file we may not write: an existing one only if ``owned(path)`` and ``overwrite``."""
     out = Path(out)
     if out.is_symlink():
@@ -227,7 +227,7 @@ def _new_dir(out: Path, what: str) -> Path:
         return p
 
 
-def atomic_dir(out: str | Path, write: Callable[[Path], None], kind: str = "") -> Path:
+def atomic_dir(out: str | os.PathLike[str], write: Callable[[Path], None], kind: str = "") -> Path:
     """Run ``write(tmp)`` into a temp sibling folder, mark it, then swap it into place.
 
     ``kind`` names the output in the marker ("slimlm-model", "hf", "compressed-tensors", "gptq";
@@ -265,7 +265,7 @@ def atomic_dir(out: str | Path, write: Callable[[Path], None], kind: str = "") -
     return out
 
 
-def atomic_file(out: str | Path, write: Callable[[Path], None], owned: Callable[[Path], bool]) -> Path:
+def atomic_file(out: str | os.PathLike[str], write: Callable[[Path], None], owned: Callable[[Path], bool]) -> Path:
     """Run ``write(tmp)`` (a fresh empty file, mode 0o666 & ~umask) then rename it onto ``out``.
 
     An existing ``out`` is replaced only when ``owned(out)`` (slimlm wrote it); the overwrite consent
