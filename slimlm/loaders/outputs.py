@@ -91,9 +91,17 @@ def _refusal(out: Path, foreign: list[str]) -> str:
     return f"refusing to replace {out}: it holds {what} (choose another output path, or move them away yourself)"
 
 
+def _named(out: str | os.PathLike[str]) -> Path:
+    """``Path(out)``, refusing paths without a name of their own (".", "..", "/"): no sibling to write next to."""
+    p = Path(out)
+    if p.name in ("", ".", ".."):
+        raise SlimlmError(f"output path {str(out)!r} has no name of its own; give a file or folder name such as ./out")
+    return p
+
+
 def check_output_dir(out: str | os.PathLike[str], overwrite: bool) -> Path:
     """Refuse an output folder we may not write; call before long work starts. Returns ``Path(out)``."""
-    out = Path(out)
+    out = _named(out)
     if out.is_symlink():
         raise SlimlmError(f"refusing to replace {out}: it is a symbolic link")
     if not out.exists():
@@ -112,7 +120,7 @@ def check_output_dir(out: str | os.PathLike[str], overwrite: bool) -> Path:
 
 def check_output_file(out: str | os.PathLike[str], overwrite: bool, owned: Callable[[Path], bool]) -> Path:
     """Refuse an output file we may not write: an existing one only if ``owned(path)`` and ``overwrite``."""
-    out = Path(out)
+    out = _named(out)
     if out.is_symlink():
         raise SlimlmError(f"refusing to replace {out}: it is a symbolic link")
     if not out.exists():
@@ -235,7 +243,7 @@ def atomic_dir(out: str | os.PathLike[str], write: Callable[[Path], None], kind:
     replaced only when slimlm wrote it (checked again here: minutes may have passed since
     :func:`check_output_dir`).
     """
-    out = Path(out)
+    out = _named(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     clean_stale(out, ("tmp", "old") if out.is_dir() else ("tmp",))  # an old copy may be all there is
     tmp = _new_dir(out, "tmp")
@@ -271,7 +279,7 @@ def atomic_file(out: str | os.PathLike[str], write: Callable[[Path], None], owne
     An existing ``out`` is replaced only when ``owned(out)`` (slimlm wrote it); the overwrite consent
     itself is the caller's (:func:`check_output_file`).
     """
-    out = Path(out)
+    out = _named(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     clean_stale(out)
     while True:

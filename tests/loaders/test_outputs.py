@@ -223,3 +223,11 @@ def test_gguf_overwrite_only_replaces_a_gguf_slimlm_wrote(tiny_dir, tmp_path, ca
         assert code == 2 and f"refusing to replace {tmp_path / name}: slimlm did not write it" in error_line(err)
         assert (tmp_path / name).read_bytes() == before
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_current_folder_is_not_an_output(tiny_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # empty, but "." has no sibling to write next to
+    for out in (".", ".."):
+        code, _, err = run(["export", tiny_dir, "--to", "hf", out], capsys)
+        assert code == 2 and "has no name of its own" in error_line(err)
+    assert list(tmp_path.iterdir()) == []
