@@ -1,7 +1,8 @@
 """The ``slimlm`` command line: one sub-command module per capability.
 
 Each module in COMMANDS has ``register(subparsers)`` that adds its parsers and sets ``func``.
-User errors (SlimlmError) print one ``error: ...`` line and exit 2; ``--debug`` shows tracebacks.
+User errors (SlimlmError, and bad flags while parsing) print one ``error: ...`` line and exit 2;
+``--debug`` shows tracebacks. ``main(argv)`` returns the exit code instead of exiting, for tests.
 Nothing is parsed at import time.
 """
 
@@ -51,7 +52,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("SLIMLM_DEBUG") == "1"
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # a bad flag (one "error:" line already printed) or --help: return its code
+        return e.code if isinstance(e.code, int) else 2
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -73,18 +73,16 @@ class Bounds:
         return any(v is not None for v in (self.min, self.max, self.gt, self.lt))
 
     def describe(self) -> str:
-        parts = []
-        if self.min is not None and self.max is not None:
-            parts.append(f"in [{self.min:g}, {self.max:g}]")
-        elif self.min is not None:
-            parts.append(f">= {self.min:g}")
-        elif self.max is not None:
-            parts.append(f"<= {self.max:g}")
-        if self.gt is not None:
-            parts.append(f"> {self.gt:g}")
-        if self.lt is not None:
-            parts.append(f"< {self.lt:g}")
-        return " and ".join(parts)
+        """``in [2, 8]``, ``in (0, 1]``, ``>= 1``, ``> 0``, ... (empty when unbounded)."""
+        lo = f"[{self.min:g}" if self.min is not None else f"({self.gt:g}" if self.gt is not None else None
+        hi = f"{self.max:g}]" if self.max is not None else f"{self.lt:g})" if self.lt is not None else None
+        if lo and hi:
+            return f"in {lo}, {hi}"
+        if lo:
+            return (">= " if lo[0] == "[" else "> ") + lo[1:]
+        if hi:
+            return ("<= " if hi[-1] == "]" else "< ") + hi[:-1]
+        return ""
 
     def violation(self, value: float) -> str | None:
         """None when ``value`` is allowed, else what it must be (for the error line)."""

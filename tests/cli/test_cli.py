@@ -120,7 +120,7 @@ def test_prompt_longer_than_context(tiny_dir, capsys):
 
 def test_bad_sampling_value(tiny_dir, capsys):
     code, _, err = run(["generate", str(tiny_dir), "--prompt", "x", "--top-p", "1.5"], capsys)
-    _one_error_line(code, err, "top_p")
+    _one_error_line(code, err, "--top-p: expects a number in (0, 1]")  # refused while parsing
 
 
 def test_real_process_exit_code_and_debug(tmp_path):

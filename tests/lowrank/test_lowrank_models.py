@@ -116,7 +116,7 @@ def test_cli_commands_write_loadable_models(hf_dir: Path, tmp_path: Path, capsys
 
 
 @pytest.mark.parametrize("argv,msg", [
-    (["prune", "{m}", "--sparsity", "1.0"], "sparsity must be in"),
+    (["prune", "{m}", "--sparsity", "1.0"], "argument --sparsity: expects a number in [0, 1)"),
     (["prune", "{m}", "--pattern", "4:4"], "N < M"),
     (["factorize", "{m}", "--rank", "65"], "rank 65"),
     (["convert-gqa", "{m}", "--kv-heads", "3"], "does not divide"),
