@@ -88,7 +88,8 @@ def _refusal(out: Path, foreign: list[str]) -> str:
         what = f"{first}, which slimlm did not write"
     else:
         what = f"{first} and {len(foreign) - 1} other file{'s' if len(foreign) > 2 else ''} slimlm did not write"
-    return f"refusing to replace {out}: it holds {what} (choose another output path, or move them away yourself)"
+    them = "it" if len(foreign) == 1 else "them"
+    return f"refusing to replace {out}: it holds {what} (choose another output path, or move {them} away yourself)"
 
 
 def _named(out: str | os.PathLike[str]) -> Path:
