@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from slimlm import kernels
 from slimlm.models.modules import SwappableLinear
+from slimlm.quant.linear.autograd import frozen_linear, kernels_allowed, needs_input_grad
 from slimlm.quant.qtensor import QuantizedWeight
 from slimlm.utils.errors import CheckpointError, SlimlmError
 
@@ -99,7 +100,7 @@ class QuantLinearBase(SwappableLinear):
     def _decode_forward(self, x: torch.Tensor) -> torch.Tensor | None:
         """The decode kernel for a few rows of x (activations rounded to int8, see qgemv.cpp), else None."""
         spec = self.__dict__.get("_decode")
-        if spec is None or x.numel() > kernels.SMALL_ROWS * self.in_features:
+        if spec is None or x.numel() > kernels.SMALL_ROWS * self.in_features or not kernels_allowed():
             return None
         return kernels.qlinear(x, spec)
 
@@ -117,6 +118,8 @@ class QuantLinearBase(SwappableLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [..., in] -> [..., out] in x's dtype; decode-size calls take slimlm's qgemv kernel
+        if needs_input_grad(x):  # training: this math, backward through the de-quantized weight
+            return frozen_linear(self, x)
         y = self._decode_forward(x)
         if y is not None:
             return y
