@@ -1,0 +1,91 @@
+"""``LoraLinear``: a frozen base linear (plain or any compressed kind) plus a trainable low-rank update.
+
+``y = base(x) + scaling * lora_B(lora_A(dropout(x)))`` with ``lora_A: [r, in]``, ``lora_B: [out, r]``
+(peft's module and parameter names, so the state-dict keys map one to one onto peft's adapter
+files). The base stays where it was (``base_layer``): a quantized base keeps its codes and takes the
+input-gradient-only backward of ``slimlm.quant.linear.autograd``. The adapter computes in its own
+dtype (float32 master weights; autocast lowers the matmuls to bf16 where it is on).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from slimlm.models.modules import linear_weight
+from slimlm.utils.errors import ConfigError, SlimlmError
+
+
+class LoraLinear(nn.Module):
+    """Wrap ``base`` (``nn.Linear`` or a ``SwappableLinear``) with a LoRA update of rank ``r``."""
+
+    def __init__(self, base: nn.Module, r: int, scaling: float, dropout: float = 0.0, init: str = "kaiming",
+                 dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        in_f, out_f = int(base.in_features), int(base.out_features)  # type: ignore[arg-type]
+        if r > min(in_f, out_f):
+            raise ConfigError(f"LoRA rank {r} is larger than the layer ({out_f} x {in_f}): use r <= {min(in_f, out_f)}")
+        self.base_layer = base
+        self.in_features, self.out_features, self.r, self.scaling = in_f, out_f, r, scaling
+        self.lora_A = nn.Linear(in_f, r, bias=False, dtype=dtype)  # [r, in]
+        self.lora_B = nn.Linear(r, out_f, bias=False, dtype=dtype)  # [out, r]
+        self.lora_dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged = False
+        self.reset_lora(init)
+
+    @torch.no_grad()
+    def reset_lora(self, init: str) -> None:
+        """Kaiming-uniform A (torch's ``nn.Linear`` default, as peft), or N(0, 1/r); B zero so the
+        adapter starts as a no-op ("random" keeps B Kaiming-uniform too)."""
+        if init == "gaussian":
+            nn.init.normal_(self.lora_A.weight, std=1.0 / self.r)
+        else:
+            nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        if init == "random":
+            nn.init.kaiming_uniform_(self.lora_B.weight, a=math.sqrt(5))
+        else:
+            nn.init.zeros_(self.lora_B.weight)
+
+    def delta_weight(self) -> torch.Tensor:
+        """``scaling * B @ A``: ``[out, in]`` float32."""
+        return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [..., in] -> [..., out]
+        y = self.base_layer(x)
+        if self.merged:
+            return y  # type: ignore[no-any-return]
+        a = self.lora_A.weight
+        lx = self.lora_dropout(x.to(a.dtype))
+        return y + (self.lora_B(self.lora_A(lx)) * self.scaling).to(y.dtype)  # type: ignore[no-any-return]
+
+    # --- merge / unmerge --------------------------------------------------------------------------
+    def check_mergeable(self) -> None:
+        if type(self.base_layer) is not nn.Linear:
+            raise SlimlmError(f"merging LoRA into a {type(self.base_layer).__name__} base is not supported yet "
+                              "(only plain linears); keep the adapter unmerged")
+
+    def _plain_weight(self) -> torch.Tensor:
+        self.check_mergeable()
+        return linear_weight(self.base_layer)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """``W += scaling * B @ A`` in place; forward then runs the base alone."""
+        if not self.merged:
+            w = self._plain_weight()
+            w.add_(self.delta_weight().to(w.dtype))
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Undo :meth:`merge` (``W -= scaling * B @ A``: equal up to float rounding)."""
+        if self.merged:
+            w = self._plain_weight()
+            w.sub_(self.delta_weight().to(w.dtype))
+            self.merged = False
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, scaling={self.scaling:g}, merged={self.merged}"

@@ -1,0 +1,61 @@
+"""Applying LoRA to a model, and its adapter_config.json in peft's vocabulary."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from torch import nn
+
+from slimlm.peft.lora.config import LoraConfig
+from slimlm.peft.lora.layer import LoraLinear
+from slimlm.peft.registry import PeftReport
+from slimlm.peft.targets import match_targets
+from slimlm.utils.errors import ConfigError
+
+_PEFT_INIT = {"kaiming": True, "gaussian": "gaussian", "random": False}
+
+
+def apply_lora(model: nn.Module, cfg: LoraConfig) -> PeftReport:
+    """Wrap every linear ``cfg.target_modules`` matches in a :class:`LoraLinear`; freeze the rest."""
+    paths = match_targets(model, cfg.target_modules, LoraLinear)
+    wrapped = {p: LoraLinear(model.get_submodule(p), cfg.r, cfg.scaling, cfg.lora_dropout, cfg.init_lora_weights)
+               for p in paths}  # build all first: a rank error leaves the model untouched
+    model.requires_grad_(False)
+    for p, w in wrapped.items():
+        model.set_submodule(p, w)
+        w.lora_A.requires_grad_(True)
+        w.lora_B.requires_grad_(True)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return PeftReport("lora", paths, trainable, total)
+
+
+def lora_to_peft_config(cfg: LoraConfig, hf_paths: list[str], all_hf_linears: list[str]) -> dict[str, Any]:
+    """adapter_config.json for peft: ``target_modules`` as leaf names when those select exactly the
+    wrapped modules in the HF model, else a regex of the exact HF paths."""
+    leaves = sorted({p.rsplit(".", 1)[-1] for p in hf_paths})
+    by_leaf = [p for p in all_hf_linears if p.rsplit(".", 1)[-1] in leaves]
+    targets: list[str] | str = leaves if sorted(by_leaf) == sorted(hf_paths) else \
+        "(" + "|".join(re.escape(p) for p in sorted(hf_paths)) + ")"
+    return {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg.r, "lora_alpha": cfg.lora_alpha,
+        "lora_dropout": cfg.lora_dropout, "target_modules": targets, "bias": "none", "use_rslora": cfg.use_rslora,
+        "use_dora": False, "init_lora_weights": _PEFT_INIT[cfg.init_lora_weights], "fan_in_fan_out": False,
+        "modules_to_save": None, "rank_pattern": {}, "alpha_pattern": {}, "layers_to_transform": None,
+        "layers_pattern": None, "inference_mode": True,
+    }
+
+
+def lora_from_peft_config(d: dict[str, Any]) -> LoraConfig:
+    """The parts of a peft LoRA adapter_config.json slimlm runs; anything else is refused by name."""
+    for key, ok in (("use_dora", False), ("bias", "none"), ("modules_to_save", None), ("alpha_pattern", {}),
+                    ("layers_to_transform", None), ("use_qalora", False)):
+        v = d.get(key, ok)
+        if v != ok and not (ok is None and v == []):
+            raise ConfigError(f"adapter_config.json: {key}={v!r} is not supported by slimlm's LoRA (needs {ok!r})")
+    init = d.get("init_lora_weights", True)
+    init_name = "gaussian" if init == "gaussian" else "random" if init is False else "kaiming"
+    return LoraConfig(r=int(d["r"]), lora_alpha=float(d.get("lora_alpha", 8)), target_modules=d.get("target_modules") or ["*"],
+                      lora_dropout=float(d.get("lora_dropout", 0.0)), init_lora_weights=init_name,
+                      use_rslora=bool(d.get("use_rslora", False)))
