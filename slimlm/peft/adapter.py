@@ -22,9 +22,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from slimlm.peft.lora.layer import LoraLinear
-from slimlm.peft.lora.model import lora_from_peft_config, lora_to_peft_config
-from slimlm.peft.targets import is_linear, to_hf_path, to_runtime_path
-from slimlm.utils.errors import CheckpointError, ConfigError, SlimlmError
+from slimlm.peft.registry import method_for_config, method_for_peft_type
+from slimlm.peft.targets import linear_paths, to_hf_path, to_runtime_path
+from slimlm.utils.errors import CheckpointError, SlimlmError
 
 PREFIX = "base_model.model."
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
@@ -58,14 +58,13 @@ def save_adapter(model: nn.Module, folder: str | Path, base_model_name_or_path: 
         hf_paths.append(hf)
         tensors[f"{PREFIX}{hf}.lora_A.weight"] = m.lora_A.weight.detach().contiguous().clone()
         tensors[f"{PREFIX}{hf}.lora_B.weight"] = m.lora_B.weight.detach().contiguous().clone()
-    all_hf = []
-    for n, m in model.named_modules():
-        if is_linear(m) and not n.endswith(".base_layer") and ".lora_" not in n:
-            try:
-                all_hf.append(to_hf_path(cfg, n))
-            except SlimlmError:
-                pass
-    meta = lora_to_peft_config(lcfg, hf_paths, all_hf)
+    all_hf = list(hf_paths)  # every linear of the HF model: the wrapped ones and the others
+    for n in linear_paths(model, LoraLinear):
+        try:
+            all_hf.append(to_hf_path(cfg, n))
+        except SlimlmError:
+            pass
+    meta = method_for_config(lcfg).to_peft_config(lcfg, hf_paths, all_hf)
     meta["base_model_name_or_path"] = base_model_name_or_path
     out = Path(folder)
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / CONFIG).exists())):
@@ -107,9 +106,7 @@ def load_adapter(model: nn.Module, folder: str | Path) -> list[str]:
     runtime paths wrapped. Nothing changes when the adapter does not fit the model."""
     cfg = _config_of(model)
     meta, tensors = read_adapter(folder)
-    if meta.get("peft_type") != "LORA":
-        raise ConfigError(f"adapter peft_type {meta.get('peft_type')!r} is not supported (slimlm reads LORA)")
-    lcfg = lora_from_peft_config(meta)
+    lcfg = method_for_peft_type(str(meta.get("peft_type"))).from_peft_config(meta)
     if lora_modules(model):
         raise SlimlmError("this model already carries LoRA adapters: unload them first")
     parts: dict[str, dict[str, torch.Tensor]] = {}

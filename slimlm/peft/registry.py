@@ -39,7 +39,8 @@ class PeftMethod:
     config_cls: type
     apply: Callable[[nn.Module, Any], PeftReport]  # wrap the targets of a model in place
     from_peft_config: Callable[[dict[str, Any]], Any]  # adapter_config.json dict -> config
-    to_peft_config: Callable[[Any, list[str]], dict[str, Any]]  # config, HF module paths -> adapter_config.json
+    # (config, HF paths of the wrapped modules, HF paths of every linear) -> adapter_config.json
+    to_peft_config: Callable[[Any, list[str], list[str]], dict[str, Any]]
 
 
 _METHODS: dict[str, PeftMethod] = {}

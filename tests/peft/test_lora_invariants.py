@@ -194,3 +194,39 @@ def test_bad_input_gets_one_clear_error(base_dir, tmp_path) -> None:  # type: ig
     assert not any(isinstance(m, LoraLinear) for m in wrong.model.modules())
     with pytest.raises(CheckpointError, match="not an adapter folder"):
         load_adapter(wrong.model, tmp_path)
+
+
+def test_qlora_step_under_bf16_autocast(base_dir) -> None:  # type: ignore[no-untyped-def]
+    """QLoRA shape: NF4 base, fp32 adapters, bf16 autocast: every adapter gets an fp32 gradient, as
+    close to the fp32 gradient of the de-quantized twin (plain linears holding the NF4 weights) as
+    the twin's own bf16-autocast gradient is."""
+    from slimlm.quant import quantize_
+    from slimlm.quant.api import config_for_method
+
+    lm = load_model(str(base_dir))
+    quantize_(lm.model, config_for_method("nf4", {}))
+    apply_peft(lm.model, LoraConfig(r=4, target_modules=ALL, init_lora_weights="random"))
+    twin = load_model(str(base_dir))
+    apply_peft(twin.model, LoraConfig(r=4, target_modules=ALL))
+    with torch.no_grad():
+        for m, t in zip(lm.model.modules(), twin.model.modules(), strict=True):
+            if isinstance(m, LoraLinear):
+                assert isinstance(t, LoraLinear) and isinstance(t.base_layer, nn.Linear)
+                t.base_layer.weight.copy_(m.base_layer.dense_weight())
+                t.lora_A.weight.copy_(m.lora_A.weight)
+                t.lora_B.weight.copy_(m.lora_B.weight)
+    ids = _data()
+
+    def grads(model: nn.Module, bf16: bool) -> dict[str, torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = _loss(model, ids)
+        loss.backward()
+        return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}  # type: ignore[misc]
+
+    ref, twin_bf16, qlora = grads(twin.model, False), grads(twin.model, True), grads(lm.model, True)
+    assert qlora.keys() == ref.keys() and qlora
+    err_q = sum(float((qlora[n] - g).norm()) for n, g in ref.items()) / sum(float(g.norm()) for g in ref.values())
+    err_t = sum(float((twin_bf16[n] - g).norm()) for n, g in ref.items()) / sum(float(g.norm()) for g in ref.values())
+    assert all(g.dtype == torch.float32 for g in qlora.values())
+    assert err_q < 0.2 and err_q < 1.5 * err_t + 0.01, (err_q, err_t)  # a wrong backward gives ~1

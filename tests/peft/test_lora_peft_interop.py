@@ -57,6 +57,10 @@ def test_peft_loads_slimlm_adapters(family: str, rslora: bool, tmp_path) -> None
     report = apply_peft(lm.model, cfg)
     assert len(report.targets) == 3 * lm.config.num_hidden_layers
     save_adapter(lm.model, tmp_path / "adapter", str(tmp_path / "base"))
+    meta = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert meta["peft_type"] == "LORA" and meta["use_rslora"] is rslora
+    hf_leaf = {"o_proj": "out_proj", "up_proj": "fc1"} if family == "opt" else {}
+    assert meta["target_modules"] == sorted(hf_leaf.get(t, t) for t in CASES[family][0])
     ids = torch.randint(0, 256, (2, 12))
     pm = peft.PeftModel.from_pretrained(hf, str(tmp_path / "adapter"))
     pm.eval()

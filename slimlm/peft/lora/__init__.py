@@ -6,6 +6,6 @@ from slimlm.peft.lora.model import apply_lora, lora_from_peft_config, lora_to_pe
 from slimlm.peft.registry import PeftMethod, register_peft_method
 
 register_peft_method(PeftMethod(name="lora", peft_type="LORA", config_cls=LoraConfig, apply=apply_lora,
-                                from_peft_config=lora_from_peft_config, to_peft_config=lambda c, p: lora_to_peft_config(c, p, p)))
+                                from_peft_config=lora_from_peft_config, to_peft_config=lora_to_peft_config))
 
 __all__ = ["LoraConfig", "LoraLinear", "apply_lora"]
