@@ -23,6 +23,7 @@ from torch import nn
 from slimlm.peft import lora as _lora  # noqa: F401  (registers the method)
 from slimlm.peft.adapter import load_adapter, lora_modules, save_adapter
 from slimlm.peft.lora import LoraConfig, LoraLinear
+from slimlm.peft.lora.merge import MergeReport, check_mergeable, merged_base
 from slimlm.peft.registry import PeftReport, method_for_config, peft_methods
 
 
@@ -44,27 +45,39 @@ def unmerge_adapters(model: nn.Module) -> None:
         m.unmerge()
 
 
-def unload(model: nn.Module, merge: bool = False) -> None:
-    """Put the base linears back (``merge=True``: with the adapters folded in) and re-fuse q/k/v."""
-    mods = lora_modules(model)
-    if merge:
-        for m in mods.values():
-            m.check_mergeable()  # all or nothing: an unmergeable base raises before anything changes
-        for m in mods.values():
-            m.merge()
-    for path, m in mods.items():
-        if m.merged and not merge:
-            m.unmerge()
+def unload(model: nn.Module) -> None:
+    """Put the base linears back without the adapters' update and re-fuse q/k/v for inference."""
+    for path, m in lora_modules(model).items():
+        m.unmerge()
         model.set_submodule(path, m.base_layer)
+    _done(model)
+
+
+def merge_and_unload(model: nn.Module) -> MergeReport:
+    """Fold every adapter into its base and put the bases back: plain weights in place, weight-only
+    quantized bases de-quantized, merged and re-quantized in their own format (the report says how
+    much of each update the re-quantization lost). All or nothing: an unmergeable base raises first."""
+    mods = lora_modules(model)
+    for m in mods.values():
+        check_mergeable(m.base_layer)
+    report = MergeReport()
+    for path, m in mods.items():
+        if m.merged:  # already folded in place (a plain base)
+            new, err = m.base_layer, 0.0
+        else:
+            new, err = merged_base(m.base_layer, m.delta_weight())
+        model.set_submodule(path, new)
+        report.errors[path] = err
+    _done(model)
+    return report
+
+
+def _done(model: nn.Module) -> None:
     model.__dict__.pop("peft_config", None)
     fuse = getattr(model, "fuse_projections_", None)
     if fuse is not None:
         fuse()
 
 
-def merge_and_unload(model: nn.Module) -> None:
-    unload(model, merge=True)
-
-
-__all__ = ["LoraConfig", "LoraLinear", "PeftReport", "apply_peft", "load_adapter", "merge_adapters",
-           "merge_and_unload", "peft_methods", "save_adapter", "unload", "unmerge_adapters"]
+__all__ = ["LoraConfig", "LoraLinear", "MergeReport", "PeftReport", "apply_peft", "load_adapter", "merge_adapters",
+           "lora_modules", "merge_and_unload", "peft_methods", "save_adapter", "unload", "unmerge_adapters"]

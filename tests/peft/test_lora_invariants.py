@@ -18,6 +18,7 @@ from slimlm.peft import (
     LoraLinear,
     apply_peft,
     load_adapter,
+    lora_modules,
     merge_adapters,
     merge_and_unload,
     save_adapter,
@@ -168,9 +169,55 @@ def test_lora_trains_on_a_quantized_base(base_dir, method, values) -> None:  # t
     assert losses[-1] < 0.9 * losses[0], (kinds, losses)
     for k, v in before.items():
         assert torch.equal(v, _base_state(lm.model)[k]), k
-    with pytest.raises(SlimlmError, match="not supported yet"):
+    with pytest.raises(SlimlmError, match="merge_and_unload re-quantizes"):
+        merge_adapters(lm.model)  # in place: only plain bases
+    assert not any(m.merged for m in lora_modules(lm.model).values())
+
+
+@pytest.mark.parametrize("method,values", [("rtn", {"bits": 4, "group_size": 32}), ("nf4", {}),
+                                           ("rtn", {"bits": 8, "group_size": -1})])
+def test_merge_into_a_quantized_base_requantizes_and_reports_the_error(base_dir, method, values) -> None:  # type: ignore[no-untyped-def]
+    from slimlm.quant import quantize_
+    from slimlm.quant.api import config_for_method
+
+    lm = load_model(str(base_dir))
+    quantize_(lm.model, config_for_method(method, values))
+    apply_peft(lm.model, LoraConfig(r=4, lora_alpha=2, target_modules=ALL, init_lora_weights="random"))
+    ids = _data()
+    with torch.no_grad():
+        ref = lm.model(ids)  # the adapters unmerged: the exact model the merge approximates
+        want = {p: (m.base_layer.dense_weight(), m.delta_weight(), m.base_layer.kind, m.base_layer.spec())
+                for p, m in lora_modules(lm.model).items()}
+    report = merge_and_unload(lm.model)
+    assert set(report.errors) == set(want)
+    for p, (w, delta, kind, spec) in want.items():
+        new = lm.model.get_submodule(p)
+        assert new.kind == kind and new.spec() == spec, p  # same format and settings
+        err = float((new.dense_weight() - (w + delta)).norm() / delta.norm())
+        assert report.errors[p] == pytest.approx(err, rel=1e-4), p
+        assert float((new.dense_weight() - w).norm()) > 0.5 * float(delta.norm()), p  # the update is in
+    with torch.no_grad():
+        merged = lm.model(ids)
+    base = load_model(str(base_dir))
+    quantize_(base.model, config_for_method(method, values))
+    with torch.no_grad():
+        without = base.model(ids)
+    assert (merged - ref).norm() < 0.5 * (without - ref).norm()  # most of the update survives
+
+
+def test_merge_refuses_bases_it_cannot_requantize(base_dir) -> None:  # type: ignore[no-untyped-def]
+    from slimlm.quant.linear import W8A8Linear
+    from slimlm.quant.primitives import quantize_weight
+
+    lm = load_model(str(base_dir))
+    attn = lm.model.model.layers[0].self_attn
+    attn.q_proj = W8A8Linear.from_quantized(quantize_weight(attn.q_proj.weight, 8, -1, True))
+    apply_peft(lm.model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights="random"))
+    v_before = lm.model.model.layers[0].self_attn.v_proj.base_layer.weight.clone()
+    with pytest.raises(SlimlmError, match="W8A8Linear base is not supported"):
         merge_and_unload(lm.model)
-    assert any(isinstance(m, LoraLinear) for m in lm.model.modules())  # nothing changed
+    assert len(lora_modules(lm.model)) == 2 * lm.config.num_hidden_layers  # nothing changed
+    assert torch.equal(lm.model.model.layers[0].self_attn.v_proj.base_layer.weight, v_before)
 
 
 def test_bad_input_gets_one_clear_error(base_dir, tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -64,8 +64,8 @@ class LoraLinear(nn.Module):
     # --- merge / unmerge --------------------------------------------------------------------------
     def check_mergeable(self) -> None:
         if type(self.base_layer) is not nn.Linear:
-            raise SlimlmError(f"merging LoRA into a {type(self.base_layer).__name__} base is not supported yet "
-                              "(only plain linears); keep the adapter unmerged")
+            raise SlimlmError(f"merging LoRA in place into a {type(self.base_layer).__name__} base is not supported "
+                              "(only plain linears): merge_and_unload re-quantizes it instead")
 
     def _plain_weight(self) -> torch.Tensor:
         self.check_mergeable()
