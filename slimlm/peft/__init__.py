@@ -65,7 +65,7 @@ def merge_and_unload(model: nn.Module) -> MergeReport:
         if m.merged:  # already folded in place (a plain base)
             new, err = m.base_layer, 0.0
         else:
-            new, err = merged_base(m.base_layer, m.delta_weight())
+            new, err = merged_base(m.base_layer, m.merged_weight)
         model.set_submodule(path, new)
         report.errors[path] = err
     _done(model)

@@ -22,13 +22,14 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from slimlm.peft.lora.layer import LoraLinear
+from slimlm.peft.lora.model import install
 from slimlm.peft.registry import method_for_config, method_for_peft_type
 from slimlm.peft.targets import linear_paths, to_hf_path, to_runtime_path
 from slimlm.utils.errors import CheckpointError, SlimlmError
 
 PREFIX = "base_model.model."
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
-_KEY = re.compile(r"^(?P<path>.+)\.(?P<part>lora_A|lora_B)\.weight$")
+_KEY = re.compile(r"^(?P<path>.+)\.(?:(?P<part>lora_A|lora_B)\.weight|(?P<mag>lora_magnitude_vector)(?:\.weight)?)$")
 
 
 def _config_of(model: nn.Module) -> Any:
@@ -58,6 +59,8 @@ def save_adapter(model: nn.Module, folder: str | Path, base_model_name_or_path: 
         hf_paths.append(hf)
         tensors[f"{PREFIX}{hf}.lora_A.weight"] = m.lora_A.weight.detach().contiguous().clone()
         tensors[f"{PREFIX}{hf}.lora_B.weight"] = m.lora_B.weight.detach().contiguous().clone()
+        if m.use_dora:
+            tensors[f"{PREFIX}{hf}.lora_magnitude_vector"] = m.lora_magnitude_vector.detach().contiguous().clone()
     all_hf = list(hf_paths)  # every linear of the HF model: the wrapped ones and the others
     for n in linear_paths(model, LoraLinear):
         try:
@@ -116,11 +119,12 @@ def load_adapter(model: nn.Module, folder: str | Path) -> list[str]:
         m = _KEY.match(name)
         if m is None:
             raise CheckpointError(f"adapter tensor {key!r} is not a LoRA A/B weight (slimlm reads LoRA only)")
-        parts.setdefault(m.group("path"), {})[m.group("part")] = t
+        parts.setdefault(m.group("path"), {})[m.group("part") or m.group("mag")] = t
     wrapped: dict[str, LoraLinear] = {}
+    need = {"lora_A", "lora_B"} | ({"lora_magnitude_vector"} if lcfg.use_dora else set())
     for hf_path, ab in parts.items():
-        if set(ab) != {"lora_A", "lora_B"}:
-            raise CheckpointError(f"adapter for {hf_path!r} lacks {sorted({'lora_A', 'lora_B'} - set(ab))}")
+        if set(ab) != need:
+            raise CheckpointError(f"adapter for {hf_path!r} has {sorted(ab)}, expected {sorted(need)}")
         path = to_runtime_path(cfg, hf_path)
         try:
             base = model.get_submodule(path)
@@ -133,15 +137,18 @@ def load_adapter(model: nn.Module, folder: str | Path) -> list[str]:
                                   f"not fit the model's layer: is it an adapter for another base model?")
         alpha = float(meta.get("lora_alpha", 8))
         scaling = alpha / (r**0.5 if lcfg.use_rslora else r)
-        w = LoraLinear(base, r, scaling, lcfg.lora_dropout, "kaiming", dtype=a.dtype if a.is_floating_point() else torch.float32)
+        w = LoraLinear(base, r, scaling, lcfg.lora_dropout, "kaiming", dtype=a.dtype if a.is_floating_point() else torch.float32,
+                       use_dora=lcfg.use_dora)
         with torch.no_grad():
             w.lora_A.weight.copy_(a)
             w.lora_B.weight.copy_(b)
+            if lcfg.use_dora:
+                mag = ab["lora_magnitude_vector"]
+                if mag.shape != (w.out_features,):
+                    raise CheckpointError(f"adapter for {hf_path!r} has a magnitude of shape {tuple(mag.shape)}, "
+                                          f"the layer has {w.out_features} rows")
+                w.lora_magnitude_vector.copy_(mag)
         wrapped[path] = w
-    model.requires_grad_(False)
-    for path, w in wrapped.items():
-        model.set_submodule(path, w)
-        w.lora_A.requires_grad_(True)
-        w.lora_B.requires_grad_(True)
+    install(model, wrapped)
     model.peft_config = lcfg  # type: ignore[assignment]
     return sorted(wrapped)

@@ -277,3 +277,33 @@ def test_qlora_step_under_bf16_autocast(base_dir) -> None:  # type: ignore[no-un
     err_t = sum(float((twin_bf16[n] - g).norm()) for n, g in ref.items()) / sum(float(g.norm()) for g in ref.values())
     assert all(g.dtype == torch.float32 for g in qlora.values())
     assert err_q < 0.2 and err_q < 1.5 * err_t + 0.01, (err_q, err_t)  # a wrong backward gives ~1
+
+
+def test_dora_trains_saves_and_merges(base_dir, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    lm = load_model(str(base_dir))
+    before = _base_state(lm.model)
+    ids = _data()
+    with torch.no_grad():
+        base = lm.model(ids)
+    apply_peft(lm.model, LoraConfig(r=4, lora_alpha=8, target_modules=ALL, use_dora=True))
+    with torch.no_grad():
+        assert torch.allclose(lm.model(ids), base, rtol=1e-5, atol=1e-5)  # m = ||W||, B = 0: the base model
+    losses = _train(lm.model, steps=20)
+    assert losses[-1] < 0.9 * losses[0], losses
+    q = lm.model.model.layers[0].self_attn.q_proj
+    assert not torch.allclose(q.lora_magnitude_vector, torch.linalg.norm(q.base_layer.weight, dim=1))
+    for k, v in before.items():
+        assert torch.equal(v, _base_state(lm.model)[k]), k
+    save_adapter(lm.model, tmp_path / "dora")
+    with torch.no_grad():
+        ref = lm.model(ids)
+    fresh = load_model(str(base_dir))
+    load_adapter(fresh.model, tmp_path / "dora")
+    with torch.no_grad():
+        assert torch.equal(fresh.model(ids), ref)
+        merge_adapters(lm.model)
+        torch.testing.assert_close(lm.model(ids), ref, rtol=1e-5, atol=1e-5)
+        unmerge_adapters(lm.model)
+        torch.testing.assert_close(lm.model(ids), ref, rtol=1e-5, atol=1e-5)
+        merge_and_unload(lm.model)
+        torch.testing.assert_close(lm.model(ids), ref, rtol=1e-5, atol=1e-5)

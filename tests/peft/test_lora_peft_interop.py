@@ -105,3 +105,38 @@ def test_slimlm_loads_peft_adapters(family: str, tmp_path) -> None:  # type: ign
     lm.model.eval()
     with torch.no_grad():
         _close(lm.model(ids), ref)
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_dora_both_ways(family: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """DoRA (magnitude x normalized direction): peft loads slimlm's, slimlm loads peft's, same logits."""
+    hf = make_hf_model(family, tmp_path / "base")
+    lm = load_model(str(tmp_path / "base"))
+    torch.manual_seed(0)
+    apply_peft(lm.model, LoraConfig(r=4, lora_alpha=8, target_modules=CASES[family][0], init_lora_weights="random",
+                                    use_dora=True))
+    with torch.no_grad():  # move the magnitudes off their initial row norms
+        for m in lm.model.modules():
+            if hasattr(m, "lora_magnitude_vector"):
+                m.lora_magnitude_vector.mul_(1 + 0.3 * torch.rand_like(m.lora_magnitude_vector))
+    save_adapter(lm.model, tmp_path / "ours")
+    ids = torch.randint(0, 256, (2, 11))
+    pm = peft.PeftModel.from_pretrained(hf, str(tmp_path / "ours"))
+    pm.eval()
+    with torch.no_grad():
+        _close(lm.model(ids), pm(ids).logits)
+    hf2 = make_hf_model(family, tmp_path / "base2")
+    pm2 = peft.get_peft_model(hf2, peft.LoraConfig(r=4, lora_alpha=16, target_modules=CASES[family][1],
+                                                   init_lora_weights=False, use_dora=True))
+    with torch.no_grad():
+        for n, p in pm2.named_parameters():
+            if "lora_magnitude_vector" in n:
+                p.mul_(1 + 0.3 * torch.rand_like(p))
+    pm2.save_pretrained(str(tmp_path / "theirs"))
+    pm2.eval()
+    with torch.no_grad():
+        ref = pm2(ids).logits
+    lm2 = load_model(str(tmp_path / "base2"))
+    load_adapter(lm2.model, tmp_path / "theirs")
+    with torch.no_grad():
+        _close(lm2.model(ids), ref)

@@ -23,6 +23,9 @@ class LoraConfig:
         lora_dropout: dropout on the adapter's input in training mode.
         init_lora_weights: ``"kaiming"`` (A Kaiming-uniform, B zero: the adapter starts as a no-op),
             ``"gaussian"`` (A ~ N(0, 1/r), B zero) or ``"random"`` (B Kaiming too: for tests).
+        use_rslora: rank-stabilized scaling ``lora_alpha / sqrt(r)``.
+        use_dora: DoRA: a trainable magnitude per output row times the direction ``W + dW``
+            normalized per row (the norm treated as a constant in backward, as in the paper and peft).
 
     Example::
 
@@ -36,6 +39,7 @@ class LoraConfig:
     lora_dropout: float = 0.0
     init_lora_weights: str = "kaiming"
     use_rslora: bool = False
+    use_dora: bool = False
     version: int = 1
 
     def __post_init__(self) -> None:

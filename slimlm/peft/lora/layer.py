@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from slimlm.models.modules import linear_weight
@@ -22,7 +23,7 @@ class LoraLinear(nn.Module):
     """Wrap ``base`` (``nn.Linear`` or a ``SwappableLinear``) with a LoRA update of rank ``r``."""
 
     def __init__(self, base: nn.Module, r: int, scaling: float, dropout: float = 0.0, init: str = "kaiming",
-                 dtype: torch.dtype = torch.float32) -> None:
+                 dtype: torch.dtype = torch.float32, use_dora: bool = False) -> None:
         super().__init__()
         in_f, out_f = int(base.in_features), int(base.out_features)  # type: ignore[arg-type]
         if r > min(in_f, out_f):
@@ -34,6 +35,10 @@ class LoraLinear(nn.Module):
         self.lora_dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
         self.reset_lora(init)
+        self.use_dora = use_dora
+        self._merge_scale: torch.Tensor | None = None  # DoRA's m / ||W + dW|| at merge time (for unmerge)
+        if use_dora:  # DoRA: magnitude m [out] starts as the row norms of the adapted weight
+            self.lora_magnitude_vector = nn.Parameter(self._weight_norm(self.base_weight()))
 
     @torch.no_grad()
     def reset_lora(self, init: str) -> None:
@@ -52,6 +57,21 @@ class LoraLinear(nn.Module):
         """``scaling * B @ A``: ``[out, in]`` float32."""
         return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
 
+    def base_weight(self) -> torch.Tensor:
+        """The base's (de-quantized) weight ``[out, in]`` float32, detached."""
+        return linear_weight(self.base_layer).detach().float()
+
+    def _weight_norm(self, w: torch.Tensor) -> torch.Tensor:
+        """DoRA: row norms ``||W + dW||`` [out], detached (the paper's and peft's gradient shortcut)."""
+        return torch.linalg.norm(w + self.delta_weight().detach(), dim=1).detach()
+
+    def merged_weight(self, w: torch.Tensor) -> torch.Tensor:
+        """The weight the adapted layer stands for: ``W + dW`` (DoRA: ``m / ||W + dW|| * (W + dW)``)."""
+        if not self.use_dora:
+            return w + self.delta_weight()
+        s = self.lora_magnitude_vector.float() / self._weight_norm(w)
+        return s.unsqueeze(1) * (w + self.delta_weight())
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [..., in] -> [..., out]
         y = self.base_layer(x)
@@ -59,7 +79,18 @@ class LoraLinear(nn.Module):
             return y  # type: ignore[no-any-return]
         a = self.lora_A.weight
         lx = self.lora_dropout(x.to(a.dtype))
-        return y + (self.lora_B(self.lora_A(lx)) * self.scaling).to(y.dtype)  # type: ignore[no-any-return]
+        lora = self.lora_B(self.lora_A(lx)) * self.scaling  # [..., out]
+        if not self.use_dora:
+            return y + lora.to(y.dtype)  # type: ignore[no-any-return]
+        # DoRA: y = base(x) + (s - 1) * W x + s * dW x, s = m / ||W + dW|| (norm detached), as peft computes it
+        w = self.base_weight()
+        s = self.lora_magnitude_vector / self._weight_norm(w)  # [out]
+        if isinstance(self.lora_dropout, nn.Identity) or not self.training:
+            bias = getattr(self.base_layer, "bias", None)
+            base = y.to(a.dtype) - (bias.to(a.dtype) if bias is not None else 0.0)
+        else:
+            base = F.linear(lx, w.to(a.dtype))
+        return y + ((s - 1) * base + s * lora).to(y.dtype)  # type: ignore[no-any-return]
 
     # --- merge / unmerge --------------------------------------------------------------------------
     def check_mergeable(self) -> None:
@@ -73,19 +104,25 @@ class LoraLinear(nn.Module):
 
     @torch.no_grad()
     def merge(self) -> None:
-        """``W += scaling * B @ A`` in place; forward then runs the base alone."""
+        """``W <- merged_weight(W)`` in place; forward then runs the base alone."""
         if not self.merged:
             w = self._plain_weight()
-            w.add_(self.delta_weight().to(w.dtype))
+            if self.use_dora:
+                self._merge_scale = self.lora_magnitude_vector.float() / self._weight_norm(w.float())
+            w.copy_(self.merged_weight(w.float()).to(w.dtype))
             self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Undo :meth:`merge` (``W -= scaling * B @ A``: equal up to float rounding)."""
+        """Undo :meth:`merge` (equal up to float rounding)."""
         if self.merged:
             w = self._plain_weight()
-            w.sub_(self.delta_weight().to(w.dtype))
+            wf = w.float()
+            if self.use_dora:
+                assert self._merge_scale is not None
+                wf = wf / self._merge_scale.unsqueeze(1)
+            w.copy_((wf - self.delta_weight()).to(w.dtype))
             self.merged = False
 
     def extra_repr(self) -> str:
-        return f"r={self.r}, scaling={self.scaling:g}, merged={self.merged}"
+        return f"r={self.r}, scaling={self.scaling:g}, dora={self.use_dora}, merged={self.merged}"

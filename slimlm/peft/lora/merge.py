@@ -9,6 +9,7 @@ low-rank bases are refused by name (their re-compression needs the calibration t
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -22,8 +23,9 @@ WEIGHT_ONLY_KINDS = ("int8_weight", "int4_weight", "intx_weight", "nf4")
 
 @dataclass
 class MergeReport:
-    """Per merged module: ``||Q(W + dW) - (W + dW)|| / ||dW||`` (0 for plain linears), W the base's
-    de-quantized weight: how much of the adapter's update the re-quantization loses."""
+    """Per merged module: ``||Q(W') - W'|| / ||W' - W||`` (0 for plain linears), W the base's
+    de-quantized weight, W' the merged one (``W + dW``; DoRA rescales rows): how much of the
+    adapter's update the re-quantization loses."""
 
     errors: dict[str, float] = field(default_factory=dict)
 
@@ -68,15 +70,16 @@ def requantize(base: SwappableLinear, w: torch.Tensor) -> SwappableLinear:
 
 
 @torch.no_grad()
-def merged_base(base: nn.Module, delta: torch.Tensor) -> tuple[nn.Module, float]:
-    """(the base with ``delta: [out, in]`` folded in, relative error added). A plain base is updated in
+def merged_base(base: nn.Module, merged_weight: Callable[[torch.Tensor], torch.Tensor]) -> tuple[nn.Module, float]:
+    """(the base holding ``merged_weight(W)``, relative error added). A plain base is updated in
     place; a quantized one is replaced by a re-quantized module."""
     check_mergeable(base)
     if type(base) is nn.Linear:
-        base.weight.add_(delta.to(base.weight.dtype))
+        base.weight.copy_(merged_weight(base.weight.float()).to(base.weight.dtype))
         return base, 0.0
     assert isinstance(base, SwappableLinear)
-    target = base.dense_weight() + delta  # [out, in] float32
+    w = base.dense_weight()  # [out, in] float32
+    target = merged_weight(w)
     new = requantize(base, target)
-    err = float((new.dense_weight() - target).norm() / delta.norm().clamp(min=1e-30))
+    err = float((new.dense_weight() - target).norm() / (target - w).norm().clamp(min=1e-30))
     return new, err

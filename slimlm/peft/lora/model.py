@@ -19,16 +19,23 @@ _PEFT_INIT = {"kaiming": True, "gaussian": "gaussian", "random": False}
 def apply_lora(model: nn.Module, cfg: LoraConfig) -> PeftReport:
     """Wrap every linear ``cfg.target_modules`` matches in a :class:`LoraLinear`; freeze the rest."""
     paths = match_targets(model, cfg.target_modules, LoraLinear)
-    wrapped = {p: LoraLinear(model.get_submodule(p), cfg.r, cfg.scaling, cfg.lora_dropout, cfg.init_lora_weights)
+    wrapped = {p: LoraLinear(model.get_submodule(p), cfg.r, cfg.scaling, cfg.lora_dropout, cfg.init_lora_weights,
+                             use_dora=cfg.use_dora)
                for p in paths}  # build all first: a rank error leaves the model untouched
-    model.requires_grad_(False)
-    for p, w in wrapped.items():
-        model.set_submodule(p, w)
-        w.lora_A.requires_grad_(True)
-        w.lora_B.requires_grad_(True)
+    install(model, wrapped)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return PeftReport("lora", paths, trainable, total)
+
+
+def install(model: nn.Module, wrapped: dict[str, LoraLinear]) -> None:
+    """Freeze the model, swap the wrappers in, make only the adapters trainable."""
+    model.requires_grad_(False)
+    for p, w in wrapped.items():
+        model.set_submodule(p, w)
+        for name, t in w.named_parameters():
+            if not name.startswith("base_layer."):
+                t.requires_grad_(True)
 
 
 def lora_to_peft_config(cfg: LoraConfig, hf_paths: list[str], all_hf_linears: list[str]) -> dict[str, Any]:
@@ -41,7 +48,7 @@ def lora_to_peft_config(cfg: LoraConfig, hf_paths: list[str], all_hf_linears: li
     return {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg.r, "lora_alpha": cfg.lora_alpha,
         "lora_dropout": cfg.lora_dropout, "target_modules": targets, "bias": "none", "use_rslora": cfg.use_rslora,
-        "use_dora": False, "init_lora_weights": _PEFT_INIT[cfg.init_lora_weights], "fan_in_fan_out": False,
+        "use_dora": cfg.use_dora, "init_lora_weights": _PEFT_INIT[cfg.init_lora_weights], "fan_in_fan_out": False,
         "modules_to_save": None, "rank_pattern": {}, "alpha_pattern": {}, "layers_to_transform": None,
         "layers_pattern": None, "inference_mode": True,
     }
@@ -49,7 +56,7 @@ def lora_to_peft_config(cfg: LoraConfig, hf_paths: list[str], all_hf_linears: li
 
 def lora_from_peft_config(d: dict[str, Any]) -> LoraConfig:
     """The parts of a peft LoRA adapter_config.json slimlm runs; anything else is refused by name."""
-    for key, ok in (("use_dora", False), ("bias", "none"), ("modules_to_save", None), ("alpha_pattern", {}),
+    for key, ok in (("bias", "none"), ("modules_to_save", None), ("alpha_pattern", {}),
                     ("layers_to_transform", None), ("use_qalora", False)):
         v = d.get(key, ok)
         if v != ok and not (ok is None and v == []):
@@ -58,4 +65,4 @@ def lora_from_peft_config(d: dict[str, Any]) -> LoraConfig:
     init_name = "gaussian" if init == "gaussian" else "random" if init is False else "kaiming"
     return LoraConfig(r=int(d["r"]), lora_alpha=float(d.get("lora_alpha", 8)), target_modules=d.get("target_modules") or ["*"],
                       lora_dropout=float(d.get("lora_dropout", 0.0)), init_lora_weights=init_name,
-                      use_rslora=bool(d.get("use_rslora", False)))
+                      use_rslora=bool(d.get("use_rslora", False)), use_dora=bool(d.get("use_dora", False)))
