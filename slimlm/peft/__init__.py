@@ -21,7 +21,8 @@ from typing import Any
 from torch import nn
 
 from slimlm.peft import lora as _lora  # noqa: F401  (registers the method)
-from slimlm.peft.adapter import load_adapter, lora_modules, save_adapter
+from slimlm.peft.adapter import load_adapter, save_adapter
+from slimlm.peft.base import AdapterLayer, adapter_modules
 from slimlm.peft.lora import LoraConfig, LoraLinear
 from slimlm.peft.lora.merge import MergeReport, check_mergeable, merged_base
 from slimlm.peft.registry import PeftReport, method_for_config, peft_methods
@@ -36,18 +37,18 @@ def apply_peft(model: nn.Module, cfg: Any) -> PeftReport:
 
 def merge_adapters(model: nn.Module) -> None:
     """Fold every adapter into its base weight (forward then skips the adapter); see :func:`unmerge_adapters`."""
-    for m in lora_modules(model).values():
+    for m in adapter_modules(model).values():
         m.merge()
 
 
 def unmerge_adapters(model: nn.Module) -> None:
-    for m in lora_modules(model).values():
+    for m in adapter_modules(model).values():
         m.unmerge()
 
 
 def unload(model: nn.Module) -> None:
     """Put the base linears back without the adapters' update and re-fuse q/k/v for inference."""
-    for path, m in lora_modules(model).items():
+    for path, m in adapter_modules(model).items():
         m.unmerge()
         model.set_submodule(path, m.base_layer)
     _done(model)
@@ -57,7 +58,7 @@ def merge_and_unload(model: nn.Module) -> MergeReport:
     """Fold every adapter into its base and put the bases back: plain weights in place, weight-only
     quantized bases de-quantized, merged and re-quantized in their own format (the report says how
     much of each update the re-quantization lost). All or nothing: an unmergeable base raises first."""
-    mods = lora_modules(model)
+    mods = adapter_modules(model)
     for m in mods.values():
         check_mergeable(m.base_layer)
     report = MergeReport()
@@ -65,7 +66,7 @@ def merge_and_unload(model: nn.Module) -> MergeReport:
         if m.merged:  # already folded in place (a plain base)
             new, err = m.base_layer, 0.0
         else:
-            new, err = merged_base(m.base_layer, m.merged_weight)
+            new, err = merged_base(m)
         model.set_submodule(path, new)
         report.errors[path] = err
     _done(model)
@@ -79,5 +80,5 @@ def _done(model: nn.Module) -> None:
         fuse()
 
 
-__all__ = ["LoraConfig", "LoraLinear", "MergeReport", "PeftReport", "apply_peft", "load_adapter", "merge_adapters",
-           "lora_modules", "merge_and_unload", "peft_methods", "save_adapter", "unload", "unmerge_adapters"]
+__all__ = ["AdapterLayer", "LoraConfig", "LoraLinear", "MergeReport", "PeftReport", "apply_peft", "load_adapter", "merge_adapters",
+           "adapter_modules", "merge_and_unload", "peft_methods", "save_adapter", "unload", "unmerge_adapters"]

@@ -3,7 +3,8 @@
 Tensor keys are peft's for the Hugging Face model of the same base
 (``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight``): runtime module paths are mapped
 with ``slimlm.models.families``, so ``peft.PeftModel.from_pretrained(hf_model, folder)`` loads what
-slimlm wrote and :func:`load_adapter` loads what peft wrote. The folder is written to a temporary
+slimlm wrote and :func:`load_adapter` loads what peft wrote. Which method a folder holds comes from
+its ``peft_type`` (the registry), never from file names. The folder is written to a temporary
 sibling and renamed into place; an existing folder that is not an adapter is never overwritten.
 """
 
@@ -11,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -21,15 +21,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from slimlm.peft.lora.layer import LoraLinear
-from slimlm.peft.lora.model import install
-from slimlm.peft.registry import method_for_config, method_for_peft_type
+from slimlm.peft.base import AdapterLayer, adapter_modules, install
+from slimlm.peft.registry import method_for_model, method_for_peft_type
 from slimlm.peft.targets import linear_paths, to_hf_path, to_runtime_path
 from slimlm.utils.errors import CheckpointError, SlimlmError
 
 PREFIX = "base_model.model."
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
-_KEY = re.compile(r"^(?P<path>.+)\.(?:(?P<part>lora_A|lora_B)\.weight|(?P<mag>lora_magnitude_vector)(?:\.weight)?)$")
 
 
 def _config_of(model: nn.Module) -> Any:
@@ -39,17 +37,13 @@ def _config_of(model: nn.Module) -> Any:
     return cfg
 
 
-def lora_modules(model: nn.Module) -> dict[str, LoraLinear]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, LoraLinear)}
-
-
 def save_adapter(model: nn.Module, folder: str | Path, base_model_name_or_path: str | None = None) -> Path:
-    """Write the model's LoRA adapters (see module docstring); returns the folder."""
+    """Write the model's adapters (see module docstring); returns the folder."""
     cfg = _config_of(model)
-    mods = lora_modules(model)
-    lcfg = getattr(model, "peft_config", None)
-    if not mods or lcfg is None:
-        raise SlimlmError("this model has no LoRA adapters to save (apply_peft first)")
+    mods = adapter_modules(model)
+    if not mods:
+        raise SlimlmError("this model has no adapters to save (apply_peft first)")
+    method = method_for_model(model)
     if any(m.merged for m in mods.values()):
         raise SlimlmError("the adapters are merged into the base weights: unmerge them before saving")
     tensors: dict[str, torch.Tensor] = {}
@@ -57,19 +51,21 @@ def save_adapter(model: nn.Module, folder: str | Path, base_model_name_or_path: 
     for path, m in mods.items():
         hf = to_hf_path(cfg, path)
         hf_paths.append(hf)
-        tensors[f"{PREFIX}{hf}.lora_A.weight"] = m.lora_A.weight.detach().contiguous().clone()
-        tensors[f"{PREFIX}{hf}.lora_B.weight"] = m.lora_B.weight.detach().contiguous().clone()
-        if m.use_dora:
-            tensors[f"{PREFIX}{hf}.lora_magnitude_vector"] = m.lora_magnitude_vector.detach().contiguous().clone()
+        for suffix, t in m.adapter_tensors().items():
+            tensors[f"{PREFIX}{hf}.{suffix}"] = t.detach().contiguous().clone()
     all_hf = list(hf_paths)  # every linear of the HF model: the wrapped ones and the others
-    for n in linear_paths(model, LoraLinear):
+    for n in linear_paths(model, AdapterLayer):
         try:
             all_hf.append(to_hf_path(cfg, n))
         except SlimlmError:
             pass
-    meta = method_for_config(lcfg).to_peft_config(lcfg, hf_paths, all_hf)
+    meta = method.to_peft_config(model.peft_config, hf_paths, all_hf)
     meta["base_model_name_or_path"] = base_model_name_or_path
-    out = Path(folder)
+    _write(Path(folder), meta, tensors)
+    return Path(folder)
+
+
+def _write(out: Path, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / CONFIG).exists())):
         raise SlimlmError(f"{out} exists and is not an adapter folder: choose another path")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -87,7 +83,6 @@ def save_adapter(model: nn.Module, folder: str | Path, base_model_name_or_path: 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out
 
 
 def read_adapter(folder: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -105,50 +100,37 @@ def read_adapter(folder: str | Path) -> tuple[dict[str, Any], dict[str, torch.Te
 
 
 def load_adapter(model: nn.Module, folder: str | Path) -> list[str]:
-    """Wrap the model's linears with the LoRA adapters of a peft-layout ``folder``; returns the
-    runtime paths wrapped. Nothing changes when the adapter does not fit the model."""
+    """Wrap the model's linears with the adapters of a peft-layout ``folder``; returns the runtime
+    paths wrapped. Nothing changes when the adapter does not fit the model."""
     cfg = _config_of(model)
     meta, tensors = read_adapter(folder)
-    lcfg = method_for_peft_type(str(meta.get("peft_type"))).from_peft_config(meta)
-    if lora_modules(model):
-        raise SlimlmError("this model already carries LoRA adapters: unload them first")
+    method = method_for_peft_type(str(meta.get("peft_type")))
+    pcfg = method.from_peft_config(meta)
+    if adapter_modules(model):
+        raise SlimlmError("this model already carries adapters: unload them first")
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
         name = key[len(PREFIX):] if key.startswith(PREFIX) else key
         name = name.replace(".default.", ".")  # keys saved with the adapter name kept
-        m = _KEY.match(name)
-        if m is None:
-            raise CheckpointError(f"adapter tensor {key!r} is not a LoRA A/B weight (slimlm reads LoRA only)")
-        parts.setdefault(m.group("path"), {})[m.group("part") or m.group("mag")] = t
-    wrapped: dict[str, LoraLinear] = {}
-    need = {"lora_A", "lora_B"} | ({"lora_magnitude_vector"} if lcfg.use_dora else set())
-    for hf_path, ab in parts.items():
-        if set(ab) != need:
-            raise CheckpointError(f"adapter for {hf_path!r} has {sorted(ab)}, expected {sorted(need)}")
+        if name.endswith(".default"):
+            name = name[: -len(".default")]
+        suffix = next((s for s in method.key_suffixes if name.endswith("." + s)), None)
+        if suffix is None and name.endswith(".weight"):  # e.g. lora_magnitude_vector.weight
+            suffix = next((s for s in method.key_suffixes if name.endswith("." + s + ".weight")), None)
+            name = name[: -len(".weight")] if suffix else name
+        if suffix is None:
+            raise CheckpointError(f"adapter tensor {key!r} is not one of {method.name}'s ({', '.join(method.key_suffixes)})")
+        parts.setdefault(name[: -len(suffix) - 1], {})[suffix] = t
+    wrapped: dict[str, AdapterLayer] = {}
+    for hf_path, ts in parts.items():
         path = to_runtime_path(cfg, hf_path)
         try:
             base = model.get_submodule(path)
         except AttributeError:
             raise CheckpointError(f"adapter module {hf_path!r} ({path}) is not in this model") from None
-        a, b = ab["lora_A"], ab["lora_B"]
-        r = a.shape[0]
-        if a.shape != (r, getattr(base, "in_features", -1)) or b.shape != (getattr(base, "out_features", -1), r):
-            raise CheckpointError(f"adapter for {hf_path!r} has A {tuple(a.shape)} / B {tuple(b.shape)}, which do "
-                                  f"not fit the model's layer: is it an adapter for another base model?")
-        alpha = float(meta.get("lora_alpha", 8))
-        scaling = alpha / (r**0.5 if lcfg.use_rslora else r)
-        w = LoraLinear(base, r, scaling, lcfg.lora_dropout, "kaiming", dtype=a.dtype if a.is_floating_point() else torch.float32,
-                       use_dora=lcfg.use_dora)
-        with torch.no_grad():
-            w.lora_A.weight.copy_(a)
-            w.lora_B.weight.copy_(b)
-            if lcfg.use_dora:
-                mag = ab["lora_magnitude_vector"]
-                if mag.shape != (w.out_features,):
-                    raise CheckpointError(f"adapter for {hf_path!r} has a magnitude of shape {tuple(mag.shape)}, "
-                                          f"the layer has {w.out_features} rows")
-                w.lora_magnitude_vector.copy_(mag)
+        w = method.build(base, ts, pcfg, repr(hf_path))
+        assert isinstance(w, AdapterLayer)
         wrapped[path] = w
     install(model, wrapped)
-    model.peft_config = lcfg  # type: ignore[assignment]
+    model.peft_config = pcfg  # type: ignore[assignment]
     return sorted(wrapped)

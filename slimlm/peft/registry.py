@@ -41,6 +41,9 @@ class PeftMethod:
     from_peft_config: Callable[[dict[str, Any]], Any]  # adapter_config.json dict -> config
     # (config, HF paths of the wrapped modules, HF paths of every linear) -> adapter_config.json
     to_peft_config: Callable[[Any, list[str], list[str]], dict[str, Any]]
+    key_suffixes: tuple[str, ...]  # peft's tensor key suffixes per module ("lora_A.weight", ...)
+    # (base module, {suffix: tensor} of one module, config, runtime path) -> the loaded wrapper
+    build: Callable[[nn.Module, dict[str, Any], Any, str], nn.Module]
 
 
 _METHODS: dict[str, PeftMethod] = {}
@@ -62,6 +65,13 @@ def method_for_config(cfg: Any) -> PeftMethod:
         if isinstance(cfg, m.config_cls):
             return m
     raise ConfigError(f"{type(cfg).__name__} is not the config of a PEFT method; known: {sorted(_METHODS)}")
+
+
+def method_for_model(model: nn.Module) -> PeftMethod:
+    cfg = getattr(model, "peft_config", None)
+    if cfg is None:
+        raise ConfigError("this model has no adapters (apply_peft or load_adapter first)")
+    return method_for_config(cfg)
 
 
 def method_for_peft_type(peft_type: str) -> PeftMethod:

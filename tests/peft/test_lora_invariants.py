@@ -16,9 +16,9 @@ from slimlm.loaders import load_model
 from slimlm.peft import (
     LoraConfig,
     LoraLinear,
+    adapter_modules,
     apply_peft,
     load_adapter,
-    lora_modules,
     merge_adapters,
     merge_and_unload,
     save_adapter,
@@ -171,7 +171,7 @@ def test_lora_trains_on_a_quantized_base(base_dir, method, values) -> None:  # t
         assert torch.equal(v, _base_state(lm.model)[k]), k
     with pytest.raises(SlimlmError, match="merge_and_unload re-quantizes"):
         merge_adapters(lm.model)  # in place: only plain bases
-    assert not any(m.merged for m in lora_modules(lm.model).values())
+    assert not any(m.merged for m in adapter_modules(lm.model).values())
 
 
 @pytest.mark.parametrize("method,values", [("rtn", {"bits": 4, "group_size": 32}), ("nf4", {}),
@@ -187,7 +187,7 @@ def test_merge_into_a_quantized_base_requantizes_and_reports_the_error(base_dir,
     with torch.no_grad():
         ref = lm.model(ids)  # the adapters unmerged: the exact model the merge approximates
         want = {p: (m.base_layer.dense_weight(), m.delta_weight(), m.base_layer.kind, m.base_layer.spec())
-                for p, m in lora_modules(lm.model).items()}
+                for p, m in adapter_modules(lm.model).items()}
     report = merge_and_unload(lm.model)
     assert set(report.errors) == set(want)
     for p, (w, delta, kind, spec) in want.items():
@@ -216,7 +216,7 @@ def test_merge_refuses_bases_it_cannot_requantize(base_dir) -> None:  # type: ig
     v_before = lm.model.model.layers[0].self_attn.v_proj.base_layer.weight.clone()
     with pytest.raises(SlimlmError, match="W8A8Linear base is not supported"):
         merge_and_unload(lm.model)
-    assert len(lora_modules(lm.model)) == 2 * lm.config.num_hidden_layers  # nothing changed
+    assert len(adapter_modules(lm.model)) == 2 * lm.config.num_hidden_layers  # nothing changed
     assert torch.equal(lm.model.model.layers[0].self_attn.v_proj.base_layer.weight, v_before)
 
 

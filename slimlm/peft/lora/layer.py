@@ -15,11 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slimlm.models.modules import linear_weight
-from slimlm.utils.errors import ConfigError, SlimlmError
+from slimlm.peft.base import AdapterLayer
+from slimlm.utils.errors import ConfigError
 
 
-class LoraLinear(nn.Module):
+class LoraLinear(AdapterLayer):
     """Wrap ``base`` (``nn.Linear`` or a ``SwappableLinear``) with a LoRA update of rank ``r``."""
 
     def __init__(self, base: nn.Module, r: int, scaling: float, dropout: float = 0.0, init: str = "kaiming",
@@ -57,10 +57,6 @@ class LoraLinear(nn.Module):
         """``scaling * B @ A``: ``[out, in]`` float32."""
         return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
 
-    def base_weight(self) -> torch.Tensor:
-        """The base's (de-quantized) weight ``[out, in]`` float32, detached."""
-        return linear_weight(self.base_layer).detach().float()
-
     def _weight_norm(self, w: torch.Tensor) -> torch.Tensor:
         """DoRA: row norms ``||W + dW||`` [out], detached (the paper's and peft's gradient shortcut)."""
         return torch.linalg.norm(w + self.delta_weight().detach(), dim=1).detach()
@@ -92,37 +88,22 @@ class LoraLinear(nn.Module):
             base = F.linear(lx, w.to(a.dtype))
         return y + ((s - 1) * base + s * lora).to(y.dtype)  # type: ignore[no-any-return]
 
-    # --- merge / unmerge --------------------------------------------------------------------------
-    def check_mergeable(self) -> None:
-        if type(self.base_layer) is not nn.Linear:
-            raise SlimlmError(f"merging LoRA in place into a {type(self.base_layer).__name__} base is not supported "
-                              "(only plain linears): merge_and_unload re-quantizes it instead")
+    # --- merge / unmerge (AdapterLayer.merge folds merged_weight in place) -----------------------
+    def _save_unmerged(self) -> None:
+        if self.use_dora:  # the fold's row scale, from the unmerged weight (unmerge cannot recompute it)
+            self._merge_scale = self.lora_magnitude_vector.detach().float() / self._weight_norm(self.base_weight())
 
-    def _plain_weight(self) -> torch.Tensor:
-        self.check_mergeable()
-        return linear_weight(self.base_layer)
+    def _unfold(self, w: torch.Tensor, b: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.use_dora:
+            assert self._merge_scale is not None
+            w = w / self._merge_scale.unsqueeze(1)
+        return w - self.delta_weight(), b
 
-    @torch.no_grad()
-    def merge(self) -> None:
-        """``W <- merged_weight(W)`` in place; forward then runs the base alone."""
-        if not self.merged:
-            w = self._plain_weight()
-            if self.use_dora:
-                self._merge_scale = self.lora_magnitude_vector.float() / self._weight_norm(w.float())
-            w.copy_(self.merged_weight(w.float()).to(w.dtype))
-            self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        """Undo :meth:`merge` (equal up to float rounding)."""
-        if self.merged:
-            w = self._plain_weight()
-            wf = w.float()
-            if self.use_dora:
-                assert self._merge_scale is not None
-                wf = wf / self._merge_scale.unsqueeze(1)
-            w.copy_((wf - self.delta_weight()).to(w.dtype))
-            self.merged = False
+    def adapter_tensors(self) -> dict[str, torch.Tensor]:
+        out = {"lora_A.weight": self.lora_A.weight, "lora_B.weight": self.lora_B.weight}
+        if self.use_dora:
+            out["lora_magnitude_vector"] = self.lora_magnitude_vector
+        return out
 
     def extra_repr(self) -> str:
         return f"r={self.r}, scaling={self.scaling:g}, dora={self.use_dora}, merged={self.merged}"

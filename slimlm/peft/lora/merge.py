@@ -9,13 +9,13 @@ low-rank bases are refused by name (their re-compression needs the calibration t
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from slimlm.models.modules import SwappableLinear
+from slimlm.peft.base import AdapterLayer
 from slimlm.utils.errors import SlimlmError
 
 WEIGHT_ONLY_KINDS = ("int8_weight", "int4_weight", "intx_weight", "nf4")
@@ -53,13 +53,12 @@ def check_mergeable(base: nn.Module) -> None:
 
 
 @torch.no_grad()
-def requantize(base: SwappableLinear, w: torch.Tensor) -> SwappableLinear:
-    """A new module of ``base``'s kind and settings holding ``w: [out, in]`` (float32)."""
+def requantize(base: SwappableLinear, w: torch.Tensor, bias: torch.Tensor | None) -> SwappableLinear:
+    """A new module of ``base``'s kind and settings holding ``w: [out, in]`` (float32) and ``bias``."""
     from slimlm.quant.linear import NF4Linear
     from slimlm.quant.nf4 import quantize_nf4
     from slimlm.quant.primitives import quantize_weight
 
-    bias = getattr(base, "bias", None)
     if isinstance(base, NF4Linear):
         nw = quantize_nf4(w, base.block_size, base.double_quant, base.double_block_size)
         return NF4Linear.from_quantized(nw, bias=bias)
@@ -70,16 +69,18 @@ def requantize(base: SwappableLinear, w: torch.Tensor) -> SwappableLinear:
 
 
 @torch.no_grad()
-def merged_base(base: nn.Module, merged_weight: Callable[[torch.Tensor], torch.Tensor]) -> tuple[nn.Module, float]:
-    """(the base holding ``merged_weight(W)``, relative error added). A plain base is updated in
-    place; a quantized one is replaced by a re-quantized module."""
+def merged_base(layer: AdapterLayer) -> tuple[nn.Module, float]:
+    """(the base of ``layer`` holding the folded weight, relative error added). A plain base is
+    updated in place; a quantized one is replaced by a re-quantized module."""
+    base = layer.base_layer
     check_mergeable(base)
     if type(base) is nn.Linear:
-        base.weight.copy_(merged_weight(base.weight.float()).to(base.weight.dtype))
+        layer.merge()
         return base, 0.0
     assert isinstance(base, SwappableLinear)
     w = base.dense_weight()  # [out, in] float32
-    target = merged_weight(w)
-    new = requantize(base, target)
+    target = layer.merged_weight(w)
+    b = getattr(base, "bias", None)
+    new = requantize(base, target, layer.merged_bias(None if b is None else b.float()))
     err = float((new.dense_weight() - target).norm() / (target - w).norm().clamp(min=1e-30))
     return new, err

@@ -5,20 +5,22 @@ from __future__ import annotations
 import re
 from typing import Any
 
+import torch
 from torch import nn
 
+from slimlm.peft.base import AdapterLayer, install
 from slimlm.peft.lora.config import LoraConfig
 from slimlm.peft.lora.layer import LoraLinear
 from slimlm.peft.registry import PeftReport
 from slimlm.peft.targets import match_targets
-from slimlm.utils.errors import ConfigError
+from slimlm.utils.errors import CheckpointError, ConfigError
 
 _PEFT_INIT = {"kaiming": True, "gaussian": "gaussian", "random": False}
 
 
 def apply_lora(model: nn.Module, cfg: LoraConfig) -> PeftReport:
     """Wrap every linear ``cfg.target_modules`` matches in a :class:`LoraLinear`; freeze the rest."""
-    paths = match_targets(model, cfg.target_modules, LoraLinear)
+    paths = match_targets(model, cfg.target_modules, AdapterLayer)
     wrapped = {p: LoraLinear(model.get_submodule(p), cfg.r, cfg.scaling, cfg.lora_dropout, cfg.init_lora_weights,
                              use_dora=cfg.use_dora)
                for p in paths}  # build all first: a rank error leaves the model untouched
@@ -26,16 +28,6 @@ def apply_lora(model: nn.Module, cfg: LoraConfig) -> PeftReport:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return PeftReport("lora", paths, trainable, total)
-
-
-def install(model: nn.Module, wrapped: dict[str, LoraLinear]) -> None:
-    """Freeze the model, swap the wrappers in, make only the adapters trainable."""
-    model.requires_grad_(False)
-    for p, w in wrapped.items():
-        model.set_submodule(p, w)
-        for name, t in w.named_parameters():
-            if not name.startswith("base_layer."):
-                t.requires_grad_(True)
 
 
 def lora_to_peft_config(cfg: LoraConfig, hf_paths: list[str], all_hf_linears: list[str]) -> dict[str, Any]:
@@ -66,3 +58,28 @@ def lora_from_peft_config(d: dict[str, Any]) -> LoraConfig:
     return LoraConfig(r=int(d["r"]), lora_alpha=float(d.get("lora_alpha", 8)), target_modules=d.get("target_modules") or ["*"],
                       lora_dropout=float(d.get("lora_dropout", 0.0)), init_lora_weights=init_name,
                       use_rslora=bool(d.get("use_rslora", False)), use_dora=bool(d.get("use_dora", False)))
+
+
+def build_lora(base: nn.Module, t: dict[str, torch.Tensor], cfg: LoraConfig, where: str) -> LoraLinear:
+    """A :class:`LoraLinear` holding one module's tensors from an adapter file (shapes checked)."""
+    need = {"lora_A.weight", "lora_B.weight"} | ({"lora_magnitude_vector"} if cfg.use_dora else set())
+    if set(t) != need:
+        raise CheckpointError(f"adapter for {where} has {sorted(t)}, expected {sorted(need)}")
+    a, b = t["lora_A.weight"], t["lora_B.weight"]
+    r = a.shape[0]
+    if a.shape != (r, getattr(base, "in_features", -1)) or b.shape != (getattr(base, "out_features", -1), r):
+        raise CheckpointError(f"adapter for {where} has A {tuple(a.shape)} / B {tuple(b.shape)}, which do not fit "
+                              "the model's layer: is it an adapter for another base model?")
+    scaling = cfg.lora_alpha / (r**0.5 if cfg.use_rslora else r)  # per module: rank_pattern may vary r
+    w = LoraLinear(base, r, scaling, cfg.lora_dropout, "kaiming", dtype=a.dtype if a.is_floating_point() else torch.float32,
+                   use_dora=cfg.use_dora)
+    with torch.no_grad():
+        w.lora_A.weight.copy_(a)
+        w.lora_B.weight.copy_(b)
+        if cfg.use_dora:
+            mag = t["lora_magnitude_vector"]
+            if mag.shape != (w.out_features,):
+                raise CheckpointError(f"adapter for {where} has a magnitude of shape {tuple(mag.shape)}, the layer "
+                                      f"has {w.out_features} rows")
+            w.lora_magnitude_vector.copy_(mag)
+    return w
