@@ -11,7 +11,7 @@ One entry point per step, typed configs, methods registered once (``slimlm/peft/
     save_adapter(lm.model, "out/adapter")  # peft.PeftModel.from_pretrained(hf_model, "out/adapter") loads it
     merge_and_unload(lm.model)  # plain linears again, the update folded into their weights
 
-Methods: ``lora`` (with rsLoRA scaling). Docs: docs/finetune.md; tests: tests/peft/.
+Methods: ``lora`` (with rsLoRA scaling and DoRA), ``ia3``. Docs: docs/finetune.md; tests: tests/peft/.
 """
 
 from __future__ import annotations
@@ -20,9 +20,11 @@ from typing import Any
 
 from torch import nn
 
+from slimlm.peft import ia3 as _ia3  # noqa: F401  (registers the method)
 from slimlm.peft import lora as _lora  # noqa: F401  (registers the method)
 from slimlm.peft.adapter import load_adapter, save_adapter
 from slimlm.peft.base import AdapterLayer, adapter_modules
+from slimlm.peft.ia3 import IA3Config, IA3Linear
 from slimlm.peft.lora import LoraConfig, LoraLinear
 from slimlm.peft.lora.merge import MergeReport, check_mergeable, merged_base
 from slimlm.peft.registry import PeftReport, method_for_config, peft_methods
@@ -80,5 +82,5 @@ def _done(model: nn.Module) -> None:
         fuse()
 
 
-__all__ = ["AdapterLayer", "LoraConfig", "LoraLinear", "MergeReport", "PeftReport", "apply_peft", "load_adapter", "merge_adapters",
+__all__ = ["AdapterLayer", "IA3Config", "IA3Linear", "LoraConfig", "LoraLinear", "MergeReport", "PeftReport", "apply_peft", "load_adapter", "merge_adapters",
            "adapter_modules", "merge_and_unload", "peft_methods", "save_adapter", "unload", "unmerge_adapters"]

@@ -47,19 +47,19 @@ def save_adapter(model: nn.Module, folder: str | Path, base_model_name_or_path: 
     if any(m.merged for m in mods.values()):
         raise SlimlmError("the adapters are merged into the base weights: unmerge them before saving")
     tensors: dict[str, torch.Tensor] = {}
-    hf_paths = []
+    by_hf: dict[str, AdapterLayer] = {}
     for path, m in mods.items():
         hf = to_hf_path(cfg, path)
-        hf_paths.append(hf)
+        by_hf[hf] = m
         for suffix, t in m.adapter_tensors().items():
             tensors[f"{PREFIX}{hf}.{suffix}"] = t.detach().contiguous().clone()
-    all_hf = list(hf_paths)  # every linear of the HF model: the wrapped ones and the others
+    all_hf = list(by_hf)  # every linear of the HF model: the wrapped ones and the others
     for n in linear_paths(model, AdapterLayer):
         try:
             all_hf.append(to_hf_path(cfg, n))
         except SlimlmError:
             pass
-    meta = method.to_peft_config(model.peft_config, hf_paths, all_hf)
+    meta = method.to_peft_config(model.peft_config, by_hf, all_hf)
     meta["base_model_name_or_path"] = base_model_name_or_path
     _write(Path(folder), meta, tensors)
     return Path(folder)

@@ -39,8 +39,8 @@ class PeftMethod:
     config_cls: type
     apply: Callable[[nn.Module, Any], PeftReport]  # wrap the targets of a model in place
     from_peft_config: Callable[[dict[str, Any]], Any]  # adapter_config.json dict -> config
-    # (config, HF paths of the wrapped modules, HF paths of every linear) -> adapter_config.json
-    to_peft_config: Callable[[Any, list[str], list[str]], dict[str, Any]]
+    # (config, {HF path: wrapper} of the wrapped modules, HF paths of every linear) -> adapter_config.json
+    to_peft_config: Callable[[Any, dict[str, Any], list[str]], dict[str, Any]]
     key_suffixes: tuple[str, ...]  # peft's tensor key suffixes per module ("lora_A.weight", ...)
     # (base module, {suffix: tensor} of one module, config, runtime path) -> the loaded wrapper
     build: Callable[[nn.Module, dict[str, Any], Any, str], nn.Module]

@@ -78,3 +78,13 @@ def to_runtime_path(cfg, hf_path: str) -> str:  # type: ignore[no-untyped-def]
     if len(names) != 1:
         raise SlimlmError(f"adapter module {hf_path!r} has no single counterpart in slimlm's {cfg.architecture} runtime")
     return names[0][: -len(".weight")]
+
+
+def peft_targets(hf_paths: list[str], all_hf_linears: list[str]) -> list[str] | str:
+    """peft's ``target_modules`` for exactly ``hf_paths``: their leaf names when those select no other
+    linear of the HF model, else a regex of the exact paths (peft full-matches a string)."""
+    leaves = sorted({p.rsplit(".", 1)[-1] for p in hf_paths})
+    by_leaf = {p for p in all_hf_linears if p.rsplit(".", 1)[-1] in leaves}
+    if by_leaf == set(hf_paths):
+        return leaves
+    return "(" + "|".join(re.escape(p) for p in sorted(hf_paths)) + ")"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import torch
@@ -12,7 +11,7 @@ from slimlm.peft.base import AdapterLayer, install
 from slimlm.peft.lora.config import LoraConfig
 from slimlm.peft.lora.layer import LoraLinear
 from slimlm.peft.registry import PeftReport
-from slimlm.peft.targets import match_targets
+from slimlm.peft.targets import match_targets, peft_targets
 from slimlm.utils.errors import CheckpointError, ConfigError
 
 _PEFT_INIT = {"kaiming": True, "gaussian": "gaussian", "random": False}
@@ -30,13 +29,10 @@ def apply_lora(model: nn.Module, cfg: LoraConfig) -> PeftReport:
     return PeftReport("lora", paths, trainable, total)
 
 
-def lora_to_peft_config(cfg: LoraConfig, hf_paths: list[str], all_hf_linears: list[str]) -> dict[str, Any]:
+def lora_to_peft_config(cfg: LoraConfig, wrapped: dict[str, Any], all_hf_linears: list[str]) -> dict[str, Any]:
     """adapter_config.json for peft: ``target_modules`` as leaf names when those select exactly the
     wrapped modules in the HF model, else a regex of the exact HF paths."""
-    leaves = sorted({p.rsplit(".", 1)[-1] for p in hf_paths})
-    by_leaf = [p for p in all_hf_linears if p.rsplit(".", 1)[-1] in leaves]
-    targets: list[str] | str = leaves if sorted(by_leaf) == sorted(hf_paths) else \
-        "(" + "|".join(re.escape(p) for p in sorted(hf_paths)) + ")"
+    targets = peft_targets(list(wrapped), all_hf_linears)
     return {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg.r, "lora_alpha": cfg.lora_alpha,
         "lora_dropout": cfg.lora_dropout, "target_modules": targets, "bias": "none", "use_rslora": cfg.use_rslora,
