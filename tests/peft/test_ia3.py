@@ -11,8 +11,16 @@ import pytest
 import torch
 
 from slimlm.loaders import load_model
-from slimlm.peft import IA3Config, IA3Linear, apply_peft, load_adapter, merge_adapters, merge_and_unload, save_adapter
-from slimlm.peft import unmerge_adapters
+from slimlm.peft import (
+    IA3Config,
+    IA3Linear,
+    apply_peft,
+    load_adapter,
+    merge_adapters,
+    merge_and_unload,
+    save_adapter,
+    unmerge_adapters,
+)
 from tests.helpers.models import make_hf_model
 from tests.peft.test_lora_invariants import _base_state, _data, _train
 from tests.peft.test_lora_peft_interop import _close, _no_gptqmodel  # noqa: F401  (autouse fixture)
