@@ -83,7 +83,10 @@ class _Fusion:
     The separate modules keep their names (checkpoints and compression methods see them), but
     their weights become views into one concatenated tensor. If any module is later replaced
     (quantized, pruned) or its weight re-assigned, the views no longer line up and the fused
-    path switches itself off for good (dropping the concatenated tensor).
+    path switches itself off for good (dropping the concatenated tensor). The concatenated tensor
+    is detached from the Parameters, so it serves inference only: a call with grad enabled and a
+    trainable weight runs the separate modules and autograd reaches each Parameter (in-place
+    optimizer updates of the views reach the fused matmul afterwards).
     """
 
     def __init__(self, mods: list[nn.Linear]):
@@ -120,6 +123,17 @@ class _Fusion:
     def hooked(mods: list[nn.Module]) -> bool:
         """Hooks (calibration capture) must see each module's own call: run unfused meanwhile."""
         return any(m._forward_pre_hooks or m._forward_hooks for m in mods)
+
+    def training(self, mods: list[nn.Module]) -> bool:
+        """Whether autograd must reach the separate Parameters: the concatenated tensor is detached
+        from them, so a call with grad enabled and a trainable weight or bias runs unfused."""
+        if not torch.is_grad_enabled():
+            return False  # inference (no_grad / inference_mode): one cheap check
+        return any(p.requires_grad for m in mods for p in m.parameters(recurse=False))
+
+    def usable(self, mods: list[nn.Module]) -> bool:
+        """Run the fused matmul now? Drops the fusion for good when a module was swapped."""
+        return not self.hooked(mods) and not self.training(mods)
 
 
 @dataclass
@@ -166,7 +180,7 @@ class Attention(nn.Module):
             mods = [self.q_proj, self.k_proj, self.v_proj]
             if not f.valid(mods):
                 self._fusion = None  # a module was swapped or re-assigned: fall back for good
-            elif not f.hooked(mods):
+            elif f.usable(mods):
                 return kernels.linear(x, f.weight, f.bias)
         return None
 
@@ -249,7 +263,7 @@ class MLP(nn.Module):
                 mods = [self.gate_proj, self.up_proj]
                 if not f.valid(mods):
                     self._fusion = None
-                elif not f.hooked(mods):
+                elif f.usable(mods):
                     gu = kernels.linear(x, f.weight, f.bias)  # [..., 2F]
                     a = kernels.silu_mul(gu) if self.silu else None
                     if a is None:

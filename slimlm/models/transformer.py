@@ -26,7 +26,10 @@ from slimlm.models.rope import RotaryCache
 class DecoderStack(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        # transformers gives the pad token's row no gradient from the lookup (GPT-2 sets no padding_idx)
+        pad = cfg.pad_token_id
+        padding_idx = pad if cfg.family != "gpt2" and isinstance(pad, int) and 0 <= pad < cfg.vocab_size else None
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, padding_idx=padding_idx)
         if cfg.learned_pos:
             self.embed_positions = nn.Embedding(cfg.max_position_embeddings + cfg.pos_offset, cfg.hidden_size)
         self.layers = nn.ModuleList([DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers)])

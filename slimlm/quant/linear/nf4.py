@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from slimlm.models.modules import register_linear_kind
+from slimlm.quant.linear.autograd import kernels_allowed
 from slimlm.quant.linear.base import QuantLinearBase, spec_int
 from slimlm.quant.nf4 import NF4_LEVELS, NF4Weight
 from slimlm.quant.packing import pack_int4, unpack_int4
@@ -126,7 +127,7 @@ class NF4Linear(QuantLinearBase):
         """``nf4_gemv`` for a few rows ``x2: [M <= 8, in]``, or None where the kernel cannot take the call."""
         if x2.shape[0] > 8 or x2.dtype not in (torch.float32, torch.bfloat16) or self.cache_dense:
             return None
-        if torch.is_grad_enabled() and (x2.requires_grad or self.codes.requires_grad):
+        if not kernels_allowed() or torch.is_grad_enabled() and (x2.requires_grad or self.codes.requires_grad):
             return None  # no backward in the kernel (QLoRA training takes the de-quantizing path)
         if self.in_features % self.block_size or self.block_size % 8:
             return None  # blocks must not straddle rows and hold whole vectors of 8

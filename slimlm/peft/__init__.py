@@ -1,0 +1,86 @@
+"""Parameter-efficient fine-tuning on the slimlm runtime, in peft's adapter format.
+
+One entry point per step, typed configs, methods registered once (``slimlm/peft/registry.py``)::
+
+    from slimlm.loaders import load_model
+    from slimlm.peft import LoraConfig, apply_peft, save_adapter, load_adapter, merge_and_unload
+
+    lm = load_model("smollm2-135m")
+    report = apply_peft(lm.model, LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "v_proj"]))
+    ...  # train: only the adapters require grad (a quantized base gets input gradients only)
+    save_adapter(lm.model, "out/adapter")  # peft.PeftModel.from_pretrained(hf_model, "out/adapter") loads it
+    merge_and_unload(lm.model)  # plain linears again, the update folded into their weights
+
+Methods: ``lora`` (with rsLoRA scaling and DoRA), ``ia3``. Docs: docs/finetune.md; tests: tests/peft/.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from slimlm.peft import ia3 as _ia3  # noqa: F401  (registers the method)
+from slimlm.peft import lora as _lora  # noqa: F401  (registers the method)
+from slimlm.peft.adapter import load_adapter, save_adapter
+from slimlm.peft.base import AdapterLayer, adapter_modules
+from slimlm.peft.ia3 import IA3Config, IA3Linear
+from slimlm.peft.lora import LoraConfig, LoraLinear
+from slimlm.peft.lora.merge import MergeReport, check_mergeable, merged_base
+from slimlm.peft.registry import PeftReport, method_for_config, peft_methods
+
+
+def apply_peft(model: nn.Module, cfg: Any) -> PeftReport:
+    """Apply the PEFT method whose config ``cfg`` is to ``model`` in place (base frozen)."""
+    report = method_for_config(cfg).apply(model, cfg)
+    model.peft_config = cfg  # type: ignore[assignment]
+    return report
+
+
+def merge_adapters(model: nn.Module) -> None:
+    """Fold every adapter into its base weight (forward then skips the adapter); see :func:`unmerge_adapters`."""
+    for m in adapter_modules(model).values():
+        m.merge()
+
+
+def unmerge_adapters(model: nn.Module) -> None:
+    for m in adapter_modules(model).values():
+        m.unmerge()
+
+
+def unload(model: nn.Module) -> None:
+    """Put the base linears back without the adapters' update and re-fuse q/k/v for inference."""
+    for path, m in adapter_modules(model).items():
+        m.unmerge()
+        model.set_submodule(path, m.base_layer)
+    _done(model)
+
+
+def merge_and_unload(model: nn.Module) -> MergeReport:
+    """Fold every adapter into its base and put the bases back: plain weights in place, weight-only
+    quantized bases de-quantized, merged and re-quantized in their own format (the report says how
+    much of each update the re-quantization lost). All or nothing: an unmergeable base raises first."""
+    mods = adapter_modules(model)
+    for m in mods.values():
+        check_mergeable(m.base_layer)
+    report = MergeReport()
+    for path, m in mods.items():
+        if m.merged:  # already folded in place (a plain base)
+            new, err = m.base_layer, 0.0
+        else:
+            new, err = merged_base(m)
+        model.set_submodule(path, new)
+        report.errors[path] = err
+    _done(model)
+    return report
+
+
+def _done(model: nn.Module) -> None:
+    model.__dict__.pop("peft_config", None)
+    fuse = getattr(model, "fuse_projections_", None)
+    if fuse is not None:
+        fuse()
+
+
+__all__ = ["AdapterLayer", "IA3Config", "IA3Linear", "LoraConfig", "LoraLinear", "MergeReport", "PeftReport", "apply_peft", "load_adapter", "merge_adapters",
+           "adapter_modules", "merge_and_unload", "peft_methods", "save_adapter", "unload", "unmerge_adapters"]

@@ -1,0 +1,109 @@
+"""``LoraLinear``: a frozen base linear (plain or any compressed kind) plus a trainable low-rank update.
+
+``y = base(x) + scaling * lora_B(lora_A(dropout(x)))`` with ``lora_A: [r, in]``, ``lora_B: [out, r]``
+(peft's module and parameter names, so the state-dict keys map one to one onto peft's adapter
+files). The base stays where it was (``base_layer``): a quantized base keeps its codes and takes the
+input-gradient-only backward of ``slimlm.quant.linear.autograd``. The adapter computes in its own
+dtype (float32 master weights; autocast lowers the matmuls to bf16 where it is on).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from slimlm.peft.base import AdapterLayer
+from slimlm.utils.errors import ConfigError
+
+
+class LoraLinear(AdapterLayer):
+    """Wrap ``base`` (``nn.Linear`` or a ``SwappableLinear``) with a LoRA update of rank ``r``."""
+
+    def __init__(self, base: nn.Module, r: int, scaling: float, dropout: float = 0.0, init: str = "kaiming",
+                 dtype: torch.dtype = torch.float32, use_dora: bool = False) -> None:
+        super().__init__()
+        in_f, out_f = int(base.in_features), int(base.out_features)  # type: ignore[arg-type]
+        if r > min(in_f, out_f):
+            raise ConfigError(f"LoRA rank {r} is larger than the layer ({out_f} x {in_f}): use r <= {min(in_f, out_f)}")
+        self.base_layer = base
+        self.in_features, self.out_features, self.r, self.scaling = in_f, out_f, r, scaling
+        self.lora_A = nn.Linear(in_f, r, bias=False, dtype=dtype)  # [r, in]
+        self.lora_B = nn.Linear(r, out_f, bias=False, dtype=dtype)  # [out, r]
+        self.lora_dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged = False
+        self.reset_lora(init)
+        self.use_dora = use_dora
+        self._merge_scale: torch.Tensor | None = None  # DoRA's m / ||W + dW|| at merge time (for unmerge)
+        if use_dora:  # DoRA: magnitude m [out] starts as the row norms of the adapted weight
+            self.lora_magnitude_vector = nn.Parameter(self._weight_norm(self.base_weight()))
+
+    @torch.no_grad()
+    def reset_lora(self, init: str) -> None:
+        """Kaiming-uniform A (torch's ``nn.Linear`` default, as peft), or N(0, 1/r); B zero so the
+        adapter starts as a no-op ("random" keeps B Kaiming-uniform too)."""
+        if init == "gaussian":
+            nn.init.normal_(self.lora_A.weight, std=1.0 / self.r)
+        else:
+            nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        if init == "random":
+            nn.init.kaiming_uniform_(self.lora_B.weight, a=math.sqrt(5))
+        else:
+            nn.init.zeros_(self.lora_B.weight)
+
+    def delta_weight(self) -> torch.Tensor:
+        """``scaling * B @ A``: ``[out, in]`` float32."""
+        return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
+
+    def _weight_norm(self, w: torch.Tensor) -> torch.Tensor:
+        """DoRA: row norms ``||W + dW||`` [out], detached (the paper's and peft's gradient shortcut)."""
+        return torch.linalg.norm(w + self.delta_weight().detach(), dim=1).detach()
+
+    def merged_weight(self, w: torch.Tensor) -> torch.Tensor:
+        """The weight the adapted layer stands for: ``W + dW`` (DoRA: ``m / ||W + dW|| * (W + dW)``)."""
+        if not self.use_dora:
+            return w + self.delta_weight()
+        s = self.lora_magnitude_vector.float() / self._weight_norm(w)
+        return s.unsqueeze(1) * (w + self.delta_weight())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [..., in] -> [..., out]
+        y = self.base_layer(x)
+        if self.merged:
+            return y  # type: ignore[no-any-return]
+        a = self.lora_A.weight
+        lx = self.lora_dropout(x.to(a.dtype))
+        lora = self.lora_B(self.lora_A(lx)) * self.scaling  # [..., out]
+        if not self.use_dora:
+            return y + lora.to(y.dtype)  # type: ignore[no-any-return]
+        # DoRA: y = base(x) + (s - 1) * W x + s * dW x, s = m / ||W + dW|| (norm detached), as peft computes it
+        w = self.base_weight()
+        s = self.lora_magnitude_vector / self._weight_norm(w)  # [out]
+        if isinstance(self.lora_dropout, nn.Identity) or not self.training:
+            bias = getattr(self.base_layer, "bias", None)
+            base = y.to(a.dtype) - (bias.to(a.dtype) if bias is not None else 0.0)
+        else:
+            base = F.linear(lx, w.to(a.dtype))
+        return y + ((s - 1) * base + s * lora).to(y.dtype)  # type: ignore[no-any-return]
+
+    # --- merge / unmerge (AdapterLayer.merge folds merged_weight in place) -----------------------
+    def _save_unmerged(self) -> None:
+        if self.use_dora:  # the fold's row scale, from the unmerged weight (unmerge cannot recompute it)
+            self._merge_scale = self.lora_magnitude_vector.detach().float() / self._weight_norm(self.base_weight())
+
+    def _unfold(self, w: torch.Tensor, b: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.use_dora:
+            assert self._merge_scale is not None
+            w = w / self._merge_scale.unsqueeze(1)
+        return w - self.delta_weight(), b
+
+    def adapter_tensors(self) -> dict[str, torch.Tensor]:
+        out = {"lora_A.weight": self.lora_A.weight, "lora_B.weight": self.lora_B.weight}
+        if self.use_dora:
+            out["lora_magnitude_vector"] = self.lora_magnitude_vector
+        return out
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, scaling={self.scaling:g}, dora={self.use_dora}, merged={self.merged}"
