@@ -38,13 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name in COMMANDS:
-        try:
-            mod = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name == name:  # command not built yet in this checkout
-                continue
-            raise
-        mod.register(sub)
+        # every listed command must import: a renamed or missing module is an error, never a silently absent command
+        importlib.import_module(name).register(sub)
     return parser
 
 

@@ -37,7 +37,7 @@ class Recorder:
 
 
 def test_modules_sharing_an_input_get_the_same_tensor_object(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    make_hf_model("llama", tmp_path)
+    hf = make_hf_model("llama", tmp_path)
     lm = load_model(str(tmp_path))
     samples = [torch.randint(0, 256, (16,)) for _ in range(3)]
     rec = Recorder()
@@ -58,6 +58,21 @@ def test_modules_sharing_an_input_get_the_same_tensor_object(tmp_path) -> None: 
             assert by_key[(layer, b, "mlp.gate_proj")] is by_key[(layer, b, "mlp.up_proj")]
             assert by_key[(layer, b, "mlp.down_proj")] is not by_key[(layer, b, "mlp.up_proj")]
         assert by_key[(layer, 0, "self_attn.q_proj")].shape[0] == 32  # batch of 2 x 16 tokens
+    # oracle: what transformers' own q_proj / gate_proj / down_proj receive on the same batches
+    seen: dict[tuple[int, str], list[torch.Tensor]] = {}
+    hooks = [getattr(getattr(hl, part), name).register_forward_pre_hook(
+                 lambda m, a, key=(i, f"{part}.{name}"): seen.setdefault(key, []).append(a[0].reshape(-1, a[0].shape[-1])))
+             for i, hl in enumerate(hf.model.layers) for part, name in
+             (("self_attn", "q_proj"), ("mlp", "gate_proj"), ("mlp", "down_proj"))]
+    with torch.no_grad():
+        for b in (samples[:2], samples[2:]):
+            hf(torch.stack(b))
+    for h in hooks:
+        h.remove()
+    for (layer, path), xs in seen.items():
+        for b, x in enumerate(xs):
+            torch.testing.assert_close(by_key[(layer, b, path)], x, rtol=1e-5, atol=1e-5)
+    assert len(seen) == 6
 
 
 class QKVOnly(Recorder):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -35,7 +36,10 @@ def test_info_json(tiny_dir, capsys):
     assert code == 0
     d = json.loads(out)
     assert d["architecture"] == "LlamaForCausalLM" and d["layers"] == 2 and d["kv_heads"] == 2
-    assert d["parameters"] > 0 and d["size_on_disk_bytes"] > 0
+    from transformers import AutoModelForCausalLM
+
+    assert d["parameters"] == AutoModelForCausalLM.from_pretrained(tiny_dir).num_parameters()
+    assert d["size_on_disk_bytes"] == (tiny_dir / "model.safetensors").stat().st_size
 
 
 def test_eval_json(tiny_dir, tmp_path, capsys):
@@ -44,7 +48,16 @@ def test_eval_json(tiny_dir, tmp_path, capsys):
     code, out, _ = run(["eval", str(tiny_dir), "--data", str(text), "--seq-len", "32", "--json", "--no-progress"], capsys)
     assert code == 0
     d = json.loads(out)
-    assert d["tokens_scored"] > 0 and d["seconds"] >= 0 and 1 < d["perplexity"] < 10_000
+    # oracle: transformers on the same tokens, non-overlapping windows of 32, each scoring its last 31 tokens
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    hf = AutoModelForCausalLM.from_pretrained(tiny_dir).eval()
+    ids = AutoTokenizer.from_pretrained(tiny_dir)(text.read_text(), add_special_tokens=False)["input_ids"]
+    n = len(ids) // 32
+    with torch.no_grad():
+        nll = sum(float(hf(w, labels=w).loss) * 31 for w in torch.tensor(ids[: n * 32]).view(n, 1, 32))
+    assert d["tokens_scored"] == n * 31 and d["seconds"] >= 0
+    assert abs(d["perplexity"] - math.exp(nll / (n * 31))) < 1e-4 * d["perplexity"]
 
 
 def test_generate_json_ignore_eos_forces_length(tiny_dir, capsys):
@@ -52,7 +65,16 @@ def test_generate_json_ignore_eos_forces_length(tiny_dir, capsys):
                         "--ignore-eos", "--json"], capsys)
     assert code == 0
     d = json.loads(out)
-    assert d["new_tokens"] == 7 and isinstance(d["text"], str)
+    assert d["new_tokens"] == 7
+    # greedy decoding (the default) gives transformers' greedy tokens
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    hf, hf_tok = AutoModelForCausalLM.from_pretrained(tiny_dir).eval(), AutoTokenizer.from_pretrained(tiny_dir)
+    ids = torch.tensor([hf_tok("def foo", add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=7, min_new_tokens=7,
+                          do_sample=False, pad_token_id=0)[0, ids.shape[1]:]
+    assert d["text"] == hf_tok.decode(ref, skip_special_tokens=True)
     assert d["decode_tokens_per_s"] > 0 and d["prefill_tokens_per_s"] > 0
 
 
@@ -131,6 +153,18 @@ def test_real_process_exit_code_and_debug(tmp_path):
     r = subprocess.run([sys.executable, "-m", "slimlm.cli.main", "--debug", "info", str(tmp_path / "nope")],
                        capture_output=True, text=True)
     assert "Traceback" in r.stderr
+
+
+def test_every_command_module_registers_and_a_missing_one_is_an_error(monkeypatch):
+    """A renamed command module must fail loudly, not drop its command from the CLI."""
+    from slimlm.cli import main as cli_main
+
+    sub = next(a for a in cli_main.build_parser()._actions if a.dest == "command")
+    expected = {"info", "eval", "generate", "export", "demo", "quantize", "prune", "factorize", "convert-gqa"}
+    assert expected <= set(sub.choices)  # type: ignore[arg-type]
+    monkeypatch.setattr(cli_main, "COMMANDS", [*cli_main.COMMANDS, "slimlm.cli.renamed_away"])
+    with pytest.raises(ModuleNotFoundError, match="renamed_away"):
+        cli_main.build_parser()
 
 
 def test_gguf_with_unsupported_tensor_type(tmp_path, capsys):

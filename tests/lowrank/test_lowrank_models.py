@@ -26,12 +26,16 @@ def hf_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_factorize_reduces_parameters_and_reloads(hf_dir: Path, tmp_path: Path, aware: bool) -> None:
     lm = load_model(str(hf_dir))
     x = probe()
+    before = sum(p.numel() for p in lm.model.parameters())  # untied: every tensor counted once
     rep = factorize_(lm.model, FactorizeConfig(ratio=0.5, activation_aware=aware), samples(), progress=False)
     mods = [m for m in lm.model.modules() if isinstance(m, LowRankLinear)]
     assert len(mods) == 14
     for m in mods:
         assert m.rank * (m.in_features + m.out_features) <= 0.5 * m.in_features * m.out_features
-    assert rep["parameters_after"] < rep["parameters_before"]
+    # the report's counts are the measured ones: each in x out matrix became rank x (in + out)
+    after = before - sum(m.in_features * m.out_features - m.rank * (m.in_features + m.out_features) for m in mods)
+    assert sum(p.numel() for p in lm.model.parameters()) == after
+    assert (rep["parameters_before"], rep["parameters_after"]) == (before, after) and after < before
     y = lm.model(x)
     out = save_model(lm, tmp_path / "f")
     assert torch.equal(load_model(str(out)).model(x), y)
@@ -71,6 +75,8 @@ def test_gqa_identity_and_exact_merge_of_equal_heads(hf_dir: Path) -> None:
     ref2 = lm.model(x)
     rep = convert_gqa_(lm.model, GQAConfig(kv_heads=2), progress=False)
     assert rep["kv_cache_ratio"] == 0.5 and lm.model.config.num_key_value_heads == 2
+    for layer in lm.model.model.layers:  # the cache really halves: k and v project to 2 heads of 16
+        assert layer.self_attn.k_proj.out_features == layer.self_attn.v_proj.out_features == 2 * 16
     assert torch.allclose(lm.model(x), ref2, atol=1e-5)
 
 

@@ -44,6 +44,10 @@ def test_activation_aware_minimizes_output_error(rank: int) -> None:
     err_plain = float((x @ (w - up @ down).t()).norm())
     err_aware = float((x @ (w - aup @ adown).t()).norm())
     assert err_aware < err_plain
+    # oracle: x has full column rank, so the best rank-r x W'^T is the truncated SVD of x W^T (Eckart-Young
+    # on the outputs): the smallest possible output error is the norm of its discarded singular values
+    sv = torch.linalg.svdvals((x @ w.t()).double())
+    assert err_aware == pytest.approx(float(sv[rank:].square().sum().sqrt()), rel=1e-3)
     # plain SVD is still the best in weight space (Eckart-Young)
     assert float((w - up @ down).norm()) <= float((w - aup @ adown).norm()) + 1e-4
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -33,8 +34,9 @@ def test_hessian_accumulation_matches_closed_form() -> None:
 
 
 def reference_gptq(w: torch.Tensor, h: torch.Tensor, bits: int, g: int, symmetric: bool, act_order: bool,
-                   damp: float, block: int) -> torch.Tensor:
-    """GPTQ as the paper's reference code writes it, one column at a time; returns the codes [out, in]."""
+                   damp: float, block: int) -> tuple[torch.Tensor, float]:
+    """GPTQ as the paper's reference code writes it, one column at a time; returns the codes [out, in]
+    and the loss the reference code reports (sum of err^2 / 2, err = (w - q) / [H^-1]_jj)."""
     w, h = w.clone(), h.clone()
     out, cols = w.shape
     dead = torch.diag(h) == 0
@@ -46,6 +48,7 @@ def reference_gptq(w: torch.Tensor, h: torch.Tensor, bits: int, g: int, symmetri
     h.diagonal().add_(damp * torch.mean(torch.diag(h)))
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     codes = torch.zeros(out, cols, dtype=torch.int32)
+    loss = 0.0
     for i1 in range(0, cols, block):
         i2 = min(i1 + block, cols)
         w1, err1, hinv1 = w[:, i1:i2].clone(), torch.zeros(out, i2 - i1), hinv[i1:i2, i1:i2]
@@ -60,8 +63,9 @@ def reference_gptq(w: torch.Tensor, h: torch.Tensor, bits: int, g: int, symmetri
             e = (w1[:, i] - (q.float() - zero[:, gi].float()) * scale[:, gi]) / hinv1[i, i]
             w1[:, i:] -= e.unsqueeze(1) @ hinv1[i, i:].unsqueeze(0)
             err1[:, i] = e
+            loss += float((e**2).sum()) / 2
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
-    return codes[:, torch.argsort(perm)]
+    return codes[:, torch.argsort(perm)], loss
 
 
 def test_gptq_codes_match_the_reference_column_loop() -> None:
@@ -72,19 +76,19 @@ def test_gptq_codes_match_the_reference_column_loop() -> None:
     h = 2 * x.t() @ x / x.shape[0]
     for bits, g, sym, act, block in [(4, 32, False, True, 32), (3, 32, False, False, 16), (4, 48, True, True, 40),
                                      (2, 96, False, False, 128), (8, 32, True, False, 32)]:
-        qw, _ = gptq_quantize(w, h, bits, g, symmetric=sym, act_order=act, damp=0.01, block_size=block)
-        ref = reference_gptq(w, h, bits, g, sym, act, 0.01, block)
+        qw, loss = gptq_quantize(w, h, bits, g, symmetric=sym, act_order=act, damp=0.01, block_size=block)
+        ref, ref_loss = reference_gptq(w, h, bits, g, sym, act, 0.01, block)
         assert torch.equal(qw.qweight.to(torch.int32), ref), (bits, g, sym, act, block)
+        assert abs(loss - ref_loss) <= 1e-4 * ref_loss, (loss, ref_loss)
 
 
 def test_gptq_sweep_kernel_equals_the_torch_sweep() -> None:
-    import pytest
-
     from slimlm.quant.methods.gptq import _sweep_kernel, _sweep_torch
+    from tests.helpers.kernels import require_kernels
 
+    require_kernels()  # skip without AVX2; fail if the kernels did not build on a CPU with it
     kernel = _sweep_kernel()
-    if kernel is None:
-        pytest.skip("slimlm's C++ kernels are unavailable here (the torch sweep is used)")
+    assert kernel is not None
     gen = torch.Generator().manual_seed(4)
     out, b = 37, 48
     a = torch.randn(b, b, generator=gen)
@@ -163,12 +167,22 @@ def test_awq_beats_rtn_on_tiny_layer_with_outlier_channels() -> None:
     h = x.t() @ x
     cfg = WeightQuantConfig(bits=3, group_size=32)
     s, alpha, errs = search_scale([w], [cfg], x.abs().mean(0), h, 20)
-    assert alpha > 0 and errs[0] == max(errs[0], min(errs))  # alpha=0 is RTN
     w_awq = quantize_weight(w * s, 3, 32).dequantize() / s
     rtn = quantize_weight(w, 3, 32).dequantize()
     e_awq = float(torch.linalg.norm(x @ w_awq.t() - x @ w.t()))
     e_rtn = float(torch.linalg.norm(x @ rtn.t() - x @ w.t()))
     assert e_awq < 0.8 * e_rtn
+    # oracle: the AWQ grid search written out, s = mean|x|^alpha for alpha = i / 20, the error measured on x
+    # directly (the geometric-mean normalization of s only rescales the grid: same errors up to rounding)
+    ref_errs = []
+    for i in range(20):
+        si = x.abs().mean(0).pow(i / 20).clamp(min=1e-4)
+        wi = quantize_weight(w * si, 3, 32).dequantize() / si
+        ref_errs.append(float(torch.linalg.norm(x @ wi.t() - x @ w.t())) ** 2)
+    assert ref_errs[0] == pytest.approx(e_rtn**2, rel=1e-6)  # alpha = 0 is RTN
+    assert errs == pytest.approx(ref_errs, rel=1e-3)
+    best = min(range(20), key=ref_errs.__getitem__)
+    assert best > 0 and alpha == best / 20 and e_awq**2 == pytest.approx(ref_errs[best], rel=1e-3)
     # the Hessian form of the error equals the direct one
     assert abs(output_error(w, rtn, h) - e_rtn**2) < 1e-3 * e_rtn**2
 
@@ -183,7 +197,14 @@ def test_awq_clip_search_lowers_error() -> None:
     clipped = search_clip(w, h, cfg, grid=20, max_shrink=0.5)
     e_clip = output_error(w, quantize_weight(clipped, 3, 32).dequantize(), h)
     e_rtn = output_error(w, quantize_weight(w, 3, 32).dequantize(), h)
-    assert e_clip <= e_rtn
+    assert e_clip < 0.95 * e_rtn
+    # oracle: brute force per row and group over the ten clip ratios 1 - i/20, error on x directly
+    for o in range(16):
+        for k in range(2):
+            wg, xg = w[o, 32 * k : 32 * (k + 1)], x[:, 32 * k : 32 * (k + 1)]
+            cands = [wg.clamp(-(1 - i / 20) * wg.abs().max(), (1 - i / 20) * wg.abs().max()) for i in range(10)]
+            errs = [float((xg @ (quantize_weight(c[None], 3, -1).dequantize()[0] - wg)).square().sum()) for c in cands]
+            assert torch.equal(clipped[o, 32 * k : 32 * (k + 1)], cands[min(range(10), key=errs.__getitem__)]), (o, k)
 
 
 def test_smoothing_scale_formula_and_equivalence() -> None:
@@ -193,8 +214,12 @@ def test_smoothing_scale_formula_and_equivalence() -> None:
     act_max = x.abs().amax(0)
     s = smoothing_scale(act_max, [w], 0.5)
     assert torch.allclose(s, act_max.sqrt() / w.abs().amax(0).sqrt())
-    # (x / s) (w * s)^T == x w^T, and the smoothed activations quantize better per token
-    assert torch.allclose((x / s) @ (w * s).t(), x @ w.t(), atol=1e-4)
+    # the paper's s_j = max|X_j|^a / max|W_j|^(1-a) at a != 1/2 (tells a from 1 - a), over two weights
+    w2 = torch.randn(4, 16) * 3
+    s8 = smoothing_scale(act_max, [w, w2], 0.8)
+    wmax = torch.maximum(w.abs().amax(0), w2.abs().amax(0))
+    assert torch.allclose(s8, act_max**0.8 / wmax**0.2, rtol=1e-5)
+    # the smoothed activations quantize better per token
 
     def w8a8(xx: torch.Tensor, ww: torch.Tensor) -> torch.Tensor:
         q, sc = quantize_per_token_int8(xx)
@@ -220,11 +245,16 @@ def test_smoothquant_folds_into_norm() -> None:
     blk = Block()
     x = outlier_inputs(32, 16)
     before = blk.mlp.up_proj(blk.mlp_norm(x))
+    normed, w0 = blk.mlp_norm(x).detach(), blk.mlp.up_proj.weight.detach().clone()
     algo = SmoothQuantAlgorithm(SmoothQuantConfig())
     algo.accumulate("mlp.up_proj", blk.mlp.up_proj, blk.mlp_norm(x))
     up = blk.mlp.up_proj
     algo.finish_group(0, blk, ["mlp.up_proj"])
-    assert "model.layers.0.mlp.up_proj" in algo.scales
+    # oracle: s = max|x|^0.5 / max|W|^0.5 per input channel; W absorbs s, the norm's output 1/s
+    s = normed.abs().amax(0).sqrt() / w0.abs().amax(0).sqrt()
+    assert torch.allclose(algo.scales["model.layers.0.mlp.up_proj"], s, rtol=1e-5)
+    assert torch.allclose(up.weight, w0 * s, rtol=1e-5)
+    assert torch.allclose(blk.mlp_norm(x) * s, normed, rtol=1e-4, atol=1e-5)
     assert torch.allclose(up(blk.mlp_norm(x)), before, atol=1e-4)  # folding keeps the function
 
 
@@ -266,15 +296,37 @@ def test_awq_fold_into_preceding_linear_keeps_function() -> None:
     before = layer(x)
     prev = preceding(layer, ["mlp.down_proj"])
     assert prev is layer.mlp.up_proj
-    fold_scale(prev, [layer.mlp.down_proj], torch.rand(16) + 0.5)
+    up_w, up_b, down_w = (t.detach().clone() for t in (prev.weight, prev.bias, layer.mlp.down_proj.weight))
+    s = torch.rand(16) + 0.5
+    with torch.no_grad():
+        fold_scale(prev, [layer.mlp.down_proj], s)
+    # up's output rows (weight and bias) are divided by s, down's input columns multiplied by it
+    assert torch.allclose(prev.weight, up_w / s[:, None]) and torch.allclose(prev.bias, up_b / s)
+    assert torch.allclose(layer.mlp.down_proj.weight, down_w * s[None, :])
     assert torch.allclose(layer(x), before, atol=1e-5)
     layer.mlp.gated = False  # type: ignore[assignment]  # act(up(x)) is not linear in up: no fold
     assert preceding(layer, ["mlp.down_proj"]) is None
 
 
 def test_gptq_reference_protocol_config() -> None:
-    from slimlm.quant.methods.gptq import GPTQConfig
+    """The REFERENCE.md protocol (asymmetric, g128, damp 0.01, block 128, act-order with static groups), run
+    through the algorithm's own glue, gives the codes of the reference column loop with those settings."""
+    from slimlm.models.modules import linear_weight
+    from slimlm.quant.methods.gptq import GPTQAlgorithm, GPTQConfig
 
     c = GPTQConfig.reference_protocol(bits=3, act_order=True)
-    assert (c.bits, c.group_size, c.symmetric, c.damp, c.block_size, c.true_sequential, c.ragged_last_group) == (
-        3, 128, False, 0.01, 128, False, True)
+    assert not c.true_sequential
+    layer = nn.Module()
+    layer.mlp = nn.Module()
+    layer.mlp.down_proj = nn.Linear(256, 12, bias=False)
+    w = layer.mlp.down_proj.weight.detach().clone()
+    x = correlated_inputs(300, 256, seed=11)
+    algo = GPTQAlgorithm(c)
+    algo.begin_layer(0, layer)
+    algo.accumulate("mlp.down_proj", layer.mlp.down_proj, x)
+    with torch.no_grad():
+        algo.finish_group(0, layer, ["mlp.down_proj"])
+    codes, _ = reference_gptq(w, 2 * x.t() @ x / 300, 3, 128, False, True, 0.01, 128)
+    scale, zero = choose_qparams(w, 3, 128, False)  # static groups: grids of the original weight
+    gi = torch.arange(256) // 128
+    torch.testing.assert_close(linear_weight(layer.mlp.down_proj), (codes - zero[:, gi]) * scale[:, gi], rtol=0, atol=1e-6)

@@ -36,9 +36,11 @@ def test_row_and_layer_masks_have_exact_counts(sparsity: float) -> None:
     assert ((~row).sum(1) == int(40 * sparsity)).all()
     lay = mask_per_layer(s, sparsity)
     assert int((~lay).sum()) == int(16 * 40 * sparsity)
-    # the pruned ones are the lowest scores
+    # the pruned ones are the lowest scores: of the layer, and of each row (Wanda compares per output row)
     if sparsity:
         assert s[~lay].max() <= s[lay].min()
+        for r in range(16):
+            assert s[r][~row[r]].max() <= s[r][row[r]].min(), r
 
 
 @pytest.mark.parametrize("n,m", [(2, 4), (4, 8), (1, 4)])
@@ -47,6 +49,10 @@ def test_n_m_mask_keeps_exactly_n_of_m(n: int, m: int) -> None:
     mask = mask_n_m(s, n, m)
     assert (mask.reshape(8, -1, m).sum(-1) == n).all()
     assert follows_n_m(s * mask, n, m)
+    # the kept n of each m consecutive weights are that group's n largest scores
+    groups = s.reshape(8, -1, m)
+    nth = groups.sort(-1, descending=True).values[..., n - 1 : n]  # the n-th largest score of each group
+    assert torch.equal(mask, (groups >= nth).reshape(8, 32))
 
 
 def test_wanda_score_is_weight_times_input_norm() -> None:

@@ -18,6 +18,9 @@ def test_pack_unpack_roundtrip(bits: int) -> None:
     packed = pack_bits(codes, bits)
     assert packed.dtype == torch.uint8 and packed.shape[-1] == -(-37 * bits // 8)
     assert torch.equal(unpack_bits(packed, bits, 37), codes)
+    for row in range(5):  # the layout: code i at bit i * bits of a little-endian byte stream
+        total = sum(int(v) << (i * bits) for i, v in enumerate(codes[row].tolist()))
+        assert packed[row].tolist() == [(total >> (8 * k)) & 0xFF for k in range(packed.shape[-1])]
 
 
 def _pruned(pattern: tuple[int, int] | None, out_f: int = 24, in_f: int = 64) -> torch.Tensor:
