@@ -51,7 +51,9 @@ def lora_from_peft_config(d: dict[str, Any]) -> LoraConfig:
             raise ConfigError(f"adapter_config.json: {key}={v!r} is not supported by slimlm's LoRA (needs {ok!r})")
     init = d.get("init_lora_weights", True)
     init_name = "gaussian" if init == "gaussian" else "random" if init is False else "kaiming"
-    return LoraConfig(r=int(d["r"]), lora_alpha=float(d.get("lora_alpha", 8)), target_modules=d.get("target_modules") or ["*"],
+    if not d.get("target_modules") or "r" not in d:
+        raise ConfigError("adapter_config.json lacks target_modules or r")
+    return LoraConfig(r=int(d["r"]), lora_alpha=float(d.get("lora_alpha", 8)), target_modules=d["target_modules"],
                       lora_dropout=float(d.get("lora_dropout", 0.0)), init_lora_weights=init_name,
                       use_rslora=bool(d.get("use_rslora", False)), use_dora=bool(d.get("use_dora", False)))
 
