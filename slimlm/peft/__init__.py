@@ -26,7 +26,7 @@ from slimlm.peft import prompt as _prompt  # noqa: F401  (registers the method)
 from slimlm.peft.adapter import load_adapter, save_adapter
 from slimlm.peft.base import AdapterLayer, adapter_modules
 from slimlm.peft.ia3 import IA3Config, IA3Linear
-from slimlm.peft.lora import LoraConfig, LoraLinear
+from slimlm.peft.lora import LoraConfig, LoraLinear, lora_plus_param_groups
 from slimlm.peft.lora.merge import MergeReport, check_mergeable, merged_base
 from slimlm.peft.prompt import PromptTuningConfig
 from slimlm.peft.registry import PeftReport, method_for_config, peft_methods
@@ -96,5 +96,5 @@ def _done(model: nn.Module) -> None:
 
 
 __all__ = ["AdapterLayer", "IA3Config", "IA3Linear", "LoraConfig", "LoraLinear", "MergeReport", "PeftReport",
-           "PromptTuningConfig", "apply_peft", "load_adapter", "merge_adapters",
+           "PromptTuningConfig", "apply_peft", "lora_plus_param_groups", "load_adapter", "merge_adapters",
            "adapter_modules", "merge_and_unload", "peft_methods", "save_adapter", "unload", "unmerge_adapters"]

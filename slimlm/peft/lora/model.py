@@ -81,3 +81,23 @@ def build_lora(base: nn.Module, t: dict[str, torch.Tensor], cfg: LoraConfig, whe
                                       f"has {w.out_features} rows")
             w.lora_magnitude_vector.copy_(mag)
     return w
+
+
+def lora_plus_param_groups(model: nn.Module, lr: float, lr_ratio: float = 16.0,
+                           weight_decay: float = 0.0) -> list[dict[str, Any]]:
+    """LoRA+: optimizer parameter groups with ``lora_B`` at ``lr * lr_ratio`` and every other trainable
+    tensor (``lora_A``, DoRA magnitudes, other adapters) at ``lr``. Pass to any torch optimizer::
+
+        opt = torch.optim.AdamW(lora_plus_param_groups(lm.model, lr=2e-4, lr_ratio=16))
+    """
+    if lr_ratio <= 0:
+        raise ConfigError(f"lr_ratio must be positive, got {lr_ratio}")
+    b: list[nn.Parameter] = []
+    rest: list[nn.Parameter] = []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (b if name.endswith("lora_B.weight") else rest).append(p)
+    if not b:
+        raise ConfigError("LoRA+ needs trainable LoRA adapters (apply_peft with a LoraConfig first)")
+    return [{"params": rest, "lr": lr, "weight_decay": weight_decay},
+            {"params": b, "lr": lr * lr_ratio, "weight_decay": weight_decay}]
