@@ -57,12 +57,18 @@ class Transformer(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.model.embed_tokens.weight.dtype
 
-    def embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """input_ids, positions: [B, T] -> hidden states [B, T, D]."""
+    def embed(self, input_ids: torch.Tensor, positions: torch.Tensor, prefix: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids: [B, T], positions: [B, P + T] -> hidden states [B, P + T, D].
+
+        ``prefix: [B, P, D]`` are token embeddings put before the tokens' (prompt tuning's virtual
+        tokens: not scaled like looked-up ones, but given positions like every token, as transformers
+        treats ``inputs_embeds``)."""
         h = self.model.embed_tokens(input_ids)
         cfg = self.config
         if cfg.embed_scale != 1.0:
             h = h * torch.tensor(cfg.embed_scale, dtype=h.dtype)
+        if prefix is not None:
+            h = torch.cat([prefix.to(h.dtype), h], dim=1)
         if cfg.learned_pos:
             h = h + self.model.embed_positions(positions + cfg.pos_offset)
         return h
@@ -133,12 +139,24 @@ class Transformer(nn.Module):
     # --- forward -------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, cache: KVCache | None = None,
                 attention_mask: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
-        """input_ids: [B, T] -> logits [B, T, V] (or [B, 1, V] with ``last_only``)."""
+        """input_ids: [B, T] -> logits [B, T, V] (or [B, 1, V] with ``last_only``).
+
+        With a ``prompt_encoder`` submodule (prompt tuning, ``slimlm.peft``) a fresh forward (no cache
+        history) runs its P virtual tokens first: logits [B, P + T, V], as peft returns them."""
         b, t = input_ids.shape
+        prefix = None
+        enc = self._modules.get("prompt_encoder")
+        if enc is not None and (cache is None or cache.length == 0):
+            if positions is not None:
+                raise ValueError("explicit positions cannot be combined with a prompt encoder")
+            prefix = enc(b)  # [B, P, D]
+            t += prefix.shape[1]
+            if attention_mask is not None:
+                attention_mask = torch.cat([attention_mask.new_ones(b, prefix.shape[1]), attention_mask], dim=1)
         if positions is None:
             positions = default_positions(b, t, cache.length if cache is not None else 0, attention_mask)
         ctx = self.context(positions, cache, attention_mask)
-        h = self.embed(input_ids, positions)
+        h = self.embed(input_ids, positions, prefix)
         for layer in self.model.layers:
             h = layer(h, ctx)
         if cache is not None:

@@ -11,7 +11,7 @@ One entry point per step, typed configs, methods registered once (``slimlm/peft/
     save_adapter(lm.model, "out/adapter")  # peft.PeftModel.from_pretrained(hf_model, "out/adapter") loads it
     merge_and_unload(lm.model)  # plain linears again, the update folded into their weights
 
-Methods: ``lora`` (with rsLoRA scaling and DoRA), ``ia3``. Docs: docs/finetune.md; tests: tests/peft/.
+Methods: ``lora`` (with rsLoRA scaling and DoRA), ``ia3``, ``prompt_tuning``. Docs: docs/finetune.md; tests: tests/peft/.
 """
 
 from __future__ import annotations
@@ -22,12 +22,15 @@ from torch import nn
 
 from slimlm.peft import ia3 as _ia3  # noqa: F401  (registers the method)
 from slimlm.peft import lora as _lora  # noqa: F401  (registers the method)
+from slimlm.peft import prompt as _prompt  # noqa: F401  (registers the method)
 from slimlm.peft.adapter import load_adapter, save_adapter
 from slimlm.peft.base import AdapterLayer, adapter_modules
 from slimlm.peft.ia3 import IA3Config, IA3Linear
-from slimlm.peft.lora import LoraConfig, LoraLinear
+from slimlm.peft.lora import LoraConfig, LoraLinear, lora_plus_param_groups
 from slimlm.peft.lora.merge import MergeReport, check_mergeable, merged_base
+from slimlm.peft.prompt import PromptTuningConfig
 from slimlm.peft.registry import PeftReport, method_for_config, peft_methods
+from slimlm.utils.errors import SlimlmError
 
 
 def apply_peft(model: nn.Module, cfg: Any) -> PeftReport:
@@ -37,8 +40,14 @@ def apply_peft(model: nn.Module, cfg: Any) -> PeftReport:
     return report
 
 
+def _additive(model: nn.Module) -> None:
+    if "prompt_encoder" in model._modules:
+        raise SlimlmError("prompt tuning adds virtual tokens, not a weight update: it cannot be merged (unload instead)")
+
+
 def merge_adapters(model: nn.Module) -> None:
     """Fold every adapter into its base weight (forward then skips the adapter); see :func:`unmerge_adapters`."""
+    _additive(model)
     for m in adapter_modules(model).values():
         m.merge()
 
@@ -53,6 +62,9 @@ def unload(model: nn.Module) -> None:
     for path, m in adapter_modules(model).items():
         m.unmerge()
         model.set_submodule(path, m.base_layer)
+    for method in peft_methods().values():
+        if method.remove is not None:  # model-level modules (prompt encoder)
+            method.remove(model)
     _done(model)
 
 
@@ -60,6 +72,7 @@ def merge_and_unload(model: nn.Module) -> MergeReport:
     """Fold every adapter into its base and put the bases back: plain weights in place, weight-only
     quantized bases de-quantized, merged and re-quantized in their own format (the report says how
     much of each update the re-quantization lost). All or nothing: an unmergeable base raises first."""
+    _additive(model)
     mods = adapter_modules(model)
     for m in mods.values():
         check_mergeable(m.base_layer)
@@ -82,5 +95,6 @@ def _done(model: nn.Module) -> None:
         fuse()
 
 
-__all__ = ["AdapterLayer", "IA3Config", "IA3Linear", "LoraConfig", "LoraLinear", "MergeReport", "PeftReport", "apply_peft", "load_adapter", "merge_adapters",
+__all__ = ["AdapterLayer", "IA3Config", "IA3Linear", "LoraConfig", "LoraLinear", "MergeReport", "PeftReport",
+           "PromptTuningConfig", "apply_peft", "lora_plus_param_groups", "load_adapter", "merge_adapters",
            "adapter_modules", "merge_and_unload", "peft_methods", "save_adapter", "unload", "unmerge_adapters"]

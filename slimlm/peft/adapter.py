@@ -40,10 +40,16 @@ def _config_of(model: nn.Module) -> Any:
 def save_adapter(model: nn.Module, folder: str | Path, base_model_name_or_path: str | None = None) -> Path:
     """Write the model's adapters (see module docstring); returns the folder."""
     cfg = _config_of(model)
-    mods = adapter_modules(model)
-    if not mods:
-        raise SlimlmError("this model has no adapters to save (apply_peft first)")
     method = method_for_model(model)
+    if method.model_tensors is not None and method.model_peft_config is not None:  # prompt tuning
+        own = {k: t.detach().contiguous().clone() for k, t in method.model_tensors(model).items()}
+        meta = method.model_peft_config(model.peft_config, model)
+        meta["base_model_name_or_path"] = base_model_name_or_path
+        _write(Path(folder), meta, own)
+        return Path(folder)
+    mods = adapter_modules(model)
+    if not mods or method.to_peft_config is None:
+        raise SlimlmError("this model has no adapters to save (apply_peft first)")
     if any(m.merged for m in mods.values()):
         raise SlimlmError("the adapters are merged into the base weights: unmerge them before saving")
     tensors: dict[str, torch.Tensor] = {}
@@ -106,8 +112,13 @@ def load_adapter(model: nn.Module, folder: str | Path) -> list[str]:
     meta, tensors = read_adapter(folder)
     method = method_for_peft_type(str(meta.get("peft_type")))
     pcfg = method.from_peft_config(meta)
-    if adapter_modules(model):
+    if adapter_modules(model) or "prompt_encoder" in model._modules:
         raise SlimlmError("this model already carries adapters: unload them first")
+    if method.load_model_tensors is not None:  # prompt tuning
+        paths = method.load_model_tensors(model, {k.removeprefix(PREFIX): t for k, t in tensors.items()}, pcfg)
+        model.peft_config = pcfg  # type: ignore[assignment]
+        return paths
+    assert method.build is not None
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
         name = key[len(PREFIX):] if key.startswith(PREFIX) else key

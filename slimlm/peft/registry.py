@@ -39,11 +39,18 @@ class PeftMethod:
     config_cls: type
     apply: Callable[[nn.Module, Any], PeftReport]  # wrap the targets of a model in place
     from_peft_config: Callable[[dict[str, Any]], Any]  # adapter_config.json dict -> config
+    # methods that wrap linears (LoRA, IA3):
     # (config, {HF path: wrapper} of the wrapped modules, HF paths of every linear) -> adapter_config.json
-    to_peft_config: Callable[[Any, dict[str, Any], list[str]], dict[str, Any]]
-    key_suffixes: tuple[str, ...]  # peft's tensor key suffixes per module ("lora_A.weight", ...)
+    to_peft_config: Callable[[Any, dict[str, Any], list[str]], dict[str, Any]] | None = None
+    key_suffixes: tuple[str, ...] = ()  # peft's tensor key suffixes per module ("lora_A.weight", ...)
     # (base module, {suffix: tensor} of one module, config, runtime path) -> the loaded wrapper
-    build: Callable[[nn.Module, dict[str, Any], Any, str], nn.Module]
+    build: Callable[[nn.Module, dict[str, Any], Any, str], nn.Module] | None = None
+    # methods that add a model-level module instead (prompt tuning): its tensors under peft's keys,
+    # its adapter_config.json, loading them onto a model, and removing the module
+    model_tensors: Callable[[nn.Module], dict[str, Any]] | None = None
+    model_peft_config: Callable[[Any, nn.Module], dict[str, Any]] | None = None
+    load_model_tensors: Callable[[nn.Module, dict[str, Any], Any], list[str]] | None = None
+    remove: Callable[[nn.Module], bool] | None = None
 
 
 _METHODS: dict[str, PeftMethod] = {}

@@ -16,13 +16,10 @@ from slimlm.peft import (
     IA3Linear,
     apply_peft,
     load_adapter,
-    merge_adapters,
-    merge_and_unload,
     save_adapter,
-    unmerge_adapters,
 )
 from tests.helpers.models import make_hf_model
-from tests.peft.test_lora_invariants import _base_state, _data, _train
+from tests.peft.test_lora_invariants import _base_state, _data, _train, check_save_load_and_merge
 from tests.peft.test_lora_peft_interop import _close, _no_gptqmodel  # noqa: F401  (autouse fixture)
 
 peft = pytest.importorskip("peft")
@@ -81,16 +78,4 @@ def test_ia3_invariants(family: str, tmp_path) -> None:  # type: ignore[no-untyp
     assert losses[-1] < 0.97 * losses[0], losses
     for k, v in before.items():
         assert torch.equal(v, _base_state(lm.model)[k]), k
-    save_adapter(lm.model, tmp_path / "ia3")
-    with torch.no_grad():
-        ref = lm.model(ids)
-    fresh = load_model(str(tmp_path / "base"))
-    load_adapter(fresh.model, tmp_path / "ia3")
-    with torch.no_grad():
-        assert torch.equal(fresh.model(ids), ref)
-        merge_adapters(lm.model)
-        torch.testing.assert_close(lm.model(ids), ref, rtol=1e-5, atol=1e-5)
-        unmerge_adapters(lm.model)
-        torch.testing.assert_close(lm.model(ids), ref, rtol=1e-5, atol=1e-5)
-        merge_and_unload(lm.model)
-        torch.testing.assert_close(lm.model(ids), ref, rtol=1e-5, atol=1e-5)
+    check_save_load_and_merge(lm.model, tmp_path / "base", tmp_path / "ia3")

@@ -62,6 +62,26 @@ def _train(model: nn.Module, steps: int = 25, lr: float = 1e-2) -> list[float]:
     return losses
 
 
+def check_save_load_and_merge(model: nn.Module, base_dir, folder) -> None:  # type: ignore[no-untyped-def]
+    """Shared by every method: save -> load on a fresh base gives the same logits bit for bit; merge,
+    unmerge and merge_and_unload keep them to 1e-5."""
+    ids = _data()
+    save_adapter(model, folder)
+    with torch.no_grad():
+        ref = model(ids)
+    fresh = load_model(str(base_dir))
+    load_adapter(fresh.model, folder)
+    with torch.no_grad():
+        assert torch.equal(fresh.model(ids), ref)
+        merge_adapters(model)
+        torch.testing.assert_close(model(ids), ref, rtol=1e-5, atol=1e-5)
+        unmerge_adapters(model)
+        torch.testing.assert_close(model(ids), ref, rtol=1e-5, atol=1e-5)
+        merge_and_unload(model)
+        assert not adapter_modules(model)
+        torch.testing.assert_close(model(ids), ref, rtol=1e-5, atol=1e-5)
+
+
 def _base_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k.replace(".base_layer", ""): v.clone() for k, v in model.state_dict().items() if ".lora_" not in k}
 
@@ -294,16 +314,30 @@ def test_dora_trains_saves_and_merges(base_dir, tmp_path) -> None:  # type: igno
     assert not torch.allclose(q.lora_magnitude_vector, torch.linalg.norm(q.base_layer.weight, dim=1))
     for k, v in before.items():
         assert torch.equal(v, _base_state(lm.model)[k]), k
-    save_adapter(lm.model, tmp_path / "dora")
-    with torch.no_grad():
-        ref = lm.model(ids)
-    fresh = load_model(str(base_dir))
-    load_adapter(fresh.model, tmp_path / "dora")
-    with torch.no_grad():
-        assert torch.equal(fresh.model(ids), ref)
-        merge_adapters(lm.model)
-        torch.testing.assert_close(lm.model(ids), ref, rtol=1e-5, atol=1e-5)
-        unmerge_adapters(lm.model)
-        torch.testing.assert_close(lm.model(ids), ref, rtol=1e-5, atol=1e-5)
-        merge_and_unload(lm.model)
-        torch.testing.assert_close(lm.model(ids), ref, rtol=1e-5, atol=1e-5)
+    check_save_load_and_merge(lm.model, base_dir, tmp_path / "dora")
+
+
+def test_lora_plus_groups_give_b_its_own_learning_rate(base_dir) -> None:  # type: ignore[no-untyped-def]
+    from slimlm.peft import lora_plus_param_groups
+
+    lm = load_model(str(base_dir))
+    with pytest.raises(ConfigError, match="LoRA adapters"):
+        lora_plus_param_groups(lm.model, lr=1e-3)
+    apply_peft(lm.model, LoraConfig(r=4, target_modules=ALL, use_dora=True))
+    groups = lora_plus_param_groups(lm.model, lr=1e-3, lr_ratio=8)
+    names = {id(p): n for n, p in lm.model.named_parameters()}
+    a_side = {names[id(p)] for p in groups[0]["params"]}
+    b_side = {names[id(p)] for p in groups[1]["params"]}
+    trainable = {n for n, p in lm.model.named_parameters() if p.requires_grad}
+    assert a_side | b_side == trainable and not a_side & b_side
+    assert b_side == {n for n in trainable if n.endswith("lora_B.weight")}
+    assert groups[0]["lr"] == 1e-3 and groups[1]["lr"] == pytest.approx(8e-3)
+    losses = []
+    opt = torch.optim.AdamW(groups)
+    for _ in range(10):
+        loss = _loss(lm.model, _data())
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]

@@ -51,5 +51,7 @@ def ia3_to_peft_config(cfg: IA3Config, wrapped: dict[str, Any], all_hf_linears: 
 def ia3_from_peft_config(d: dict[str, Any]) -> IA3Config:
     if d.get("modules_to_save") not in (None, []):
         raise ConfigError(f"adapter_config.json: modules_to_save={d['modules_to_save']!r} is not supported by slimlm's IA3")
-    return IA3Config(target_modules=d.get("target_modules") or ["-"], feedforward_modules=d.get("feedforward_modules") or [],
+    if not d.get("target_modules"):
+        raise ConfigError("adapter_config.json lacks target_modules")
+    return IA3Config(target_modules=d["target_modules"], feedforward_modules=d.get("feedforward_modules") or [],
                      init_ia3_weights=bool(d.get("init_ia3_weights", True)))

@@ -2,7 +2,13 @@
 
 from slimlm.peft.lora.config import LoraConfig
 from slimlm.peft.lora.layer import LoraLinear
-from slimlm.peft.lora.model import apply_lora, build_lora, lora_from_peft_config, lora_to_peft_config
+from slimlm.peft.lora.model import (
+    apply_lora,
+    build_lora,
+    lora_from_peft_config,
+    lora_plus_param_groups,
+    lora_to_peft_config,
+)
 from slimlm.peft.registry import PeftMethod, register_peft_method
 
 register_peft_method(PeftMethod(
@@ -10,4 +16,4 @@ register_peft_method(PeftMethod(
     to_peft_config=lora_to_peft_config, key_suffixes=("lora_A.weight", "lora_B.weight", "lora_magnitude_vector"),
     build=build_lora))
 
-__all__ = ["LoraConfig", "LoraLinear", "apply_lora"]
+__all__ = ["LoraConfig", "LoraLinear", "apply_lora", "lora_plus_param_groups"]

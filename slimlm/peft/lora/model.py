@@ -51,7 +51,9 @@ def lora_from_peft_config(d: dict[str, Any]) -> LoraConfig:
             raise ConfigError(f"adapter_config.json: {key}={v!r} is not supported by slimlm's LoRA (needs {ok!r})")
     init = d.get("init_lora_weights", True)
     init_name = "gaussian" if init == "gaussian" else "random" if init is False else "kaiming"
-    return LoraConfig(r=int(d["r"]), lora_alpha=float(d.get("lora_alpha", 8)), target_modules=d.get("target_modules") or ["*"],
+    if not d.get("target_modules") or "r" not in d:
+        raise ConfigError("adapter_config.json lacks target_modules or r")
+    return LoraConfig(r=int(d["r"]), lora_alpha=float(d.get("lora_alpha", 8)), target_modules=d["target_modules"],
                       lora_dropout=float(d.get("lora_dropout", 0.0)), init_lora_weights=init_name,
                       use_rslora=bool(d.get("use_rslora", False)), use_dora=bool(d.get("use_dora", False)))
 
@@ -79,3 +81,23 @@ def build_lora(base: nn.Module, t: dict[str, torch.Tensor], cfg: LoraConfig, whe
                                       f"has {w.out_features} rows")
             w.lora_magnitude_vector.copy_(mag)
     return w
+
+
+def lora_plus_param_groups(model: nn.Module, lr: float, lr_ratio: float = 16.0,
+                           weight_decay: float = 0.0) -> list[dict[str, Any]]:
+    """LoRA+: optimizer parameter groups with ``lora_B`` at ``lr * lr_ratio`` and every other trainable
+    tensor (``lora_A``, DoRA magnitudes, other adapters) at ``lr``. Pass to any torch optimizer::
+
+        opt = torch.optim.AdamW(lora_plus_param_groups(lm.model, lr=2e-4, lr_ratio=16))
+    """
+    if lr_ratio <= 0:
+        raise ConfigError(f"lr_ratio must be positive, got {lr_ratio}")
+    b: list[nn.Parameter] = []
+    rest: list[nn.Parameter] = []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (b if name.endswith("lora_B.weight") else rest).append(p)
+    if not b:
+        raise ConfigError("LoRA+ needs trainable LoRA adapters (apply_peft with a LoraConfig first)")
+    return [{"params": rest, "lr": lr, "weight_decay": weight_decay},
+            {"params": b, "lr": lr * lr_ratio, "weight_decay": weight_decay}]
