@@ -75,7 +75,7 @@ def check_model(model: nn.Module, config: QuantConfigBase) -> list[str]:
         if c is None:
             continue
         if isinstance(c, WeightQuantConfig):
-            resolve_group_size(m.in_features, c.group_size, name, c.ragged_last_group)
+            resolve_group_size(m.in_features, c.group_size, name)
         paths.append(name)
     return paths
 

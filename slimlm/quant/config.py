@@ -29,6 +29,7 @@ from slimlm.utils.config import BaseConfig
 from slimlm.utils.errors import ConfigError
 
 C = TypeVar("C", bound="QuantConfigBase")
+W = TypeVar("W", bound="WeightQuantConfig")
 
 
 def path_matches(pattern: str, path: str) -> bool:
@@ -101,13 +102,18 @@ class WeightQuantConfig(QuantConfigBase):
 
     bits: int = field(default=4, metadata={"help": "bits per weight (2-8)"})
     group_size: int = field(
-        default=128, metadata={"help": "input columns per scale group; -1 = per channel, 0 = per tensor"}
+        default=128, metadata={"help": "input columns per scale group (a row that is no multiple of it ends in a "
+                                 "shorter group); -1 = per channel (one group per row), 0 = per tensor"}
     )
     symmetric: bool = field(default=False, metadata={"help": "symmetric (absmax) grid instead of min/max"})
-    ragged_last_group: bool = field(
-        default=False,
-        metadata={"help": "allow a group size that does not divide a row: the last group is shorter"},
-    )
+
+    @classmethod
+    def from_dict(cls: type[W], data: dict[str, Any]) -> W:
+        # ``ragged_last_group`` (before 2026-12): a group size that does not divide a row now always
+        # leaves a shorter last group, so the key is accepted and dropped
+        if isinstance(data, dict) and "ragged_last_group" in data:
+            data = {k: v for k, v in data.items() if k != "ragged_last_group"}
+        return super().from_dict(data)
 
     def validate(self) -> None:
         check_bits(self.bits)

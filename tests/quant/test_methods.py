@@ -276,5 +276,5 @@ def test_gptq_reference_protocol_config() -> None:
     from slimlm.quant.methods.gptq import GPTQConfig
 
     c = GPTQConfig.reference_protocol(bits=3, act_order=True)
-    assert (c.bits, c.group_size, c.symmetric, c.damp, c.block_size, c.true_sequential, c.ragged_last_group) == (
-        3, 128, False, 0.01, 128, False, True)
+    assert (c.bits, c.group_size, c.symmetric, c.damp, c.block_size, c.true_sequential) == (
+        3, 128, False, 0.01, 128, False)

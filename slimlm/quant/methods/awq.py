@@ -80,7 +80,7 @@ def search_scale(
     for alpha, s in awq_scale_candidates(x_mean, n_grid):
         err = 0.0
         for w, c in zip(weights, cfgs, strict=True):
-            w_hat = quantize_weight(w * s, c.bits, c.group_size, c.symmetric, ragged=c.ragged_last_group).dequantize() / s
+            w_hat = quantize_weight(w * s, c.bits, c.group_size, c.symmetric).dequantize() / s
             err += output_error(w, w_hat, h)
         errs.append(err)
         if best is None or err < best[0]:
@@ -92,7 +92,7 @@ def search_scale(
 def search_clip(w: torch.Tensor, h: torch.Tensor, cfg: WeightQuantConfig, grid: int, max_shrink: float) -> torch.Tensor:
     """Clip ``w: [out, in]`` per row and group to ``ratio * absmax`` minimizing ``d_g H_gg d_g^T``."""
     out, cols = w.shape
-    g = resolve_group_size(cols, cfg.group_size, ragged=cfg.ragged_last_group)
+    g = resolve_group_size(cols, cfg.group_size)
     n = -(-cols // g)
     pad = n * g - cols  # a ragged last group is padded with zero weights and zero Hessian entries
     wg = torch.nn.functional.pad(w.float(), (0, pad)).reshape(out, n, g)  # [out, n, g]
@@ -104,8 +104,7 @@ def search_clip(w: torch.Tensor, h: torch.Tensor, cfg: WeightQuantConfig, grid: 
     for i in range(int(max_shrink * grid)):
         mx = absmax * (1 - i / grid)
         wc = torch.clamp(wg, -mx, mx)
-        dq = quantize_weight(wc.reshape(out, n * g)[:, :cols], cfg.bits, cfg.group_size, cfg.symmetric,
-                             ragged=cfg.ragged_last_group).dequantize()
+        dq = quantize_weight(wc.reshape(out, n * g)[:, :cols], cfg.bits, cfg.group_size, cfg.symmetric).dequantize()
         d = torch.nn.functional.pad(dq, (0, pad)).reshape(out, n, g) - wg
         err = torch.einsum("ong,ngk,onk->on", d, hg, d)  # [out, n]
         better = err < best_err
@@ -196,7 +195,7 @@ class AWQAlgorithm:
         cfgs = [self.cfg.for_module(pre + p) for p in paths]
         for p, lin, c in zip(paths, lins, cfgs, strict=True):
             assert isinstance(lin, nn.Linear) and c is not None
-            resolve_group_size(lin.in_features, c.group_size, pre + p, c.ragged_last_group)
+            resolve_group_size(lin.in_features, c.group_size, pre + p)
         prev = preceding(layer, paths)
         if prev is not None:
             weights = [lin.weight.detach().float() for lin in lins]
@@ -217,7 +216,7 @@ class AWQAlgorithm:
             lin = layer.get_submodule(p)
             c = self.cfg.for_module(full)
             assert isinstance(lin, nn.Linear) and c is not None
-            qw = quantize_weight(lin.weight, c.bits, c.group_size, c.symmetric, ragged=c.ragged_last_group)
+            qw = quantize_weight(lin.weight, c.bits, c.group_size, c.symmetric)
             layer.set_submodule(p, weight_module(lin, qw))
         self.pending, self.stats = [], {}
 

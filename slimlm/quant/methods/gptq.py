@@ -52,7 +52,7 @@ class GPTQConfig(WeightQuantConfig):
     def reference_protocol(cls, bits: int = 4, act_order: bool = False) -> GPTQConfig:
         """The settings of REFERENCE.md's SmolLM2 table: asymmetric, g128 (ragged last group), damp
         0.01, block 128, not true-sequential (pair it with 64 x 512 calibration windows, seed 0)."""
-        return cls(bits=bits, group_size=128, symmetric=False, ragged_last_group=True, act_order=act_order,
+        return cls(bits=bits, group_size=128, symmetric=False, act_order=act_order,
                    damp=0.01, block_size=128, true_sequential=False, calib_dtype="fp32")
 
     def validate(self) -> None:
@@ -141,7 +141,7 @@ def gptq_quantize(
     damp: float = 0.01,
     block_size: int = 128,
     clip_search: bool = False,
-    ragged: bool = False,
+    ragged: bool = True,
 ) -> tuple[QuantizedWeight, float]:
     """GPTQ for ``w: [out, in]`` with Hessian ``h: [in, in]``; returns the weight and the summed loss.
 
@@ -250,11 +250,10 @@ class GPTQAlgorithm:
             assert cfg is not None
             lin = layer.get_submodule(p)
             assert isinstance(lin, nn.Linear)
-            resolve_group_size(lin.in_features, cfg.group_size, full, cfg.ragged_last_group)
             h, _ = self.hessians.pop(p)
             qw, loss = gptq_quantize(
                 lin.weight, h, cfg.bits, cfg.group_size, cfg.symmetric, cfg.act_order, cfg.damp,
-                cfg.block_size, cfg.clip_search, cfg.ragged_last_group,
+                cfg.block_size, cfg.clip_search,
             )  # fmt: skip
             self.losses[full] = loss
             layer.set_submodule(p, weight_module(lin, qw))
