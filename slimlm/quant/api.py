@@ -116,5 +116,5 @@ def quantize_(
             entries[c.kind].handler(model, c, calib_samples, progress)
     rep = build_report(model, method="+".join(c.kind for c in cfgs))
     rep.seconds = time.perf_counter() - t0
-    rep.extra["configs"] = [c.to_dict() for c in cfgs]
+    rep.metrics["configs"] = [c.to_dict() for c in cfgs]
     return rep

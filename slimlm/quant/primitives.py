@@ -59,10 +59,6 @@ def resolve_group_size(in_features: int, group_size: int, where: str = "", ragge
     return group_size
 
 
-def n_groups(in_features: int, group_size: int) -> int:
-    return -(-in_features // group_size)
-
-
 def _grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
     """[out, in] -> [out, n_groups, group_size]; a ragged last group is padded with zeros.
 

@@ -65,7 +65,7 @@ def test_every_method_quantizes_saves_and_reloads(method: str, tiny: Path, sampl
     rel = float((out - ref).norm() / ref.norm())
     assert 0 < rel < 0.5, f"{method}: relative logit change {rel}"  # changed, but still the same model
     # 2 layers x 7 linears quantized + the (untied) lm_head, ignored by default, reported dense
-    assert len(rep.modules) == 15 and [m.kind for m in rep.modules if m.path == "lm_head"] == ["dense"]
+    assert len(rep.modules) == 15 and [m.kind for m in rep.module_bits if m.path == "lm_head"] == ["dense"]
     save_model(lm, tmp_path / "q", meta={"recipe": [cfg.to_dict()]})
     back = load_model(str(tmp_path / "q"))
     with torch.no_grad():
@@ -118,11 +118,11 @@ def test_report_counts_real_storage(tiny: Path) -> None:
     with pytest.raises(ConfigError, match="no linear layer left"):
         quantize_(lm.model, RTNConfig(ignore=["re:.*"]))
     rep = quantize_(lm.model, RTNConfig(bits=4, group_size=32))
-    if all(m.kind == "dense" for m in rep.modules):
+    if all(m.kind == "dense" for m in rep.module_bits):
         pytest.skip("packed int4 storage module not built yet (fake-quant stand-in is dense)")
     # 4-bit codes + a scale and a zero per 32 weights: a bit above 4, far below 16
     assert 4.0 < rep.quantized_bits_per_weight < 4 + 2 * 32 / 32 + 0.1
-    q = [m for m in rep.modules if m.kind != "dense"]
+    q = [m for m in rep.module_bits if m.kind != "dense"]
     sd_bits = sum(t.numel() * t.element_size() * 8 for m in q
                   for k, t in lm.model.get_submodule(m.path).state_dict().items() if k != "bias")
     assert rep.quantized_bits_per_weight == sd_bits / sum(m.weights for m in q)

@@ -105,6 +105,6 @@ def test_cli_gptq_g48_on_64_wide_rows(tiny: Path, tmp_path: Path) -> None:
     calib = tmp_path / "c.txt"
     calib.write_text("the quick brown fox jumps over the lazy dog. " * 400)
     code = main(["quantize", str(tiny), "--method", "gptq", "--bits", "4", "--group-size", "48",
-                 "--calib", str(calib), "--n-samples", "4", "--seq-len", "32",
+                 "--calib", str(calib), "--calib-samples", "4", "--calib-seq-len", "32",
                  "--out", str(tmp_path / "q"), "--no-progress", "--json"])
     assert code == 0 and (tmp_path / "q" / "model.safetensors").is_file()

@@ -25,22 +25,21 @@ import torch
 from torch import nn
 
 from slimlm.calib.driver import run_layerwise
+from slimlm.calib.hessian import HessianStore
 from slimlm.quant.config import WeightQuantConfig
 from slimlm.quant.methods.base import layer_groups, layer_prefix, register_method, weight_module
 from slimlm.quant.methods.rtn import quantize_top_level
 from slimlm.quant.primitives import quantize_weight, resolve_group_size
-from slimlm.utils.config import register_config
 from slimlm.utils.errors import ConfigError
 
 
-@register_config
 @dataclass
 class AWQConfig(WeightQuantConfig):
     kind = "awq"
-    n_grid: int = field(default=20, metadata={"help": "alpha grid points in [0, 1)"})
+    n_grid: int = field(default=20, metadata={"min": 1, "help": "alpha grid points in [0, 1)"})
     clip_search: bool = field(default=True, metadata={"help": "search a clipping ratio per row and group"})
-    clip_grid: int = field(default=20, metadata={"help": "clipping grid resolution (ratios 1 - i/clip_grid)"})
-    max_shrink: float = field(default=0.5, metadata={"help": "largest clipping shrink tried"})
+    clip_grid: int = field(default=20, metadata={"min": 1, "help": "clipping grid resolution (ratios 1 - i/clip_grid)"})
+    max_shrink: float = field(default=0.5, metadata={"min": 0.0, "max": 1.0, "help": "largest clipping shrink tried"})
 
     def validate(self) -> None:
         if self.n_grid < 1 or self.clip_grid < 1:
@@ -160,7 +159,8 @@ class AWQAlgorithm:
 
     def __init__(self, cfg: AWQConfig) -> None:
         self.cfg = cfg
-        self.stats: dict[str, list] = {}  # type: ignore[type-arg]  # first path of a group -> [sum|x|, H, n]
+        self.stats: dict[str, list] = {}  # type: ignore[type-arg]  # first path of a group -> [sum|x|, tokens]
+        self.hessians = HessianStore()  # first path of a group -> H = 2/n sum x^T x
         self.first: dict[str, str] = {}
         self.pending: list[tuple[str, str]] = []  # (relative path, full path) quantized in end_layer
         self.hinv: dict[str, torch.Tensor] = {}
@@ -173,6 +173,7 @@ class AWQAlgorithm:
 
     def begin_layer(self, layer_idx: int, layer: nn.Module) -> None:
         self.stats, self.first, self.pending = {}, {}, []
+        self.hessians.clear()
         for grp in self.target_groups(layer_idx, layer):
             for p in grp:
                 self.first[p] = grp[0]
@@ -182,15 +183,17 @@ class AWQAlgorithm:
         key = self.first[path]
         if key != path:
             return
-        st = self.stats.setdefault(key, [torch.zeros(x.shape[1]), torch.zeros(x.shape[1], x.shape[1]), 0])
+        st = self.stats.setdefault(key, [torch.zeros(x.shape[1]), 0])
         st[0] += x.abs().sum(dim=0)
-        st[1] += x.t() @ x
-        st[2] += x.shape[0]
+        st[1] += x.shape[0]
+        self.hessians.add(key, x)
 
     def finish_group(self, layer_idx: int, layer: nn.Module, paths: list[str]) -> None:
         pre = layer_prefix(layer_idx)
-        sum_abs, h, n = self.stats[paths[0]]
-        h = h / max(n, 1)
+        sum_abs, n = self.stats[paths[0]]
+        h2 = self.hessians.pop(paths[0])
+        assert h2 is not None
+        h = h2 / 2  # mean x^T x over the tokens
         lins = [cast(nn.Linear, layer.get_submodule(p)) for p in paths]
         cfgs = [self.cfg.for_module(pre + p) for p in paths]
         for p, lin, c in zip(paths, lins, cfgs, strict=True):

@@ -18,10 +18,8 @@ from tqdm.auto import tqdm
 from slimlm.quant.config import WeightQuantConfig
 from slimlm.quant.methods.base import register_method, top_level_linears, weight_module
 from slimlm.quant.primitives import quantize_weight, resolve_group_size
-from slimlm.utils.config import register_config
 
 
-@register_config
 @dataclass
 class RTNConfig(WeightQuantConfig):
     kind = "rtn"
