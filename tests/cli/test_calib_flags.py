@@ -13,16 +13,12 @@ from pathlib import Path
 import pytest
 
 from slimlm.cli.main import build_parser, main
-from tests.helpers.models import make_hf_model
-from tests.helpers.tokenizers import make_tiny_tokenizer
+from tests.sparsity.fixtures import tiny_llama
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("calibflags")
-    make_hf_model("llama", d, vocab_size=384, max_position_embeddings=64)
-    make_tiny_tokenizer(vocab_size=384).save(d)
-    return d
+    return tiny_llama(tmp_path_factory.mktemp("calibflags"))
 
 
 CALIBRATED = [
