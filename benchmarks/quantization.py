@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 WIKI = ROOT.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
 
 # name -> (load dtype, config dict or None for the unquantized model)
-_G128 = {"group_size": 128, "ragged_last_group": True}
+_G128 = {"group_size": 128}
 VARIANTS: dict[str, tuple[str, dict[str, Any] | None]] = {
     "fp32": ("fp32", None),
     "bf16": ("bf16", None),
@@ -50,7 +50,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any] | None]] = {
     # the tied lm_head (113 MB in fp32, read on every decode step) also quantized, to int8 per channel
     "rtn-w8-head8": ("fp32", {"kind": "rtn", "bits": 8, "group_size": -1, "symmetric": True, "ignore": []}),
     "rtn-w4g128-head8": ("fp32", {"kind": "rtn", "bits": 4, **_G128, "ignore": [], "overrides": {
-        "lm_head": {"bits": 8, "group_size": -1, "symmetric": True, "ragged_last_group": False}}}),
+        "lm_head": {"bits": 8, "group_size": -1, "symmetric": True}}}),
     "gptq-w4g128": ("fp32", {"kind": "gptq", "bits": 4, "act_order": True, **_G128}),
     "gptq-w4g128-noact": ("fp32", {"kind": "gptq", "bits": 4, "act_order": False, **_G128}),
     # the calibration forwards in fp32 (the default "auto" runs them in bf16 on CPUs with native bf16)

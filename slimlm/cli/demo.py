@@ -13,9 +13,6 @@ import torch
 
 from slimlm.cli.common import DTYPES, add_runtime_args, apply_threads, human_bytes, int_arg, status
 
-# Extra demo steps registered by other packages: fn(loaded_model, args) -> None
-DEMO_STEPS: list = []  # type: ignore[type-arg]
-
 
 def run_demo(args: argparse.Namespace) -> int:
     from slimlm.calib.data import default_text
@@ -52,9 +49,6 @@ def run_demo(args: argparse.Namespace) -> int:
     if not args.skip_quantize:
         print()
         _quantize_step(lm, args, r.perplexity, res.decode_tokens_per_s, ids)
-    for step in DEMO_STEPS:
-        print()
-        step(lm, args)
     status("demo done")
     return 0
 

@@ -11,38 +11,30 @@ from __future__ import annotations
 
 import argparse
 
+from slimlm.cli.calib_args import add_calib_args
 from slimlm.cli.common import add_json_arg, add_model_arg, add_runtime_args, load, status
-from slimlm.cli.prune import (
-    add_calib_args,
-    add_output_args,
-    calib_samples,
-    check_calib_file,
-    dry_run,
-    finish,
-    recipe_config,
-)
+from slimlm.cli.prune import add_output_args, check_calib, dry_run, finish, recipe_config, run_transform
 
 
 def run(args: argparse.Namespace) -> int:
     from slimlm.loaders.save import check_output_dir
-    from slimlm.lowrank.factorize import FactorizeConfig, factorize_
+    from slimlm.lowrank.factorize import FactorizeConfig
 
     cls, base = recipe_config(args, {"factorize": FactorizeConfig})
     cfg = cls.from_args(args, base)
     assert isinstance(cfg, FactorizeConfig)
     check_output_dir(args.out, args.overwrite)
-    check_calib_file(args)
+    check_calib(args, cfg, "factorize --activation-aware")
     lm = load(args)
     if args.dry_run:
-        from slimlm.lowrank.factorize import has_module
+        from slimlm.transforms.select import has_module
 
         n = sum(1 for i, layer in enumerate(lm.model.model.layers) for p in cfg.targets
                 if cfg.wants(i, p) and has_module(layer, p))
         return dry_run(args, cfg, {"model": args.model, "modules_to_factorize": n,
                                    "needs_calibration": cfg.activation_aware, "parameters": lm.model.num_parameters(),
                                    "out": args.out})
-    samples = calib_samples(args, lm) if cfg.activation_aware else None
-    report = factorize_(lm.model, cfg, samples, progress=not args.no_progress)
+    report = run_transform(args, lm, cfg)
     ranks = [m["rank"] for m in report["modules"].values() if m["rank"] is not None]
     status(f"factorized {len(ranks)} linears (ranks {min(ranks, default=0)}..{max(ranks, default=0)}); "
            f"parameters x{report['ratio']:.3f} in {report['seconds']:.1f}s")
@@ -56,7 +48,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     add_model_arg(p)
     p.add_argument("--recipe", default=None, help="YAML/JSON recipe with one factorize stage")
     FactorizeConfig.add_arguments(p)
-    add_calib_args(p)
+    add_calib_args(p, "--activation-aware")
     add_output_args(p)
     add_runtime_args(p)
     add_json_arg(p)

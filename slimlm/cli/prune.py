@@ -8,7 +8,8 @@ Examples::
     slimlm prune smollm2-135m --structured --target-ratio 0.75 --calib wiki.txt --out small/
     slimlm prune smollm2-135m --recipe recipes/prune-sparsegpt-50.yaml --calib wiki.txt --out pruned/
 
-Every output is a slimlm model folder (``save_model``) that all commands load. The calibration
+Every output is a slimlm model folder (``save_model``) that all commands load. Calibrated runs
+(wanda, sparsegpt, --structured) require ``--calib`` (:mod:`slimlm.cli.calib_args`); the output
 helpers here are shared by ``factorize`` and ``convert-gqa``.
 """
 
@@ -18,45 +19,19 @@ import argparse
 import time
 from typing import Any
 
-from slimlm.cli.common import add_json_arg, add_model_arg, add_runtime_args, emit_json, int_arg, load, status
+from slimlm.cli.calib_args import add_calib_args, calib_samples, check_calib_args
+from slimlm.cli.common import add_json_arg, add_model_arg, add_runtime_args, emit_json, load, status
+from slimlm.transforms.report import TransformReport
 from slimlm.utils.config import BaseConfig, load_recipe
-from slimlm.utils.errors import ConfigError, SlimlmError
+from slimlm.utils.errors import ConfigError
 
 
 # --- shared by prune / factorize / convert-gqa ----------------------------------------------------
-def add_calib_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("calibration")
-    g.add_argument("--calib", default=None, help="calibration text file (default: Python's pydoc topics text)")
-    g.add_argument("--calib-start-char", type=int_arg(min=0), default=0,
-                   help="skip this many characters of --calib (WikiText test: 400000)")
-    g.add_argument("--calib-samples", type=int_arg(min=1), default=128, help="number of calibration windows (default 128)")
-    g.add_argument("--calib-seq-len", type=int_arg(min=2), default=512, help="tokens per calibration window (default 512)")
-    g.add_argument("--seed", type=int_arg(min=0), default=0, help="calibration sampling seed (default 0)")
-
-
 def add_output_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output folder (a slimlm model every command loads)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--dry-run", action="store_true", help="validate and print the plan; write nothing")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-
-
-def calib_samples(args: argparse.Namespace, lm: Any) -> list[Any]:
-    from slimlm.calib.data import calibration_samples, read_text
-
-    if args.calib_samples < 1 or args.calib_seq_len < 2:
-        raise SlimlmError("--calib-samples must be >= 1 and --calib-seq-len >= 2")
-    if lm.tokenizer is None:
-        raise SlimlmError(f"{args.model} has no tokenizer; calibration needs one")
-    text = read_text(args.calib, args.calib_start_char)
-    return calibration_samples(lm.tokenizer, text, args.calib_samples, args.calib_seq_len, seed=args.seed)
-
-
-def check_calib_file(args: argparse.Namespace) -> None:
-    from pathlib import Path
-
-    if args.calib is not None and not Path(args.calib).is_file():
-        raise SlimlmError(f"calibration file not found: {args.calib}")
 
 
 def recipe_config(args: argparse.Namespace, kinds: dict[str, type[BaseConfig]]) -> tuple[type[BaseConfig], dict[str, Any]]:
@@ -74,12 +49,28 @@ def recipe_config(args: argparse.Namespace, kinds: dict[str, type[BaseConfig]]) 
     return kinds[str(mine[0]["kind"])], mine[0]
 
 
-def finish(args: argparse.Namespace, lm: Any, cfg: BaseConfig, report: dict[str, Any], command: str) -> int:
+def check_calib(args: argparse.Namespace, cfg: BaseConfig, what: str) -> None:
+    """The one calibration rule, from the transform registry: does this config calibrate?"""
+    from slimlm.transforms import get_transform
+
+    check_calib_args(args, get_transform(cfg).needs_calibration(cfg), what)
+
+
+def run_transform(args: argparse.Namespace, lm: Any, cfg: BaseConfig) -> TransformReport:
+    """Calibration samples when the config needs them, then the transform's registered entry point."""
+    from slimlm.transforms import get_transform
+
+    entry = get_transform(cfg)
+    samples = calib_samples(args, lm) if entry.needs_calibration(cfg) else None
+    return entry.apply(lm.model, cfg, samples, not args.no_progress)
+
+
+def finish(args: argparse.Namespace, lm: Any, cfg: BaseConfig, report: TransformReport, command: str) -> int:
     """Save (atomically) and print the summary; shared by the three commands."""
     from slimlm.loaders.save import save_model
 
     t = time.perf_counter()
-    summary = {k: v for k, v in report.items() if k not in ("modules", "block_influence")}
+    summary = {k: v for k, v in report.to_dict().items() if k not in ("modules", "block_influence")}
     save_model(lm, args.out, meta={"recipe": [cfg.to_dict()], "command": command, "report": summary},
                overwrite=args.overwrite)
     out = {"out": args.out, "config": cfg.to_dict(), "parameters": lm.model.num_parameters(), **summary,
@@ -116,33 +107,31 @@ def run(args: argparse.Namespace) -> int:
     cls, base = recipe_config(args, kinds)
     cfg = cls.from_args(args, base)
     check_output_dir(args.out, args.overwrite)
-    check_calib_file(args)
+    structured = isinstance(cfg, StructuredPruneConfig)
+    check_calib(args, cfg, "prune --structured" if structured else f"prune --method {getattr(cfg, 'method', '')}")
     lm = load(args)
     if isinstance(cfg, StructuredPruneConfig):
         return _structured(args, lm, cfg)
     assert isinstance(cfg, PruneConfig)
-    from slimlm.sparsity.prune import prune_
-
     if args.dry_run:
         layers = list(lm.model.model.layers)
         n = sum(1 for i, _ in enumerate(layers) for p in cfg.targets if cfg.sparsity_for(i, len(layers), p) is not None)
         return dry_run(args, cfg, {"model": args.model, "modules_to_prune": n,
                                    "needs_calibration": cfg.method != "magnitude", "out": args.out})
-    samples = calib_samples(args, lm) if cfg.method != "magnitude" else None
-    report = prune_(lm.model, cfg, samples, progress=not args.no_progress)
+    report = run_transform(args, lm, cfg)
     status(f"{cfg.method}: mean sparsity {report['mean_sparsity']:.4f} over {len(report['modules'])} linears "
            f"in {report['seconds']:.1f}s")
     return finish(args, lm, cfg, report, "prune")
 
 
 def _structured(args: argparse.Namespace, lm: Any, cfg: Any) -> int:
-    from slimlm.sparsity.structured import plan_counts, structured_prune_
+    from slimlm.sparsity.structured import plan_counts
 
     n_rm, groups, inter = plan_counts(lm.model, cfg)
     if args.dry_run:
         return dry_run(args, cfg, {"model": args.model, "remove_layers": n_rm, "kv_groups": groups,
                                    "intermediate_size": inter, "parameters": lm.model.num_parameters(), "out": args.out})
-    report = structured_prune_(lm.model, cfg, calib_samples(args, lm), progress=not args.no_progress)
+    report = run_transform(args, lm, cfg)
     status(f"structured: removed layers {report['plan']['remove_layers']}, kept {groups} KV groups and "
            f"{inter} MLP channels per layer; parameters x{report['ratio']:.3f}")
     return finish(args, lm, cfg, report, "prune --structured")
@@ -160,7 +149,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     PruneConfig.add_arguments(p)
     g = p.add_argument_group("structured pruning (with --structured)")
     StructuredPruneConfig.add_arguments(g)  # type: ignore[arg-type]
-    add_calib_args(p)
+    add_calib_args(p, "wanda, sparsegpt, --structured")
     add_output_args(p)
     add_runtime_args(p)
     add_json_arg(p)

@@ -11,6 +11,8 @@ Example::
 
     slimlm quantize smollm2-135m --recipe recipes/gptq-w4g128.yaml \\
         --calib ../shared/data/wikitext-2-raw/wiki.test.raw --calib-start-char 400000 --out out/gptq
+
+Calibrated methods require ``--calib`` (see :mod:`slimlm.cli.calib_args`).
 """
 
 from __future__ import annotations
@@ -19,26 +21,22 @@ import argparse
 import dataclasses
 import resource
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from slimlm.cli.common import (
-    add_json_arg,
-    add_model_arg,
-    add_runtime_args,
-    emit_json,
-    human_bytes,
-    int_arg,
-    status,
-)
+from slimlm.cli.calib_args import add_calib_args, calib_record, calib_samples, check_calib_args
+from slimlm.cli.common import add_json_arg, add_model_arg, add_runtime_args, emit_json, human_bytes, status
 from slimlm.utils.errors import ConfigError, SlimlmError
 
 
-def _config_classes() -> dict[str, Any]:
-    from slimlm.quant.methods import methods
+def methods() -> dict[str, Any]:
+    from slimlm.quant.methods import methods as registered
 
+    return registered()
+
+
+def _config_classes() -> dict[str, Any]:
     return {k: e.config_cls for k, e in sorted(methods().items())}
 
 
@@ -49,12 +47,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     src = p.add_argument_group("what to run")
     src.add_argument("--recipe", help="YAML/JSON recipe file (serialized quantization config)")
     src.add_argument("--method", help="method name: " + ", ".join(_config_classes()))
-    cal = p.add_argument_group("calibration (GPTQ, AWQ, SmoothQuant, LLM.int8())")
-    cal.add_argument("--calib", help="UTF-8 text file to calibrate on")
-    cal.add_argument("--calib-start-char", type=int_arg(min=0), default=0, help="use the text from this character on")
-    cal.add_argument("--n-samples", type=int_arg(min=1), default=128, help="calibration windows (default 128)")
-    cal.add_argument("--seq-len", type=int_arg(min=2), default=512, help="tokens per calibration window (default 512)")
-    cal.add_argument("--seed", type=int_arg(min=0), default=0, help="window sampling seed (default 0)")
+    calibrated = ", ".join(k for k, e in sorted(methods().items()) if e.calibrated)
+    add_calib_args(p, calibrated, old_names=True)
     out = p.add_argument_group("output")
     out.add_argument("--out", help="output folder (a slimlm model directory)")
     out.add_argument("--overwrite", action="store_true", help="replace an existing model in --out")
@@ -68,7 +62,33 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         names = {f.name for f in dataclasses.fields(cls)}
         cls.add_arguments(grp, skip=tuple(added))  # shared fields (bits, ignore, ...) appear once
         added |= names
+    _per_method_help(p)
     p.set_defaults(func=run, _option_names=sorted(added))
+
+
+def _per_method_help(p: argparse.ArgumentParser) -> None:
+    """A flag several methods share (``--block-size``, ``--clip-search``) gets each method's default (and
+    meaning, where they differ) in --help instead of the first method's."""
+    owners: dict[str, list[tuple[str, Any]]] = {}
+    for kind, cls in _config_classes().items():
+        for f in dataclasses.fields(cls):
+            owners.setdefault(f.name, []).append((kind, f))
+    def default(f: Any) -> Any:
+        return f.default if f.default is not dataclasses.MISSING else f.default_factory()
+
+    for action in p._actions:
+        fs = owners.get(action.dest, [])
+        if not fs:
+            continue
+        if action.help and "(default: None)" in action.help and fs[0][1].default is dataclasses.MISSING:
+            action.help = action.help.replace("(default: None)", f"(default: {default(fs[0][1])})")  # a factory
+        if len(fs) < 2:
+            continue
+        helps = {f.metadata.get("help", "") for _, f in fs}
+        if len(helps) > 1:  # one name, different meanings (gptq block_size vs nf4 block_size)
+            action.help = "; ".join(f"{k}: {f.metadata.get('help', '')} (default {default(f)})" for k, f in fs)
+        elif len({repr(default(f)) for _, f in fs}) > 1:
+            action.help = f"{helps.pop()} (default: " + ", ".join(f"{k} {default(f)}" for k, f in fs) + ")"
 
 
 # --- building the config ------------------------------------------------------------------------
@@ -103,37 +123,6 @@ def _with_flags(kind: str, base: dict[str, Any], args: argparse.Namespace, given
     return cls.from_args(args, base)
 
 
-# --- calibration ----------------------------------------------------------------------------------
-class _Encoded:
-    """A tokenizer stand-in returning already computed ids (tokenize the text once)."""
-
-    def __init__(self, ids: list[int]) -> None:
-        self.ids = ids
-
-    def encode(self, text: str) -> list[int]:
-        return self.ids
-
-
-def calibration(args: argparse.Namespace, tokenizer: Any) -> list[torch.Tensor]:
-    from slimlm.calib.data import calibration_samples, read_text
-
-    if not args.calib:
-        raise SlimlmError("this method needs calibration text: pass --calib FILE (e.g. ../shared/data/wikitext-2-raw/wiki.test.raw)")
-    if args.n_samples < 1 or args.seq_len < 2:
-        raise SlimlmError("--n-samples must be >= 1 and --seq-len >= 2")
-    if not Path(args.calib).is_file():
-        raise SlimlmError(f"calibration file not found: {args.calib}")
-    if tokenizer is None:
-        raise SlimlmError(f"{args.model} has no tokenizer; calibration needs one")
-    text = read_text(args.calib, args.calib_start_char)
-    ids = tokenizer.encode(text)
-    need = args.n_samples * args.seq_len
-    if len(ids) < need:
-        raise SlimlmError(f"calibration text {args.calib} has {len(ids):,} tokens, fewer than the "
-                          f"{args.n_samples} x {args.seq_len} = {need:,} requested (use more text or fewer/shorter samples)")
-    return calibration_samples(_Encoded(ids), text, args.n_samples, args.seq_len, seed=args.seed)
-
-
 # --- plan and estimates ---------------------------------------------------------------------------
 def _gflops(dtype: torch.dtype = torch.float32) -> float:
     """Matmul speed in ``dtype`` right now (best of 3), to turn FLOP counts into seconds."""
@@ -160,12 +149,12 @@ def plan(lm: Any, cfgs: list[Any], args: argparse.Namespace, calibrated: bool) -
         c = cfgs[0].for_module(p)
         key = str(getattr(c, "bits", {"nf4": 4, "smoothquant": 8, "int8-outlier": 8}.get(c.kind, "?")))
         bits[key] = bits.get(key, 0) + 1
-    tokens = args.n_samples * args.seq_len if calibrated else 0
+    tokens = args.calib_samples * args.calib_seq_len if calibrated else 0
     layer0 = model.model.layers[0]
     layer_params = sum(p.numel() for p in layer0.parameters())
     ins = [layer0.get_submodule(g[0]).in_features for g in layer_groups(layer0)]
     hidden_bytes = tokens * mc.hidden_size * 4 * 2  # the layer's inputs and outputs for the whole set
-    act_bytes = min(8, args.n_samples) * args.seq_len * max(mc.intermediate_size, mc.hidden_size) * 4 * 6
+    act_bytes = min(8, args.calib_samples) * args.calib_seq_len * max(mc.intermediate_size, mc.hidden_size) * 4 * 6
     state_bytes = sum(i * i * 4 for i in ins) * 3 if calibrated else 0
     peak = int(fp32 * 1.15 + hidden_bytes + act_bytes + state_bytes) if calibrated else int(fp32 * 1.3)
     passes = 2 + (len(ins) if any(getattr(c, "true_sequential", False) for c in cfgs) else 0)
@@ -190,8 +179,7 @@ def plan(lm: Any, cfgs: list[Any], args: argparse.Namespace, calibrated: bool) -
         "model": args.model, "parameters": params, "fp32_bytes": fp32,
         "configs": [c.to_dict() for c in cfgs], "steps": [c.short() for c in cfgs],
         "linears": len(paths), "linears_by_bits": bits,
-        "calibration": {"file": args.calib, "start_char": args.calib_start_char, "n_samples": args.n_samples,
-                        "seq_len": args.seq_len, "seed": args.seed} if calibrated else None,
+        "calibration": calib_record(args) if calibrated else None,
         "estimated_peak_bytes": peak, "estimated_seconds": seconds, "measured_gflops": gf,
         "calibration_forward_dtype": str(fwd_dtype).removeprefix("torch.") if calibrated else None,
         "out": args.out,
@@ -225,12 +213,9 @@ def run(args: argparse.Namespace) -> int:
         raise SlimlmError("--out DIR is required (where the quantized model goes)")
     if args.out:
         check_output_dir(args.out, args.overwrite)
-    if calibrated and args.calib and not Path(args.calib).is_file():
-        raise SlimlmError(f"calibration file not found: {args.calib}")
-    if calibrated and not args.calib:
-        raise SlimlmError(f"{cfgs[0].kind} needs calibration text: pass --calib FILE")
+    check_calib_args(args, calibrated, next((c.kind for c in cfgs if methods()[c.kind].calibrated), "quantize"))
     lm = load(args)
-    samples = calibration(args, lm.tokenizer) if calibrated else None
+    samples = calib_samples(args, lm) if calibrated else None
     pl = plan(lm, cfgs, args, calibrated)
     if args.dry_run:
         emit_json({"dry_run": True, **pl}) if args.json else _print_plan(pl)

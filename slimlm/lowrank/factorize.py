@@ -14,7 +14,6 @@ Example::
 
 from __future__ import annotations
 
-import fnmatch
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -24,11 +23,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from slimlm.calib.hessian import HessianStore
 from slimlm.lowrank.linear import LowRankLinear
 from slimlm.lowrank.svd import (
-    accumulate_gram,
     check_rank,
-    make_gram,
     rank_for_energy,
     rank_for_ratio,
     svd_factors,
@@ -38,26 +36,26 @@ from slimlm.lowrank.svd import (
 )
 from slimlm.models.modules import linear_weight
 from slimlm.models.transformer import Transformer
-from slimlm.utils.config import BaseConfig, register_config
+from slimlm.transforms import TransformConfig, TransformReport, register_transform
+from slimlm.transforms.select import DECODER_LINEARS, has_module
 from slimlm.utils.errors import ConfigError, SlimlmError
 
-DEFAULT_TARGETS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                   "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+DEFAULT_TARGETS = DECODER_LINEARS
 
 
-@register_config
 @dataclass
-class FactorizeConfig(BaseConfig):
+class FactorizeConfig(TransformConfig):
     """Low-rank factorization of the decoder's linear layers."""
 
     kind: ClassVar[str] = "factorize"
-    ratio: float = field(default=0.8, metadata={"help": "parameters kept per factorized linear, in (0, 1]", "gt": 0, "max": 1})
-    energy: float = field(default=0.0, metadata={"help": "pick each rank by this fraction of singular-value energy (0 = use ratio)", "min": 0, "max": 1})
-    rank: int = field(default=0, metadata={"help": "fixed rank for every target (0 = use ratio/energy)", "min": 0})
+    family: ClassVar[str] = "factorize"
+    ratio: float = field(default=0.8, metadata={"gt": 0, "max": 1, "help": "parameters kept per factorized linear, in (0, 1]"})
+    energy: float = field(default=0.0, metadata={"min": 0, "max": 1, "help": "pick each rank by this fraction of singular-value energy (0 = use ratio)"})
+    rank: int = field(default=0, metadata={"min": 0, "help": "fixed rank for every target (0 = use ratio/energy)"})
     activation_aware: bool = field(default=False, metadata={"help": "whiten by the calibration Gram matrix (SVD-LLM)"})
-    damp: float = field(default=0.01, metadata={"help": "activation-aware: Gram dampening, fraction of mean diagonal", "min": 0, "lt": 1})
+    damp: float = field(default=0.01, metadata={"min": 0, "lt": 1, "help": "activation-aware: Gram dampening, fraction of mean diagonal"})
     targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS), metadata={"help": "linear paths inside each layer"})
-    ignore: list[str] = field(default_factory=list, metadata={"help": "globs on 'layers.<i>.<path>' to leave dense"})
+    ignore: list[str] = field(default_factory=list, metadata={"help": "module path patterns (glob on the path or a dotted suffix, or 're:<regex>') left dense"})
 
     def validate(self) -> None:
         if not 0.0 < self.ratio <= 1.0:
@@ -68,9 +66,10 @@ class FactorizeConfig(BaseConfig):
             raise ConfigError(f"rank must be >= 0, got {self.rank}")
         if not 0.0 <= self.damp < 1.0:
             raise ConfigError(f"damp must be in [0, 1), got {self.damp}")
+        super().validate()
 
     def wants(self, layer_idx: int, path: str) -> bool:
-        return path in self.targets and not any(fnmatch.fnmatchcase(f"layers.{layer_idx}.{path}", g) for g in self.ignore)
+        return path in self.targets and not self.ignores(f"model.layers.{layer_idx}.{path}")
 
 
 def choose_rank(cfg: FactorizeConfig, w: torch.Tensor, svals: torch.Tensor | None) -> int:
@@ -87,7 +86,11 @@ def choose_rank(cfg: FactorizeConfig, w: torch.Tensor, svals: torch.Tensor | Non
 
 @torch.no_grad()
 def factorize_module(layer: nn.Module, path: str, cfg: FactorizeConfig, gram: torch.Tensor | None) -> dict[str, Any]:
-    """Replace ``layer.<path>`` by a LowRankLinear (or leave it when that would not save parameters)."""
+    """Replace ``layer.<path>`` by a LowRankLinear (or leave it when that would not save parameters).
+
+    ``gram``: the input's Hessian ``[in, in]`` (:mod:`slimlm.calib.hessian`; any positive multiple of
+    ``X X^T`` gives the same factors, the whitening's dampening being relative), None for plain SVD.
+    """
     mod = layer.get_submodule(path)
     w = linear_weight(mod).detach().float()  # [out, in]
     out_f, in_f = w.shape
@@ -115,7 +118,7 @@ class FactorizeAlgorithm:
 
     def __init__(self, cfg: FactorizeConfig):
         self.cfg = cfg
-        self.grams: dict[str, torch.Tensor] = {}
+        self.grams = HessianStore(torch.float64)  # SVD-LLM accumulates in float64
         self.report: dict[str, dict[str, Any]] = {}
 
     def target_groups(self, layer_idx: int, layer: nn.Module) -> list[list[str]]:
@@ -125,28 +128,18 @@ class FactorizeAlgorithm:
         self.grams.clear()
 
     def accumulate(self, path: str, module: nn.Module, x: torch.Tensor) -> None:
-        if path not in self.grams:
-            self.grams[path] = make_gram(x.shape[1])
-        accumulate_gram(self.grams[path], x)
+        self.grams.add(path, x)
 
     def finish_group(self, layer_idx: int, layer: nn.Module, paths: list[str]) -> None:
         for p in paths:
-            self.report[f"model.layers.{layer_idx}.{p}"] = factorize_module(layer, p, self.cfg, self.grams.pop(p, None))
+            self.report[f"model.layers.{layer_idx}.{p}"] = factorize_module(layer, p, self.cfg, self.grams.pop(p))
 
     def end_layer(self, layer_idx: int, layer: nn.Module) -> None:
         self.grams.clear()
 
 
-def has_module(layer: nn.Module, path: str) -> bool:
-    try:
-        layer.get_submodule(path)
-        return True
-    except AttributeError:
-        return False
-
-
 def factorize_(model: Transformer, cfg: FactorizeConfig, samples: Sequence[torch.Tensor] | None = None,
-               progress: bool = True, batch_size: int | None = None) -> dict[str, Any]:
+               progress: bool = True, batch_size: int | None = None) -> TransformReport:
     """Factorize ``model`` in place; returns per-module ranks, parameter counts and timing."""
     before = model.num_parameters()
     algo = FactorizeAlgorithm(cfg)
@@ -168,5 +161,8 @@ def factorize_(model: Transformer, cfg: FactorizeConfig, samples: Sequence[torch
             for g in algo.target_groups(i, layer):
                 algo.finish_group(i, layer, g)
     after = model.num_parameters()
-    return {"modules": algo.report, "parameters_before": before, "parameters_after": after,
-            "ratio": after / before, "seconds": time.perf_counter() - t0}
+    return TransformReport("factorize", time.perf_counter() - t0, algo.report,
+                           {"parameters_before": before, "parameters_after": after, "ratio": after / before})
+
+
+register_transform(FactorizeConfig, apply=factorize_, calibrated=lambda cfg: cfg.activation_aware)

@@ -23,17 +23,17 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import nn
 
-from slimlm.lowrank.svd import accumulate_gram, make_gram
+from slimlm.calib.hessian import HessianStore
 from slimlm.models.transformer import Transformer
-from slimlm.utils.config import BaseConfig, register_config
+from slimlm.transforms import TransformConfig, TransformReport, register_transform
 from slimlm.utils.errors import ConfigError, SlimlmError
 
 
-@register_config
 @dataclass
-class GQAConfig(BaseConfig):
+class GQAConfig(TransformConfig):
     kind: ClassVar[str] = "convert-gqa"
-    kv_heads: int = field(default=1, metadata={"help": "number of KV heads (groups) after conversion; must divide the query heads", "min": 1})
+    family: ClassVar[str] = "convert-gqa"
+    kv_heads: int = field(default=1, metadata={"min": 1, "help": "number of KV heads (groups) after conversion; must divide the query heads"})
     weighting: Literal["uniform", "activation"] = field(
         default="uniform", metadata={"help": "mean-pool uniformly or weighted by calibration output energy"})
 
@@ -66,7 +66,7 @@ class _GramCapture:
     sequential = False
 
     def __init__(self) -> None:
-        self.grams: dict[int, torch.Tensor] = {}
+        self.store = HessianStore(torch.float64)  # one per layer: k_proj's input, shared by v_proj
         self._idx = 0
 
     def target_groups(self, layer_idx: int, layer: nn.Module) -> list[list[str]]:
@@ -76,9 +76,7 @@ class _GramCapture:
         self._idx = layer_idx
 
     def accumulate(self, path: str, module: nn.Module, x: torch.Tensor) -> None:
-        if self._idx not in self.grams:
-            self.grams[self._idx] = make_gram(x.shape[1])
-        accumulate_gram(self.grams[self._idx], x)
+        self.store.add(str(self._idx), x)
 
     def finish_group(self, layer_idx: int, layer: nn.Module, paths: list[str]) -> None:
         pass
@@ -94,7 +92,7 @@ def _head_energy(w: torch.Tensor, g: torch.Tensor, kv: int, dh: int) -> torch.Te
 
 @torch.no_grad()
 def convert_gqa_(model: Transformer, cfg: GQAConfig, samples: Sequence[torch.Tensor] | None = None,
-                 progress: bool = True) -> dict[str, Any]:
+                 progress: bool = True) -> TransformReport:
     """Merge KV heads in place and update ``model.config.num_key_value_heads``."""
     mc = model.config
     h, old_kv, dh = mc.num_attention_heads, mc.num_key_value_heads, mc.head_dim
@@ -111,7 +109,7 @@ def convert_gqa_(model: Transformer, cfg: GQAConfig, samples: Sequence[torch.Ten
 
         cap = _GramCapture()
         run_layerwise(model, samples, cap, progress=progress, desc="convert-gqa: layers")
-        grams = cap.grams
+        grams = {int(k): h for k, (h, _) in cap.store.items.items()}
     layers: list[Any] = list(model.model.layers)
     for i, layer in enumerate(layers):
         attn = layer.self_attn
@@ -129,5 +127,9 @@ def convert_gqa_(model: Transformer, cfg: GQAConfig, samples: Sequence[torch.Ten
             setattr(attn, name, new)
         attn.num_kv_heads = cfg.kv_heads
     mc.num_key_value_heads = cfg.kv_heads
-    return {"kv_heads_before": old_kv, "kv_heads_after": cfg.kv_heads, "kv_cache_ratio": cfg.kv_heads / old_kv,
-            "parameters": model.num_parameters(), "seconds": time.perf_counter() - t0}
+    return TransformReport("convert-gqa", time.perf_counter() - t0, metrics={
+        "kv_heads_before": old_kv, "kv_heads_after": cfg.kv_heads, "kv_cache_ratio": cfg.kv_heads / old_kv,
+        "parameters": model.num_parameters()})
+
+
+register_transform(GQAConfig, apply=convert_gqa_, calibrated=lambda cfg: cfg.weighting == "activation")

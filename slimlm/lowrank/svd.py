@@ -4,7 +4,9 @@ Plain SVD minimizes ``||W - W'||_F``. The activation-aware variant (SVD-LLM) min
 on the calibration inputs, ``||(W - W') X||_F``: with the Gram matrix ``G = X X^T = S S^T``
 (Cholesky, dampened), ``||(W - W') X||_F = ||(W - W') S||_F``, so truncate the SVD of ``W S`` and
 map back: ``W' = U_r Sigma_r V_r^T S^-1``. Both return factors ``up [out, r]``, ``down [r, in]``
-with ``sqrt(Sigma)`` split between them.
+with ``sqrt(Sigma)`` split between them. ``G`` comes from the shared accumulator
+(:mod:`slimlm.calib.hessian`, ``2/n X X^T``): the dampening is relative to ``mean(diag G)``, so any
+positive multiple of ``X X^T`` gives the same factors.
 """
 
 from __future__ import annotations
@@ -34,18 +36,6 @@ def rank_for_energy(s: torch.Tensor, threshold: float) -> int:
 def check_rank(rank: int, out_features: int, in_features: int) -> None:
     if not 1 <= rank <= min(out_features, in_features):
         raise ConfigError(f"rank {rank} is outside [1, min(out, in) = {min(out_features, in_features)}]")
-
-
-def make_gram(in_features: int) -> torch.Tensor:
-    """Empty ``X X^T`` accumulator ``[in, in]`` float64."""
-    return torch.zeros(in_features, in_features, dtype=torch.float64)
-
-
-def accumulate_gram(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Add one batch ``x: [tokens, in]`` to ``g`` in place (fp32 matmul per batch, fp64 running sum)."""
-    xf = x.float()
-    g += (xf.t() @ xf).double()
-    return g
 
 
 def _split(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:

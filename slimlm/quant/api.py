@@ -75,7 +75,7 @@ def check_model(model: nn.Module, config: QuantConfigBase) -> list[str]:
         if c is None:
             continue
         if isinstance(c, WeightQuantConfig):
-            resolve_group_size(m.in_features, c.group_size, name, c.ragged_last_group)
+            resolve_group_size(m.in_features, c.group_size, name)
         paths.append(name)
     return paths
 
@@ -116,5 +116,5 @@ def quantize_(
             entries[c.kind].handler(model, c, calib_samples, progress)
     rep = build_report(model, method="+".join(c.kind for c in cfgs))
     rep.seconds = time.perf_counter() - t0
-    rep.extra["configs"] = [c.to_dict() for c in cfgs]
+    rep.metrics["configs"] = [c.to_dict() for c in cfgs]
     return rep

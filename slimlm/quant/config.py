@@ -10,37 +10,32 @@ just the serialized config::
     ignore: [lm_head]
     overrides: {"mlp.down_proj": {bits: 8}}
 
-Module patterns match full module paths (``model.layers.3.mlp.down_proj``): a glob matches the
-path or any dotted suffix of it (``down_proj``, ``mlp.*_proj``, ``model.layers.0.*``), and a pattern
-starting with ``re:`` is a regular expression searched in the path. Embeddings are never quantized
+Module patterns are the one syntax of every transform (:mod:`slimlm.transforms.select`): full module
+paths (``model.layers.3.mlp.down_proj``) matched by a glob on the path or any dotted suffix of it
+(``down_proj``, ``mlp.*_proj``, ``model.layers.0.*``), or ``re:<regex>`` searched in the path. Embeddings are never quantized
 by these methods (they are not linears); ``lm_head`` is skipped by default.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
-import re
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from slimlm.quant.primitives import check_bits
-from slimlm.utils.config import BaseConfig
+from slimlm.transforms.config import TransformConfig
+from slimlm.transforms.select import check_patterns, path_matches
 from slimlm.utils.errors import ConfigError
 
 C = TypeVar("C", bound="QuantConfigBase")
-
-
-def path_matches(pattern: str, path: str) -> bool:
-    """True when ``pattern`` (glob on the path or a dotted suffix; ``re:`` = regex) names ``path``."""
-    if pattern.startswith("re:"):
-        return re.search(pattern[3:], path) is not None
-    return fnmatch.fnmatchcase(path, pattern) or fnmatch.fnmatchcase(path, "*." + pattern)
+W = TypeVar("W", bound="WeightQuantConfig")
 
 
 @dataclass
-class QuantConfigBase(BaseConfig):
+class QuantConfigBase(TransformConfig):
     """Fields every quantization method has (not registered itself)."""
+
+    family: ClassVar[str] = "quantize"
 
     ignore: list[str] = field(
         default_factory=lambda: ["lm_head"],
@@ -52,18 +47,14 @@ class QuantConfigBase(BaseConfig):
     )
 
     def validate(self) -> None:
-        for pat in list(self.ignore) + list(self.overrides):
-            if pat.startswith("re:"):
-                try:
-                    re.compile(pat[3:])
-                except re.error as e:
-                    raise ConfigError(f"{self.kind}: bad regex {pat!r}: {e}") from None
+        check_patterns(list(self.overrides), self.kind)
         for pat, ov in self.overrides.items():
             if not isinstance(ov, dict):
                 raise ConfigError(f"{self.kind}: override for {pat!r} must be a mapping of fields")
             if "ignore" in ov or "overrides" in ov:
                 raise ConfigError(f"{self.kind}: override for {pat!r} may not set 'ignore'/'overrides'")
             self._merged(ov)  # raises ConfigError naming a bad key/value
+        super().validate()  # the ignore patterns
 
     def _merged(self: C, ov: dict[str, Any]) -> C:
         base = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
@@ -78,7 +69,7 @@ class QuantConfigBase(BaseConfig):
 
         Later override patterns win over earlier ones.
         """
-        if any(path_matches(p, path) for p in self.ignore):
+        if self.ignores(path):
             return None
         merged: dict[str, Any] = {}
         for pat, ov in self.overrides.items():
@@ -99,15 +90,20 @@ class QuantConfigBase(BaseConfig):
 class WeightQuantConfig(QuantConfigBase):
     """Integer weight quantization fields shared by RTN, GPTQ and AWQ."""
 
-    bits: int = field(default=4, metadata={"help": "bits per weight (2-8)", "min": 2, "max": 8})
+    bits: int = field(default=4, metadata={"min": 2, "max": 8, "help": "bits per weight (2-8)"})
     group_size: int = field(
-        default=128, metadata={"help": "input columns per scale group; -1 = per channel, 0 = per tensor", "min": -1}
+        default=128, metadata={"min": -1, "help": "input columns per scale group (a row that is no multiple of it ends in a "
+                                 "shorter group); -1 = per channel (one group per row), 0 = per tensor"}
     )
     symmetric: bool = field(default=False, metadata={"help": "symmetric (absmax) grid instead of min/max"})
-    ragged_last_group: bool = field(
-        default=False,
-        metadata={"help": "allow a group size that does not divide a row: the last group is shorter"},
-    )
+
+    @classmethod
+    def from_dict(cls: type[W], data: dict[str, Any]) -> W:
+        # ``ragged_last_group`` (before 2026-12): a group size that does not divide a row now always
+        # leaves a shorter last group, so the key is accepted and dropped
+        if isinstance(data, dict) and "ragged_last_group" in data:
+            data = {k: v for k, v in data.items() if k != "ragged_last_group"}
+        return super().from_dict(data)
 
     def validate(self) -> None:
         check_bits(self.bits)

@@ -12,11 +12,12 @@ Every method (RTN, GPTQ, AWQ, SmoothQuant, LLM.int8()) builds on these. The conv
   (GPTQ's / torchao's choice: codes ``-2**(bits-1) .. 2**(bits-1)-1`` around the zero).
 
 An all-zero row/group gets ``xmin, xmax = -1, 1`` (asymmetric) or ``absmax = 1`` (symmetric) so the
-scale is never 0. Granularity is a ``group_size``: ``g`` columns per group (must divide the row),
-``-1`` = per output channel (one group per row), ``0`` = per tensor (one scale, broadcast to every
-row so the result still is a :class:`QuantizedWeight` with ``scale: [out, 1]``). With ``ragged=True``
-a group size that does not divide the row leaves a shorter last group (GPTQ reference behaviour,
-needed for g128 on SmolLM2's 576-wide rows); ``n_groups = ceil(in / group_size)``.
+scale is never 0. Granularity is a ``group_size`` (one meaning everywhere in slimlm): ``g > 0``
+columns per group, ``-1`` = per output channel (one group per row), ``0`` = per tensor (one scale,
+broadcast to every row so the result still is a :class:`QuantizedWeight` with ``scale: [out, 1]``).
+A group size that does not divide the row leaves a shorter last group, as the GPTQ reference code
+slices it (SmolLM2's 576-wide rows at g128: 4 x 128 + 64); ``n_groups = ceil(in / group_size)``.
+Only a consumer that cannot hold a short group (an export format) asks for ``ragged=False``.
 
 Optional MSE clipping search (``clip_search=True``): for shrink factors ``p = 1 - i / grid``
 (``i < max_shrink * grid``) the range is shrunk to ``p * [xmin, xmax]`` and, per row and group, the
@@ -38,11 +39,12 @@ def check_bits(bits: int) -> None:
         raise ConfigError(f"bits must be an integer in 2..8, got {bits!r}")
 
 
-def resolve_group_size(in_features: int, group_size: int, where: str = "", ragged: bool = False) -> int:
+def resolve_group_size(in_features: int, group_size: int, where: str = "", ragged: bool = True) -> int:
     """Columns per group for a row of ``in_features``: -1 -> in_features (per channel); 0 -> per tensor.
 
-    Raises ConfigError when a positive group size does not divide the row, unless ``ragged`` (the
-    last group is then shorter, as in the GPTQ reference code: 576 = 4 x 128 + 64).
+    A positive group size that does not divide the row leaves a shorter last group (as the GPTQ
+    reference code: 576 = 4 x 128 + 64). ``ragged=False`` is for a consumer that needs whole groups
+    (an export format): it raises ConfigError with the reason and the fix.
     """
     if group_size == -1 or group_size == 0:
         return in_features
@@ -51,14 +53,10 @@ def resolve_group_size(in_features: int, group_size: int, where: str = "", ragge
     if in_features % group_size != 0 and not ragged:
         at = f" of {where}" if where else ""
         raise ConfigError(
-            f"group_size {group_size} does not divide the row length {in_features}{at} "
-            f"(use a divisor of {in_features}, -1 for per channel, or ragged_last_group for a shorter last group)"
+            f"group_size {group_size} does not divide the row length {in_features}{at}: this format cannot hold "
+            f"a shorter last group; quantize with a group size dividing {in_features} or -1 (per channel)"
         )
     return group_size
-
-
-def n_groups(in_features: int, group_size: int) -> int:
-    return -(-in_features // group_size)
 
 
 def _grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -126,7 +124,7 @@ def choose_qparams(
     grid: int = 100,
     max_shrink: float = 0.8,
     norm: float = 2.4,
-    ragged: bool = False,
+    ragged: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Scales and zeros for ``w: [out, in]``: returns ``scale: [out, n_groups]`` float32, ``zero`` int32."""
     check_bits(bits)
@@ -190,7 +188,7 @@ def quantize_weight(
     grid: int = 100,
     max_shrink: float = 0.8,
     norm: float = 2.4,
-    ragged: bool = False,
+    ragged: bool = True,
 ) -> QuantizedWeight:
     """Round-to-nearest quantization of ``w: [out, in]`` into a :class:`QuantizedWeight`.
 

@@ -4,7 +4,9 @@ Bits are counted from what a module really holds (its persistent tensors: packed
 zeros, outlier columns; the bias is not counted as weight storage), divided by the number of
 weights of the dense ``[out, in]`` matrix it stands for. Totals are given for the linears only
 ("without embeddings"; also over the swapped modules only) and for the whole model (embeddings, norms, biases included; a tied
-``lm_head`` counted once).
+``lm_head`` counted once). :class:`QuantReport` is the transforms' one report type
+(:class:`slimlm.transforms.TransformReport`) with this accounting added: ``module_bits`` per linear,
+``modules`` the same as dictionaries keyed by path.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 from torch import nn
 
 from slimlm.models.modules import SwappableLinear
+from slimlm.transforms.report import TransformReport
 
 
 @dataclass
@@ -31,22 +34,24 @@ class ModuleBits:
 
 
 @dataclass
-class QuantReport:
-    modules: list[ModuleBits] = field(default_factory=list)
+class QuantReport(TransformReport):
+    module_bits: list[ModuleBits] = field(default_factory=list)
     total_params: int = 0  # dense-equivalent parameters of the whole model
     total_bits: int = 0  # stored bits of the whole model
-    method: str = ""
-    seconds: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
+
+    def add(self, m: ModuleBits) -> None:
+        self.module_bits.append(m)
+        self.modules[m.path] = {"kind": m.kind, "weights": m.weights, "bits": m.bits,
+                                "bits_per_weight": m.bits_per_weight}
 
     @property
     def linear_bits_per_weight(self) -> float:
-        return sum(m.bits for m in self.modules) / max(sum(m.weights for m in self.modules), 1)
+        return sum(m.bits for m in self.module_bits) / max(sum(m.weights for m in self.module_bits), 1)
 
     @property
     def quantized_bits_per_weight(self) -> float:
         """Over the modules that were swapped (dense linears left alone, e.g. lm_head, excluded)."""
-        q = [m for m in self.modules if m.kind != "dense"]
+        q = [m for m in self.module_bits if m.kind != "dense"]
         return sum(m.bits for m in q) / max(sum(m.weights for m in q), 1)
 
     @property
@@ -55,7 +60,7 @@ class QuantReport:
 
     def by_kind(self) -> dict[str, dict[str, float]]:
         out: dict[str, dict[str, float]] = {}
-        for m in self.modules:
+        for m in self.module_bits:
             d = out.setdefault(m.kind, {"modules": 0, "weights": 0, "bits": 0})
             d["modules"] += 1
             d["weights"] += m.weights
@@ -74,8 +79,8 @@ class QuantReport:
             "total_params": self.total_params,
             "total_bytes": self.total_bits // 8,
             "by_kind": self.by_kind(),
-            "modules": [{**asdict(m), "bits_per_weight": m.bits_per_weight} for m in self.modules],
-            **self.extra,
+            "modules": [{**asdict(m), "bits_per_weight": m.bits_per_weight} for m in self.module_bits],
+            **self.metrics,
         }
 
     def summary(self) -> str:
@@ -116,10 +121,10 @@ def build_report(model: nn.Module, method: str = "") -> QuantReport:
             continue  # tied lm_head: counted with the embeddings
         kind = "dense" if type(m) is nn.Linear else str(getattr(m, "kind", "") or type(m).__name__)
         weights = int(m.in_features) * int(m.out_features)  # type: ignore[arg-type]
-        rep.modules.append(ModuleBits(name, kind, weights, module_storage_bits(m)))
+        rep.add(ModuleBits(name, kind, weights, module_storage_bits(m)))
         if kind != "dense":  # count the dense-equivalent weights, not the packed element counts
             rep.total_params += weights
-            rep.total_bits += rep.modules[-1].bits
+            rep.total_bits += rep.module_bits[-1].bits
             for n, t in list(m.named_parameters()) + list(m.named_buffers()):
                 if n != "bias":
                     seen.add(id(t))
@@ -129,10 +134,6 @@ def build_report(model: nn.Module, method: str = "") -> QuantReport:
             rep.total_params += t.numel()
             rep.total_bits += _tensor_bits(t)
     return rep
-
-
-def _embedding_params(model: nn.Module) -> list[torch.Tensor]:
-    return [m.weight for m in model.modules() if isinstance(m, nn.Embedding)]
 
 
 def _persistent_buffers(model: nn.Module) -> list[tuple[str, torch.Tensor]]:

@@ -108,11 +108,6 @@ def select_mask(scores: torch.Tensor, sparsity: float, pattern: tuple[int, int] 
 
 
 # --- checks -------------------------------------------------------------------------------------
-def sparsity_of(w: torch.Tensor) -> float:
-    """Fraction of exact zeros."""
-    return float((w == 0).sum()) / max(w.numel(), 1)
-
-
 def follows_n_m(w: torch.Tensor, n: int, m: int) -> bool:
     """True when every group of ``m`` consecutive input weights of each row has at most ``n`` nonzeros."""
     out_f, in_f = w.shape

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from slimlm.calib.hessian import HessianStore
 from slimlm.models.modules import linear_weight
 from slimlm.sparsity.config import PruneConfig
 from slimlm.sparsity.masks import (
@@ -32,31 +33,22 @@ from slimlm.sparsity.masks import (
     select_mask,
     wanda_scores,
 )
-from slimlm.sparsity.sparsegpt import MinMaxQuantizer, accumulate_hessian, make_hessian, sparsegpt_prune
+from slimlm.sparsity.sparsegpt import MinMaxQuantizer, sparsegpt_prune
 from slimlm.sparsity.storage import SparseLinear
+from slimlm.transforms import TransformReport, register_transform
+from slimlm.transforms.select import DECODER_LINEARS, SHARED_INPUT_GROUPS, has_module
 from slimlm.utils.errors import SlimlmError
-
-_GROUPS = [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
-           ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
 
 
 def _targets(cfg: PruneConfig, layer_idx: int, n_layers: int, layer: nn.Module) -> list[list[str]]:
-    groups = [[p for p in g if p in cfg.targets] for g in _GROUPS]
-    groups.append([p for p in cfg.targets if not any(p in g for g in _GROUPS)])  # anything else named
+    groups = [[p for p in g if p in cfg.targets] for g in SHARED_INPUT_GROUPS]
+    groups.append([p for p in cfg.targets if p not in DECODER_LINEARS])  # anything else named
     out = []
     for g in groups:
-        g = [p for p in g if _has(layer, p) and cfg.sparsity_for(layer_idx, n_layers, p) is not None]
+        g = [p for p in g if has_module(layer, p) and cfg.sparsity_for(layer_idx, n_layers, p) is not None]
         if g:
             out.append(g)
     return out
-
-
-def _has(layer: nn.Module, path: str) -> bool:
-    try:
-        layer.get_submodule(path)
-        return True
-    except AttributeError:
-        return False
 
 
 class PruneAlgorithm:
@@ -67,8 +59,8 @@ class PruneAlgorithm:
     def __init__(self, cfg: PruneConfig, n_layers: int):
         self.cfg, self.n_layers = cfg, n_layers
         self.name = f"prune-{cfg.method}"
-        self.stats: dict[str, torch.Tensor] = {}
-        self.counts: dict[str, int] = {}
+        self.stats: dict[str, torch.Tensor] = {}  # Wanda's row scalars
+        self.hessians = HessianStore()  # SparseGPT
         self.report: dict[str, dict[str, Any]] = {}
         self._idx = 0
 
@@ -78,7 +70,7 @@ class PruneAlgorithm:
     def begin_layer(self, layer_idx: int, layer: nn.Module) -> None:
         self._idx = layer_idx
         self.stats.clear()
-        self.counts.clear()
+        self.hessians.clear()
 
     def accumulate(self, path: str, module: nn.Module, x: torch.Tensor) -> None:
         # x: [tokens, in] float32
@@ -87,17 +79,17 @@ class PruneAlgorithm:
                 self.stats[path] = make_row_scalars(x.shape[1])
             accumulate_row_scalars(self.stats[path], x)
         elif self.cfg.method == "sparsegpt":
-            if path not in self.stats:
-                self.stats[path], self.counts[path] = make_hessian(x.shape[1]), 0
-            self.stats[path], self.counts[path] = accumulate_hessian(self.stats[path], self.counts[path], x)
+            self.hessians.add(path, x)
 
     def finish_group(self, layer_idx: int, layer: nn.Module, paths: list[str]) -> None:
         for p in paths:
+            stat = self.hessians.pop(p) if self.cfg.method == "sparsegpt" else self.stats.pop(p, None)
             prune_module(layer, p, self.cfg, self.cfg.sparsity_for(layer_idx, self.n_layers, p) or 0.0,
-                         self.stats.pop(p, None), f"model.layers.{layer_idx}.{p}", self.report)
+                         stat, f"model.layers.{layer_idx}.{p}", self.report)
 
     def end_layer(self, layer_idx: int, layer: nn.Module) -> None:
         self.stats.clear()
+        self.hessians.clear()
 
 
 @torch.no_grad()
@@ -141,7 +133,7 @@ def prune_module(layer: nn.Module, path: str, cfg: PruneConfig, sparsity: float,
 
 
 def prune_(model: nn.Module, cfg: PruneConfig, samples: Sequence[torch.Tensor] | None = None,
-           progress: bool = True, batch_size: int | None = None) -> dict[str, Any]:
+           progress: bool = True, batch_size: int | None = None) -> TransformReport:
     """Prune ``model`` (a slimlm Transformer) in place; returns per-module sparsity and timing."""
     layers: nn.ModuleList = model.model.layers  # type: ignore[union-attr,assignment]
     algo = PruneAlgorithm(cfg, len(layers))
@@ -159,5 +151,7 @@ def prune_(model: nn.Module, cfg: PruneConfig, samples: Sequence[torch.Tensor] |
         run_layerwise(model, samples, algo, batch_size=batch_size, progress=progress)  # type: ignore[arg-type]
     n = sum(r["numel"] for r in algo.report.values())
     total = sum(r["sparsity"] * r["numel"] for r in algo.report.values()) / max(n, 1)
-    return {"method": cfg.method, "modules": algo.report, "mean_sparsity": total,
-            "seconds": time.perf_counter() - t0}
+    return TransformReport(cfg.method, time.perf_counter() - t0, algo.report, {"mean_sparsity": total})
+
+
+register_transform(PruneConfig, apply=prune_, calibrated=lambda cfg: cfg.method != "magnitude")

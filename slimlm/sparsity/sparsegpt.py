@@ -12,9 +12,12 @@ the grid of a :class:`ColumnQuantizer` (default :class:`MinMaxQuantizer`, built 
 :mod:`slimlm.quant.primitives`) inside the same loop, so the rounding error is compensated
 too. Grids always contain 0, so pruned weights stay exactly zero.
 
+The Hessian comes from the shared accumulator :mod:`slimlm.calib.hessian` (``H = 2/n sum x x^T`` over
+the calibration tokens, the reference's running mean; re-exported here).
+
 Example::
 
-    H = make_hessian(in_features)
+    H, n = make_hessian(in_features), 0
     for x in inputs:                       # x: [tokens, in]
         H, n = accumulate_hessian(H, n, x)
     w_hat, mask = sparsegpt_prune(W, H, sparsity=0.5)
@@ -26,14 +29,18 @@ from typing import Protocol
 
 import torch
 
+from slimlm.calib.hessian import accumulate_hessian, make_hessian
 from slimlm.sparsity.masks import check_sparsity
 from slimlm.utils.linalg import inverse_cholesky_upper
+
+__all__ = ["ColumnQuantizer", "MinMaxQuantizer", "accumulate_hessian", "make_hessian", "sparsegpt_prune"]
 
 
 class ColumnQuantizer(Protocol):
     """Rounds weights column by column inside the OBS loop.
 
-    ``group_size`` columns share parameters (``0`` = one group for the whole row); ``find_params``
+    ``group_size`` columns share parameters (``-1`` = one group per row, ``0`` = one for the whole
+    tensor: the quantization meaning of group sizes); ``find_params``
     sees the current (already error-updated, pruned-to-zero) weights of a group ``[out, g]``;
     ``quantize`` rounds one column ``[out]`` and returns the de-quantized values.
     """
@@ -43,25 +50,6 @@ class ColumnQuantizer(Protocol):
     def find_params(self, w: torch.Tensor) -> None: ...
 
     def quantize(self, col: torch.Tensor) -> torch.Tensor: ...
-
-
-def make_hessian(in_features: int) -> torch.Tensor:
-    """Empty Hessian accumulator ``[in, in]`` float32."""
-    return torch.zeros(in_features, in_features, dtype=torch.float32)
-
-
-def accumulate_hessian(h: torch.Tensor, n: int, x: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Running mean of ``2 x x^T`` over samples, as the reference code: x: [tokens, in].
-
-    Returns the updated ``(h, n)``; each call counts as one sample (the reference weighs calibration
-    samples, not tokens).
-    """
-    x = x.float()
-    h *= n / (n + 1)
-    n += 1
-    xs = x * (2.0 / n) ** 0.5
-    h += xs.t() @ xs  # [in, in]
-    return h, n
 
 
 def _inverse_cholesky(h: torch.Tensor, percdamp: float) -> torch.Tensor:
@@ -101,7 +89,7 @@ def sparsegpt_prune(w: torch.Tensor, h: torch.Tensor, sparsity: float = 0.5,
     mask = torch.ones(rows, cols, dtype=torch.bool)
     gs = quantizer.group_size if quantizer is not None else 0
     if quantizer is not None and (gs <= 0 or gs >= cols):
-        quantizer.find_params(W)  # per-row grid from the original weights (reference)
+        quantizer.find_params(W)  # per-row (or per-tensor) grid from the original weights (reference)
         gs = 0
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
@@ -148,7 +136,8 @@ class MinMaxQuantizer:
     """The :class:`ColumnQuantizer` on :mod:`slimlm.quant.primitives` (GPTQ/SparseGPT reference grid).
 
     Asymmetric min/max grids always contain 0 (pruned weights stay zero); symmetric grids have the
-    fixed zero ``2^(b-1)``, which also represents 0 exactly. Per row (``group_size=0``) or per group.
+    fixed zero ``2^(b-1)``, which also represents 0 exactly. Per row (``group_size=-1``), per tensor
+    (``0``: one range for the whole matrix, as quantization's per-tensor grid) or per group.
     Records the parameters of every group it fits (``scales``/``zeros``, in column order) so a
     storage module can keep the integer codes.
     """
@@ -167,7 +156,10 @@ class MinMaxQuantizer:
         from slimlm.quant.primitives import qparams_from_range
 
         # w: [out, g] -> scale, zero: [out]
-        self.scale, self.zero = qparams_from_range(w.min(1).values, w.max(1).values, self.bits, self.symmetric)
+        lo, hi = w.min(1).values, w.max(1).values
+        if self.group_size == 0:  # per tensor: the whole matrix's range on every row
+            lo, hi = lo.min().expand_as(lo), hi.max().expand_as(hi)
+        self.scale, self.zero = qparams_from_range(lo, hi, self.bits, self.symmetric)
         self.scales.append(self.scale.clone())
         self.zeros.append(self.zero.clone())
 

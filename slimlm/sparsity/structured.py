@@ -34,23 +34,23 @@ import torch
 from torch import nn
 
 from slimlm.models.transformer import Transformer
-from slimlm.utils.config import BaseConfig, register_config
+from slimlm.transforms import TransformConfig, TransformReport, register_transform
 from slimlm.utils.errors import ConfigError, SlimlmError
 
 
-@register_config
 @dataclass
-class StructuredPruneConfig(BaseConfig):
+class StructuredPruneConfig(TransformConfig):
     """What to remove: a target parameter ratio, or explicit counts."""
 
     kind: ClassVar[str] = "prune-structured"
-    target_ratio: float = field(default=0.0, metadata={"help": "keep this fraction of all parameters (0 = use the explicit counts)", "min": 0, "lt": 1})
-    remove_layers: int = field(default=-1, metadata={"help": "decoder layers to remove (-1 = derive from target_ratio)", "min": -1})
-    kv_groups: int = field(default=-1, metadata={"help": "KV-head groups to keep per layer (-1 = derive from target_ratio / keep all)", "min": -1})
-    intermediate_size: int = field(default=-1, metadata={"help": "MLP channels to keep per layer (-1 = derive / keep all)", "min": -1})
-    layer_share: float = field(default=0.5, metadata={"help": "target_ratio: share of the removed parameters taken as whole layers", "min": 0, "max": 1})
-    head_share: float = field(default=0.0, metadata={"help": "target_ratio: share of the rest taken as KV groups (the remainder: MLP channels)", "min": 0, "max": 1})
-    round_to: int = field(default=32, metadata={"help": "round the kept intermediate size down to a multiple of this", "min": 1})
+    family: ClassVar[str] = "prune"
+    target_ratio: float = field(default=0.0, metadata={"min": 0, "lt": 1, "help": "keep this fraction of all parameters (0 = use the explicit counts)"})
+    remove_layers: int = field(default=-1, metadata={"min": -1, "help": "decoder layers to remove (-1 = derive from target_ratio)"})
+    kv_groups: int = field(default=-1, metadata={"min": -1, "help": "KV-head groups to keep per layer (-1 = derive from target_ratio / keep all)"})
+    intermediate_size: int = field(default=-1, metadata={"min": -1, "help": "MLP channels to keep per layer (-1 = derive / keep all)"})
+    layer_share: float = field(default=0.5, metadata={"min": 0, "max": 1, "help": "target_ratio: share of the removed parameters taken as whole layers"})
+    head_share: float = field(default=0.0, metadata={"min": 0, "max": 1, "help": "target_ratio: share of the rest taken as KV groups (the remainder: MLP channels)"})
+    round_to: int = field(default=32, metadata={"min": 1, "help": "round the kept intermediate size down to a multiple of this"})
 
     def validate(self) -> None:
         if not 0.0 <= self.target_ratio < 1.0:
@@ -245,7 +245,7 @@ def apply_plan(model: Transformer, plan: StructuredPlan, group_keep: dict[int, t
 
 def structured_prune_(model: Transformer, cfg: StructuredPruneConfig, samples: Sequence[torch.Tensor],
                       recovery: Callable[[nn.Module], Any] | None = None, progress: bool = True,
-                      batch_size: int | None = None) -> dict[str, Any]:
+                      batch_size: int | None = None) -> TransformReport:
     """Score on ``samples``, remove the least important structures, optionally run ``recovery``."""
     from slimlm.calib.driver import run_layerwise
 
@@ -274,5 +274,11 @@ def structured_prune_(model: Transformer, cfg: StructuredPruneConfig, samples: S
     if recovery is not None:
         recovery(model)
     after = model.num_parameters()
-    return {"plan": plan.to_dict(), "block_influence": bi, "parameters_before": before, "parameters_after": after,
-            "ratio": after / before, "seconds": time.perf_counter() - t0}
+    return TransformReport("prune-structured", time.perf_counter() - t0, metrics={
+        "plan": plan.to_dict(), "block_influence": bi, "parameters_before": before, "parameters_after": after,
+        "ratio": after / before})
+
+
+register_transform(StructuredPruneConfig, calibrated=True,
+                   apply=lambda model, cfg, samples, progress: structured_prune_(model, cfg, samples or [],
+                                                                                 progress=progress))

@@ -140,7 +140,8 @@ def test_cli_errors_are_one_line_and_write_nothing(hf_dir: Path, tmp_path: Path,
 
 def test_cli_dry_run_writes_nothing(hf_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "dry"
-    assert main(["prune", str(hf_dir), "--method", "sparsegpt", "--dry-run", "--json", "--out", str(out)]) == 0
+    assert main(["prune", str(hf_dir), "--method", "sparsegpt", "--calib", "builtin:pydoc", "--dry-run", "--json",
+                 "--out", str(out)]) == 0
     plan = json.loads(capsys.readouterr().out)
     assert plan["dry_run"] and plan["modules_to_prune"] == 14
     assert not out.exists()

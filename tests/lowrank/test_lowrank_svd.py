@@ -5,11 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from slimlm.calib.hessian import accumulate_hessian, make_hessian
 from slimlm.lowrank.gqa import merge_matrix
 from slimlm.lowrank.linear import LowRankLinear
 from slimlm.lowrank.svd import (
-    accumulate_gram,
-    make_gram,
     rank_for_energy,
     rank_for_ratio,
     svd_factors,
@@ -23,7 +22,7 @@ def _data(out_f: int = 24, in_f: int = 40, tokens: int = 300):
     w = torch.randn(out_f, in_f, generator=g)
     x = torch.randn(tokens, in_f, generator=g) @ (torch.randn(in_f, in_f, generator=g) * 0.3 + torch.eye(in_f))
     x = x * torch.logspace(-1, 1, in_f)
-    gram = accumulate_gram(make_gram(in_f), x)
+    gram, _ = accumulate_hessian(make_hessian(in_f, torch.float64), 0, x)  # 2/n X^T X, the shared accumulator
     return w, x, gram
 
 

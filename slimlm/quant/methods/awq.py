@@ -25,22 +25,21 @@ import torch
 from torch import nn
 
 from slimlm.calib.driver import run_layerwise
+from slimlm.calib.hessian import HessianStore
 from slimlm.quant.config import WeightQuantConfig
 from slimlm.quant.methods.base import layer_groups, layer_prefix, register_method, weight_module
 from slimlm.quant.methods.rtn import quantize_top_level
 from slimlm.quant.primitives import quantize_weight, resolve_group_size
-from slimlm.utils.config import register_config
 from slimlm.utils.errors import ConfigError
 
 
-@register_config
 @dataclass
 class AWQConfig(WeightQuantConfig):
     kind = "awq"
-    n_grid: int = field(default=20, metadata={"help": "alpha grid points in [0, 1)", "min": 1})
+    n_grid: int = field(default=20, metadata={"min": 1, "help": "alpha grid points in [0, 1)"})
     clip_search: bool = field(default=True, metadata={"help": "search a clipping ratio per row and group"})
-    clip_grid: int = field(default=20, metadata={"help": "clipping grid resolution (ratios 1 - i/clip_grid)", "min": 1})
-    max_shrink: float = field(default=0.5, metadata={"help": "largest clipping shrink tried", "min": 0, "lt": 1})
+    clip_grid: int = field(default=20, metadata={"min": 1, "help": "clipping grid resolution (ratios 1 - i/clip_grid)"})
+    max_shrink: float = field(default=0.5, metadata={"min": 0, "lt": 1, "help": "largest clipping shrink tried"})
 
     def validate(self) -> None:
         if self.n_grid < 1 or self.clip_grid < 1:
@@ -80,7 +79,7 @@ def search_scale(
     for alpha, s in awq_scale_candidates(x_mean, n_grid):
         err = 0.0
         for w, c in zip(weights, cfgs, strict=True):
-            w_hat = quantize_weight(w * s, c.bits, c.group_size, c.symmetric, ragged=c.ragged_last_group).dequantize() / s
+            w_hat = quantize_weight(w * s, c.bits, c.group_size, c.symmetric).dequantize() / s
             err += output_error(w, w_hat, h)
         errs.append(err)
         if best is None or err < best[0]:
@@ -92,7 +91,7 @@ def search_scale(
 def search_clip(w: torch.Tensor, h: torch.Tensor, cfg: WeightQuantConfig, grid: int, max_shrink: float) -> torch.Tensor:
     """Clip ``w: [out, in]`` per row and group to ``ratio * absmax`` minimizing ``d_g H_gg d_g^T``."""
     out, cols = w.shape
-    g = resolve_group_size(cols, cfg.group_size, ragged=cfg.ragged_last_group)
+    g = resolve_group_size(cols, cfg.group_size)
     n = -(-cols // g)
     pad = n * g - cols  # a ragged last group is padded with zero weights and zero Hessian entries
     wg = torch.nn.functional.pad(w.float(), (0, pad)).reshape(out, n, g)  # [out, n, g]
@@ -104,8 +103,7 @@ def search_clip(w: torch.Tensor, h: torch.Tensor, cfg: WeightQuantConfig, grid: 
     for i in range(int(max_shrink * grid)):
         mx = absmax * (1 - i / grid)
         wc = torch.clamp(wg, -mx, mx)
-        dq = quantize_weight(wc.reshape(out, n * g)[:, :cols], cfg.bits, cfg.group_size, cfg.symmetric,
-                             ragged=cfg.ragged_last_group).dequantize()
+        dq = quantize_weight(wc.reshape(out, n * g)[:, :cols], cfg.bits, cfg.group_size, cfg.symmetric).dequantize()
         d = torch.nn.functional.pad(dq, (0, pad)).reshape(out, n, g) - wg
         err = torch.einsum("ong,ngk,onk->on", d, hg, d)  # [out, n]
         better = err < best_err
@@ -161,7 +159,8 @@ class AWQAlgorithm:
 
     def __init__(self, cfg: AWQConfig) -> None:
         self.cfg = cfg
-        self.stats: dict[str, list] = {}  # type: ignore[type-arg]  # first path of a group -> [sum|x|, H, n]
+        self.stats: dict[str, list] = {}  # type: ignore[type-arg]  # first path of a group -> [sum|x|, tokens]
+        self.hessians = HessianStore()  # first path of a group -> H = 2/n sum x^T x
         self.first: dict[str, str] = {}
         self.pending: list[tuple[str, str]] = []  # (relative path, full path) quantized in end_layer
         self.hinv: dict[str, torch.Tensor] = {}
@@ -174,6 +173,7 @@ class AWQAlgorithm:
 
     def begin_layer(self, layer_idx: int, layer: nn.Module) -> None:
         self.stats, self.first, self.pending = {}, {}, []
+        self.hessians.clear()
         for grp in self.target_groups(layer_idx, layer):
             for p in grp:
                 self.first[p] = grp[0]
@@ -183,20 +183,22 @@ class AWQAlgorithm:
         key = self.first[path]
         if key != path:
             return
-        st = self.stats.setdefault(key, [torch.zeros(x.shape[1]), torch.zeros(x.shape[1], x.shape[1]), 0])
+        st = self.stats.setdefault(key, [torch.zeros(x.shape[1]), 0])
         st[0] += x.abs().sum(dim=0)
-        st[1] += x.t() @ x
-        st[2] += x.shape[0]
+        st[1] += x.shape[0]
+        self.hessians.add(key, x)
 
     def finish_group(self, layer_idx: int, layer: nn.Module, paths: list[str]) -> None:
         pre = layer_prefix(layer_idx)
-        sum_abs, h, n = self.stats[paths[0]]
-        h = h / max(n, 1)
+        sum_abs, n = self.stats[paths[0]]
+        h2 = self.hessians.pop(paths[0])
+        assert h2 is not None
+        h = h2 / 2  # mean x^T x over the tokens
         lins = [cast(nn.Linear, layer.get_submodule(p)) for p in paths]
         cfgs = [self.cfg.for_module(pre + p) for p in paths]
         for p, lin, c in zip(paths, lins, cfgs, strict=True):
             assert isinstance(lin, nn.Linear) and c is not None
-            resolve_group_size(lin.in_features, c.group_size, pre + p, c.ragged_last_group)
+            resolve_group_size(lin.in_features, c.group_size, pre + p)
         prev = preceding(layer, paths)
         if prev is not None:
             weights = [lin.weight.detach().float() for lin in lins]
@@ -217,7 +219,7 @@ class AWQAlgorithm:
             lin = layer.get_submodule(p)
             c = self.cfg.for_module(full)
             assert isinstance(lin, nn.Linear) and c is not None
-            qw = quantize_weight(lin.weight, c.bits, c.group_size, c.symmetric, ragged=c.ragged_last_group)
+            qw = quantize_weight(lin.weight, c.bits, c.group_size, c.symmetric)
             layer.set_submodule(p, weight_module(lin, qw))
         self.pending, self.stats = [], {}
 

@@ -1,11 +1,13 @@
-"""Glue shared by the quantization methods: method registry, linear groups, module building.
+"""Glue shared by the quantization methods: method registration, linear groups, module building.
 
-A method registers a handler for its config type (torchao style)::
+A method registers its in-place handler for its config type (torchao style)::
 
     @register_method(RTNConfig, calibrated=False)
     def _apply_rtn(model, cfg, samples, progress): ...
 
-:func:`slimlm.quant.api.quantize_` looks the handler up by ``type(config)``. Calibrated methods build a
+which also registers the method in the one transform registry (:mod:`slimlm.transforms`) with
+:func:`slimlm.quant.api.quantize_` as its entry point. ``quantize_`` looks the handler up by the
+config's kind and may chain several methods (a recipe's stages). Calibrated methods build a
 ``LayerwiseAlgorithm`` and hand it to the one driver, :func:`slimlm.calib.driver.run_layerwise`.
 """
 
@@ -20,6 +22,9 @@ from torch import nn
 
 from slimlm.quant.config import QuantConfigBase
 from slimlm.quant.qtensor import QuantizedWeight
+from slimlm.transforms.registry import register_transform
+from slimlm.transforms.report import TransformReport
+from slimlm.transforms.select import SHARED_INPUT_GROUPS
 
 Handler = Callable[[nn.Module, Any, Sequence[torch.Tensor] | None, bool], None]
 
@@ -34,8 +39,15 @@ class MethodEntry:
 _METHODS: dict[str, MethodEntry] = {}
 
 
+def _quantize(model: nn.Module, cfg: Any, samples: Sequence[torch.Tensor] | None, progress: bool) -> TransformReport:
+    from slimlm.quant.api import quantize_
+
+    return quantize_(model, cfg, samples, progress)
+
+
 def register_method(config_cls: type[QuantConfigBase], calibrated: bool) -> Callable[[Handler], Handler]:
     def deco(fn: Handler) -> Handler:
+        register_transform(config_cls, apply=_quantize, calibrated=calibrated)  # refuses a duplicate name
         _METHODS[config_cls.kind] = MethodEntry(config_cls, fn, calibrated)
         return fn
 
@@ -48,13 +60,6 @@ def methods() -> dict[str, MethodEntry]:
 
 
 # --- which linears, in which groups -------------------------------------------------------------
-# Linears that read the same input, in forward order (runtime names, relative to a decoder layer).
-SHARED_INPUT_GROUPS: list[list[str]] = [
-    ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
-    ["self_attn.o_proj"],
-    ["mlp.gate_proj", "mlp.up_proj"],
-    ["mlp.down_proj"],
-]
 
 
 def layer_groups(layer: nn.Module) -> list[list[str]]:
@@ -91,7 +96,3 @@ def runtime_class(name: str) -> Any:
 
 def _bias(linear: nn.Linear) -> torch.Tensor | None:
     return None if linear.bias is None else linear.bias.detach().float()
-
-
-def replace_module(root: nn.Module, path: str, new: nn.Module) -> None:
-    root.set_submodule(path, new)

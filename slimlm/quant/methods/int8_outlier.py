@@ -20,17 +20,15 @@ from slimlm.quant.config import QuantConfigBase
 from slimlm.quant.methods.base import _bias, layer_groups, layer_prefix, register_method, runtime_class
 from slimlm.quant.primitives import quantize_per_token_int8, quantize_weight
 from slimlm.quant.qtensor import QuantizedWeight
-from slimlm.utils.config import register_config
 from slimlm.utils.errors import ConfigError
 
 
-@register_config
 @dataclass
 class Int8OutlierConfig(QuantConfigBase):
     kind = "int8-outlier"
-    threshold: float = field(default=6.0, metadata={"help": "|x| above which an input feature is an outlier", "gt": 0})
+    threshold: float = field(default=6.0, metadata={"gt": 0, "help": "|x| above which an input feature is an outlier"})
     max_outlier_fraction: float = field(
-        default=0.25, metadata={"help": "keep at most this fraction of columns in high precision (largest first)", "min": 0, "max": 1}
+        default=0.25, metadata={"min": 0, "max": 1, "help": "keep at most this fraction of columns in high precision (largest first)"}
     )
 
     def validate(self) -> None:

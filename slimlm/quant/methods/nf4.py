@@ -16,15 +16,13 @@ from tqdm.auto import tqdm
 from slimlm.quant.config import QuantConfigBase
 from slimlm.quant.methods.base import _bias, register_method, runtime_class
 from slimlm.quant.nf4 import quantize_nf4
-from slimlm.utils.config import register_config
 from slimlm.utils.errors import ConfigError
 
 
-@register_config
 @dataclass
 class NF4Config(QuantConfigBase):
     kind = "nf4"
-    block_size: int = field(default=64, metadata={"help": "values per absmax block", "min": 1})
+    block_size: int = field(default=64, metadata={"min": 1, "help": "values per absmax block"})
     double_quant: bool = field(default=True, metadata={"help": "quantize the absmax values to int8 (QLoRA)"})
 
     def validate(self) -> None:

@@ -18,10 +18,8 @@ from tqdm.auto import tqdm
 from slimlm.quant.config import WeightQuantConfig
 from slimlm.quant.methods.base import register_method, top_level_linears, weight_module
 from slimlm.quant.primitives import quantize_weight, resolve_group_size
-from slimlm.utils.config import register_config
 
 
-@register_config
 @dataclass
 class RTNConfig(WeightQuantConfig):
     kind = "rtn"
@@ -29,10 +27,8 @@ class RTNConfig(WeightQuantConfig):
 
 
 def rtn_linear(linear: nn.Linear, cfg: WeightQuantConfig, path: str) -> nn.Module:
-    resolve_group_size(linear.in_features, cfg.group_size, path, cfg.ragged_last_group)
     clip = bool(getattr(cfg, "clip_search", False))
-    qw = quantize_weight(linear.weight, cfg.bits, cfg.group_size, cfg.symmetric, clip_search=clip,
-                         ragged=cfg.ragged_last_group)
+    qw = quantize_weight(linear.weight, cfg.bits, cfg.group_size, cfg.symmetric, clip_search=clip)
     return weight_module(linear, qw)
 
 
@@ -42,7 +38,7 @@ def selected_linears(model: nn.Module, cfg: WeightQuantConfig) -> list[tuple[str
         if type(m) is nn.Linear:
             c = cfg.for_module(name)
             if c is not None:
-                resolve_group_size(m.in_features, c.group_size, name, c.ragged_last_group)  # fail before changing anything
+                resolve_group_size(m.in_features, c.group_size, name)  # fail before changing anything
                 out.append((name, c))
     return out
 

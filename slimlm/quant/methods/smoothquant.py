@@ -23,15 +23,13 @@ from slimlm.quant.methods.awq import fold_scale, preceding
 from slimlm.quant.methods.base import _bias, layer_groups, layer_prefix, register_method, runtime_class
 from slimlm.quant.primitives import quantize_weight
 from slimlm.quant.qtensor import QuantizedWeight
-from slimlm.utils.config import register_config
 from slimlm.utils.errors import ConfigError
 
 
-@register_config
 @dataclass
 class SmoothQuantConfig(QuantConfigBase):
     kind = "smoothquant"
-    alpha: float = field(default=0.5, metadata={"help": "migration strength (0 = none, 1 = all into weights)", "min": 0, "max": 1})
+    alpha: float = field(default=0.5, metadata={"min": 0, "max": 1, "help": "migration strength (0 = none, 1 = all into weights)"})
     smooth: bool = field(default=True, metadata={"help": "apply smoothing (False = plain W8A8)"})
 
     def validate(self) -> None:
