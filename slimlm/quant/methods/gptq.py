@@ -37,13 +37,8 @@ __all__ = ["GPTQAlgorithm", "GPTQConfig", "accumulate_hessian", "gptq_quantize",
 class GPTQConfig(WeightQuantConfig):
     kind = "gptq"
     act_order: bool = field(default=True, metadata={"help": "quantize columns by descending Hessian diagonal"})
-<<<<<<< HEAD
-    damp: float = field(default=0.01, metadata={"help": "dampening, fraction of the mean Hessian diagonal", "min": 0, "lt": 1})
-    block_size: int = field(default=128, metadata={"help": "columns per lazy batch update", "min": 1})
-=======
-    damp: float = field(default=0.01, metadata={"min": 0.0, "max": 1.0, "help": "dampening, fraction of the mean Hessian diagonal"})
+    damp: float = field(default=0.01, metadata={"min": 0, "lt": 1, "help": "dampening, fraction of the mean Hessian diagonal"})
     block_size: int = field(default=128, metadata={"min": 1, "help": "columns per lazy batch update"})
->>>>>>> transforms
     true_sequential: bool = field(
         default=False, metadata={"help": "capture each group of linears after the earlier ones were quantized"}
     )
