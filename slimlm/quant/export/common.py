@@ -46,6 +46,7 @@ def _hf_module_name(cfg: Any, path: str, tied: bool) -> str:
 def split_model(model: Any) -> ExportParts:
     """Split a slimlm ``Transformer`` into :class:`ExportParts` (modules with ``to_quantized()`` are
     quantized; other swapped modules are expanded with ``dense_weight()``)."""
+    from slimlm.loaders.save import head_tying
     from slimlm.models.families import runtime_to_hf
 
     cfg = model.config
@@ -70,10 +71,9 @@ def split_model(model: Any) -> ExportParts:
             if isinstance(bias, torch.Tensor):
                 runtime[path + ".bias"] = bias.detach().float()
     hf_config = cfg.to_hf_config()
+    head_tying(model, hf_config)
     if tied:
         runtime.pop("lm_head.weight", None)
-    elif cfg.tie_word_embeddings:
-        hf_config["tie_word_embeddings"] = False
     return ExportParts(hf_config, quantized, runtime_to_hf(cfg, runtime, tied), biases)
 
 
