@@ -46,10 +46,11 @@ class LlamaCppRun:
     log_probs: np.ndarray  # float32 [n_chunk, n_ctx/2 - 1, n_vocab]; -inf where not kept
 
 
-def run_perplexity(exe: Path, gguf: Path, text: Path, n_ctx: int, out_dir: Path, threads: int = 2) -> LlamaCppRun:
+def run_perplexity(exe: Path, gguf: Path, text: Path, n_ctx: int, out_dir: Path, threads: int = 2,
+                   chunks: int = -1) -> LlamaCppRun:
     logits_file = out_dir / "llamacpp-logits.bin"
     cmd = [str(exe), "-m", str(gguf), "-f", str(text), "-c", str(n_ctx), "-b", str(n_ctx), "-t", str(threads),
-           "-ctk", "f32", "-ctv", "f32", "--kl-divergence-base", str(logits_file)]
+           "-ctk", "f32", "-ctv", "f32", "--chunks", str(chunks), "--kl-divergence-base", str(logits_file)]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     log = res.stdout + res.stderr
     if res.returncode != 0:
@@ -92,7 +93,10 @@ def compare(ours: torch.Tensor, run: LlamaCppRun) -> dict[str, float]:
     ids = torch.from_numpy(run.tokens.astype(np.int64))[:, run.n_ctx // 2 + 1 :].unsqueeze(-1)  # targets
     lp_cpp = theirs.gather(-1, ids)
     ok = torch.isfinite(lp_cpp)  # targets more than 16 nats below the top are not in the file
-    nll, nll_cpp = -ours.gather(-1, ids)[ok].mean().item(), -lp_cpp[ok].mean().item()
+    lp_ours = ours.gather(-1, ids)[ok]
+    nll, nll_cpp = -lp_ours.mean().item(), -lp_cpp[ok].mean().item()
+    target_diff = (lp_ours - lp_cpp[ok]).abs()
     same = (ours.argmax(-1) == theirs.argmax(-1)).float().mean().item()
-    return {"max_abs_logprob_diff": diff, "ppl_slimlm": float(np.exp(nll)), "ppl_llamacpp": float(np.exp(nll_cpp)),
-            "argmax_agreement": same, "tokens_scored": int(ok.sum())}
+    return {"max_abs_logprob_diff": diff, "max_abs_target_logprob_diff": target_diff.max().item(),
+            "mean_abs_target_logprob_diff": target_diff.mean().item(), "ppl_slimlm": float(np.exp(nll)),
+            "ppl_llamacpp": float(np.exp(nll_cpp)), "argmax_agreement": same, "tokens_scored": int(ok.sum())}
