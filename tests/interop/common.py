@@ -11,6 +11,8 @@ linear computed as ``x @ dense_weight().T`` in fp32 (``reference_forward``), whi
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -38,16 +40,22 @@ def round_scales_to_f16(model: torch.nn.Module) -> None:
             model.set_submodule(name, type(m).from_quantized(qw, bias=m.bias))
 
 
-def exact_logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    """slimlm's logits with every quantized linear as ``x @ dense_weight().T`` in fp32 (float32 out)."""
+@contextmanager
+def exact_linears(model: torch.nn.Module) -> Iterator[None]:
+    """Within: every quantized linear's output is ``x @ dense_weight().T`` in fp32 (``reference_forward``)."""
     hooks = [m.register_forward_hook(lambda mod, args, out: mod.reference_forward(args[0]))
              for m in model.modules() if isinstance(m, QuantLinearBase)]
     try:
-        with torch.no_grad():
-            return model(ids).float()
+        yield
     finally:
         for h in hooks:
             h.remove()
+
+
+def exact_logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """slimlm's logits with every quantized linear on its exact fp32 path (float32 out)."""
+    with exact_linears(model), torch.no_grad():
+        return model(ids).float()
 
 
 def hf_logits(folder: Path, ids: torch.Tensor, **kw: Any) -> torch.Tensor:

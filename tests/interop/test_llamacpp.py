@@ -28,7 +28,7 @@ from slimlm.quant import RTNConfig, quantize_
 from slimlm.quant.export import export_gguf_quantized
 from tests.helpers.models import make_hf_model
 from tests.helpers.tokenizers import make_tiny_tokenizer
-from tests.interop.common import round_scales_to_f16
+from tests.interop.common import exact_linears, round_scales_to_f16
 from tests.interop.llamacpp import compare, find_perplexity_bin, run_perplexity, slimlm_log_probs
 
 pytestmark = pytest.mark.llamacpp
@@ -52,12 +52,12 @@ def _tiny(tmp_path: Path, tied: bool = False):  # type: ignore[no-untyped-def]
 
 def _text(tmp_path: Path) -> Path:
     p = tmp_path / "text.txt"
-    p.write_text(topics["if"] + topics["while"] + topics["for"])  # > 4 x 64 tokens
+    p.write_text(topics["if"] + topics["while"] + topics["for"])  # > 4 x 64 tokens (4 chunks scored)
     return p
 
 
 def _check(exe: Path, lm, gguf: Path, tmp_path: Path, tol: float) -> dict[str, float]:  # type: ignore[no-untyped-def]
-    run = run_perplexity(exe, gguf, _text(tmp_path), N_CTX, tmp_path)
+    run = run_perplexity(exe, gguf, _text(tmp_path), N_CTX, tmp_path, chunks=4)
     bos = lm.tokenizer.bos_token_id if lm.tokenizer.add_bos_token else None
     r = compare(_exact_log_probs(lm.model, run, bos), run)
     print(gguf.name, r)
@@ -68,15 +68,8 @@ def _check(exe: Path, lm, gguf: Path, tmp_path: Path, tol: float) -> dict[str, f
 
 def _exact_log_probs(model, run, bos):  # type: ignore[no-untyped-def]
     """slimlm_log_probs with every quantized linear on its exact fp32 path."""
-    from slimlm.quant.linear.base import QuantLinearBase
-
-    hooks = [m.register_forward_hook(lambda mod, args, out: mod.reference_forward(args[0]))
-             for m in model.modules() if isinstance(m, QuantLinearBase)]
-    try:
+    with exact_linears(model):
         return slimlm_log_probs(model, run, bos)
-    finally:
-        for h in hooks:
-            h.remove()
 
 
 def test_f32_export_matches(exe: Path, tmp_path: Path) -> None:
