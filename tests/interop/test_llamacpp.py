@@ -2,7 +2,7 @@
 
 Marked ``llamacpp`` and deselected by default (a llama.cpp build takes 10-40 minutes); skipped with the
 reason when no binary is found (see tests/interop/llamacpp.py). Run:
-``SLIMLM_LLAMA_CPP_BIN=/path/to/llama.cpp/build/bin .venv/bin/pytest -m llamacpp tests/interop/test_llamacpp.py``.
+``.venv/bin/pytest -m "llamacpp and not real" tests/interop/test_llamacpp.py``.
 The last results on SmolLM2-135M are in BENCHMARKS.md ("GGUF export in llama.cpp").
 
 Tolerances (max |log p| difference over every vocabulary entry llama.cpp kept, i.e. within 16 nats of
