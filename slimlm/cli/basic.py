@@ -129,12 +129,17 @@ def _export_hf(lm: Any, out: str, args: argparse.Namespace) -> None:
 def _export_gguf(lm: Any, out: str, args: argparse.Namespace) -> None:
     """Quantized linears go in as their exact GGUF blocks (Q8_0/Q4_0/Q4_1) when their grid fits."""
     from slimlm.loaders.gguf_writer import export_gguf
+    from slimlm.models.modules import SwappableLinear
     from slimlm.quant.export import gguf_raw_from_model
 
     raw, exact = gguf_raw_from_model(lm.model)
     inexact = [k for k, ok in exact.items() if not ok]
     if inexact:
         status(f"note: {len(inexact)} quantized tensors have no exact GGUF type and were re-quantized")
+    dense = sorted({str(m.kind) for m in lm.model.modules() if isinstance(m, SwappableLinear)
+                    and getattr(type(m), "to_quantized", None) is None})
+    if dense:
+        status(f"note: GGUF has no {'/'.join(dense)} type: those linears were expanded and encoded as {args.gguf_type}")
     export_gguf(lm, out, default_type=args.gguf_type, overwrite=args.overwrite, embed_type=args.embed_type,
                 raw=raw or None)
 
@@ -142,7 +147,7 @@ def _export_gguf(lm: Any, out: str, args: argparse.Namespace) -> None:
 def _export_compressed_tensors(lm: Any, out: str, args: argparse.Namespace) -> None:
     from slimlm.quant.export import export_compressed_tensors, split_model
 
-    parts = split_model(lm.model)
+    parts = split_model(lm.model, target="compressed-tensors")
     if not parts.quantized:
         raise SlimlmError(f"{args.model} has no quantized linears to export as compressed-tensors (quantize it first)")
     export_compressed_tensors(parts, out, overwrite=args.overwrite, tokenizer=lm.tokenizer)
@@ -151,7 +156,7 @@ def _export_compressed_tensors(lm: Any, out: str, args: argparse.Namespace) -> N
 def _export_gptq(lm: Any, out: str, args: argparse.Namespace) -> None:
     from slimlm.quant.export import export_gptq, split_model
 
-    parts = split_model(lm.model)
+    parts = split_model(lm.model, target="GPTQ")
     if not parts.quantized:
         raise SlimlmError(f"{args.model} has no quantized linears to export in the GPTQ layout (quantize it first)")
     export_gptq(parts, out, checkpoint_format=args.gptq_format, overwrite=args.overwrite, tokenizer=lm.tokenizer)

@@ -144,7 +144,7 @@ def _gguf_pre(tokenizer: Tokenizer, backend_json: dict[str, Any]) -> str:
     for name, regex in (("llama-bpe", LLAMA3_SPLIT), ("qwen2", QWEN2_SPLIT)):
         if json.dumps(regex)[1:-1] in text:
             return name
-    return "gpt2"
+    return "gpt-2"  # llama.cpp's name for GPT-2's split regex ("gpt2" is refused as unknown)
 
 
 def add_tokenizer_metadata(w: Any, tokenizer: Tokenizer, vocab_size: int) -> None:
@@ -305,12 +305,13 @@ def export_gguf(lm: Any, out: str | os.PathLike[str], default_type: str = "Q8_0"
     Compressed (swappable) linears are expanded with ``dense_weight()`` and re-encoded as
     ``default_type``, unless ``raw`` gives their packed blocks. Returns ``{hf_name: GGUF type}``.
     """
-    from slimlm.loaders.save import dense_runtime_tensors
+    from slimlm.loaders.save import dense_runtime_tensors, head_tying
     from slimlm.models.families import runtime_to_hf
 
     out = check_output_file(out, overwrite, written_by_slimlm)
     model = lm.model
     runtime = dense_runtime_tensors(model, torch.float32)
     config = model.config.to_hf_config()
-    return write_gguf(out, config, runtime_to_hf(model.config, runtime), lm.tokenizer, default_type=default_type,
-                      raw=raw, embed_type=embed_type)
+    tied = head_tying(model, config)  # a quantized head of a tied model is written as its own `output`
+    return write_gguf(out, config, runtime_to_hf(model.config, runtime, tied), lm.tokenizer,
+                      default_type=default_type, raw=raw, embed_type=embed_type)

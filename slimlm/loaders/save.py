@@ -108,14 +108,25 @@ def dense_runtime_tensors(model: Transformer, dtype: torch.dtype = torch.float32
     return runtime
 
 
+def head_tying(model: Transformer, hf_cfg: dict[str, Any]) -> bool:
+    """Whether an export drops ``lm_head`` as the embedding's duplicate. A tied model whose head was
+    swapped (e.g. quantized) has a head of its own: ``hf_cfg`` is switched to ``tie_word_embeddings:
+    false`` so HF readers do not re-tie the head to the dense embedding."""
+    tied = model.ties_lm_head()
+    if model.config.tie_word_embeddings and not tied:
+        hf_cfg["tie_word_embeddings"] = False
+    return tied
+
+
 def export_hf(lm: Any, out: str | Path, overwrite: bool = False, dtype: torch.dtype | None = None) -> Path:
     """Export a plain HF folder (dense weights; compressed modules are expanded with dense_weight)."""
     out = check_output_dir(out, overwrite)
     model: Transformer = lm.model
     dtype = dtype or (model.dtype if model.dtype in (torch.float32, torch.bfloat16, torch.float16) else torch.float32)
     runtime = dense_runtime_tensors(model, dtype)
-    hf_tensors = runtime_to_hf(model.config, runtime)
     hf_cfg = model.config.to_hf_config()
+    tied = head_tying(model, hf_cfg)
+    hf_tensors = runtime_to_hf(model.config, runtime, tied)
     hf_cfg["torch_dtype"] = str(dtype).replace("torch.", "")
     hf_cfg.pop("quantization_config", None)
 

@@ -226,3 +226,77 @@ def test_quantized_head_of_a_tied_model_is_exported_untied(tmp_path: Path) -> No
         assert ("lm_head" in parts.quantized) is not tied and "lm_head.weight" not in parts.tensors
         out = export_compressed_tensors(parts, tmp_path / f"ct{int(tied)}")
         assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is tied
+
+
+# --- formats that cannot hold a method's output: one line at export time, exit 2 -------------------
+def _swap(lm, path: str, module) -> None:  # type: ignore[no-untyped-def]
+    lm.model.set_submodule(path, module)
+
+
+def _nf4(lm) -> None:  # type: ignore[no-untyped-def]
+    from slimlm.quant import quantize_
+    from slimlm.quant.methods.nf4 import NF4Config
+
+    quantize_(lm.model, NF4Config())
+
+
+def _w8a8(lm) -> None:  # type: ignore[no-untyped-def]
+    from slimlm.quant.linear import W8A8Linear
+    from slimlm.quant.primitives import quantize_weight
+
+    w = lm.model.get_submodule("model.layers.0.mlp.down_proj").weight
+    _swap(lm, "model.layers.0.mlp.down_proj", W8A8Linear.from_quantized(quantize_weight(w, 8, -1, True)))
+
+
+def _sparse(lm) -> None:  # type: ignore[no-untyped-def]
+    from slimlm.sparsity.storage import SparseLinear
+
+    w = lm.model.get_submodule("model.layers.1.mlp.up_proj").weight.detach().clone()
+    w[w.abs() < w.abs().median()] = 0
+    _swap(lm, "model.layers.1.mlp.up_proj", SparseLinear.from_dense(w, None))
+
+
+def _lowrank(lm) -> None:  # type: ignore[no-untyped-def]
+    from slimlm.lowrank.linear import LowRankLinear
+
+    w = lm.model.get_submodule("model.layers.0.self_attn.o_proj").weight.detach()
+    u, s, vh = torch.linalg.svd(w)
+    _swap(lm, "model.layers.0.self_attn.o_proj", LowRankLinear.from_factors(u[:, :8] * s[:8], vh[:8], None))
+
+
+def _mixed_bits(lm) -> None:  # type: ignore[no-untyped-def]
+    from slimlm.quant import RTNConfig, quantize_
+    from slimlm.quant.methods.base import weight_module
+    from slimlm.quant.primitives import quantize_weight
+
+    lin = lm.model.get_submodule("model.layers.0.mlp.down_proj")
+    quantize_(lm.model, RTNConfig(bits=4, group_size=32, ignore=["lm_head", "model.layers.0.mlp.down_proj"]))
+    _swap(lm, "model.layers.0.mlp.down_proj", weight_module(lin, quantize_weight(lin.weight, 8, 32)))
+
+
+@pytest.mark.parametrize("make,target,message", [
+    (_nf4, "compressed-tensors", "compressed-tensors cannot hold nf4 linears"),
+    (_nf4, "gptq", "GPTQ cannot hold nf4 linears"),
+    (_w8a8, "compressed-tensors", "cannot hold w8a8 linears (model.layers.0.mlp.down_proj)"),
+    (_w8a8, "gptq", "cannot hold w8a8 linears"),
+    (_sparse, "compressed-tensors", "cannot hold sparse linears (model.layers.1.mlp.up_proj)"),
+    (_sparse, "gptq", "cannot hold sparse linears"),
+    (_lowrank, "compressed-tensors", "cannot hold lowrank linears (model.layers.0.self_attn.o_proj)"),
+    (_lowrank, "gptq", "cannot hold lowrank linears"),
+    (_mixed_bits, "gptq", "this model has 4/8 bits"),
+])
+def test_export_refuses_what_the_format_cannot_hold(make, target: str, message: str, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    from slimlm.cli.main import main
+    from slimlm.loaders import load_model
+    from slimlm.loaders.save import save_model
+    from tests.helpers.models import make_hf_model
+
+    make_hf_model("llama", tmp_path / "hf")
+    lm = load_model(str(tmp_path / "hf"))
+    make(lm)
+    save_model(lm, tmp_path / "model")
+    capsys.readouterr()
+    code = main(["export", str(tmp_path / "model"), "--to", target, str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+    assert not (tmp_path / "out").exists()

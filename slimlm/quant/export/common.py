@@ -43,9 +43,29 @@ def _hf_module_name(cfg: Any, path: str, tied: bool) -> str:
     return names[0][: -len(".weight")]
 
 
-def split_model(model: Any) -> ExportParts:
+def refuse_unholdable(model: Any, target: str) -> None:
+    """One-line error when ``target`` (a quantized-checkpoint format) cannot hold some swapped linears:
+    those without ``to_quantized()`` (NF4, W8A8, int8-outlier, sparse, low-rank) would silently become
+    dense weights there."""
+    kinds: dict[str, list[str]] = {}
+    for path, m in model.named_modules():
+        if isinstance(m, SwappableLinear) and getattr(type(m), "to_quantized", None) is None:
+            kinds.setdefault(str(getattr(m, "kind", type(m).__name__)), []).append(path)
+    if kinds:
+        kind, paths = sorted(kinds.items())[0]
+        more = f" and {len(paths) - 1} more" if len(paths) > 1 else ""
+        others = f" (also: {', '.join(sorted(kinds)[1:])})" if len(kinds) > 1 else ""
+        raise SlimlmError(f"{target} cannot hold {kind} linears ({paths[0]}{more}){others}: export --to hf "
+                          "(dense weights) or --to gguf (re-quantized)")
+
+
+def split_model(model: Any, target: str | None = None) -> ExportParts:
     """Split a slimlm ``Transformer`` into :class:`ExportParts` (modules with ``to_quantized()`` are
-    quantized; other swapped modules are expanded with ``dense_weight()``)."""
+    quantized; other swapped modules are expanded with ``dense_weight()``, or refused with one line when
+    ``target`` names a quantized format, see :func:`refuse_unholdable`)."""
+    if target is not None:
+        refuse_unholdable(model, target)
+    from slimlm.loaders.save import head_tying
     from slimlm.models.families import runtime_to_hf
 
     cfg = model.config
@@ -70,10 +90,9 @@ def split_model(model: Any) -> ExportParts:
             if isinstance(bias, torch.Tensor):
                 runtime[path + ".bias"] = bias.detach().float()
     hf_config = cfg.to_hf_config()
+    head_tying(model, hf_config)
     if tied:
         runtime.pop("lm_head.weight", None)
-    elif cfg.tie_word_embeddings:
-        hf_config["tie_word_embeddings"] = False
     return ExportParts(hf_config, quantized, runtime_to_hf(cfg, runtime, tied), biases)
 
 

@@ -58,16 +58,25 @@ def gptq_tensors(name: str, qw: QuantizedWeight, checkpoint_format: str = "gptq"
 
 
 def gptq_quantize_config(quantized: dict[str, QuantizedWeight], checkpoint_format: str = "gptq") -> dict[str, Any]:
-    """The shared settings (``quantize_config.json``); raises if the linears disagree."""
+    """The shared settings (``quantize_config.json``); raises if the linears disagree.
+
+    A per-channel linear (one group) fits a global ``group_size`` at least as wide as its rows, since
+    ``ceil(in / group_size) = 1`` there too (e.g. g64 on a model whose attention rows are 64 wide).
+    """
     if not quantized:
         raise SlimlmError("no quantized linear to export")
-    settings = {(qw.bits, qw.group_size if qw.group_size < qw.shape[1] else -1, qw.symmetric)
-                for qw in quantized.values()}
-    if len(settings) != 1:
-        raise SlimlmError(f"GPTQ checkpoints need one bits/group_size/sym setting for every linear, got {sorted(settings)}")
-    bits, group, sym = settings.pop()
+    bits = sorted({qw.bits for qw in quantized.values()})
+    syms = {qw.symmetric for qw in quantized.values()}
+    groups = sorted({qw.group_size for qw in quantized.values() if qw.group_size < qw.shape[1]})
+    group = groups[0] if groups else -1
+    too_wide = [n for n, qw in quantized.items() if qw.group_size >= qw.shape[1] and group != -1 and qw.shape[1] > group]
+    if len(bits) > 1 or len(syms) > 1 or len(groups) > 1 or too_wide:
+        found = (f"{'/'.join(map(str, bits))} bits" if len(bits) > 1 else "symmetric and asymmetric linears"
+                 if len(syms) > 1 else f"group sizes {groups + (['per-channel'] if too_wide else [])}")
+        raise SlimlmError(f"a GPTQ checkpoint holds one bits/group_size/sym setting for every linear, this model has "
+                          f"{found}: export --to compressed-tensors (one config group per setting) or quantize uniformly")
     desc_act = any(not is_default_g_idx(qw) for qw in quantized.values())
-    return {"bits": bits, "group_size": group, "desc_act": desc_act, "sym": sym, "true_sequential": True,
+    return {"bits": bits[0], "group_size": group, "desc_act": desc_act, "sym": syms.pop(), "true_sequential": True,
             "static_groups": False, "damp_percent": 0.01, "checkpoint_format": checkpoint_format,
             "lm_head": "lm_head" in quantized}
 
