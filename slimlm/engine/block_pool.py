@@ -74,7 +74,6 @@ class BlockPool:
         self.tokens: list[tuple[int, ...] | None] = [None] * num_blocks  # its tokens (exact check)
         self.free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))  # front = evict first
         self.cached: dict[int, int] = {}  # hash -> block id
-        self.hits = self.queries = 0  # prefix-cache statistics, in blocks
 
     @property
     def num_free(self) -> int:
@@ -175,8 +174,6 @@ class KVCacheManager:
                 break
             out.append(b)
             parent = h
-        self.pool.queries += (len(token_ids) - 1) // bs
-        self.pool.hits += len(out)
         return out
 
     def blocks_needed(self, seq_id: int, start: int, end: int, prefix: Sequence[int] = ()) -> int:
