@@ -40,14 +40,15 @@ from slimlm.utils.errors import ConfigError, SlimlmError
 class SchedulerConfig(BaseConfig):
     kind: ClassVar[str] = "scheduler"
     num_blocks: int = field(default=0, metadata={"help": "KV blocks in the pool (0 = from kv_budget_gib)"})
+    kv_budget_gib: float = field(default=1.0, metadata={"help": "KV memory budget in GiB when num_blocks is 0"})
     block_size: int = field(default=16, metadata={"help": "tokens per KV block"})
     max_num_seqs: int = field(default=16, metadata={"help": "sequences running at once at most"})
     max_num_batched_tokens: int = field(default=512, metadata={"help": "token budget of one step (chunked prefill)"})
     prefix_caching: bool = field(default=True, metadata={"help": "reuse KV blocks of equal prompt prefixes"})
 
     def validate(self) -> None:
-        if self.num_blocks < 0 or self.block_size < 1:
-            raise ConfigError("num_blocks must be >= 0 and block_size >= 1")
+        if self.num_blocks < 0 or self.block_size < 1 or self.kv_budget_gib <= 0:
+            raise ConfigError("num_blocks must be >= 0, block_size >= 1 and kv_budget_gib > 0")
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
             raise ConfigError("max_num_seqs and max_num_batched_tokens must be >= 1")
 

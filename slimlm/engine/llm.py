@@ -1,0 +1,210 @@
+"""The serving engine's loop and its offline API: ``LLM(model).generate(prompts, params)``.
+
+:class:`LLMEngine` owns a :class:`~slimlm.engine.scheduler.Scheduler` (block pool, queues) and a
+:class:`~slimlm.engine.runner.ModelRunner` (paged KV tensors). ``step()`` = schedule -> one forward
+of the ragged batch -> sample each sequence that reached its last token with its own parameters ->
+update (stop checks, finished sequences free their blocks). Requests can be added and aborted between
+steps (a server drives the same loop).
+
+Sampling follows :func:`slimlm.engine.sampling.choose` per request: greedy rows without a repetition
+penalty are one batched argmax; other rows use the request's own generator (seeded by its ``seed``),
+so a request's samples do not depend on what else is in the batch.
+
+Example::
+
+    from slimlm.engine.llm import LLM
+    from slimlm.engine.sampling import SamplingConfig
+    llm = LLM("smollm2-135m")
+    outs = llm.generate(["The capital of France is", "1, 2, 3,"], SamplingConfig(max_new_tokens=16))
+    print(outs[0].text, outs[0].finish_reason)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from slimlm.engine.block_pool import blocks_for_bytes
+from slimlm.engine.generate import eos_ids
+from slimlm.engine.runner import BatchEntry, ModelRunner
+from slimlm.engine.sampling import SamplingConfig, choose
+from slimlm.engine.scheduler import ScheduledSeq, Scheduler, SchedulerConfig
+from slimlm.engine.sequence import Sequence, StopChecker
+from slimlm.models.transformer import Transformer
+from slimlm.utils.errors import SlimlmError
+
+
+@dataclass
+class RequestOutput:
+    request_id: int
+    prompt_ids: list[int]
+    token_ids: list[int]  # generated tokens (an end token excluded)
+    text: str  # detokenized output, cut before a stop string ("" without a tokenizer)
+    finish_reason: str | None  # "eos" | "stop" | "length" | "abort" | None while running
+    num_cached_prompt_tokens: int = 0  # prompt tokens served from the prefix cache
+    new_token: int | None = None  # the token this step added (streaming), if any
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+def _output(seq: Sequence, new_token: int | None = None) -> RequestOutput:
+    return RequestOutput(seq.seq_id, list(seq.prompt_ids), seq.output_ids, seq.text, seq.finish_reason,
+                         seq.num_cached_prompt, new_token)
+
+
+class LLMEngine:
+    """Continuous batching over one model. ``add_request`` / ``abort`` / ``step`` / ``has_unfinished``."""
+
+    def __init__(self, model: Transformer, tokenizer: Any = None, cfg: SchedulerConfig | None = None,
+                 kv_dtype: torch.dtype | None = None):
+        cfg = cfg or SchedulerConfig()
+        c = model.config
+        dtype = kv_dtype or model.dtype
+        num_blocks = cfg.num_blocks or blocks_for_bytes(
+            cfg.kv_budget_gib * 2**30, c.num_hidden_layers, c.num_key_value_heads, c.head_dim, cfg.block_size,
+            torch.empty(0, dtype=dtype).element_size())
+        self.cfg = dataclasses.replace(cfg, num_blocks=num_blocks)
+        self.model, self.tokenizer = model, tokenizer
+        self.scheduler = Scheduler(self.cfg)
+        self.runner = ModelRunner(model, num_blocks, cfg.block_size, dtype)
+        self.eos = frozenset(eos_ids(model, tokenizer))
+        self.max_len = c.max_position_embeddings
+        self._next_id = 0
+
+    def add_request(self, prompt_ids: Seq[int], params: SamplingConfig | None = None,
+                    request_id: int | None = None) -> int:
+        """Queue a request; returns its id. Raises SlimlmError for a prompt that cannot run."""
+        params = params or SamplingConfig()
+        params.validate()
+        ids = [int(t) for t in prompt_ids]
+        vocab = self.model.config.vocab_size
+        if not ids:
+            raise SlimlmError("a request needs at least one prompt token")
+        if any(t < 0 or t >= vocab for t in ids):
+            raise SlimlmError(f"prompt token ids must be in [0, {vocab})")
+        if len(ids) >= self.max_len:
+            raise SlimlmError(f"prompt has {len(ids)} tokens; the model's context is {self.max_len}")
+        rid = self._next_id if request_id is None else request_id
+        self._next_id = max(self._next_id, rid + 1)
+        checker = StopChecker(self.tokenizer, params.stop) if self.tokenizer is not None else None
+        seq = Sequence(rid, ids, params, eos_ids=self.eos, max_len=self.max_len, stop_checker=checker)
+        if not params.greedy:
+            seq.state["gen"] = torch.Generator().manual_seed(params.seed)
+        if params.repetition_penalty != 1.0:
+            seen = torch.zeros(1, vocab, dtype=torch.bool)
+            seen[0, ids] = True
+            seq.state["seen"] = seen
+        self.scheduler.add(seq)
+        return rid
+
+    def abort(self, request_id: int) -> bool:
+        """Cancel a request; its KV blocks are free when this returns."""
+        return self.scheduler.abort(request_id)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def _sample(self, logits: torch.Tensor, rows: list[ScheduledSeq]) -> dict[int, int]:
+        """logits: [n, V] float32 for ``rows`` -> {seq_id: token}."""
+        seqs = [self.scheduler.seqs[r.seq_id] for r in rows]
+        plain = [i for i, s in enumerate(seqs) if s.params.greedy and "seen" not in s.state]
+        out: dict[int, int] = {}
+        if plain:
+            toks = logits[plain].argmax(-1).tolist()
+            out.update({seqs[i].seq_id: t for i, t in zip(plain, toks, strict=True)})
+        for i, s in enumerate(seqs):
+            if s.seq_id not in out:
+                seen = s.state.get("seen")
+                t = int(choose(logits[i:i + 1], s.params, seen, s.state.get("gen"))[0])
+                if seen is not None:
+                    seen[0, t] = True
+                out[s.seq_id] = t
+        return out
+
+    def step(self) -> list[RequestOutput]:
+        """One scheduling step; returns an output for every request that got a token or finished."""
+        sched = self.scheduler
+        out = sched.schedule()
+        results: list[RequestOutput] = []
+        if not out.seqs:
+            if sched.has_unfinished():
+                raise SlimlmError("scheduler made no progress (KV pool too small for the waiting request)")
+            return results
+        entries = [BatchEntry(s.table, s.start, s.tokens, s.sample) for s in out.seqs]
+        logits = self.runner.forward(entries, out.copies)
+        rows = [s for s in out.seqs if s.sample]
+        sampled = self._sample(logits, rows)
+        finished = {s.seq_id: s for s in sched.update(out, sampled)}
+        for r in rows:
+            seq = finished.get(r.seq_id) or sched.seqs.get(r.seq_id)
+            if seq is None:
+                continue
+            if seq.finish_reason not in (None, "stop") and seq.stop_checker is not None:
+                seq.stop_checker.flush()
+            results.append(_output(seq, None if seq.finish_reason == "eos" else sampled[r.seq_id]))
+        return results
+
+    @property
+    def stats(self) -> dict[str, float]:
+        pool = self.scheduler.kv.pool
+        return {**self.scheduler.stats, "running": len(self.scheduler.running),
+                "waiting": len(self.scheduler.waiting), "kv_blocks_used": pool.num_used,
+                "kv_blocks_total": pool.num_blocks, "prefix_hit_rate": self.scheduler.prefix_hit_rate}
+
+
+class LLM:
+    """Offline batch generation through the engine.
+
+    Args:
+        model: what ``slimlm.loaders.load_model`` takes (alias, GGUF, HF or slimlm folder) or a
+            loaded ``LoadedModel``.
+        config: KV pool and batching limits (:class:`SchedulerConfig`).
+    """
+
+    def __init__(self, model: Any, config: SchedulerConfig | None = None, dtype: torch.dtype = torch.float32):
+        if isinstance(model, str):
+            from slimlm.loaders import load_model
+
+            model = load_model(model, dtype)
+        self.tokenizer = model.tokenizer
+        self.engine = LLMEngine(model.model, model.tokenizer, config)
+
+    def generate(self, prompts: str | Seq[str] | Seq[Seq[int]],
+                 params: SamplingConfig | Seq[SamplingConfig] | None = None) -> list[RequestOutput]:
+        """Generate for every prompt (text, or token ids); outputs in prompt order."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if params is None or isinstance(params, SamplingConfig):
+            plist = [params or SamplingConfig()] * len(prompts)
+        else:
+            plist = list(params)
+        if len(plist) != len(prompts):
+            raise SlimlmError(f"{len(prompts)} prompts but {len(plist)} sampling configs")
+        ids = []
+        for p in prompts:
+            if isinstance(p, str):
+                if self.tokenizer is None:
+                    raise SlimlmError("text prompts need a model with a tokenizer; pass token ids")
+                ids.append(self.tokenizer.encode(p))
+            else:
+                ids.append(list(p))
+        rids: list[int] = []
+        try:
+            for i, pr in zip(ids, plist, strict=True):
+                rids.append(self.engine.add_request(i, pr))
+        except SlimlmError:
+            for r in rids:  # all or nothing
+                self.engine.abort(r)
+            raise
+        done: dict[int, RequestOutput] = {}
+        while self.engine.has_unfinished():
+            for o in self.engine.step():
+                if o.finished:
+                    done[o.request_id] = o
+        return [done[r] for r in rids]
