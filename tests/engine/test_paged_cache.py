@@ -89,3 +89,18 @@ def test_copy_on_write_block_copy_keeps_the_parent_history(tmp_path):
     lg = runner.forward([BatchEntry([3, 6], 6, [7]), BatchEntry([3, 5], 6, [9])], copies=[(5, 6)])
     _close(lg[0], _alone(lm.model, ids + [7], 6)[-1])
     _close(lg[1], _alone(lm.model, ids + [9], 6)[-1])
+
+
+def test_batched_decode_is_one_gemm_shaped_call(tmp_path):
+    """B decode streams run each linear once on [1, B, D], not B times on one row."""
+    make_hf_model("llama", tmp_path)
+    lm = load_model(str(tmp_path))
+    runner = ModelRunner(lm.model, num_blocks=16, block_size=4)
+    tables = [[0, 1], [4, 5], [8, 9]]
+    runner.forward([BatchEntry(t, 0, [1 + i, 2, 3]) for i, t in enumerate(tables)])
+    shapes = []
+    down = lm.model.model.layers[0].mlp.down_proj
+    h = down.register_forward_pre_hook(lambda m, a: shapes.append(tuple(a[0].shape)))
+    logits = runner.forward([BatchEntry(t, 3, [7]) for t in tables])
+    h.remove()
+    assert shapes == [(1, 3, down.in_features)] and logits.shape == (3, lm.config.vocab_size)
