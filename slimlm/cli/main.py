@@ -22,6 +22,7 @@ COMMANDS = [
     "slimlm.cli.prune",
     "slimlm.cli.factorize",
     "slimlm.cli.convert_gqa",
+    "slimlm.cli.serve",
 ]
 
 
