@@ -39,6 +39,16 @@ from slimlm.utils.errors import SlimlmError
 
 
 @dataclass
+class TokenLogprob:
+    """log p(token) under the model (raw logits, before temperature / top-k / top-p) and the ``top``
+    most likely alternatives, most likely first."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+@dataclass
 class RequestOutput:
     request_id: int
     prompt_ids: list[int]
@@ -47,6 +57,7 @@ class RequestOutput:
     finish_reason: str | None  # "eos" | "stop" | "length" | "abort" | None while running
     num_cached_prompt_tokens: int = 0  # prompt tokens served from the prefix cache
     new_token: int | None = None  # the token this step added (streaming), if any
+    logprobs: list[TokenLogprob] | None = None  # per generated token, when the request asked for them
 
     @property
     def finished(self) -> bool:
@@ -55,7 +66,7 @@ class RequestOutput:
 
 def _output(seq: Sequence, new_token: int | None = None) -> RequestOutput:
     return RequestOutput(seq.seq_id, list(seq.prompt_ids), seq.output_ids, seq.text, seq.finish_reason,
-                         seq.num_cached_prompt, new_token)
+                         seq.num_cached_prompt, new_token, list(seq.state["logprobs"]) if "logprobs" in seq.state else None)
 
 
 class LLMEngine:
@@ -78,8 +89,9 @@ class LLMEngine:
         self._next_id = 0
 
     def add_request(self, prompt_ids: Seq[int], params: SamplingConfig | None = None,
-                    request_id: int | None = None) -> int:
-        """Queue a request; returns its id. Raises SlimlmError for a prompt that cannot run."""
+                    request_id: int | None = None, logprobs: int | None = None) -> int:
+        """Queue a request; returns its id. ``logprobs=k`` records each generated token's log
+        probability and the k most likely alternatives. Raises SlimlmError for a request that cannot run."""
         params = params or SamplingConfig()
         params.validate()
         ids = [int(t) for t in prompt_ids]
@@ -96,6 +108,10 @@ class LLMEngine:
         seq = Sequence(rid, ids, params, eos_ids=self.eos, max_len=self.max_len, stop_checker=checker)
         if not params.greedy:
             seq.state["gen"] = torch.Generator().manual_seed(params.seed)
+        if logprobs is not None:
+            if not 0 <= logprobs <= 20:
+                raise SlimlmError("logprobs must be between 0 and 20")
+            seq.state["logprobs_k"], seq.state["logprobs"] = logprobs, []
         if params.repetition_penalty != 1.0:
             seen = torch.zeros(1, vocab, dtype=torch.bool)
             seen[0, ids] = True
@@ -127,6 +143,21 @@ class LLMEngine:
                 out[s.seq_id] = t
         return out
 
+    @staticmethod
+    def _logprobs(logits: torch.Tensor, seqs: list[Sequence], sampled: dict[int, int]) -> dict[int, TokenLogprob]:
+        """The sampled token's log probability (+ top k) for the rows that asked; logits: [n, V]."""
+        out: dict[int, TokenLogprob] = {}
+        for i, s in enumerate(seqs):
+            k = s.state.get("logprobs_k")
+            if k is None:
+                continue
+            lp = logits[i].log_softmax(-1)  # [V] float32
+            t = sampled[s.seq_id]
+            top = lp.topk(k) if k else None
+            out[s.seq_id] = TokenLogprob(t, float(lp[t]), [] if top is None else list(
+                zip(top.indices.tolist(), top.values.tolist(), strict=True)))
+        return out
+
     def step(self) -> list[RequestOutput]:
         """One scheduling step; returns an output for every request that got a token or finished."""
         sched = self.scheduler
@@ -140,6 +171,7 @@ class LLMEngine:
         logits = self.runner.forward(entries, out.copies)
         rows = [s for s in out.seqs if s.sample]
         sampled = self._sample(logits, rows)
+        lps = self._logprobs(logits, [sched.seqs[r.seq_id] for r in rows], sampled)
         finished = {s.seq_id: s for s in sched.update(out, sampled)}
         for r in rows:
             seq = finished.get(r.seq_id) or sched.seqs.get(r.seq_id)
@@ -147,6 +179,8 @@ class LLMEngine:
                 continue
             if seq.finish_reason not in (None, "stop") and seq.stop_checker is not None:
                 seq.stop_checker.flush()
+            if r.seq_id in lps and seq.finish_reason != "eos":
+                seq.state["logprobs"].append(lps[r.seq_id])
             results.append(_output(seq, None if seq.finish_reason == "eos" else sampled[r.seq_id]))
         return results
 

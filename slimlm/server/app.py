@@ -4,8 +4,9 @@ Endpoints: ``/v1/models``, ``/v1/completions``, ``/v1/chat/completions`` (the mo
 both with SSE streaming (``stream_options.include_usage``), ``n``, ``stop``, ``max_tokens``,
 ``temperature``, ``top_p``, ``top_k``, ``seed``, ``ignore_eos`` (vLLM's extension); ``/health``;
 Prometheus ``/metrics``. Bad input gets HTTP 4xx with an OpenAI-style ``{"error": {...}}`` body
-(503 when overloaded) and the server stays up. Not implemented yet: ``logprobs``/``top_logprobs``
-and ``response_format`` other than text (rejected with 400, never silently ignored).
+(503 when overloaded) and the server stays up. ``logprobs`` (completions: top k; chat:
+``logprobs`` + ``top_logprobs``) are the model's raw log-softmax. Not implemented yet:
+``response_format`` other than text and ``echo`` (rejected with 400, never silently ignored).
 
 Run: ``slimlm serve smollm2-135m --port 8000`` (see docs/serving.md), or build the app in-process::
 
@@ -27,7 +28,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from slimlm.engine.llm import RequestOutput
+from slimlm.engine.llm import RequestOutput, TokenLogprob
 from slimlm.engine.sampling import SamplingConfig
 from slimlm.server.async_engine import AsyncEngine, Handle, Overloaded
 from slimlm.utils.errors import SlimlmError
@@ -65,14 +66,19 @@ class _Sampling(_Strict):
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
-    logprobs: Any = None
-    top_logprobs: int | None = None
+
+    def logprobs_k(self) -> int | None:
+        return None
 
 
 class CompletionRequest(_Sampling):
     prompt: str | list[int]
     max_tokens: int | None = 16
     echo: bool = False
+    logprobs: int | None = None  # top alternatives per token (0 = only the chosen token's)
+
+    def logprobs_k(self) -> int | None:
+        return self.logprobs
 
 
 class ChatPart(_Strict):
@@ -89,6 +95,11 @@ class ChatRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = None
     response_format: dict[str, Any] | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+
+    def logprobs_k(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 _FINISH = {"eos": "stop", "stop": "stop", "length": "length", "abort": "abort"}
@@ -157,8 +168,9 @@ def build_app(engine: AsyncEngine, tokenizer: Any, model_name: str) -> FastAPI:
                            "not_found_error", "model", "model_not_found")
 
     def _params(req: _Sampling, prompt_len: int, max_tokens: int | None) -> list[SamplingConfig]:
-        if req.logprobs not in (None, False, 0) or req.top_logprobs:
-            raise ApiError(400, "logprobs are not supported yet", param="logprobs")
+        k = req.logprobs_k()
+        if k is not None and not 0 <= k <= 20:
+            raise ApiError(400, "logprobs / top_logprobs must be between 0 and 20", param="logprobs")
         if req.n < 1 or req.n > 16:
             raise ApiError(400, "n must be between 1 and 16", param="n")
         room = ctx_len - prompt_len
@@ -219,14 +231,45 @@ def build_app(engine: AsyncEngine, tokenizer: Any, model_name: str) -> FastAPI:
             for t in tasks:
                 t.cancel()  # a client that went away aborts the choices still running
 
+    def _tok(t: int) -> str:
+        """A token's text; a piece of a multi-byte character (no text of its own) shows as its
+        vocabulary entry, so distinct alternatives never share a key."""
+        if tokenizer is None:
+            return str(t)
+        text: str = tokenizer.decode([t], skip_special_tokens=False)
+        return text if "\ufffd" not in text else tokenizer.id_to_token(t) or text
+
+    def completion_logprobs(lps: list[TokenLogprob] | None) -> dict[str, Any] | None:
+        """The legacy completions shape: parallel lists (``text_offset`` counts within these tokens)."""
+        if lps is None:
+            return None
+        toks = [_tok(e.token) for e in lps]
+        offs, pos = [], 0
+        for t in toks:
+            offs.append(pos)
+            pos += len(t)
+        return {"tokens": toks, "token_logprobs": [e.logprob for e in lps],
+                "top_logprobs": [{_tok(t): lp for t, lp in e.top} for e in lps], "text_offset": offs}
+
+    def chat_logprobs(lps: list[TokenLogprob] | None) -> dict[str, Any] | None:
+        if lps is None:
+            return None
+
+        def entry(t: int, lp: float) -> dict[str, Any]:
+            s = _tok(t)
+            return {"token": s, "logprob": lp, "bytes": list(s.encode("utf-8"))}
+
+        return {"content": [{**entry(e.token, e.logprob), "top_logprobs": [entry(t, lp) for t, lp in e.top]}
+                            for e in lps]}
+
     async def _run(ids: list[int], params: list[SamplingConfig], chunk: Any, final_usage: bool,
-                   stream: bool) -> Any:
+                   stream: bool, logprobs: int | None) -> Any:
         """Admit the n choices (a 4xx comes before any streamed byte), then either collect their final
         outputs or return the SSE event stream."""
         handles: list[Handle] = []
         try:
             for p in params:
-                handles.append(await engine.submit(ids, p))
+                handles.append(await engine.submit(ids, p, logprobs))
         except BaseException:
             for h in handles:
                 engine.abort(h.rid)
@@ -241,6 +284,7 @@ def build_app(engine: AsyncEngine, tokenizer: Any, model_name: str) -> FastAPI:
         async def sse() -> AsyncIterator[str]:
             sent = [""] * len(params)
             toks = [0] * len(params)
+            lp_sent = [0] * len(params)
             for i in range(len(params)):
                 head = chunk(i, None, None, start=True)
                 if head is not None:
@@ -251,7 +295,9 @@ def build_app(engine: AsyncEngine, tokenizer: Any, model_name: str) -> FastAPI:
                 sent[i] += delta
                 toks[i] = len(o.token_ids)
                 if delta or o.finished:
-                    yield f"data: {json.dumps(chunk(i, delta, _FINISH.get(o.finish_reason or '')))}\n\n"
+                    lps = o.logprobs[lp_sent[i]:] if o.logprobs is not None else None
+                    lp_sent[i] += len(lps or [])
+                    yield f"data: {json.dumps(chunk(i, delta, _FINISH.get(o.finish_reason or ''), lps=lps))}\n\n"
             if final_usage:
                 yield f"data: {json.dumps(chunk(None, None, None, usage=_usage(len(ids), sum(toks))))}\n\n"
             yield "data: [DONE]\n\n"
@@ -272,22 +318,23 @@ def build_app(engine: AsyncEngine, tokenizer: Any, model_name: str) -> FastAPI:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
         def chunk(i: int | None, text: str | None, finish: str | None, start: bool = False,
-                  usage: dict[str, int] | None = None) -> dict[str, Any] | None:
+                  usage: dict[str, int] | None = None, lps: list[TokenLogprob] | None = None) -> dict[str, Any] | None:
             if start:
                 return None
+            choices = [] if i is None else [{"index": i, "text": text, "logprobs": completion_logprobs(lps),
+                                             "finish_reason": finish}]
             body: dict[str, Any] = {"id": rid, "object": "text_completion", "created": now, "model": model_name,
-                                    "choices": [] if i is None else [{"index": i, "text": text, "logprobs": None,
-                                                                      "finish_reason": finish}]}
+                                    "choices": choices}
             if include_usage:
                 body["usage"] = usage
             return body
 
-        res = await _run(ids, params, chunk, include_usage, req.stream)
+        res = await _run(ids, params, chunk, include_usage, req.stream, req.logprobs_k())
         if req.stream:
             return StreamingResponse(res, media_type="text/event-stream")
         return {"id": rid, "object": "text_completion", "created": now, "model": model_name,
-                "choices": [{"index": i, "text": o.text, "logprobs": None, "finish_reason": _FINISH[o.finish_reason]}
-                            for i, o in enumerate(res)],
+                "choices": [{"index": i, "text": o.text, "logprobs": completion_logprobs(o.logprobs),
+                             "finish_reason": _FINISH[o.finish_reason]} for i, o in enumerate(res)],
                 "usage": _usage(len(ids), sum(len(o.token_ids) for o in res))}
 
     @app.post("/v1/chat/completions")
@@ -309,14 +356,14 @@ def build_app(engine: AsyncEngine, tokenizer: Any, model_name: str) -> FastAPI:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
         def chunk(i: int | None, text: str | None, finish: str | None, start: bool = False,
-                  usage: dict[str, int] | None = None) -> dict[str, Any]:
+                  usage: dict[str, int] | None = None, lps: list[TokenLogprob] | None = None) -> dict[str, Any]:
             if i is None:
                 choices: list[dict[str, Any]] = []
             elif start:
                 choices = [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                             "finish_reason": None}]
             else:
-                choices = [{"index": i, "delta": {"content": text} if text else {}, "logprobs": None,
+                choices = [{"index": i, "delta": {"content": text} if text else {}, "logprobs": chat_logprobs(lps),
                             "finish_reason": finish}]
             body: dict[str, Any] = {"id": rid, "object": "chat.completion.chunk", "created": now,
                                     "model": model_name, "choices": choices}
@@ -324,11 +371,12 @@ def build_app(engine: AsyncEngine, tokenizer: Any, model_name: str) -> FastAPI:
                 body["usage"] = usage
             return body
 
-        res = await _run(ids, params, chunk, include_usage, req.stream)
+        res = await _run(ids, params, chunk, include_usage, req.stream, req.logprobs_k())
         if req.stream:
             return StreamingResponse(res, media_type="text/event-stream")
         return {"id": rid, "object": "chat.completion", "created": now, "model": model_name,
-                "choices": [{"index": i, "message": {"role": "assistant", "content": o.text}, "logprobs": None,
+                "choices": [{"index": i, "message": {"role": "assistant", "content": o.text},
+                             "logprobs": chat_logprobs(o.logprobs),
                              "finish_reason": _FINISH[o.finish_reason]} for i, o in enumerate(res)],
                 "usage": _usage(len(ids), sum(len(o.token_ids) for o in res))}
 

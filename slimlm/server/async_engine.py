@@ -66,12 +66,12 @@ class AsyncEngine:
     def alive(self) -> bool:
         return self._thread.is_alive() and self.error is None
 
-    def _add(self, prompt_ids: Sequence[int], params: SamplingConfig, loop: asyncio.AbstractEventLoop,
-             q: asyncio.Queue[Any]) -> int:
+    def _add(self, prompt_ids: Sequence[int], params: SamplingConfig, logprobs: int | None,
+             loop: asyncio.AbstractEventLoop, q: asyncio.Queue[Any]) -> int:
         with self._lock:
             if len(self.engine.scheduler.waiting) >= self.max_waiting:
                 raise Overloaded(f"server overloaded: {self.max_waiting} requests already waiting")
-            rid = self.engine.add_request(prompt_ids, params)
+            rid = self.engine.add_request(prompt_ids, params, logprobs=logprobs)
             self._streams[rid] = (loop, q)
             self.counters["prompt_tokens"] += len(prompt_ids)
         self._wake.set()
@@ -92,12 +92,12 @@ class AsyncEngine:
             self.counters["requests_aborted"] += 1
         self._streams.pop(rid, None)
 
-    async def submit(self, prompt_ids: Sequence[int], params: SamplingConfig) -> Handle:
+    async def submit(self, prompt_ids: Sequence[int], params: SamplingConfig, logprobs: int | None = None) -> Handle:
         """Queue a request (raises SlimlmError / Overloaded at once for one that cannot run)."""
         if not self.alive:
             raise SlimlmError(f"engine stopped: {self.error}")
         q: asyncio.Queue[Any] = asyncio.Queue()
-        rid = await asyncio.to_thread(self._add, prompt_ids, params, asyncio.get_running_loop(), q)
+        rid = await asyncio.to_thread(self._add, prompt_ids, params, logprobs, asyncio.get_running_loop(), q)
         return Handle(rid, q)
 
     async def outputs(self, h: Handle) -> AsyncIterator[RequestOutput]:

@@ -1,7 +1,8 @@
 """The OpenAI-compatible server against the official ``openai`` client, on a tiny model over loopback.
 
 Oracles: slimlm's single-stream ``generate`` (contiguous cache) for greedy text, the offline engine
-with the same per-choice seeds for ``n=2`` sampling; OpenAI's error body shape for bad input."""
+with the same per-choice seeds for ``n=2`` sampling, transformers' log-softmax for ``logprobs``;
+OpenAI's error body shape for bad input."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import time
 import httpx2 as httpx  # the HTTP client the pinned openai package uses
 import openai
 import pytest
+import torch
 import uvicorn
 
 from slimlm.engine.generate import generate
@@ -32,7 +34,7 @@ CFG = SchedulerConfig(num_blocks=64, block_size=4, max_num_batched_tokens=32)
 def server(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny")
     tok = make_tiny_tokenizer()
-    make_hf_model("llama", folder, vocab_size=tok.vocab_size)
+    hf = make_hf_model("llama", folder, vocab_size=tok.vocab_size)
     tok.save(folder)
     lm = load_model(str(folder))
     with socket.socket() as s:
@@ -49,7 +51,7 @@ def server(tmp_path_factory):
         time.sleep(0.05)
     base = f"http://127.0.0.1:{port}"
     client = openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=120)
-    yield lm, client, base, aeng
+    yield lm, client, base, aeng, hf
     srv.should_exit = True
     th.join(timeout=30)
 
@@ -67,7 +69,7 @@ def _metric(base, name):
 
 
 def test_completions_chat_and_models(server):
-    lm, client, base, _ = server
+    lm, client, base, _, _ = server
     prompt = "def add(a, b):"
     r = client.completions.create(model="tiny", prompt=prompt, max_tokens=12, temperature=0, extra_body={"ignore_eos": True})
     ids = lm.tokenizer.encode(prompt)
@@ -83,7 +85,7 @@ def test_completions_chat_and_models(server):
 
 
 def test_streaming_equals_the_full_answer_and_reports_usage(server):
-    lm, client, _, _ = server
+    lm, client, _, _, _ = server
     kw = dict(model="tiny", max_tokens=14, temperature=0, extra_body={"ignore_eos": True})
     full = client.completions.create(prompt="class A:", **kw).choices[0].text
     chunks = list(client.completions.create(prompt="class A:", stream=True,
@@ -99,7 +101,7 @@ def test_streaming_equals_the_full_answer_and_reports_usage(server):
 
 
 def test_n2_sampling_matches_the_offline_engine_with_the_same_seeds(server):
-    lm, client, _, _ = server
+    lm, client, _, _, _ = server
     r = client.completions.create(model="tiny", prompt="import os", max_tokens=8, temperature=0.8, top_p=0.9, n=2,
                                   seed=5, extra_body={"ignore_eos": True, "top_k": 40})
     ids = lm.tokenizer.encode("import os")
@@ -111,7 +113,7 @@ def test_n2_sampling_matches_the_offline_engine_with_the_same_seeds(server):
 
 
 def test_stop_strings_cut_the_text_in_full_and_streamed_answers(server):
-    lm, client, _, _ = server
+    lm, client, _, _, _ = server
     kw = dict(model="tiny", prompt="for i in", max_tokens=20, temperature=0, extra_body={"ignore_eos": True})
     base_text = client.completions.create(**kw).choices[0].text
     stop = base_text[6:9]
@@ -129,10 +131,10 @@ def test_stop_strings_cut_the_text_in_full_and_streamed_answers(server):
     ('{"model": "tiny", "prompt": [1, 2, 3], "max_tokens": 4, "temperature": -1}', 400, None),
     ('{"model": "other", "prompt": "x"}', 404, "model"),
     ('{"model": "tiny", "prompt": [1, 999999]}', 400, None),  # token id outside the vocabulary
-    ('{"model": "tiny", "prompt": "x", "logprobs": 2}', 400, "logprobs"),
+    ('{"model": "tiny", "prompt": "x", "logprobs": 50}', 400, "logprobs"),
 ])
 def test_bad_input_gets_an_openai_error_and_the_server_stays_up(server, body, status, param):
-    _, _, base, _ = server
+    _, _, base, _, _ = server
     r = httpx.post(base + "/v1/completions", content=body, headers={"Content-Type": "application/json"})
     assert r.status_code == status, r.text
     err = r.json()["error"]
@@ -143,7 +145,7 @@ def test_bad_input_gets_an_openai_error_and_the_server_stays_up(server, body, st
 
 
 def test_long_prompt_and_bad_chat_requests(server):
-    lm, _, base, _ = server
+    lm, _, base, _, _ = server
     r = httpx.post(base + "/v1/completions", json={"model": "tiny", "prompt": list(range(3, 140))})
     assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
     r = httpx.post(base + "/v1/chat/completions", json={"model": "tiny", "messages": []})
@@ -154,7 +156,7 @@ def test_long_prompt_and_bad_chat_requests(server):
 
 
 def test_cancelled_stream_frees_its_blocks(server):
-    _, _, base, aeng = server
+    _, _, base, aeng, _ = server
     body = {"model": "tiny", "prompt": "while True:", "max_tokens": 100, "temperature": 0, "stream": True,
             "ignore_eos": True}
     aborted = _metric(base, "requests_aborted_total")
@@ -171,3 +173,28 @@ def test_cancelled_stream_frees_its_blocks(server):
     assert _metric(base, "kv_blocks_used") == 0
     assert _metric(base, "requests_aborted_total") == aborted + 1
     assert _metric(base, "generation_tokens_total") > 0
+
+
+def test_logprobs_equal_transformers_log_softmax(server):
+    lm, client, _, _, hf = server
+    prompt = [5, 60, 70, 80, 90]
+    r = client.completions.create(model="tiny", prompt=prompt, max_tokens=6, temperature=0, logprobs=3,
+                                  extra_body={"ignore_eos": True})
+    lp = r.choices[0].logprobs
+    gen = generate(lm.model, lm.tokenizer, [prompt], SamplingConfig(max_new_tokens=6, ignore_eos=True)).tokens[0]
+    with torch.no_grad():
+        ref = hf(torch.tensor([prompt + gen])).logits[0, len(prompt) - 1:-1].log_softmax(-1)  # [6, V]
+    assert len(lp.token_logprobs) == 6
+    for t, s in zip(gen, lp.tokens, strict=True):  # text, or the vocabulary entry of a partial character
+        assert s in (lm.tokenizer.decode([t], skip_special_tokens=False), lm.tokenizer.id_to_token(t))
+    want = ref.gather(1, torch.tensor(gen).unsqueeze(1))[:, 0]
+    torch.testing.assert_close(torch.tensor(lp.token_logprobs), want, atol=1e-4, rtol=0)
+    for j, top in enumerate(lp.top_logprobs):
+        assert len(top) == 3 and max(top.values()) == pytest.approx(lp.token_logprobs[j], abs=1e-6)
+        torch.testing.assert_close(torch.tensor(sorted(top.values(), reverse=True)), ref[j].topk(3).values,
+                                   atol=1e-4, rtol=0)
+    c = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=5,
+                                       temperature=0, logprobs=True, top_logprobs=2, extra_body={"ignore_eos": True})
+    content = c.choices[0].logprobs.content
+    assert len(content) == c.usage.completion_tokens == 5
+    assert all(len(e.top_logprobs) == 2 and e.top_logprobs[0].logprob >= e.top_logprobs[1].logprob for e in content)
