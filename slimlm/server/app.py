@@ -307,23 +307,20 @@ def build_app(engine: AsyncEngine, tokenizer: Any, model_name: str) -> FastAPI:
     def _usage(prompt: int, completion: int) -> dict[str, int]:
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
-    @app.post("/v1/completions")
-    async def completions(req: CompletionRequest) -> Any:
-        _check_model(req)
-        if req.echo:
-            raise ApiError(400, "echo is not supported", param="echo")
-        ids = _encode_prompt(req.prompt)
-        params = _params(req, len(ids), req.max_tokens)
-        rid, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+    async def _respond(req: _Sampling, ids: list[int], params: list[SamplingConfig], id_prefix: str, obj: str,
+                       chunk_obj: str, head: Any, delta: Any, final: Any) -> Any:
+        """Run the request; the JSON answer, or the SSE stream of ``chunk_obj`` chunks. ``head(i)``
+        is a choice's first chunk (None: none), ``delta(i, text, finish, logprobs)`` the next ones,
+        ``final(i, output)`` a choice of the full answer."""
+        rid, now = f"{id_prefix}-{uuid.uuid4().hex}", int(time.time())
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
         def chunk(i: int | None, text: str | None, finish: str | None, start: bool = False,
                   usage: dict[str, int] | None = None, lps: list[TokenLogprob] | None = None) -> dict[str, Any] | None:
-            if start:
+            if start and head is None:
                 return None
-            choices = [] if i is None else [{"index": i, "text": text, "logprobs": completion_logprobs(lps),
-                                             "finish_reason": finish}]
-            body: dict[str, Any] = {"id": rid, "object": "text_completion", "created": now, "model": model_name,
+            choices = [] if i is None else [head(i) if start else delta(i, text, finish, lps)]
+            body: dict[str, Any] = {"id": rid, "object": chunk_obj, "created": now, "model": model_name,
                                     "choices": choices}
             if include_usage:
                 body["usage"] = usage
@@ -332,10 +329,22 @@ def build_app(engine: AsyncEngine, tokenizer: Any, model_name: str) -> FastAPI:
         res = await _run(ids, params, chunk, include_usage, req.stream, req.logprobs_k())
         if req.stream:
             return StreamingResponse(res, media_type="text/event-stream")
-        return {"id": rid, "object": "text_completion", "created": now, "model": model_name,
-                "choices": [{"index": i, "text": o.text, "logprobs": completion_logprobs(o.logprobs),
-                             "finish_reason": _FINISH[o.finish_reason]} for i, o in enumerate(res)],
+        return {"id": rid, "object": obj, "created": now, "model": model_name,
+                "choices": [final(i, o) for i, o in enumerate(res)],
                 "usage": _usage(len(ids), sum(len(o.token_ids) for o in res))}
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest) -> Any:
+        _check_model(req)
+        if req.echo:
+            raise ApiError(400, "echo is not supported", param="echo")
+        ids = _encode_prompt(req.prompt)
+        params = _params(req, len(ids), req.max_tokens)
+        return await _respond(req, ids, params, "cmpl", "text_completion", "text_completion", None,
+                              lambda i, text, finish, lps: {"index": i, "text": text, "finish_reason": finish,
+                                                            "logprobs": completion_logprobs(lps)},
+                              lambda i, o: {"index": i, "text": o.text, "logprobs": completion_logprobs(o.logprobs),
+                                            "finish_reason": _FINISH[o.finish_reason]})
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest) -> Any:
@@ -352,32 +361,13 @@ def build_app(engine: AsyncEngine, tokenizer: Any, model_name: str) -> FastAPI:
         except SlimlmError as e:
             raise ApiError(400, str(e), param="messages") from None
         params = _params(req, len(ids), req.max_completion_tokens or req.max_tokens)
-        rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-
-        def chunk(i: int | None, text: str | None, finish: str | None, start: bool = False,
-                  usage: dict[str, int] | None = None, lps: list[TokenLogprob] | None = None) -> dict[str, Any]:
-            if i is None:
-                choices: list[dict[str, Any]] = []
-            elif start:
-                choices = [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                            "finish_reason": None}]
-            else:
-                choices = [{"index": i, "delta": {"content": text} if text else {}, "logprobs": chat_logprobs(lps),
-                            "finish_reason": finish}]
-            body: dict[str, Any] = {"id": rid, "object": "chat.completion.chunk", "created": now,
-                                    "model": model_name, "choices": choices}
-            if include_usage:
-                body["usage"] = usage
-            return body
-
-        res = await _run(ids, params, chunk, include_usage, req.stream, req.logprobs_k())
-        if req.stream:
-            return StreamingResponse(res, media_type="text/event-stream")
-        return {"id": rid, "object": "chat.completion", "created": now, "model": model_name,
-                "choices": [{"index": i, "message": {"role": "assistant", "content": o.text},
-                             "logprobs": chat_logprobs(o.logprobs),
-                             "finish_reason": _FINISH[o.finish_reason]} for i, o in enumerate(res)],
-                "usage": _usage(len(ids), sum(len(o.token_ids) for o in res))}
+        return await _respond(req, ids, params, "chatcmpl", "chat.completion", "chat.completion.chunk",
+                              lambda i: {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                         "finish_reason": None},
+                              lambda i, text, finish, lps: {"index": i, "delta": {"content": text} if text else {},
+                                                            "logprobs": chat_logprobs(lps), "finish_reason": finish},
+                              lambda i, o: {"index": i, "message": {"role": "assistant", "content": o.text},
+                                            "logprobs": chat_logprobs(o.logprobs),
+                                            "finish_reason": _FINISH[o.finish_reason]})
 
     return app
