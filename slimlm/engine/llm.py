@@ -87,11 +87,10 @@ class LLMEngine:
         self.eos = frozenset(eos_ids(model, tokenizer))
         self.max_len = c.max_position_embeddings
         self._next_id = 0
+        self._forks: dict[int, list[Sequence]] = {}  # group head id -> members waiting for its prompt
 
-    def add_request(self, prompt_ids: Seq[int], params: SamplingConfig | None = None,
-                    request_id: int | None = None, logprobs: int | None = None) -> int:
-        """Queue a request; returns its id. ``logprobs=k`` records each generated token's log
-        probability and the k most likely alternatives. Raises SlimlmError for a request that cannot run."""
+    def _make_seq(self, prompt_ids: Seq[int], params: SamplingConfig | None, request_id: int | None,
+                  logprobs: int | None) -> Sequence:
         params = params or SamplingConfig()
         params.validate()
         ids = [int(t) for t in prompt_ids]
@@ -116,15 +115,46 @@ class LLMEngine:
             seen = torch.zeros(1, vocab, dtype=torch.bool)
             seen[0, ids] = True
             seq.state["seen"] = seen
+        return seq
+
+    def add_request(self, prompt_ids: Seq[int], params: SamplingConfig | None = None,
+                    request_id: int | None = None, logprobs: int | None = None) -> int:
+        """Queue a request; returns its id. ``logprobs=k`` records each generated token's log
+        probability and the k most likely alternatives. Raises SlimlmError for a request that cannot run."""
+        seq = self._make_seq(prompt_ids, params, request_id, logprobs)
         self.scheduler.add(seq)
-        return rid
+        return seq.seq_id
+
+    def add_group(self, prompt_ids: Seq[int], params: Seq[SamplingConfig], logprobs: int | None = None) -> list[int]:
+        """Several samples of one prompt (OpenAI's ``n``): the prompt is computed once, then every
+        other member forks the first one's blocks and samples its own first token from the same logits."""
+        first = self._make_seq(prompt_ids, params[0], None, logprobs)
+        rest = [self._make_seq(prompt_ids, p, None, logprobs) for p in params[1:]]
+        for s in rest:
+            self.scheduler.check_fits(s)
+        self.scheduler.add(first)
+        if rest:
+            self._forks[first.seq_id] = rest
+        return [first.seq_id] + [s.seq_id for s in rest]
 
     def abort(self, request_id: int) -> bool:
         """Cancel a request; its KV blocks are free when this returns."""
-        return self.scheduler.abort(request_id)
+        for kids in self._forks.values():
+            for k in kids:
+                if k.seq_id == request_id:  # not started yet
+                    kids.remove(k)
+                    k.finish_reason = "abort"
+                    return True
+        kids = self._forks.pop(request_id, [])
+        found = self.scheduler.abort(request_id)
+        if kids:  # the group's first member went away before its prompt was done: the next one takes over
+            self.scheduler.add(kids[0])
+            if kids[1:]:
+                self._forks[kids[0].seq_id] = kids[1:]
+        return found
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or any(self._forks.values())
 
     def _sample(self, logits: torch.Tensor, rows: list[ScheduledSeq]) -> dict[int, int]:
         """logits: [n, V] float32 for ``rows`` -> {seq_id: token}."""
@@ -136,12 +166,17 @@ class LLMEngine:
             out.update({seqs[i].seq_id: t for i, t in zip(plain, toks, strict=True)})
         for i, s in enumerate(seqs):
             if s.seq_id not in out:
-                seen = s.state.get("seen")
-                t = int(choose(logits[i:i + 1], s.params, seen, s.state.get("gen"))[0])
-                if seen is not None:
-                    seen[0, t] = True
-                out[s.seq_id] = t
+                out[s.seq_id] = self._choose(logits[i:i + 1], s)
         return out
+
+    @staticmethod
+    def _choose(row: torch.Tensor, s: Sequence) -> int:
+        """One token for ``s`` from logits ``[1, V]`` with its own parameters and generator."""
+        seen = s.state.get("seen")
+        t = int(choose(row, s.params, seen, s.state.get("gen"))[0])
+        if seen is not None:
+            seen[0, t] = True
+        return t
 
     @staticmethod
     def _logprobs(logits: torch.Tensor, seqs: list[Sequence], sampled: dict[int, int]) -> dict[int, TokenLogprob]:
@@ -172,6 +207,18 @@ class LLMEngine:
         rows = [s for s in out.seqs if s.sample]
         sampled = self._sample(logits, rows)
         lps = self._logprobs(logits, [sched.seqs[r.seq_id] for r in rows], sampled)
+        for i, r in enumerate(rows):  # group members start from their head's prompt logits
+            kids = self._forks.pop(r.seq_id, None) if r.start + len(r.tokens) == sched.seqs[r.seq_id].prompt_len \
+                else None
+            for kid in kids or []:
+                t = self._choose(logits[i:i + 1], kid)
+                lp = self._logprobs(logits[i:i + 1], [kid], {kid.seq_id: t})
+                reason = sched.fork(r.seq_id, kid, t)
+                if kid.seq_id in lp and reason != "eos":
+                    kid.state["logprobs"].append(lp[kid.seq_id])
+                if reason not in (None, "stop") and kid.stop_checker is not None:
+                    kid.stop_checker.flush()
+                results.append(_output(kid, None if reason == "eos" else t))
         finished = {s.seq_id: s for s in sched.update(out, sampled)}
         for r in rows:
             seq = finished.get(r.seq_id) or sched.seqs.get(r.seq_id)

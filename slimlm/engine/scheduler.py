@@ -107,15 +107,44 @@ class Scheduler:
             raise SlimlmError("a request needs at least one prompt token")
         if seq.seq_id in self.seqs:
             raise SlimlmError(f"sequence id {seq.seq_id} is already scheduled")
+        self.check_fits(seq)
+        seq.status = SeqStatus.WAITING
+        self.seqs[seq.seq_id] = seq
+        self.waiting.append(seq)
+
+    def check_fits(self, seq: Sequence) -> None:
+        """Raise if ``seq`` could not run even with the whole pool to itself."""
         total = seq.prompt_len + seq.params.max_new_tokens
         if seq.max_len is not None:
             total = min(total, seq.max_len)
         if self.kv.blocks_for(total) > self.cfg.num_blocks:
             raise SlimlmError(f"request needs up to {self.kv.blocks_for(total)} KV blocks ({total} tokens); "
                               f"the pool holds {self.cfg.num_blocks}")
-        seq.status = SeqStatus.WAITING
-        self.seqs[seq.seq_id] = seq
-        self.waiting.append(seq)
+
+    def fork(self, parent_id: int, child: Sequence, token: int) -> str | None:
+        """Start ``child`` (the same prompt as the running ``parent_id``, whose prompt KV is computed)
+        on the parent's blocks, with its own first ``token``; no prompt recompute (copy-on-write
+        copies the shared last block on the first write). Returns the child's finish reason, if any."""
+        parent = self.seqs[parent_id]
+        if child.seq_id in self.seqs or child.prompt_ids != parent.prompt_ids:
+            raise SlimlmError(f"cannot fork {child.seq_id} from {parent_id}")
+        self.kv.fork(parent_id, child.seq_id)
+        child.num_computed = child.prompt_len
+        child.status = SeqStatus.RUNNING
+        self.seqs[child.seq_id] = child
+        self.running.append(child)
+        self.stats["prompt_tokens"] += child.prompt_len
+        self.stats["prefix_hit_tokens"] += child.prompt_len
+        reason = child.append(token)
+        if reason is not None:
+            self._retire(child, reason)
+        return reason
+
+    def _retire(self, seq: Sequence, reason: str) -> None:
+        self.running.remove(seq)
+        self.kv.free(seq.seq_id)
+        del self.seqs[seq.seq_id]
+        seq.status, seq.finish_reason = SeqStatus.FINISHED, reason
 
     def abort(self, seq_id: int) -> bool:
         """Cancel a request: its blocks return to the pool now. False if it is not scheduled."""
@@ -206,10 +235,7 @@ class Scheduler:
                 continue
             reason = seq.append(sampled[s.seq_id])
             if reason is not None:
-                self.running.remove(seq)
-                self.kv.free(seq.seq_id)
-                del self.seqs[seq.seq_id]
-                seq.status, seq.finish_reason = SeqStatus.FINISHED, reason
+                self._retire(seq, reason)
                 finished.append(seq)
         return finished
 

@@ -264,16 +264,9 @@ def build_app(engine: AsyncEngine, tokenizer: Any, model_name: str) -> FastAPI:
 
     async def _run(ids: list[int], params: list[SamplingConfig], chunk: Any, final_usage: bool,
                    stream: bool, logprobs: int | None) -> Any:
-        """Admit the n choices (a 4xx comes before any streamed byte), then either collect their final
-        outputs or return the SSE event stream."""
-        handles: list[Handle] = []
-        try:
-            for p in params:
-                handles.append(await engine.submit(ids, p, logprobs))
-        except BaseException:
-            for h in handles:
-                engine.abort(h.rid)
-            raise
+        """Admit the n choices (a 4xx comes before any streamed byte; the prompt is computed once), then
+        either collect their final outputs or return the SSE event stream."""
+        handles = await engine.submit(ids, params, logprobs)
         if not stream:
             last: dict[int, RequestOutput] = {}
             async for i, o in _merged(handles):

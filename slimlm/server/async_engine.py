@@ -66,16 +66,17 @@ class AsyncEngine:
     def alive(self) -> bool:
         return self._thread.is_alive() and self.error is None
 
-    def _add(self, prompt_ids: Sequence[int], params: SamplingConfig, logprobs: int | None,
-             loop: asyncio.AbstractEventLoop, q: asyncio.Queue[Any]) -> int:
+    def _add(self, prompt_ids: Sequence[int], params: Sequence[SamplingConfig], logprobs: int | None,
+             loop: asyncio.AbstractEventLoop, queues: Sequence[asyncio.Queue[Any]]) -> list[int]:
         with self._lock:
             if len(self.engine.scheduler.waiting) >= self.max_waiting:
                 raise Overloaded(f"server overloaded: {self.max_waiting} requests already waiting")
-            rid = self.engine.add_request(prompt_ids, params, logprobs=logprobs)
-            self._streams[rid] = (loop, q)
+            rids = self.engine.add_group(prompt_ids, params, logprobs=logprobs)
+            for rid, q in zip(rids, queues, strict=True):
+                self._streams[rid] = (loop, q)
             self.counters["prompt_tokens"] += len(prompt_ids)
         self._wake.set()
-        return rid
+        return rids
 
     def abort(self, rid: int) -> None:
         """Cancel now if the engine is between steps, else right after the running step."""
@@ -92,13 +93,15 @@ class AsyncEngine:
             self.counters["requests_aborted"] += 1
         self._streams.pop(rid, None)
 
-    async def submit(self, prompt_ids: Sequence[int], params: SamplingConfig, logprobs: int | None = None) -> Handle:
-        """Queue a request (raises SlimlmError / Overloaded at once for one that cannot run)."""
+    async def submit(self, prompt_ids: Sequence[int], params: Sequence[SamplingConfig],
+                     logprobs: int | None = None) -> list[Handle]:
+        """Queue one request per ``params`` entry, all on one prompt (computed once, see
+        ``LLMEngine.add_group``); raises SlimlmError / Overloaded at once for one that cannot run."""
         if not self.alive:
             raise SlimlmError(f"engine stopped: {self.error}")
-        q: asyncio.Queue[Any] = asyncio.Queue()
-        rid = await asyncio.to_thread(self._add, prompt_ids, params, logprobs, asyncio.get_running_loop(), q)
-        return Handle(rid, q)
+        queues: list[asyncio.Queue[Any]] = [asyncio.Queue() for _ in params]
+        rids = await asyncio.to_thread(self._add, prompt_ids, params, logprobs, asyncio.get_running_loop(), queues)
+        return [Handle(r, q) for r, q in zip(rids, queues, strict=True)]
 
     async def outputs(self, h: Handle) -> AsyncIterator[RequestOutput]:
         """Outputs of a submitted request as its tokens arrive; the last one has ``finished``.
@@ -117,7 +120,7 @@ class AsyncEngine:
 
     async def generate(self, prompt_ids: Sequence[int], params: SamplingConfig) -> AsyncIterator[RequestOutput]:
         """``submit`` + ``outputs``."""
-        h = await self.submit(prompt_ids, params)
+        (h,) = await self.submit(prompt_ids, [params])
         async for o in self.outputs(h):
             yield o
 

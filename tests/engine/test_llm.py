@@ -126,3 +126,36 @@ def test_abort_mid_generation_frees_blocks_and_bad_input_raises(tiny):
     with pytest.raises(SlimlmError, match="tokenizer"):
         llm.generate(["text"])
     assert not eng.has_unfinished()
+
+
+def test_a_group_computes_its_prompt_once_and_each_member_equals_a_lone_request(tiny):
+    _, lm = tiny
+    prompt = list(range(40, 70))  # 30 tokens: the shared last block is copied on write
+    seeds = [SamplingConfig(max_new_tokens=9, temperature=1.1, seed=s, ignore_eos=True) for s in (1, 2, 3)]
+    cfg = SchedulerConfig(num_blocks=64, block_size=8, prefix_caching=False)
+    alone = [LLM(lm, cfg).generate([prompt], p)[0].token_ids for p in seeds]
+    eng = LLM(lm, cfg).engine
+    ran = []
+    forward = eng.runner.forward
+    eng.runner.forward = lambda entries, copies=(): (ran.append(sum(len(e.tokens) for e in entries)),
+                                                     forward(entries, copies))[1]
+    ids = eng.add_group(prompt, seeds)
+    other = eng.add_request([1, 2, 3], SamplingConfig(max_new_tokens=4, ignore_eos=True))
+    got: dict[int, list[int]] = {}
+    while eng.has_unfinished():
+        for o in eng.step():
+            if o.finished:
+                got[o.request_id] = o.token_ids
+    assert [got[i] for i in ids] == alone
+    assert sum(ran) == 30 + 3 + 3 * 8 + 3  # prompt once, the other prompt, 8 decodes per member, 3 for the other
+    assert other in got and eng.stats["kv_blocks_used"] == 0
+    # a member aborted before the prompt is done never starts; aborting the head hands its role on
+    ids = eng.add_group(prompt, seeds)
+    assert eng.abort(ids[1]) and eng.abort(ids[0])
+    got = {}
+    while eng.has_unfinished():
+        for o in eng.step():
+            if o.finished:
+                got[o.request_id] = o.token_ids
+    assert list(got) == [ids[2]] and got[ids[2]] == alone[2]
+    assert eng.stats["kv_blocks_used"] == 0
