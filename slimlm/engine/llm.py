@@ -212,24 +212,25 @@ class LLMEngine:
                 else None
             for kid in kids or []:
                 t = self._choose(logits[i:i + 1], kid)
-                lp = self._logprobs(logits[i:i + 1], [kid], {kid.seq_id: t})
-                reason = sched.fork(r.seq_id, kid, t)
-                if kid.seq_id in lp and reason != "eos":
-                    kid.state["logprobs"].append(lp[kid.seq_id])
-                if reason not in (None, "stop") and kid.stop_checker is not None:
-                    kid.stop_checker.flush()
-                results.append(_output(kid, None if reason == "eos" else t))
+                lp = self._logprobs(logits[i:i + 1], [kid], {kid.seq_id: t}).get(kid.seq_id)
+                sched.fork(r.seq_id, kid, t)
+                results.append(self._record(kid, t, lp))
         finished = {s.seq_id: s for s in sched.update(out, sampled)}
         for r in rows:
             seq = finished.get(r.seq_id) or sched.seqs.get(r.seq_id)
-            if seq is None:
-                continue
-            if seq.finish_reason not in (None, "stop") and seq.stop_checker is not None:
-                seq.stop_checker.flush()
-            if r.seq_id in lps and seq.finish_reason != "eos":
-                seq.state["logprobs"].append(lps[r.seq_id])
-            results.append(_output(seq, None if seq.finish_reason == "eos" else sampled[r.seq_id]))
+            if seq is not None:
+                results.append(self._record(seq, sampled[r.seq_id], lps.get(r.seq_id)))
         return results
+
+    @staticmethod
+    def _record(seq: Sequence, token: int, lp: TokenLogprob | None) -> RequestOutput:
+        """After ``token`` was appended to ``seq`` (or ended it): complete its text, keep its logprob."""
+        if seq.finish_reason not in (None, "stop") and seq.stop_checker is not None:
+            seq.stop_checker.flush()
+        grew = seq.finish_reason != "eos"  # an end token is not part of the output
+        if lp is not None and grew:
+            seq.state["logprobs"].append(lp)
+        return _output(seq, token if grew else None)
 
     @property
     def stats(self) -> dict[str, float]:

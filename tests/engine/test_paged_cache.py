@@ -104,3 +104,23 @@ def test_batched_decode_is_one_gemm_shaped_call(tmp_path):
     logits = runner.forward([BatchEntry(t, 3, [7]) for t in tables])
     h.remove()
     assert shapes == [(1, 3, down.in_features)] and logits.shape == (3, lm.config.vocab_size)
+
+
+def test_bf16_paged_logits_are_as_close_as_the_contiguous_cache_to_itself(tmp_path):
+    """bf16: a batched paged decode differs from the batch-1 contiguous decode by no more than that
+    decode differs from a full forward over the same tokens (rounding of differently shaped calls)."""
+    make_hf_model("llama", tmp_path)
+    lm = load_model(str(tmp_path), dtype=torch.bfloat16)
+    rng = random.Random(0)
+    a, b = [rng.randrange(256) for _ in range(18)], [rng.randrange(256) for _ in range(9)]
+    runner = ModelRunner(lm.model, num_blocks=16, block_size=4)
+    pre = runner.forward([BatchEntry([0, 1, 2, 3, 4], 0, a[:17]), BatchEntry([8, 9, 10], 0, b[:8])])
+    dec = runner.forward([BatchEntry([0, 1, 2, 3, 4], 17, a[17:]), BatchEntry([8, 9, 10], 8, b[8:])])
+    cache = KVCache.for_model(lm.config, 1, 32, torch.bfloat16)
+    with torch.inference_mode():
+        ref_pre = lm.model(torch.tensor([a[:17]]), cache=cache)[0, -1].float()
+        ref_dec = lm.model(torch.tensor([a[17:]]), cache=cache)[0, -1].float()
+        full = lm.model(torch.tensor([a]))[0, -1].float()
+    ulp = 2.0 ** -8 * ref_pre.abs().max().item()  # one bf16 step at the logits' scale
+    assert (pre[0] - ref_pre).abs().max().item() <= ulp
+    assert (dec[0] - ref_dec).abs().max().item() <= max((ref_dec - full).abs().max().item(), ulp)
