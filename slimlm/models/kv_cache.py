@@ -2,12 +2,28 @@
 
 All rows of a batch share one write position (``length``); ragged batches are left-padded and the
 padding is masked, so a cache step is one slice copy per layer. Sliding-window layers keep the whole
-history and mask by position (simple and exact; a paged cache can replace this object later).
+history and mask by position (simple and exact). The serving engine's paged cache
+(:class:`slimlm.engine.paged_cache.PagedKVCache`) offers the same :meth:`KVCache.attend`, so
+attention layers run unchanged with either; only the C++ decode fast path needs this contiguous kind.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Protocol
+
 import torch
+
+# attention core of a layer: (q [B, H, T, D], k/v [B, Hkv, S, D], mask bool [B|1, 1, T, S] | None,
+# is_causal) -> [B, H, T, D]
+AttendFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, bool], torch.Tensor]
+
+
+class AttentionCache(Protocol):
+    """What attention needs from a cache: store this step's k/v and attend over the history."""
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+               is_causal: bool, attn: AttendFn) -> torch.Tensor: ...
 
 
 class KVCache:
@@ -33,6 +49,12 @@ class KVCache:
         self.k[layer, :, :, start:end] = k
         self.v[layer, :, :, start:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+               is_causal: bool, attn: AttendFn) -> torch.Tensor:
+        """Write k/v ``[B, H_kv, T, D]``, then ``attn`` over every key so far with the forward's mask."""
+        k, v = self.update(layer, k, v)  # [B, Hkv, S, D]
+        return attn(q, k, v, mask, is_causal)
 
     def check_room(self, t: int) -> None:
         """Raise if ``t`` more tokens do not fit."""

@@ -11,7 +11,7 @@ from torch import nn
 
 from slimlm import kernels
 from slimlm.models.config import ModelConfig
-from slimlm.models.kv_cache import KVCache
+from slimlm.models.kv_cache import AttentionCache, KVCache
 from slimlm.models.rope import apply_rotary
 
 
@@ -143,7 +143,7 @@ class AttnContext:
     rope: dict[str, tuple[torch.Tensor, torch.Tensor]]  # layer type -> (cos, sin): [B, T, 1, D]
     masks: dict[str, torch.Tensor | None]  # layer type -> bool [B, 1, T, S] (True = attend) or None
     is_causal: bool  # use SDPA's built-in causal mask (no explicit mask, no cache history)
-    cache: KVCache | None = None
+    cache: KVCache | AttentionCache | None = None  # the decode kernels need the contiguous KVCache
 
 
 class Attention(nn.Module):
@@ -188,7 +188,7 @@ class Attention(nn.Module):
         """x: [B, T, D] -> o_proj output [B, T, D] (plus ``residual`` when given: one fused add)."""
         b, t, _ = x.shape
         qkv = self._fused_qkv(x)
-        if qkv is not None and t == 1 and ctx.cache is not None and self.softcap is None and self.q_norm is None:
+        if qkv is not None and t == 1 and isinstance(ctx.cache, KVCache) and self.softcap is None and self.q_norm is None:
             # decode step: rotary + cache write + attention in one kernel call when available
             cache = ctx.cache
             cache.check_room(1)
@@ -211,17 +211,22 @@ class Attention(nn.Module):
             cos, sin = ctx.rope[self.layer_type]  # [B, T, 1, Dh]
             q, k = rotary(q, cos, sin), rotary(k, cos, sin)
         q, k = q.transpose(1, 2), k.transpose(1, 2)  # [B, H(kv), T, Dh]
-        if ctx.cache is not None:
-            k, v = ctx.cache.update(self.layer_idx, k, v)  # [B, Hkv, S, Dh]
         mask = ctx.masks.get(self.layer_type)
-        if self.softcap is not None:
-            out = self._eager(q, k, v, mask, ctx.is_causal)
+        if ctx.cache is not None:  # the cache stores k/v and runs _attend over the history
+            out = ctx.cache.attend(self.layer_idx, q, k, v, mask, ctx.is_causal, self._attend)
         else:
-            out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=ctx.is_causal and mask is None and t > 1,
-                scale=self.scale, enable_gqa=self.num_kv_heads != self.num_heads,
-            )  # [B, H, T, Dh]
+            out = self._attend(q, k, v, mask, ctx.is_causal)  # [B, H, T, Dh]
         return linear(self.o_proj, out.transpose(1, 2).reshape(b, t, -1), residual)
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                is_causal: bool) -> torch.Tensor:
+        """q: [B, H, T, Dh], k/v: [B, Hkv, S, Dh], mask bool [B|1, 1, T, S] -> [B, H, T, Dh]."""
+        if self.softcap is not None:
+            return self._eager(q, k, v, mask, is_causal)  # type: ignore[no-any-return]
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal and mask is None and q.shape[2] > 1,
+            scale=self.scale, enable_gqa=self.num_kv_heads != self.num_heads,
+        )
 
     def _eager(self, q, k, v, mask, is_causal):  # type: ignore[no-untyped-def]
         rep = self.num_heads // self.num_kv_heads
@@ -340,7 +345,7 @@ class DecoderLayer(nn.Module):
     def _decode_step(self, h: torch.Tensor, ctx: AttnContext) -> torch.Tensor | None:
         """The whole layer in one kernel call for a decode step of a plain Llama-form layer, else None."""
         cache = ctx.cache
-        if cache is None:
+        if not isinstance(cache, KVCache):  # no cache, or a paged one: the torch path
             return None
         plan = self.__dict__.get("_plan")
         if plan is None or not all(d.get(k) is v for d, k, v in plan[0]):

@@ -97,12 +97,7 @@ class Transformer(nn.Module):
         past = cache.length if cache is not None else 0
         s = past + t
         types = set(cfg.layer_types) or {"full_attention"}
-        rope: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        for lt in types:
-            rc = self._rotary(lt)
-            if rc is not None:
-                cos, sin = rc.lookup(positions)  # [B, T, Dh]
-                rope[lt] = (cos.unsqueeze(2), sin.unsqueeze(2))  # [B, T, 1, Dh]
+        rope = self.rope_tables(positions)
         padded = attention_mask is not None and not bool(attention_mask.all())
         masks: dict[str, torch.Tensor | None] = {}
         for lt in types:
@@ -127,6 +122,16 @@ class Transformer(nn.Module):
             masks[lt] = m
         is_causal = past == 0 and not padded
         return AttnContext(rope=rope, masks=masks, is_causal=is_causal, cache=cache)
+
+    def rope_tables(self, positions: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Layer type -> rotary (cos, sin) ``[B, T, 1, Dh]`` for ``positions: [B, T]`` (empty without RoPE)."""
+        rope: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for lt in set(self.config.layer_types) or {"full_attention"}:
+            rc = self._rotary(lt)
+            if rc is not None:
+                cos, sin = rc.lookup(positions)  # [B, T, Dh]
+                rope[lt] = (cos.unsqueeze(2), sin.unsqueeze(2))  # [B, T, 1, Dh]
+        return rope
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """Final norm + lm_head (+ Gemma's final soft-capping): [B, T, D] -> [B, T, V]."""

@@ -1,0 +1,54 @@
+"""``slimlm serve MODEL``: the OpenAI-compatible HTTP server (FastAPI + uvicorn) over the engine.
+
+Example::
+
+    slimlm serve smollm2-135m --port 8000 --max-num-seqs 16 --kv-budget-gib 0.5
+    curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \\
+        -d '{"model": "smollm2-135m", "prompt": "The capital of France is", "max_tokens": 8}'
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from slimlm.cli.common import add_model_arg, add_runtime_args, load, status
+from slimlm.utils.errors import SlimlmError
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from slimlm.engine.scheduler import SchedulerConfig
+
+    cfg = SchedulerConfig.from_args(args)  # validate the flags before loading the model
+    if not 0 < args.port < 65536:
+        raise SlimlmError(f"--port must be in 1..65535, got {args.port}")
+    try:
+        import uvicorn
+
+        from slimlm.server.app import build_app
+    except ModuleNotFoundError as e:
+        raise SlimlmError(f"serving needs {e.name} (pip install 'slimlm' with its dependencies)") from None
+    from slimlm.engine.llm import LLMEngine
+    from slimlm.server.async_engine import AsyncEngine
+
+    lm = load(args)
+    engine = LLMEngine(lm.model, lm.tokenizer, cfg)
+    name = args.served_model_name or args.model
+    status(f"serving {name!r} on http://{args.host}:{args.port} ({engine.cfg.num_blocks} KV blocks of "
+           f"{engine.cfg.block_size} tokens, {engine.runner.cache.nbytes / 2**30:.2f} GiB)")
+    app = build_app(AsyncEngine(engine, max_waiting=args.max_waiting), lm.tokenizer, name)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    from slimlm.engine.scheduler import SchedulerConfig
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions)")
+    add_model_arg(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--served-model-name", default=None, help="the `model` name clients send (default: MODEL)")
+    p.add_argument("--max-waiting", type=int, default=256, help="queued requests before answering 503 (default 256)")
+    SchedulerConfig.add_arguments(p)
+    add_runtime_args(p)
+    p.set_defaults(func=run_serve)

@@ -1,0 +1,292 @@
+"""The serving engine's loop and its offline API: ``LLM(model).generate(prompts, params)``.
+
+:class:`LLMEngine` owns a :class:`~slimlm.engine.scheduler.Scheduler` (block pool, queues) and a
+:class:`~slimlm.engine.runner.ModelRunner` (paged KV tensors). ``step()`` = schedule -> one forward
+of the ragged batch -> sample each sequence that reached its last token with its own parameters ->
+update (stop checks, finished sequences free their blocks). Requests can be added and aborted between
+steps (a server drives the same loop).
+
+Sampling follows :func:`slimlm.engine.sampling.choose` per request: greedy rows without a repetition
+penalty are one batched argmax; other rows use the request's own generator (seeded by its ``seed``),
+so a request's samples do not depend on what else is in the batch.
+
+Example::
+
+    from slimlm.engine.llm import LLM
+    from slimlm.engine.sampling import SamplingConfig
+    llm = LLM("smollm2-135m")
+    outs = llm.generate(["The capital of France is", "1, 2, 3,"], SamplingConfig(max_new_tokens=16))
+    print(outs[0].text, outs[0].finish_reason)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from slimlm.engine.block_pool import blocks_for_bytes
+from slimlm.engine.generate import eos_ids
+from slimlm.engine.runner import BatchEntry, ModelRunner
+from slimlm.engine.sampling import SamplingConfig, choose
+from slimlm.engine.scheduler import ScheduledSeq, Scheduler, SchedulerConfig
+from slimlm.engine.sequence import Sequence, StopChecker
+from slimlm.models.transformer import Transformer
+from slimlm.utils.errors import SlimlmError
+
+
+@dataclass
+class TokenLogprob:
+    """log p(token) under the model (raw logits, before temperature / top-k / top-p) and the ``top``
+    most likely alternatives, most likely first."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+@dataclass
+class RequestOutput:
+    request_id: int
+    prompt_ids: list[int]
+    token_ids: list[int]  # generated tokens (an end token excluded)
+    text: str  # detokenized output, cut before a stop string ("" without a tokenizer)
+    finish_reason: str | None  # "eos" | "stop" | "length" | "abort" | None while running
+    num_cached_prompt_tokens: int = 0  # prompt tokens served from the prefix cache
+    new_token: int | None = None  # the token this step added (streaming), if any
+    logprobs: list[TokenLogprob] | None = None  # per generated token, when the request asked for them
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+def _output(seq: Sequence, new_token: int | None = None) -> RequestOutput:
+    return RequestOutput(seq.seq_id, list(seq.prompt_ids), seq.output_ids, seq.text, seq.finish_reason,
+                         seq.num_cached_prompt, new_token, list(seq.state["logprobs"]) if "logprobs" in seq.state else None)
+
+
+class LLMEngine:
+    """Continuous batching over one model. ``add_request`` / ``abort`` / ``step`` / ``has_unfinished``."""
+
+    def __init__(self, model: Transformer, tokenizer: Any = None, cfg: SchedulerConfig | None = None,
+                 kv_dtype: torch.dtype | None = None):
+        cfg = cfg or SchedulerConfig()
+        c = model.config
+        dtype = kv_dtype or model.dtype
+        num_blocks = cfg.num_blocks or blocks_for_bytes(
+            cfg.kv_budget_gib * 2**30, c.num_hidden_layers, c.num_key_value_heads, c.head_dim, cfg.block_size,
+            torch.empty(0, dtype=dtype).element_size())
+        self.cfg = dataclasses.replace(cfg, num_blocks=num_blocks)
+        self.model, self.tokenizer = model, tokenizer
+        self.scheduler = Scheduler(self.cfg)
+        self.runner = ModelRunner(model, num_blocks, cfg.block_size, dtype)
+        self.eos = frozenset(eos_ids(model, tokenizer))
+        self.max_len = c.max_position_embeddings
+        self._next_id = 0
+        self._forks: dict[int, list[Sequence]] = {}  # group head id -> members waiting for its prompt
+
+    def _make_seq(self, prompt_ids: Seq[int], params: SamplingConfig | None, request_id: int | None,
+                  logprobs: int | None) -> Sequence:
+        params = params or SamplingConfig()
+        params.validate()
+        ids = [int(t) for t in prompt_ids]
+        vocab = self.model.config.vocab_size
+        if not ids:
+            raise SlimlmError("a request needs at least one prompt token")
+        if any(t < 0 or t >= vocab for t in ids):
+            raise SlimlmError(f"prompt token ids must be in [0, {vocab})")
+        if len(ids) >= self.max_len:
+            raise SlimlmError(f"prompt has {len(ids)} tokens; the model's context is {self.max_len}")
+        rid = self._next_id if request_id is None else request_id
+        self._next_id = max(self._next_id, rid + 1)
+        checker = StopChecker(self.tokenizer, params.stop) if self.tokenizer is not None else None
+        seq = Sequence(rid, ids, params, eos_ids=self.eos, max_len=self.max_len, stop_checker=checker)
+        if not params.greedy:
+            seq.state["gen"] = torch.Generator().manual_seed(params.seed)
+        if logprobs is not None:
+            if not 0 <= logprobs <= 20:
+                raise SlimlmError("logprobs must be between 0 and 20")
+            seq.state["logprobs_k"], seq.state["logprobs"] = logprobs, []
+        if params.repetition_penalty != 1.0:
+            seen = torch.zeros(1, vocab, dtype=torch.bool)
+            seen[0, ids] = True
+            seq.state["seen"] = seen
+        return seq
+
+    def add_request(self, prompt_ids: Seq[int], params: SamplingConfig | None = None,
+                    request_id: int | None = None, logprobs: int | None = None) -> int:
+        """Queue a request; returns its id. ``logprobs=k`` records each generated token's log
+        probability and the k most likely alternatives. Raises SlimlmError for a request that cannot run."""
+        seq = self._make_seq(prompt_ids, params, request_id, logprobs)
+        self.scheduler.add(seq)
+        return seq.seq_id
+
+    def add_group(self, prompt_ids: Seq[int], params: Seq[SamplingConfig], logprobs: int | None = None) -> list[int]:
+        """Several samples of one prompt (OpenAI's ``n``): the prompt is computed once, then every
+        other member forks the first one's blocks and samples its own first token from the same logits."""
+        first = self._make_seq(prompt_ids, params[0], None, logprobs)
+        rest = [self._make_seq(prompt_ids, p, None, logprobs) for p in params[1:]]
+        for s in rest:
+            self.scheduler.check_fits(s)
+        self.scheduler.add(first)
+        if rest:
+            self._forks[first.seq_id] = rest
+        return [first.seq_id] + [s.seq_id for s in rest]
+
+    def abort(self, request_id: int) -> bool:
+        """Cancel a request; its KV blocks are free when this returns."""
+        for kids in self._forks.values():
+            for k in kids:
+                if k.seq_id == request_id:  # not started yet
+                    kids.remove(k)
+                    k.finish_reason = "abort"
+                    return True
+        kids = self._forks.pop(request_id, [])
+        found = self.scheduler.abort(request_id)
+        if kids:  # the group's first member went away before its prompt was done: the next one takes over
+            self.scheduler.add(kids[0])
+            if kids[1:]:
+                self._forks[kids[0].seq_id] = kids[1:]
+        return found
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished() or any(self._forks.values())
+
+    def _sample(self, logits: torch.Tensor, rows: list[ScheduledSeq]) -> dict[int, int]:
+        """logits: [n, V] float32 for ``rows`` -> {seq_id: token}."""
+        seqs = [self.scheduler.seqs[r.seq_id] for r in rows]
+        plain = [i for i, s in enumerate(seqs) if s.params.greedy and "seen" not in s.state]
+        out: dict[int, int] = {}
+        if plain:
+            toks = logits[plain].argmax(-1).tolist()
+            out.update({seqs[i].seq_id: t for i, t in zip(plain, toks, strict=True)})
+        for i, s in enumerate(seqs):
+            if s.seq_id not in out:
+                out[s.seq_id] = self._choose(logits[i:i + 1], s)
+        return out
+
+    @staticmethod
+    def _choose(row: torch.Tensor, s: Sequence) -> int:
+        """One token for ``s`` from logits ``[1, V]`` with its own parameters and generator."""
+        seen = s.state.get("seen")
+        t = int(choose(row, s.params, seen, s.state.get("gen"))[0])
+        if seen is not None:
+            seen[0, t] = True
+        return t
+
+    @staticmethod
+    def _logprobs(logits: torch.Tensor, seqs: list[Sequence], sampled: dict[int, int]) -> dict[int, TokenLogprob]:
+        """The sampled token's log probability (+ top k) for the rows that asked; logits: [n, V]."""
+        out: dict[int, TokenLogprob] = {}
+        for i, s in enumerate(seqs):
+            k = s.state.get("logprobs_k")
+            if k is None:
+                continue
+            lp = logits[i].log_softmax(-1)  # [V] float32
+            t = sampled[s.seq_id]
+            top = lp.topk(k) if k else None
+            out[s.seq_id] = TokenLogprob(t, float(lp[t]), [] if top is None else list(
+                zip(top.indices.tolist(), top.values.tolist(), strict=True)))
+        return out
+
+    def step(self) -> list[RequestOutput]:
+        """One scheduling step; returns an output for every request that got a token or finished."""
+        sched = self.scheduler
+        out = sched.schedule()
+        results: list[RequestOutput] = []
+        if not out.seqs:
+            if sched.has_unfinished():
+                raise SlimlmError("scheduler made no progress (KV pool too small for the waiting request)")
+            return results
+        entries = [BatchEntry(s.table, s.start, s.tokens, s.sample) for s in out.seqs]
+        logits = self.runner.forward(entries, out.copies)
+        rows = [s for s in out.seqs if s.sample]
+        sampled = self._sample(logits, rows)
+        lps = self._logprobs(logits, [sched.seqs[r.seq_id] for r in rows], sampled)
+        for i, r in enumerate(rows):  # group members start from their head's prompt logits
+            kids = self._forks.pop(r.seq_id, None) if r.start + len(r.tokens) == sched.seqs[r.seq_id].prompt_len \
+                else None
+            for kid in kids or []:
+                t = self._choose(logits[i:i + 1], kid)
+                lp = self._logprobs(logits[i:i + 1], [kid], {kid.seq_id: t}).get(kid.seq_id)
+                sched.fork(r.seq_id, kid, t)
+                results.append(self._record(kid, t, lp))
+        finished = {s.seq_id: s for s in sched.update(out, sampled)}
+        for r in rows:
+            seq = finished.get(r.seq_id) or sched.seqs.get(r.seq_id)
+            if seq is not None:
+                results.append(self._record(seq, sampled[r.seq_id], lps.get(r.seq_id)))
+        return results
+
+    @staticmethod
+    def _record(seq: Sequence, token: int, lp: TokenLogprob | None) -> RequestOutput:
+        """After ``token`` was appended to ``seq`` (or ended it): complete its text, keep its logprob."""
+        if seq.finish_reason not in (None, "stop") and seq.stop_checker is not None:
+            seq.stop_checker.flush()
+        grew = seq.finish_reason != "eos"  # an end token is not part of the output
+        if lp is not None and grew:
+            seq.state["logprobs"].append(lp)
+        return _output(seq, token if grew else None)
+
+    @property
+    def stats(self) -> dict[str, float]:
+        pool = self.scheduler.kv.pool
+        return {**self.scheduler.stats, "running": len(self.scheduler.running),
+                "waiting": len(self.scheduler.waiting), "kv_blocks_used": pool.num_used,
+                "kv_blocks_total": pool.num_blocks, "prefix_hit_rate": self.scheduler.prefix_hit_rate}
+
+
+class LLM:
+    """Offline batch generation through the engine.
+
+    Args:
+        model: what ``slimlm.loaders.load_model`` takes (alias, GGUF, HF or slimlm folder) or a
+            loaded ``LoadedModel``.
+        config: KV pool and batching limits (:class:`SchedulerConfig`).
+    """
+
+    def __init__(self, model: Any, config: SchedulerConfig | None = None, dtype: torch.dtype = torch.float32):
+        if isinstance(model, str):
+            from slimlm.loaders import load_model
+
+            model = load_model(model, dtype)
+        self.tokenizer = model.tokenizer
+        self.engine = LLMEngine(model.model, model.tokenizer, config)
+
+    def generate(self, prompts: str | Seq[str] | Seq[Seq[int]],
+                 params: SamplingConfig | Seq[SamplingConfig] | None = None) -> list[RequestOutput]:
+        """Generate for every prompt (text, or token ids); outputs in prompt order."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if params is None or isinstance(params, SamplingConfig):
+            plist = [params or SamplingConfig()] * len(prompts)
+        else:
+            plist = list(params)
+        if len(plist) != len(prompts):
+            raise SlimlmError(f"{len(prompts)} prompts but {len(plist)} sampling configs")
+        ids = []
+        for p in prompts:
+            if isinstance(p, str):
+                if self.tokenizer is None:
+                    raise SlimlmError("text prompts need a model with a tokenizer; pass token ids")
+                ids.append(self.tokenizer.encode(p))
+            else:
+                ids.append(list(p))
+        rids: list[int] = []
+        try:
+            for i, pr in zip(ids, plist, strict=True):
+                rids.append(self.engine.add_request(i, pr))
+        except SlimlmError:
+            for r in rids:  # all or nothing
+                self.engine.abort(r)
+            raise
+        done: dict[int, RequestOutput] = {}
+        while self.engine.has_unfinished():
+            for o in self.engine.step():
+                if o.finished:
+                    done[o.request_id] = o
+        return [done[r] for r in rids]
