@@ -23,12 +23,18 @@ from slimlm.models.layers import AttnContext, DecoderLayer, Norm, linear
 from slimlm.models.rope import RotaryCache
 
 
+def _embedding(rows: int, dim: int) -> nn.Embedding:
+    """An embedding without random init (the loader assigns its weight): on the meta device the init
+    would import torch's symbolic-shape machinery (sympy, ~75 MB resident) into every process that loads."""
+    return nn.Embedding(rows, dim, _weight=torch.empty(rows, dim))
+
+
 class DecoderStack(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = _embedding(cfg.vocab_size, cfg.hidden_size)
         if cfg.learned_pos:
-            self.embed_positions = nn.Embedding(cfg.max_position_embeddings + cfg.pos_offset, cfg.hidden_size)
+            self.embed_positions = _embedding(cfg.max_position_embeddings + cfg.pos_offset, cfg.hidden_size)
         self.layers = nn.ModuleList([DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers)])
         self.norm = Norm(cfg.hidden_size, cfg.norm, cfg.norm_eps, cfg.norm_offset, cfg.norm_bias)
 
