@@ -35,7 +35,9 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-WIKI = ROOT.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
+# the shared data folder sits beside the checkout (or beside its worktree folder)
+WIKI = next((p / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw" for p in (ROOT.parent, ROOT.parent.parent)
+             if (p / "shared" / "data").is_dir()), ROOT.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw")
 MB = 1e6
 
 _G128 = {"group_size": 128, "ragged_last_group": True}
