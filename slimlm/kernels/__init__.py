@@ -233,6 +233,28 @@ def tile_int4(packed: torch.Tensor) -> torch.Tensor:
     return t.permute(0, 2, 1, 3).contiguous().view(o // TILE_ROWS, half // 4, 4 * TILE_ROWS)
 
 
+def untile_int4(tiles: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`tile_int4` and of the nibble packing: tiles ``[O/16, I/8, 64]`` -> codes ``[O, I]`` uint8."""
+    nr, kn, _ = tiles.shape
+    b = tiles.view(nr, kn, TILE_ROWS, 4).permute(0, 2, 1, 3)  # [R, r, k, j]: byte j = code(8k + j) | code(8k + 4 + j) << 4
+    return torch.cat([b & 0x0F, b >> 4], -1).reshape(nr * TILE_ROWS, kn * 8)
+
+
+def dequant_tiles(tiles: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | float, group: int,
+                  dtype: torch.dtype) -> torch.Tensor | None:
+    """The dense weight ``[O, I]`` in ``dtype`` (fp32 or bf16) of 4-bit tiles: ``(q - zero) * scale`` in
+    float32 per group, then rounded to ``dtype``; ``zero`` float32 ``[O, ng]`` or one number; ``scale``
+    float32 ``[O, ng]``. None where the kernels are unavailable (the caller un-tiles in torch)."""
+    ext = _ext if _tried else load()
+    if ext is None or dtype not in (torch.float32, torch.bfloat16):
+        return None
+    z, zc = (_EMPTY, float(zero)) if isinstance(zero, (int, float)) else (zero.float().contiguous(), 0.0)
+    in_features = tiles.shape[1] * 8
+    group = in_features if group in (-1, 0) or group >= in_features else group
+    return ext.dequant_tiles(tiles, scale.float().contiguous(), z, zc, group,  # type: ignore[no-any-return]
+                             dtype is torch.bfloat16)
+
+
 def tile_rows(v: torch.Tensor) -> torch.Tensor:
     """Per-row group values ``[O, ng]`` -> ``[O/16, ng, 16]`` (a group's 16 row values contiguous)."""
     o, ng = v.shape

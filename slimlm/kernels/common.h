@@ -106,3 +106,6 @@ void gptq_sweep(torch::Tensor w1, torch::Tensor q1, torch::Tensor err1, torch::T
 torch::Tensor nf4_gemv(torch::Tensor x, torch::Tensor codes, torch::Tensor levels, torch::Tensor absmax,
                        torch::Tensor absmax_codes, torch::Tensor absmax_scale, double offset, int64_t dbs,
                        int64_t out_features, int64_t block, bool allow_bf16_dot);
+// 4-bit codes in 16-row tiles -> the dense fp32/bf16 weight (qgemv16.cpp)
+torch::Tensor dequant_tiles(torch::Tensor tiles, torch::Tensor scale, torch::Tensor zero, double zc, int64_t group,
+                            bool out_bf16);

@@ -364,5 +364,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attn_decode", &attn_decode, "one decode step of attention with the KV cache write");
   m.def("decode_layer", &decode_layer, "one decode step of a Llama-style decoder layer");
   m.def("gptq_sweep", &gptq_sweep, "GPTQ's column sweep over one lazy block, rows in parallel (gptq.cpp)");
+  m.def("dequant_tiles", &dequant_tiles, "4-bit codes in 16-row tiles -> the dense fp32/bf16 weight (qgemv16.cpp)");
   m.def("nf4_gemv", &nf4_gemv, "NF4 codes x a few activation rows, levels looked up in registers (nf4.cpp)");
 }

@@ -151,3 +151,60 @@ template void qgemv16_run<uint16_t>(const std::vector<Part>&, const Chunks&, con
                                     int64_t, int64_t, const uint16_t*, uint16_t*);
 
 }  // namespace slimlm_q
+
+namespace {
+using slimlm_q::TR;
+
+// tile block R of codes -> rows 16R..16R+15 of the dense [O, I] weight, w = (q - zero) * scale in fp32
+// (the arithmetic of QuantizedWeight.dequantize), stored as fp32 or rounded to bf16
+template <typename OT>
+void dequant_block(const uint8_t* t, const float* scale, const float* zero, float zc, int64_t R, int64_t I, int64_t ng,
+                   int64_t group, OT* out) {
+  const int64_t kn = I / 8;
+  for (int64_t k = 0; k < kn; ++k) {
+    const int64_t g = (8 * k) / group;
+    const uint8_t* tk = t + (R * kn + k) * 64;
+    for (int64_t r = 0; r < TR; ++r) {
+      const int64_t o = R * TR + r;
+      uint32_t dw;
+      std::memcpy(&dw, tk + 4 * r, 4);
+      const uint64_t v = static_cast<uint64_t>(dw & 0x0F0F0F0Fu) | (static_cast<uint64_t>((dw >> 4) & 0x0F0F0F0Fu) << 32);
+      const __m256 q = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<long long>(v))));
+      const __m256 z = _mm256_set1_ps(zero ? zero[o * ng + g] : zc);
+      store8(out + o * I + 8 * k, _mm256_mul_ps(_mm256_sub_ps(q, z), _mm256_set1_ps(scale[o * ng + g])));
+    }
+  }
+}
+
+}  // namespace
+
+// 4-bit codes in 16-row tiles uint8 [O/16, I/8, 64] -> the dense weight [O, I] in fp32 (or bf16 when
+// out_bf16: the fp32 value rounded to nearest even, as .to(torch.bfloat16) does). scale: float32 [O, ng],
+// zero: float32 [O, ng] or empty (then every zero is zc); group % 8 == 0 (the last group may be short).
+// The prefill/eval path of the tiled linears: de-quantized per call, so the tiles are the only copy held.
+torch::Tensor dequant_tiles(torch::Tensor tiles, torch::Tensor scale, torch::Tensor zero, double zc, int64_t group,
+                            bool out_bf16) {
+  TORCH_CHECK(tiles.scalar_type() == torch::kByte && tiles.dim() == 3 && tiles.is_contiguous() && tiles.size(2) == 4 * TR,
+              "dequant_tiles: tiles must be uint8 [O/16, I/8, 64] contiguous");
+  const int64_t O = tiles.size(0) * TR, I = tiles.size(1) * 8;
+  TORCH_CHECK(group > 0 && group % 8 == 0, "dequant_tiles: group must be a positive multiple of 8");
+  const int64_t ng = (I + group - 1) / group;
+  TORCH_CHECK(scale.scalar_type() == torch::kFloat32 && scale.is_contiguous() && scale.numel() == O * ng,
+              "dequant_tiles: scale must be float32 [O, ceil(I / group)] contiguous");
+  const bool has_zero = zero.defined() && zero.numel() > 0;
+  if (has_zero)
+    TORCH_CHECK(zero.scalar_type() == torch::kFloat32 && zero.is_contiguous() && zero.numel() == O * ng,
+                "dequant_tiles: zero must be float32 [O, ceil(I / group)] contiguous or empty");
+  auto out = torch::empty({O, I}, tiles.options().dtype(out_bf16 ? torch::kBFloat16 : torch::kFloat32));
+  const uint8_t* t = tiles.data_ptr<uint8_t>();
+  const float* s = scale.data_ptr<float>();
+  const float* z = has_zero ? zero.data_ptr<float>() : nullptr;
+  const float c = static_cast<float>(zc);
+  at::parallel_for(0, O / TR, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t R = begin; R < end; ++R) {
+      if (out_bf16) dequant_block(t, s, z, c, R, I, ng, group, reinterpret_cast<uint16_t*>(out.data_ptr()));
+      else dequant_block(t, s, z, c, R, I, ng, group, out.data_ptr<float>());
+    }
+  });
+  return out;
+}

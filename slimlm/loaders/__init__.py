@@ -24,6 +24,7 @@ from slimlm.models.families import hf_to_runtime
 from slimlm.models.modules import SwappableLinear, build_linear
 from slimlm.models.transformer import Transformer
 from slimlm.utils.errors import CheckpointError
+from slimlm.utils.memory import current_rss_bytes, module_nbytes, release_free_memory, tensor_storage_nbytes
 
 __all__ = ["DEFAULT_MODEL", "SLIMLM_FORMAT_VERSION", "LoadedModel", "build_model", "load_model", "read_checkpoint",
            "resolve"]
@@ -36,6 +37,7 @@ class LoadedModel:
     config: ModelConfig
     checkpoint: Checkpoint
     meta: dict[str, Any] = field(default_factory=dict)  # slimlm.json contents for slimlm dirs
+    other_bytes: int = 0  # resident memory the load added besides tensors (tokenizer, metadata, imports)
 
 
 def read_checkpoint(spec: str) -> Checkpoint:
@@ -139,26 +141,38 @@ def _materialize_meta(model: nn.Module, dtype: torch.dtype) -> None:
 
 def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32) -> LoadedModel:
     """Load MODEL (alias, .gguf, HF folder, slimlm output dir, hub id) into the runtime."""
+    release_free_memory()
+    rss0 = current_rss_bytes()
     ckpt = read_checkpoint(spec)
+    release_free_memory()
+    # what reading added besides the tensors: the tokenizer, metadata, libraries first imported
+    other = max(0, current_rss_bytes() - rss0 - tensor_storage_nbytes(ckpt.tensors.values()))
     config = ModelConfig.from_hf(ckpt.config)
     meta = ckpt.meta.get("slimlm", {}) if ckpt.format == "slimlm" else {}
     runtime = ckpt.tensors if ckpt.format == "slimlm" else hf_to_runtime(config, ckpt.tensors)
     model = build_model(config, runtime, dtype, meta.get("modules"), where=f"{ckpt.source}/slimlm.json")
+    # the model holds what it needs (converted, fused, re-laid); the interchange tensors would keep a
+    # second copy of every weight alive (e.g. GGUF's float32 de-quantization under a bf16 model)
+    del runtime
+    ckpt.tensors = {}
+    release_free_memory()
     tok = ckpt.tokenizer
-    return LoadedModel(model=model, tokenizer=tok, config=config, checkpoint=ckpt, meta=meta)
+    return LoadedModel(model=model, tokenizer=tok, config=config, checkpoint=ckpt, meta=meta, other_bytes=other)
 
 
 def describe(lm: LoadedModel) -> dict[str, Any]:
-    """What ``slimlm info`` prints: architecture, parameters, dtype, sizes on disk and in memory."""
+    """What ``slimlm info`` prints: architecture, parameters, dtype, sizes on disk and in memory.
+
+    ``tensor_bytes`` counts every tensor storage the model holds (weights in their runtime layout,
+    decode-kernel copies, fused projections; each once); ``size_in_memory_bytes`` adds what reading the
+    checkpoint left resident besides tensors (tokenizer, metadata; measured by the loader as RSS growth
+    minus the tensors read); ``process_rss_bytes`` is the resident
+    memory of the whole process (Python, torch and the tokenizer included), measured after a heap trim.
+    """
     cfg = lm.config
     model = lm.model
-    seen: set[int] = set()
-    mem = 0
-    for t in list(model.parameters()) + list(model.buffers()):
-        if id(t) in seen:
-            continue
-        seen.add(id(t))
-        mem += t.numel() * t.element_size()
+    release_free_memory()  # so the process RSS below counts live data, not freed heap pages
+    mem = module_nbytes(model)  # every tensor storage the model holds, runtime copies included
     kinds: dict[str, int] = {}
     for m in model.modules():
         if isinstance(m, SwappableLinear):
@@ -180,7 +194,9 @@ def describe(lm: LoadedModel) -> dict[str, Any]:
         "tied_embeddings": cfg.tie_word_embeddings,
         "dtype": str(model.dtype).replace("torch.", ""),
         "size_on_disk_bytes": lm.checkpoint.file_bytes,
-        "size_in_memory_bytes": mem,
+        "size_in_memory_bytes": mem + lm.other_bytes,
+        "tensor_bytes": mem,
+        "process_rss_bytes": current_rss_bytes(),
         "compressed_modules": kinds,
         "gguf_tensor_types": _count(lm.checkpoint.meta.get("gguf_tensor_types", {})),
         "chat_template": bool(lm.tokenizer is not None and getattr(lm.tokenizer, "chat_template", None)),

@@ -27,12 +27,18 @@ def read_config(folder: Path) -> dict[str, Any]:
 
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    """All tensors of one safetensors file (memory-mapped); truncation/corruption -> CheckpointError."""
+    """All tensors of one safetensors file, copied out of its memory map one by one; truncation/corruption
+    -> CheckpointError.
+
+    Why copy: a tensor served from the map keeps the whole map alive, and every page a load touched
+    stays resident with it: after q|k|v fusion (which copies those weights) or a dtype conversion, the
+    file's pages of the replaced tensors would stay in RSS next to their copies.
+    """
     out: dict[str, torch.Tensor] = {}
     try:
         with safe_open(str(path), framework="pt") as f:
             for k in f.keys():
-                out[k] = f.get_tensor(k)
+                out[k] = f.get_tensor(k).clone()
     except Exception as e:  # safetensors raises its own error types for bad headers / short files
         raise CheckpointError(f"cannot read {path}: truncated or corrupt safetensors file ({str(e).splitlines()[0]})") from None
     return out
@@ -74,7 +80,7 @@ def read_hf_folder(folder: Path, with_tokenizer: bool = True) -> Checkpoint:
             tensors.update(read_safetensors(f))
         else:
             try:
-                sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+                sd = torch.load(f, map_location="cpu", weights_only=True)  # read, not mapped (see read_safetensors)
             except Exception as e:
                 raise CheckpointError(f"cannot read {f} with weights_only=True: {str(e).splitlines()[0]}") from None
             tensors.update(sd)

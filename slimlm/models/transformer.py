@@ -23,15 +23,21 @@ from slimlm.models.layers import AttnContext, DecoderLayer, Norm, linear
 from slimlm.models.rope import RotaryCache
 
 
+def _embedding(rows: int, dim: int, padding_idx: int | None = None) -> nn.Embedding:
+    """An embedding without random init (the loader assigns its weight): on the meta device the init
+    would import torch's symbolic-shape machinery (sympy, ~75 MB resident) into every process that loads."""
+    return nn.Embedding(rows, dim, padding_idx=padding_idx, _weight=torch.empty(rows, dim))
+
+
 class DecoderStack(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         # transformers gives the pad token's row no gradient from the lookup (GPT-2 sets no padding_idx)
         pad = cfg.pad_token_id
         padding_idx = pad if cfg.family != "gpt2" and isinstance(pad, int) and 0 <= pad < cfg.vocab_size else None
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, padding_idx=padding_idx)
+        self.embed_tokens = _embedding(cfg.vocab_size, cfg.hidden_size, padding_idx)
         if cfg.learned_pos:
-            self.embed_positions = nn.Embedding(cfg.max_position_embeddings + cfg.pos_offset, cfg.hidden_size)
+            self.embed_positions = _embedding(cfg.max_position_embeddings + cfg.pos_offset, cfg.hidden_size)
         self.layers = nn.ModuleList([DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers)])
         self.norm = Norm(cfg.hidden_size, cfg.norm, cfg.norm_eps, cfg.norm_offset, cfg.norm_bias)
 

@@ -269,8 +269,9 @@ def test_qgemv_cat_equals_separate_calls(bits: int, sizes: tuple[int, int, int])
 
 @pytest.mark.parametrize("bits,symmetric", [(3, False), (2, True), (5, False)])
 def test_intx_decode_calls_run_qgemv_on_unpacked_codes(bits: int, symmetric: bool) -> None:
-    """2/3/5-bit linears: decode-size calls take qgemv's int8 path on the unpacked codes (the exact
-    int8-activation math of the reference), larger calls still de-quantize; act-order stays on torch."""
+    """2/3/5-bit linears: decode-size calls take qgemv on the one runtime layout (4-bit tiles for 2/3 bits,
+    int8 codes for 5; the exact int8-activation math of the reference), larger calls de-quantize it;
+    act-order codes are held in group-contiguous column order and x is permuted to match."""
     from slimlm.quant.linear import IntxWeightLinear
     from slimlm.quant.primitives import choose_qparams, quantize_codes
     from slimlm.quant.qtensor import QuantizedWeight
@@ -281,7 +282,12 @@ def test_intx_decode_calls_run_qgemv_on_unpacked_codes(bits: int, symmetric: boo
     g = torch.arange(576) // 128
     q = quantize_codes(w, scale[:, g], zero[:, g], bits)
     mod = IntxWeightLinear.from_quantized(QuantizedWeight(q.to(torch.uint8), scale, zero, bits, 128, symmetric))
-    assert mod.decode_spec() is not None and mod.decode_spec()[0].dtype == torch.int8
+    spec = mod.decode_spec()
+    assert spec is not None and mod.qweight is None  # one runtime layout, read by every call
+    if bits < 4:  # 2/3-bit codes in the 4-bit tiles (0.5 byte per weight)
+        assert spec[0].dtype == torch.uint8 and spec[0].shape == (48 // 16, 576 // 8, 64)
+    else:  # 5-bit: int8 codes
+        assert spec[0].dtype == torch.int8 and spec[0].shape == (48, 576)
     x = torch.randn(2, 576, generator=gen)
     xb = torch.randn(9, 576, generator=gen)
     with torch.inference_mode():
@@ -293,7 +299,13 @@ def test_intx_decode_calls_run_qgemv_on_unpacked_codes(bits: int, symmetric: boo
     ref_big = xb.double() @ ((q.double() - zero.double()[:, g]) * scale.double()[:, g]).t()
     torch.testing.assert_close(big.double(), ref_big, atol=1e-5 * ref_big.abs().max().item(), rtol=0)
     qa = QuantizedWeight(q.to(torch.uint8), scale, zero, bits, 128, symmetric, g_idx=torch.randperm(576, generator=gen) // 128)
-    assert IntxWeightLinear.from_quantized(qa).decode_spec() is None  # act-order g_idx: the torch path
+    ma = IntxWeightLinear.from_quantized(qa)
+    assert ma.decode_spec() is None  # act-order: the codes are held permuted, which decode_layer cannot take
+    with torch.inference_mode():  # the module permutes x itself: the same int8-activation math
+        got_a = ma(x)
+    perm = torch.sort(qa.g_idx.long(), stable=True).indices
+    ref_a = _qgemv_reference(x[:, perm], q[:, perm], scale, zero, 128)
+    torch.testing.assert_close(got_a.double(), ref_a, atol=1e-5 * ref_a.abs().max().item(), rtol=0)
 
 
 def test_quant_spec_refuses_layouts_qgemv_cannot_read() -> None:

@@ -12,6 +12,7 @@ from slimlm.models.modules import SwappableLinear
 from slimlm.quant.linear.autograd import frozen_linear, kernels_allowed, needs_input_grad
 from slimlm.quant.qtensor import QuantizedWeight
 from slimlm.utils.errors import CheckpointError, SlimlmError
+from slimlm.utils.memory import module_nbytes
 
 
 def n_groups(in_features: int, group_size: int) -> int:
@@ -173,13 +174,6 @@ def persistent_nbytes(module: torch.nn.Module) -> int:
 
 
 def runtime_nbytes(module: torch.nn.Module) -> int:
-    """Bytes held in memory now: parameters, all buffers (persistent or not) and the decode kernels'
-    copies (a quantized linear's ``decode_spec``, e.g. 4-bit tiles), no double counting."""
-    seen: set[int] = set()
-    total = 0
-    extra = [t for m in module.modules() for t in (m.__dict__.get("_decode") or ()) if isinstance(t, torch.Tensor)]
-    for t in list(module.parameters()) + list(module.buffers()) + extra:
-        if id(t) not in seen:
-            seen.add(id(t))
-            total += t.numel() * t.element_size()
-    return total
+    """Bytes held in memory now (see :func:`slimlm.utils.memory.module_nbytes`): parameters, all buffers
+    and the runtime copies kept in attributes (decode specs, kernel tuples), each storage once."""
+    return module_nbytes(module)

@@ -1,5 +1,4 @@
-"""Weight-only low-bit linears: packed 2..7-bit codes (``IntxWeightLinear``) and the int4 CPU kernel
-(``Int4WeightLinear``).
+"""Weight-only low-bit linears: packed 2..7-bit codes (``IntxWeightLinear``) and 4-bit (``Int4WeightLinear``).
 
 Storage (the portable checkpoint, identical for every bit width):
 
@@ -11,17 +10,23 @@ Storage (the portable checkpoint, identical for every bit width):
 
 ``w = (q - zero[:, g_idx]) * scale[:, g_idx]``: bit-identical to ``QuantizedWeight.dequantize()``.
 
-Runtime: ``IntxWeightLinear`` unpacks and dequantizes on every call (set ``cache_dense = True`` to trade
-the memory saving for speed), except decode-size calls where slimlm's kernels are available: those run
-``qgemv`` on an unpacked int8 copy of the codes made at load time (1 byte per weight in memory). ``Int4WeightLinear.process_after_loading`` repacks into the layout of
-``aten._weight_int4pack_mm_for_cpu`` (bf16 activations), with act-order handled by permuting the input
-columns once at load time (and ``x`` in forward) so every kernel group is contiguous; it then drops
-the portable ``qweight`` and rebuilds it exactly when the state dict is saved. With slimlm's decode
-kernels, decode-size calls run ``qgemv`` (activations rounded to int8 per chunk, integer dots; see
-docs/runtime.md) on a copy of the codes re-laid in 16-row tiles (``out % 16 == 0``; otherwise on the
-portable nibbles, which then stay): an int4 linear holds 1 byte per weight in memory (torch's layout
-for prefill and eval, the tiles for decode), 0.5 without the decode kernels. Shapes the kernel cannot take (out % 16 != 0, no kernel group 32..256 dividing the quantization
-group and the row, irregular g_idx) use the reference path.
+Runtime: each module holds its codes in **one** layout, which every call reads (``process_after_loading``
+picks it; the portable ``qweight`` is then dropped and rebuilt exactly when the state dict is saved):
+
+- 2/3/4-bit codes with ``out % 16 == 0`` (and rows/groups that are multiples of 32): 4-bit tiles of 16
+  rows (``slimlm.kernels.tile_int4``; 0.5 byte per weight). Decode-size calls run ``qgemv`` on them
+  (activations rounded to int8 per chunk, integer dots; see docs/runtime.md); larger calls (prefill,
+  eval, calibration) de-quantize the tiles per call (``kernels.dequant_tiles``, the exact fp32 math,
+  then rounded to the activation dtype) into a bf16/fp32 GEMM. Act-order weights whose groups become
+  contiguous under a column permutation hold their tiles in that order and permute ``x`` instead.
+- 5/6/7-bit (or 2/3-bit with ``out % 16 != 0``): int8 codes ``[out, in]`` (1 byte per weight), read by
+  qgemv's int8 path and de-quantized per call for larger calls.
+- 4-bit with ``out % 16 != 0``: the portable nibbles themselves (qgemv reads them).
+- Without slimlm's kernels: ``Int4WeightLinear`` repacks into ``aten._weight_int4pack_mm_for_cpu``'s
+  layout (bf16 activations); other shapes and bit widths keep the portable codes and de-quantize per
+  call (``cache_dense = True`` trades the memory saving for speed).
+Shapes the kernels cannot take (irregular g_idx, rows or groups not multiples of 32) use the reference
+path on the portable codes.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from slimlm import kernels
 from slimlm.models.modules import register_linear_kind
@@ -64,6 +70,9 @@ class IntxWeightLinear(QuantLinearBase):
     scale: torch.Tensor
     zero: torch.Tensor | None
     g_idx: torch.Tensor | None
+    _tiles: torch.Tensor | None
+    _codes8: torch.Tensor | None
+    _perm: torch.Tensor | None
     cache_dense = False  # runtime option (not saved): keep a dense copy in the activation dtype
 
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, symmetric: bool,
@@ -77,6 +86,10 @@ class IntxWeightLinear(QuantLinearBase):
         self.register_buffer("scale", torch.ones(out_features, ng, dtype=torch.float32))
         self.register_buffer("zero", None if symmetric else torch.zeros(out_features, ng, dtype=torch.uint8))
         self.register_buffer("g_idx", torch.zeros(in_features, dtype=torch.int32) if act_order else None)
+        # the runtime layouts (not saved; see the module docstring): at most one is set, then qweight is None
+        self.register_buffer("_tiles", None, persistent=False)  # uint8 [out/16, in/8, 64] 4-bit tiles
+        self.register_buffer("_codes8", None, persistent=False)  # int8 [out, in] codes
+        self.register_buffer("_perm", None, persistent=False)  # int64 [in] runtime column order (act-order)
         self._dense: torch.Tensor | None = None
 
     # --- construction ---------------------------------------------------------------------------
@@ -111,69 +124,37 @@ class IntxWeightLinear(QuantLinearBase):
 
     def process_after_loading(self) -> None:
         self._dense = None
-        codes: torch.Tensor | None = None
-        if self.qweight is not None and self.bits == 4:
-            codes = self.qweight  # packed nibbles are what qgemv reads
-        elif self.qweight is not None and self.bits < 8 and self.g_idx is None and kernels.supported()[0]:
-            # 2/3/5/6/7 bits: qgemv's int8 path reads the codes unpacked (0 .. 2**bits - 1), one byte per
-            # weight held for decode (de-quantizing the whole matrix per decode step ran at 3 tok/s)
-            codes = self.codes().to(torch.int8).contiguous()
-        self._set_decode_spec(codes, None if codes is None else self.zeros_full())
-
-    # --- math -----------------------------------------------------------------------------------
-    def codes(self) -> torch.Tensor:
-        """Unpacked codes ``[out, in]`` uint8."""
-        assert self.qweight is not None
-        return unpack_codes(self.qweight, self.bits, self.in_features)
-
-    def zeros_full(self) -> torch.Tensor:
-        """Zero points ``[out, groups]`` int32 (the fixed ``2**(bits-1)`` when symmetric)."""
-        if self.zero is None:
-            return torch.full(tuple(self.scale.shape), 2 ** (self.bits - 1), dtype=torch.int32)
-        return self.zero.to(torch.int32)
-
-    def dense_weight(self) -> torch.Tensor:
-        g = group_index(self.in_features, self.group_size, self.g_idx)
-        return dequantize_grouped(self.codes(), self.scale, self.zeros_full(), g)  # [out, in] float32
-
-    def to_quantized(self) -> QuantizedWeight:
-        """The :class:`QuantizedWeight` this module stores (for exporters)."""
-        return QuantizedWeight(self.codes(), self.scale.float().clone(), self.zeros_full(), self.bits,
-                               self.group_size, self.symmetric, None if self.g_idx is None else self.g_idx.clone())
-
-    def _reference_matmul(self, x2: torch.Tensor) -> torch.Tensor:
-        return self._dense_matmul(x2)
-
-    def _matmul(self, x2: torch.Tensor) -> torch.Tensor:
-        return self._reference_matmul(x2)
-
-
-@register_linear_kind
-class Int4WeightLinear(IntxWeightLinear):
-    """Weight-only 4-bit grouped linear on ``aten._weight_int4pack_mm_for_cpu`` (bf16 activations)."""
-
-    kind = "int4_weight"
-    allowed_bits = (4,)
-
-    def __init__(self, in_features: int, out_features: int, bits: int = 4, group_size: int = 128,
-                 symmetric: bool = False, act_order: bool = False, bias: torch.Tensor | None = None) -> None:
-        super().__init__(in_features, out_features, bits, group_size, symmetric, act_order, bias)
-        self.register_buffer("_packed", None, persistent=False)  # [out, in/2] kernel layout
-        self.register_buffer("_scales_zeros", None, persistent=False)  # [in/G', out, 2] bf16
-        self.register_buffer("_perm", None, persistent=False)  # [in] input column order (act-order)
-        self._kernel_group = 0
-        self._layout: Int4Layout | None = None  # set when the portable qweight was dropped
-
-    @classmethod
-    def create(cls, in_features: int, out_features: int, bias: bool, spec: dict[str, Any]) -> Int4WeightLinear:
-        spec = {"bits": 4, **spec}
-        mod = super().create(in_features, out_features, bias, spec)
-        assert isinstance(mod, Int4WeightLinear)
-        return mod
-
-    @property
-    def uses_kernel(self) -> bool:
-        return self._packed is not None
+        if self.qweight is None:  # already converted (the portable copy dropped): the runtime layout stands
+            return
+        self._tiles = self._codes8 = self._perm = None
+        self.__dict__["_decode"] = self.__dict__["_qspec"] = None
+        order = self._contiguous_order()
+        if order is None or self.bits == 8 or not kernels.supported()[0]:
+            return
+        codes = self.codes()
+        q = codes if self.g_idx is None else codes[:, order]  # [out, in] in the runtime column order
+        perm = None if self.g_idx is None else order
+        zero = self.zeros_full()
+        spec = None
+        if self.bits <= 4 and self.out_features % kernels.TILE_ROWS == 0:
+            spec = kernels.quant_spec(pack_codes(q, 4), self.bias, self.scale, zero, self.group_size, self.in_features)
+            if spec is not None:  # 4-bit tiles: 2/3-bit codes fit a nibble
+                self._tiles = spec[0]
+        elif self.bits == 4 and perm is None:
+            spec = kernels.quant_spec(self.qweight, self.bias, self.scale, zero, self.group_size, self.in_features)
+            if spec is not None:  # qgemv reads the portable nibbles: they stay the one layout
+                self.__dict__["_decode"] = self.__dict__["_qspec"] = spec
+            return
+        elif self.bits != 4:
+            spec = kernels.quant_spec(q.to(torch.int8), self.bias, self.scale, zero, self.group_size, self.in_features)
+            if spec is not None:  # int8 codes: qgemv's int8 path (1 byte per weight)
+                self._codes8 = spec[0]
+        if spec is None:
+            return
+        self._perm = perm
+        self.__dict__["_qspec"] = spec
+        self.__dict__["_decode"] = spec if perm is None else None  # decode_layer takes no permutation
+        self.qweight = None
 
     def _contiguous_order(self) -> torch.Tensor | None:
         """Column order making every group contiguous and full (last may be short); None if impossible."""
@@ -184,59 +165,155 @@ class Int4WeightLinear(IntxWeightLinear):
         expected = torch.arange(self.in_features) // self.group_size
         return perm if torch.equal(g[perm], expected) else None
 
+    @property
+    def uses_kernel(self) -> bool:
+        """Whether the codes are held in a kernel layout (every call then avoids unpacking them)."""
+        return self.qweight is None
+
+    # --- math -----------------------------------------------------------------------------------
+    def _runtime_codes(self) -> torch.Tensor:
+        """Codes ``[out, in]`` uint8 in the runtime column order (``_perm``), from the one layout held."""
+        if self._tiles is not None:
+            return kernels.untile_int4(self._tiles)
+        if self._codes8 is not None:
+            return self._codes8.to(torch.uint8)
+        assert self.qweight is not None
+        return unpack_codes(self.qweight, self.bits, self.in_features)
+
+    def codes(self) -> torch.Tensor:
+        """Unpacked codes ``[out, in]`` uint8."""
+        q = self._runtime_codes()
+        if self._perm is not None:
+            q = q[:, torch.argsort(self._perm)]
+        return q
+
+    def zeros_full(self) -> torch.Tensor:
+        """Zero points ``[out, groups]`` int32 (the fixed ``2**(bits-1)`` when symmetric)."""
+        if self.zero is None:
+            return torch.full(tuple(self.scale.shape), 2 ** (self.bits - 1), dtype=torch.int32)
+        return self.zero.to(torch.int32)
+
+    def _runtime_dense(self, dtype: torch.dtype) -> torch.Tensor:
+        """The de-quantized weight ``[out, in]`` in the runtime column order, in ``dtype`` (fp32/bf16)."""
+        zero: torch.Tensor | float = float(2 ** (self.bits - 1)) if self.zero is None else self.zero
+        if self._tiles is not None:
+            w = kernels.dequant_tiles(self._tiles, self.scale, zero, self.group_size, dtype)
+            if w is not None:
+                return w
+        g = torch.arange(self.in_features) // self.group_size if self._perm is not None else \
+            group_index(self.in_features, self.group_size, self.g_idx)
+        return dequantize_grouped(self._runtime_codes(), self.scale, zero, g).to(dtype)
+
+    def dense_weight(self) -> torch.Tensor:
+        w = self._runtime_dense(torch.float32)  # [out, in] float32
+        if self._perm is None:
+            return w
+        out = torch.empty_like(w)
+        out[:, self._perm] = w  # back to the checkpoint's column order
+        return out
+
+    def to_quantized(self) -> QuantizedWeight:
+        """The :class:`QuantizedWeight` this module stores (for exporters)."""
+        return QuantizedWeight(self.codes(), self.scale.float().clone(), self.zeros_full(), self.bits,
+                               self.group_size, self.symmetric, None if self.g_idx is None else self.g_idx.clone())
+
+    def _save_to_state_dict(self, destination: Any, prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.qweight is None:  # the portable layout, rebuilt exactly from the runtime one
+            destination[prefix + "qweight"] = pack_codes(self.codes(), self.bits)
+
+    def _load_from_state_dict(self, state_dict: Any, prefix: str, *args: Any, **kwargs: Any) -> None:
+        if self.qweight is None:  # back to the portable layout; call process_after_loading() again
+            self.qweight = torch.zeros(self.out_features, packed_length(self.in_features, self.bits), dtype=torch.uint8)
+            self._tiles = self._codes8 = self._perm = None
+            self.__dict__["_qspec"] = None
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _decode_forward(self, x: torch.Tensor) -> torch.Tensor | None:
+        spec = self.__dict__.get("_qspec")
+        if spec is None or x.numel() > kernels.SMALL_ROWS * self.in_features:
+            return None
+        if self._perm is not None:
+            x = x.index_select(-1, self._perm)
+        return kernels.qlinear(x, spec)
+
+    def _matmul(self, x2: torch.Tensor) -> torch.Tensor:
+        # x2: [M, in] -> [M, out]: de-quantize per call (or the opt-in cached copy) into a bf16/fp32 GEMM
+        dt = x2.dtype if x2.dtype in (torch.float32, torch.bfloat16) else torch.float32
+        w = self._dense
+        if w is None or w.dtype != dt:
+            w = self._runtime_dense(dt)
+            if self.cache_dense:
+                self._dense = w
+        if self._perm is not None:
+            x2 = x2[:, self._perm]
+        return F.linear(x2.to(dt), w)
+
+
+@register_linear_kind
+class Int4WeightLinear(IntxWeightLinear):
+    """Weight-only 4-bit grouped linear: slimlm's 4-bit tiles, or ``aten._weight_int4pack_mm_for_cpu``'s
+    layout (bf16 activations) where slimlm's kernels are unavailable."""
+
+    kind = "int4_weight"
+    allowed_bits = (4,)
+
+    def __init__(self, in_features: int, out_features: int, bits: int = 4, group_size: int = 128,
+                 symmetric: bool = False, act_order: bool = False, bias: torch.Tensor | None = None) -> None:
+        super().__init__(in_features, out_features, bits, group_size, symmetric, act_order, bias)
+        self.register_buffer("_packed", None, persistent=False)  # [out, in/2] torch's kernel layout
+        self.register_buffer("_scales_zeros", None, persistent=False)  # [in/G', out, 2] bf16
+        self._kernel_group = 0
+        self._layout: Int4Layout | None = None  # set when torch's layout replaced the portable qweight
+
+    @classmethod
+    def create(cls, in_features: int, out_features: int, bias: bool, spec: dict[str, Any]) -> Int4WeightLinear:
+        spec = {"bits": 4, **spec}
+        mod = super().create(in_features, out_features, bias, spec)
+        assert isinstance(mod, Int4WeightLinear)
+        return mod
+
     def process_after_loading(self) -> None:
-        if self._layout is not None:  # already converted (the portable copy dropped): the kernel layouts stand
-            self._dense = None
+        converted = self.qweight is None
+        super().process_after_loading()  # slimlm's tiles (or the portable nibbles for qgemv) when it can
+        if converted or self.__dict__.get("_qspec") is not None:
             return
-        super().process_after_loading()  # the decode spec: 16-row tiles (a copy) or the portable codes
+        self.__dict__["_fast"] = None
+        self._packed = self._scales_zeros = None
         kg = int4_kernel_group(self.group_size, self.in_features, self.out_features)
         perm = self._contiguous_order()
-        self.__dict__["_fast"] = None
         if kg is None or perm is None:
-            self._packed = self._scales_zeros = self._perm = None
             return
         q = self.codes()[:, perm]  # [out, in] codes in kernel column order
         src_group = (torch.arange(self.in_features // kg) * kg) // self.group_size  # kernel group -> our group
         packed = int4_pack(q)
+        layout = Int4Layout(self.out_features, self.in_features)
+        if not layout.verify(packed, q):
+            return
         self._packed = packed
         self._scales_zeros = int4_scales_and_zeros(self.scale[:, src_group], self.zeros_full()[:, src_group], ACT_DTYPE)
         self._perm = None if self.g_idx is None else perm
         self._kernel_group = kg
         self.__dict__["_fast"] = (packed, kg, self._scales_zeros, self._perm, self.bias)
-        layout = Int4Layout(self.out_features, self.in_features)
-        spec = self.decode_spec()
-        if (spec is None or spec[0] is not self.qweight) and layout.verify(packed, q):
-            # hold the codes once per kernel: torch's layout for prefill, the decode tiles (when out % 16
-            # == 0; otherwise the decode kernel reads the portable copy, which then stays); the portable
-            # layout is rebuilt on save
-            self._layout = layout
-            self.qweight = None
+        self._layout = layout
+        self.qweight = None  # torch's layout is the one copy; the portable layout is rebuilt on save
 
-    def codes(self) -> torch.Tensor:
-        if self.qweight is not None:
-            return super().codes()
-        assert self._layout is not None and self._packed is not None
-        q = self._layout.unpack(self._packed)  # kernel column order
-        if self._perm is not None:
-            q = q[:, torch.argsort(self._perm)]
-        return q
-
-    def _save_to_state_dict(self, destination: Any, prefix: str, keep_vars: bool) -> None:
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-        if self.qweight is None:
-            destination[prefix + "qweight"] = pack_codes(self.codes(), 4)
+    def _runtime_codes(self) -> torch.Tensor:
+        if self._packed is not None:
+            assert self._layout is not None
+            return self._layout.unpack(self._packed)  # kernel column order
+        return super()._runtime_codes()
 
     def _load_from_state_dict(self, state_dict: Any, prefix: str, *args: Any, **kwargs: Any) -> None:
-        if self.qweight is None:  # back to the portable layout; call process_after_loading() again
-            self.qweight = torch.zeros(self.out_features, packed_length(self.in_features, 4), dtype=torch.uint8)
-            self._packed = self._scales_zeros = self._perm = None
+        if self.qweight is None:
+            self._packed = self._scales_zeros = None
             self._layout = None
             self.__dict__["_fast"] = None
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _matmul(self, x2: torch.Tensor) -> torch.Tensor:
         if self._packed is None or self._scales_zeros is None:
-            return self._reference_matmul(x2)
+            return super()._matmul(x2)
         if self._perm is not None:
             x2 = x2[:, self._perm]  # [M, in] in kernel column order
         return int4_mm(x2, self._packed, self._kernel_group, self._scales_zeros)
