@@ -173,7 +173,7 @@ def run_export(args: argparse.Namespace) -> int:
             raise SlimlmError(f"{args.out} exists; pass --overwrite to replace it")
     else:
         check_output_dir(args.out, args.overwrite)
-    lm = load(args)
+    lm = load(args, dense=True)
     t = time.perf_counter()
     EXPORTERS[args.to](lm, args.out, args)
     status(f"exported {args.model} to {args.to} at {args.out} in {time.perf_counter() - t:.1f}s")

@@ -32,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
     assert isinstance(cfg, FactorizeConfig)
     check_output_dir(args.out, args.overwrite)
     check_calib_file(args)
-    lm = load(args)
+    lm = load(args, dense=True)
     if args.dry_run:
         from slimlm.lowrank.factorize import has_module
 

@@ -117,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = cls.from_args(args, base)
     check_output_dir(args.out, args.overwrite)
     check_calib_file(args)
-    lm = load(args)
+    lm = load(args, dense=True)
     if isinstance(cfg, StructuredPruneConfig):
         return _structured(args, lm, cfg)
     assert isinstance(cfg, PruneConfig)

@@ -221,7 +221,7 @@ def run(args: argparse.Namespace) -> int:
         raise SlimlmError(f"calibration file not found: {args.calib}")
     if calibrated and not args.calib:
         raise SlimlmError(f"{cfgs[0].kind} needs calibration text: pass --calib FILE")
-    lm = load(args)
+    lm = load(args, dense=True)
     samples = calibration(args, lm.tokenizer) if calibrated else None
     pl = plan(lm, cfgs, args, calibrated)
     if args.dry_run:

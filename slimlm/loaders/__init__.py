@@ -68,10 +68,16 @@ def _import_plugins() -> None:
 
 
 def build_model(config: ModelConfig, runtime_tensors: dict[str, torch.Tensor], dtype: torch.dtype,
-                modules: dict[str, dict[str, Any]] | None = None) -> Transformer:
-    """Create (on the meta device) -> swap in recorded module kinds -> load -> process after loading."""
+                modules: dict[str, dict[str, Any]] | None = None,
+                prebuilt: dict[str, nn.Module] | None = None) -> Transformer:
+    """Create (on the meta device) -> swap in recorded module kinds -> load -> process after loading.
+
+    ``prebuilt``: modules already holding their tensors (GGUF native layers), set at their paths as is.
+    """
     with torch.device("meta"):
         model = Transformer(config)
+    for path, mod in (prebuilt or {}).items():
+        model.set_submodule(path, mod)
     if modules:
         _import_plugins()
         for path, entry in modules.items():
@@ -85,7 +91,7 @@ def build_model(config: ModelConfig, runtime_tensors: dict[str, torch.Tensor], d
     sd = {}
     for k, t in runtime_tensors.items():
         sd[k] = t.to(dtype) if t.is_floating_point() and not _keeps_dtype(k, modules) else t
-    expected = set(model.state_dict().keys())
+    expected = {k for k in model.state_dict() if not any(k.startswith(p + ".") for p in prebuilt or {})}
     tied = model.ties_lm_head()
     if tied:
         expected.discard("lm_head.weight")
@@ -126,9 +132,20 @@ def _materialize_meta(model: nn.Module, dtype: torch.dtype) -> None:
             raise CheckpointError(f"parameter {name!r} was not loaded")
 
 
-def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """Load MODEL (alias, .gguf, HF folder, slimlm output dir, hub id) into the runtime."""
-    ckpt = read_checkpoint(spec)
+def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32,
+               dequantize: bool | None = None) -> LoadedModel:
+    """Load MODEL (alias, .gguf, HF folder, slimlm output dir, hub id) into the runtime.
+
+    GGUF files keep their quantized types (``slimlm.loaders.gguf_native``) unless ``dequantize`` is
+    True (every tensor de-quantized to float, e.g. to compress the model again); ``dequantize=False``
+    makes a tensor that cannot stay quantized an error instead of a de-quantized fallback.
+    """
+    path, kind = resolve(spec)
+    if kind == "gguf" and dequantize is not True:
+        from slimlm.loaders.gguf_native import load_gguf_native
+
+        return load_gguf_native(path, dtype, strict=dequantize is False)
+    ckpt = read_checkpoint(str(path))
     config = ModelConfig.from_hf(ckpt.config)
     meta = ckpt.meta.get("slimlm", {}) if ckpt.format == "slimlm" else {}
     runtime = ckpt.tensors if ckpt.format == "slimlm" else hf_to_runtime(config, ckpt.tensors)
