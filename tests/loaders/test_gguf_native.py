@@ -84,11 +84,12 @@ def test_numpy_tiling_matches_the_kernel_layout() -> None:
 
 
 def int8_round_trip(x: torch.Tensor, chunk: int) -> torch.Tensor:
-    """The decode kernels' activation quantization (qgemv.cpp): per chunk d = max|x| / 127, round half even."""
-    xc = x.double().view(*x.shape[:-1], -1, chunk)
-    d = (xc.abs().amax(-1, keepdim=True).float() / 127).double()
+    """The decode kernels' activation quantization (qgemv.cpp), in its float32 arithmetic: per chunk
+    d = max|x| / 127, a = round_half_even(x / d) clamped to +-127; returns d * a in float64."""
+    xc = x.float().view(*x.shape[:-1], -1, chunk)
+    d = xc.abs().amax(-1, keepdim=True) / 127
     a = torch.where(d > 0, torch.round(xc / torch.where(d > 0, d, 1)), 0).clamp(-127, 127)
-    return (a * d).view(x.shape)
+    return (a.double() * d.double()).view(x.shape)
 
 
 @pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K"])
@@ -224,5 +225,5 @@ def test_cli_dequantize_flag(tmp_path: Path) -> None:
     native = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     dense = subprocess.run([*cmd, "--dequantize"], capture_output=True, text=True, timeout=300)
     assert native.returncode == 0 and dense.returncode == 0, native.stderr + dense.stderr
-    assert '"gguf": 15' in native.stdout  # 2 layers x 7 linears + the head
+    assert '"gguf": 16' in native.stdout  # 2 layers x 7 linears, the head, the embedding table
     assert '"gguf"' not in dense.stdout
