@@ -12,6 +12,7 @@ Run: .venv/bin/pytest tests/loaders/test_gguf_native.py
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -225,5 +226,6 @@ def test_cli_dequantize_flag(tmp_path: Path) -> None:
     native = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     dense = subprocess.run([*cmd, "--dequantize"], capture_output=True, text=True, timeout=300)
     assert native.returncode == 0 and dense.returncode == 0, native.stderr + dense.stderr
-    assert '"gguf": 16' in native.stdout  # 2 layers x 7 linears, the head, the embedding table
-    assert '"gguf"' not in dense.stdout
+    a, b = json.loads(native.stdout), json.loads(dense.stdout)
+    assert a["compressed_modules"] == {"gguf": 16}  # 2 layers x 7 linears, the head, the embedding table
+    assert b["compressed_modules"] == {} and b["size_in_memory_bytes"] > 3 * a["size_in_memory_bytes"]
