@@ -64,7 +64,10 @@ def test_dequantized_weights_equal_gguf_bit_for_bit(qtype: str, rows: int) -> No
     ref = gguf.quants.dequantize(raw, Q[qtype]).reshape(rows, cols)
     mod = GGUFLinear.from_blocks(raw, qtype, cols)
     assert mod.tiled == (LAYOUTS[qtype][3] and rows % 16 == 0)
-    np.testing.assert_array_equal(bits(mod.dense_weight().numpy()), bits(ref))
+    np.testing.assert_array_equal(bits(mod.dense_weight().numpy()), bits(ref))  # kernels/gguf.cpp when built
+    np.testing.assert_array_equal(bits(mod.dense_rows().numpy()), bits(ref))  # the torch reference
+    ref16 = torch.from_numpy(ref).to(torch.bfloat16)
+    assert torch.equal(mod.dense(torch.bfloat16).view(torch.int16), ref16.view(torch.int16))
     pick = torch.tensor([rows - 1, 0, 17, 17, 5])
     np.testing.assert_array_equal(bits(mod.dense_rows(pick).numpy()), bits(ref[pick.numpy()]))
     emb = GGUFEmbedding(mod, torch.float32)  # the lookup de-quantizes only the rows it reads
@@ -101,7 +104,7 @@ def test_decode_kernel_is_the_int8_round_trip(qtype: str, rows: int) -> None:
     cols = 512
     mod = GGUFLinear.from_blocks(make_blocks(qtype, rows, cols, seed=3, scale=0.05), qtype, cols,
                                  bias=torch.randn(rows))
-    assert mod.decode_spec() is not None
+    assert mod.decode_spec() is not None and mod.bias is not None
     x = torch.randn(3, cols)
     with torch.no_grad():
         y = mod(x)  # 3 rows: the qgemv kernel
@@ -214,7 +217,7 @@ def test_type_without_native_layout_falls_back_with_a_notice(tmp_path: Path, cap
     o = native.model.get_submodule("model.layers.1.self_attn.o_proj")
     assert type(o) is torch.nn.Linear  # float: the de-quantized TQ2_0 blocks
     ref = load_model(str(path), dequantize=True).model.get_submodule("model.layers.1.self_attn.o_proj")
-    assert torch.equal(o.weight, ref.weight)
+    assert isinstance(ref, torch.nn.Linear) and torch.equal(o.weight, ref.weight)
     assert isinstance(native.model.get_submodule("model.layers.0.self_attn.o_proj"), GGUFLinear)
     with pytest.raises(CheckpointError, match=r"blk\.1\.attn_output\.weight.*TQ2_0"):
         load_model(str(path), dequantize=False)

@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from slimlm import kernels
@@ -184,11 +185,23 @@ class GGUFLinear(QuantLinearBase):
             w = w - zs.unsqueeze(-1)
         return w.view(n, self.in_features)
 
+    def dense(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The whole matrix ``[out, in]`` in float32 or bf16 (rounded from the float32 values): slimlm's
+        de-quantization kernel (kernels/gguf.cpp, the same float32 operations) where built, else torch."""
+        if kernels.load() is not None and dtype in (torch.float32, torch.bfloat16):
+            return torch.ops.slimlm_gguf.dequant(  # type: ignore[no-any-return]
+                self.codes, self.scale, kernels._EMPTY if self.zs is None else self.zs, self.out_features,
+                self.in_features, self.group_size, self.code_offset, dtype is torch.bfloat16)
+        return self.dense_rows(None).to(dtype)
+
     def dense_weight(self) -> torch.Tensor:
-        return self.dense_rows(None)  # [out, in] float32
+        return self.dense()  # [out, in] float32
 
     def _matmul(self, x2: torch.Tensor) -> torch.Tensor:
-        return self._dense_matmul(x2)
+        # x2: [M, in]; prefill-size calls: de-quantize straight into the activation dtype (bf16 -> AMX/
+        # AVX-512 BF16 GEMM), then one matmul
+        dt = x2.dtype if x2.dtype in (torch.float32, torch.bfloat16) else torch.float32
+        return F.linear(x2.to(dt), self.dense(dt))
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, gguf_type={self.qtype}"
@@ -201,6 +214,8 @@ class GGUFEmbedding(nn.Module):
     them: one copy serves both). ``weight`` is an empty tensor of the compute dtype, so code asking the
     embedding for its dtype keeps working; it holds no values.
     """
+
+    _dtype_probe: torch.Tensor
 
     def __init__(self, table: GGUFLinear, dtype: torch.dtype) -> None:
         super().__init__()

@@ -135,7 +135,7 @@ def decode_blocks(raw: np.ndarray, qtype: str, cols: int) -> GGUFCodes:
         sc, mn = _k_scale_min(b[..., 4:16])
         scale = (d * sc.astype(np.float32)).reshape(rows, -1)  # [rows, nb * 8]
         zs = (dmin * mn.astype(np.float32)).reshape(rows, -1)
-        ql = b[..., -128:].reshape(rows, nb, 4, 1, 32) >> np.array([0, 4], dtype=np.uint8).reshape(2, 1)
+        ql: np.ndarray = b[..., -128:].reshape(rows, nb, 4, 1, 32) >> np.array([0, 4], dtype=np.uint8).reshape(2, 1)
         q = (ql & 0x0F).reshape(rows, nb, QK_K)  # sub-block 2k: low nibbles of bytes 32k.., 2k + 1: high
         if qtype == "Q5_K":
             hbit = (b[..., 16:48].reshape(rows, nb, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(8, 1)) & 1
@@ -143,7 +143,7 @@ def decode_blocks(raw: np.ndarray, qtype: str, cols: int) -> GGUFCodes:
     elif qtype == "Q6_K":
         ql = b[..., 0:128].reshape(rows, nb, 2, 1, 64) >> np.array([0, 4], dtype=np.uint8).reshape(2, 1)
         ql = (ql & 0x0F).reshape(rows, nb, QK_K)  # half h: 64 low nibbles then 64 high nibbles
-        qh = b[..., 128:192].reshape(rows, nb, 2, 1, 32) >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(4, 1)
+        qh: np.ndarray = b[..., 128:192].reshape(rows, nb, 2, 1, 32) >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(4, 1)
         qh = (qh & 3).reshape(rows, nb, QK_K)
         q = ((ql | (qh << 4)).astype(np.int16) - 32).astype(np.int8)
         sc = b[..., 192:208].view(np.int8).astype(np.float32)  # [rows, nb, 16]
