@@ -1,9 +1,9 @@
 """GGUF files run natively vs de-quantized: resident memory, prefill and decode speed (SmolLM2 Q4_1).
 
 Each mode loads the model in its own subprocess: the resident set is read after importing torch and
-slimlm and building the kernels (baseline), then after ``load_model`` with the heap trimmed
+slimlm, building the kernels and a tiny meta-device model (baseline), then after ``load_model`` with the heap trimmed
 (``malloc_trim``), so ``model RSS = after - baseline`` is what the model itself holds (the file's
-memory map is closed by then). Speed: prefill of ``--prefill`` tokens (one forward, median of
+memory map is closed by then; the tokenizer, ~19 MB for SmolLM2's vocabulary, is included). Speed: prefill of ``--prefill`` tokens (one forward, median of
 ``--rounds``) and greedy decode of ``--tokens`` tokens after a 16-token prompt, batch 1. With
 ``--llama-bench`` the same file's ``pp``/``tg`` from llama.cpp are taken in the same run (after the slimlm modes).
 
@@ -34,6 +34,21 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def warm_up_imports() -> None:
+    """Build a tiny model on the meta device once: torch imports ~60 MB of modules lazily on the first
+    one, which is the interpreter's cost, not the model's."""
+    import torch
+
+    import slimlm.quant.linear  # noqa: F401  (registers the kinds)
+    from slimlm.models.config import ModelConfig
+    from slimlm.models.transformer import Transformer
+
+    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
+           "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 100}
+    with torch.device("meta"):
+        Transformer(ModelConfig.from_hf(cfg))
+
+
 def worker(mode: str, args: argparse.Namespace) -> dict[str, Any]:
     import gc
 
@@ -47,6 +62,7 @@ def worker(mode: str, args: argparse.Namespace) -> dict[str, Any]:
 
     torch.set_num_threads(args.threads)
     kernels.load()
+    warm_up_imports()
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     gc.collect()
     release_free_memory()

