@@ -5,7 +5,7 @@ slimlm, building the kernels and a tiny meta-device model (baseline), then after
 (``malloc_trim``), so ``model RSS = after - baseline`` is what the model itself holds (the file's
 memory map is closed by then; the tokenizer, ~19 MB for SmolLM2's vocabulary, is included). Speed: prefill of ``--prefill`` tokens (one forward, median of
 ``--rounds``) and greedy decode of ``--tokens`` tokens after a 16-token prompt, batch 1. With
-``--llama-bench`` the same file's ``pp``/``tg`` from llama.cpp are taken in the same run (after the slimlm modes).
+``--llama-bench`` the same file's ``pp``/``tg`` from llama.cpp are taken in the same run, each round after the slimlm modes.
 
     .venv/bin/python benchmarks/gguf_native.py --rounds 2 --llama-bench /path/to/llama-bench
 
@@ -114,17 +114,24 @@ def main() -> None:
     if args.worker:
         print(json.dumps(worker(args.worker, args)))
         return
-    results = {}
-    for mode in args.modes.split(","):
-        cmd = [sys.executable, __file__, "--worker", mode] + [a for a in sys.argv[1:] if a != "--worker"]
-        p = subprocess.run(cmd, capture_output=True, text=True, check=True)
-        results[mode] = json.loads(p.stdout.strip().splitlines()[-1])
-    if args.llama_bench:
-        from slimlm.loaders.resolve import alias_path
+    results: dict[str, dict[str, Any]] = {}
+    for _ in range(args.rounds):  # rounds interleaved: each mode in a fresh process, then llama.cpp
+        for mode in args.modes.split(","):
+            cmd = [sys.executable, __file__, "--worker", mode, "--rounds", "1"] + [
+                a for a in sys.argv[1:] if a not in ("--worker",)]
+            p = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            r = json.loads(p.stdout.strip().splitlines()[-1])
+            acc = results.setdefault(mode, {**r, "prefill_tok_s": [], "decode_tok_s": []})
+            acc["prefill_tok_s"] += r["prefill_tok_s"]
+            acc["decode_tok_s"] += r["decode_tok_s"]
+        if args.llama_bench:
+            from slimlm.loaders.resolve import alias_path
 
-        path = alias_path(args.model) if not Path(args.model).is_file() else Path(args.model)
-        runs = [llama_bench(args.llama_bench, path, args.threads, args.prefill, args.tokens) for _ in range(args.rounds)]
-        results["llama.cpp"] = {"prefill_tok_s": [r[0] for r in runs], "decode_tok_s": [r[1] for r in runs]}
+            path = alias_path(args.model) if not Path(args.model).is_file() else Path(args.model)
+            pp, tg = llama_bench(args.llama_bench, path, args.threads, args.prefill, args.tokens)
+            acc = results.setdefault("llama.cpp", {"prefill_tok_s": [], "decode_tok_s": []})
+            acc["prefill_tok_s"].append(pp)
+            acc["decode_tok_s"].append(tg)
     print("| mode | model RSS MB | x file | prefill tok/s | decode tok/s |")
     print("|---|---|---|---|---|")
     for mode, r in results.items():
