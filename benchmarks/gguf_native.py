@@ -117,8 +117,11 @@ def main() -> None:
     results: dict[str, dict[str, Any]] = {}
     for _ in range(args.rounds):  # rounds interleaved: each mode in a fresh process, then llama.cpp
         for mode in args.modes.split(","):
-            cmd = [sys.executable, __file__, "--worker", mode, "--rounds", "1"] + [
-                a for a in sys.argv[1:] if a not in ("--worker",)]
+            rest = sys.argv[1:]
+            if "--rounds" in rest:  # the worker measures one round
+                i = rest.index("--rounds")
+                rest = rest[:i] + rest[i + 2:]
+            cmd = [sys.executable, __file__, "--worker", mode, "--rounds", "1", *rest]
             p = subprocess.run(cmd, capture_output=True, text=True, check=True)
             r = json.loads(p.stdout.strip().splitlines()[-1])
             acc = results.setdefault(mode, {**r, "prefill_tok_s": [], "decode_tok_s": []})
