@@ -5,7 +5,7 @@
 // Math, the same float32 operations in the same order as the torch reference (GGUFLinear.dense_rows),
 // so the result is bit for bit the same (the build uses -ffp-contract=off: no fused multiply-add):
 //   w[o, i] = float(q[o, i] - c0) * scale[o, g]  (- zs[o, g] when zs is given),  g = i / group
-// then rounded to bf16 (nearest even, as torch's .to(bfloat16)) when bf16 is set.
+// then rounded to bf16 (nearest even, as torch's .to(bfloat16)) when bf16 is set. AVX2, 8 weights at a time.
 // Storage: codes uint8 [O/16, I/8, 64] (16-row tiles of 4-bit codes, see slimlm.kernels.tile_int4) with
 // scale/zs [O/16, ng, 16]; uint8 [O, I/2] (two 4-bit codes per byte, even element low) or int8 [O, I]
 // with scale/zs [O, ng]. Registered as torch.ops.slimlm_gguf.dequant (no change to decode.cpp's module).
@@ -19,29 +19,28 @@ namespace {
 
 constexpr int64_t TR = 16;  // rows per tile
 
+// 8 codes (int32 lanes, already minus c0) -> 8 outputs: float(q) * s (- z), stored as fp32 or bf16
 template <typename OT>
-inline void put(OT* y, int64_t n, const float* v) {
+inline void emit8(__m256i q, __m256 s, const __m256* z, OT* y) {
+  __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(q), s);
+  if (z) v = _mm256_sub_ps(v, *z);
   if constexpr (sizeof(OT) == 4) {
-    std::memcpy(y, v, n * sizeof(float));
-  } else {
-    for (int64_t i = 0; i < n; ++i) y[i] = f2bf(v[i]);
+    _mm256_storeu_ps(reinterpret_cast<float*>(y), v);
+  } else {  // round to nearest even, as f2bf: bits + 0x7FFF + ((bits >> 16) & 1), upper half
+    const __m256i b = _mm256_castps_si256(v);
+    const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(b, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF),
+                                        _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1)))), 16);
+    const __m256i p = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(y), _mm256_castsi256_si128(p));
   }
 }
 
-// one row: codes already widened to int16 values q - c0 in qv[0..I)
-template <typename OT>
-inline void finish_row(const int16_t* qv, int64_t I, int64_t group, const float* s, int64_t s_step, const float* z,
-                       OT* y, float* tmp) {
-  for (int64_t g0 = 0, g = 0; g0 < I; g0 += group, ++g) {
-    const float sc = s[g * s_step];
-    const int64_t n = std::min(group, I - g0);
-    for (int64_t i = 0; i < n; ++i) tmp[g0 + i] = static_cast<float>(qv[g0 + i]) * sc;
-    if (z) {
-      const float zz = z[g * s_step];
-      for (int64_t i = 0; i < n; ++i) tmp[g0 + i] = tmp[g0 + i] - zz;
-    }
-  }
-  put(y, I, tmp);
+// 4 code bytes -> 8 codes as int32 lanes: tiled order (4 low nibbles, then the 4 high) or portable
+// order (low, high per byte)
+inline __m256i nib8(uint32_t w, bool tiled) {
+  const __m128i lo = _mm_cvtsi32_si128(static_cast<int>(w & 0x0F0F0F0Fu));
+  const __m128i hi = _mm_cvtsi32_si128(static_cast<int>((w >> 4) & 0x0F0F0F0Fu));
+  return _mm256_cvtepu8_epi32(tiled ? _mm_unpacklo_epi32(lo, hi) : _mm_unpacklo_epi8(lo, hi));
 }
 
 template <typename OT>
@@ -50,33 +49,31 @@ void run(const torch::Tensor& codes, const float* s, const float* z, int64_t O, 
   const int64_t ng = (I + group - 1) / group;
   const bool tiled = codes.dim() == 3, nib = !tiled && codes.scalar_type() == torch::kByte;
   const uint8_t* cu = reinterpret_cast<const uint8_t*>(codes.data_ptr());
+  const __m256i off = _mm256_set1_epi32(static_cast<int>(c0));
   at::parallel_for(0, O, TR, [&](int64_t begin, int64_t end) {
-    std::vector<int16_t> qv(I);
-    std::vector<float> tmp(I);
     for (int64_t o = begin; o < end; ++o) {
-      if (tiled) {  // tile (R, k): row r in bytes 4r..4r+3, byte j = code(8k + j) | code(8k + 4 + j) << 4
-        const int64_t R = o / TR, r = o % TR;
-        const uint8_t* t = cu + R * (I / 8) * 4 * TR + 4 * r;
-        for (int64_t k = 0; k < I / 8; ++k)
-          for (int64_t j = 0; j < 4; ++j) {
-            const uint8_t b = t[k * 4 * TR + j];
-            qv[8 * k + j] = static_cast<int16_t>((b & 0x0F) - c0);
-            qv[8 * k + 4 + j] = static_cast<int16_t>((b >> 4) - c0);
-          }
-        const int64_t off = R * ng * TR + r;
-        finish_row(qv.data(), I, group, s + off, TR, z ? z + off : nullptr, y + o * I, tmp.data());
-      } else {
-        if (nib) {
-          const uint8_t* p = cu + o * (I / 2);
-          for (int64_t j = 0; j < I / 2; ++j) {
-            qv[2 * j] = static_cast<int16_t>((p[j] & 0x0F) - c0);
-            qv[2 * j + 1] = static_cast<int16_t>((p[j] >> 4) - c0);
-          }
+      const int64_t R = o / TR, r = o % TR;
+      const int64_t t0 = tiled ? R * ng * TR + r : o * ng, step = tiled ? TR : 1;  // terms of row o
+      OT* yo = y + o * I;
+      for (int64_t i = 0; i < I; i += 8) {  // groups are multiples of 8 (16 or 32)
+        const int64_t g = i / group;
+        const __m256 sv = _mm256_set1_ps(s[t0 + g * step]);
+        const __m256 zv = _mm256_set1_ps(z ? z[t0 + g * step] : 0.f);
+        __m256i q;
+        if (tiled) {  // tile (R, k): row r in bytes 4r..4r+3, byte j = code(8k + j) | code(8k + 4 + j) << 4
+          uint32_t w;
+          std::memcpy(&w, cu + (R * (I / 8) + i / 8) * 4 * TR + 4 * r, 4);
+          q = nib8(w, true);
+        } else if (nib) {
+          uint32_t w;
+          std::memcpy(&w, cu + o * (I / 2) + i / 2, 4);
+          q = nib8(w, false);
         } else {
-          const int8_t* p = reinterpret_cast<const int8_t*>(cu) + o * I;
-          for (int64_t i = 0; i < I; ++i) qv[i] = static_cast<int16_t>(p[i] - c0);
+          int64_t w;
+          std::memcpy(&w, cu + o * I + i, 8);
+          q = _mm256_cvtepi8_epi32(_mm_cvtsi64_si128(w));
         }
-        finish_row(qv.data(), I, group, s + o * ng, 1, z ? z + o * ng : nullptr, y + o * I, tmp.data());
+        emit8(_mm256_sub_epi32(q, off), sv, z ? &zv : nullptr, yo + i);
       }
     }
   });
@@ -94,7 +91,7 @@ torch::Tensor gguf_dequant(torch::Tensor codes, torch::Tensor scale, torch::Tens
     TORCH_CHECK(codes.dim() == 2 && codes.size(0) == O && codes.size(1) == (codes.scalar_type() == torch::kByte ? I / 2 : I),
                 "gguf_dequant: codes must be [O, I/2] uint8 or [O, I] int8");
   }
-  TORCH_CHECK(group > 0 && scale.scalar_type() == torch::kFloat32 && scale.is_contiguous() && scale.numel() == O * ng,
+  TORCH_CHECK(group > 0 && group % 8 == 0 && I % 8 == 0 && scale.scalar_type() == torch::kFloat32 && scale.is_contiguous() && scale.numel() == O * ng,
               "gguf_dequant: scale must be float32 with O * ceil(I / group) elements");
   const bool has_z = zs.numel() > 0;
   if (has_z) {
