@@ -86,7 +86,7 @@ def main() -> None:
     results = []
     for dname in args.dtypes.split(","):
         dt = DT[dname]
-        lm = load_model(args.model, dtype=dt)
+        lm = load_model(args.model, dtype=dt, dequantize=True)
         msgs = [{"role": "user", "content": "Write a short story about a robot who learns to paint."}]
         prompt = lm.tokenizer.encode(lm.tokenizer.apply_chat_template(msgs, add_generation_prompt=True))
         hf = None

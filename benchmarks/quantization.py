@@ -107,7 +107,7 @@ def worker(name: str, args: argparse.Namespace) -> dict[str, Any]:
 
     dtype_name, cfg_dict = VARIANTS[name]
     dtype = torch.bfloat16 if dtype_name == "bf16" else torch.float32
-    lm = load_model(args.model, dtype=dtype)
+    lm = load_model(args.model, dtype=dtype, dequantize=True)
     text = read_text(WIKI)
     eval_ids = lm.tokenizer.encode(text)[: args.eval_tokens]
     res: dict[str, Any] = {"name": name, "config": cfg_dict}
@@ -173,7 +173,7 @@ def paired_decode(names: list[str], args: argparse.Namespace) -> dict[str, Any]:
             cfg = BaseConfig.load_any(cfg_dict) if cfg_dict is not None else None
             if cfg is not None and needs_calibration(cfg):  # type: ignore[arg-type]
                 continue
-            lm = load_model(args.model, dtype=dtype)
+            lm = load_model(args.model, dtype=dtype, dequantize=True)
             if cfg is not None:
                 quantize_(lm.model, cfg)  # type: ignore[arg-type]
             out = save_model(lm, Path(tmp) / name)

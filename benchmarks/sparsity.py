@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"skipping model cases: {args.data} not found", file=sys.stderr)
             names = []
     if names:
-        base = load_model(args.model)
+        base = load_model(args.model, dequantize=True)
         text = read_text(args.data)
         eval_ids = base.tokenizer.encode(text)[: args.eval_tokens]
         calib = calibration_samples(base.tokenizer, text[args.calib_start_char:], args.calib_samples,

@@ -76,7 +76,7 @@ def main() -> None:
             if name not in VARIANTS:
                 raise SystemExit(f"error: unknown variant {name!r} (see benchmarks/quantization.py)")
             _, cfg = VARIANTS[name]
-            lm = load_model(str(gguf), dtype=torch.bfloat16)
+            lm = load_model(str(gguf), dtype=torch.bfloat16, dequantize=True)
             if cfg is not None:
                 quantize_(lm.model, BaseConfig.load_any(cfg))  # type: ignore[arg-type]
             out = save_model(lm, Path(tmp) / name)

@@ -177,7 +177,7 @@ def run_export(args: argparse.Namespace) -> int:
         check_output_file(args.out, args.overwrite, written_by_slimlm)
     else:
         check_output_dir(args.out, args.overwrite)
-    lm = load(args)
+    lm = load(args, dense=True)
     t = time.perf_counter()
     EXPORTERS[args.to](lm, args.out, args)
     status(f"exported {args.model} to {args.to} at {args.out} in {time.perf_counter() - t:.1f}s")

@@ -39,6 +39,11 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
                    help="compute dtype (default fp32; fp16 is never used on CPU)")
     p.add_argument("--threads", type=int_arg(min=1), default=None, help="torch threads (default: all cores)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--dequantize", dest="dequantize", action="store_true", default=None,
+                   help="GGUF: de-quantize every tensor to float (default: run the quantized types natively)")
+    g.add_argument("--no-dequantize", dest="dequantize", action="store_false",
+                   help="GGUF: fail on a tensor type slimlm cannot run natively instead of de-quantizing it")
 
 
 def add_json_arg(p: argparse.ArgumentParser) -> None:
@@ -58,11 +63,13 @@ def emit_json(obj: dict[str, Any]) -> None:
     print(json.dumps(obj, default=str), flush=True)
 
 
-def load(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+def load(args: argparse.Namespace, dense: bool = False):  # type: ignore[no-untyped-def]
+    """The model of ``args``; ``dense``: commands that compress it again start from float weights."""
     from slimlm.loaders import load_model
 
     apply_threads(args)
-    return load_model(args.model, dtype=DTYPES[getattr(args, "dtype", "fp32")])
+    deq = True if dense else getattr(args, "dequantize", None)
+    return load_model(args.model, dtype=DTYPES[getattr(args, "dtype", "fp32")], dequantize=deq)
 
 
 def human_bytes(n: float) -> str:

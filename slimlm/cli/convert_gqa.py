@@ -25,7 +25,7 @@ def run(args: argparse.Namespace) -> int:
     assert isinstance(cfg, GQAConfig)
     check_output_dir(args.out, args.overwrite)
     check_calib(args, cfg, "convert-gqa --weighting activation")
-    lm = load(args)
+    lm = load(args, dense=True)
     h = lm.config.num_attention_heads
     if h % cfg.kv_heads or cfg.kv_heads > h:
         raise SlimlmError(f"--kv-heads {cfg.kv_heads} does not divide the {h} attention heads")

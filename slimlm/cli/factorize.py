@@ -25,7 +25,7 @@ def run(args: argparse.Namespace) -> int:
     assert isinstance(cfg, FactorizeConfig)
     check_output_dir(args.out, args.overwrite)
     check_calib(args, cfg, "factorize --activation-aware")
-    lm = load(args)
+    lm = load(args, dense=True)
     if args.dry_run:
         from slimlm.transforms.select import has_module
 

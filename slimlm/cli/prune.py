@@ -109,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
     check_output_dir(args.out, args.overwrite)
     structured = isinstance(cfg, StructuredPruneConfig)
     check_calib(args, cfg, "prune --structured" if structured else f"prune --method {getattr(cfg, 'method', '')}")
-    lm = load(args)
+    lm = load(args, dense=True)
     if isinstance(cfg, StructuredPruneConfig):
         return _structured(args, lm, cfg)
     assert isinstance(cfg, PruneConfig)

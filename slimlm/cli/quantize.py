@@ -214,7 +214,7 @@ def run(args: argparse.Namespace) -> int:
     if args.out:
         check_output_dir(args.out, args.overwrite)
     check_calib_args(args, calibrated, next((c.kind for c in cfgs if methods()[c.kind].calibrated), "quantize"))
-    lm = load(args)
+    lm = load(args, dense=True)
     samples = calib_samples(args, lm) if calibrated else None
     pl = plan(lm, cfgs, args, calibrated)
     if args.dry_run:

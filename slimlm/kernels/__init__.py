@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 SMALL_ROWS = 8  # calls with at most this many rows (tokens x batch) take the decode kernels
-_SRC = [Path(__file__).with_name(n) for n in ("decode.cpp", "qgemv.cpp", "qgemv16.cpp", "gptq.cpp", "nf4.cpp")]
+_SRC = [Path(__file__).with_name(n) for n in ("decode.cpp", "qgemv.cpp", "qgemv16.cpp", "gptq.cpp", "nf4.cpp", "gguf.cpp")]
 _HEADERS = [Path(__file__).with_name(n) for n in ("common.h", "qgemv.h")]
 _EMPTY = torch.empty(0)
 _ext: Any = None

@@ -70,14 +70,18 @@ def import_plugins() -> None:
 
 
 def build_model(config: ModelConfig, runtime_tensors: dict[str, torch.Tensor], dtype: torch.dtype,
-                modules: dict[str, dict[str, Any]] | None = None, where: str = "slimlm.json") -> Transformer:
+                modules: dict[str, dict[str, Any]] | None = None, where: str = "slimlm.json",
+                prebuilt: dict[str, nn.Module] | None = None) -> Transformer:
     """Create (on the meta device) -> swap in recorded module kinds -> load -> process after loading.
 
     ``modules``: the checked ``slimlm.json`` "modules" (:mod:`slimlm.loaders.schema`); ``where``
-    names that file in errors.
+    names that file in errors. ``prebuilt``: modules already holding their tensors (GGUF native
+    layers), set at their paths as is.
     """
     with torch.device("meta"):
         model = Transformer(config)
+    for path, mod in (prebuilt or {}).items():
+        model.set_submodule(path, mod)
     if modules:
         import_plugins()
         for path, entry in modules.items():
@@ -98,7 +102,7 @@ def build_model(config: ModelConfig, runtime_tensors: dict[str, torch.Tensor], d
     sd = {}
     for k, t in runtime_tensors.items():
         sd[k] = t.to(dtype) if t.is_floating_point() and not _keeps_dtype(k, modules) else t
-    expected = set(model.state_dict().keys())
+    expected = {k for k in model.state_dict() if not any(k.startswith(p + ".") for p in prebuilt or {})}
     tied = model.ties_lm_head()
     if tied:
         expected.discard("lm_head.weight")
@@ -139,11 +143,22 @@ def _materialize_meta(model: nn.Module, dtype: torch.dtype) -> None:
             raise CheckpointError(f"parameter {name!r} was not loaded")
 
 
-def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """Load MODEL (alias, .gguf, HF folder, slimlm output dir, hub id) into the runtime."""
+def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32,
+               dequantize: bool | None = None) -> LoadedModel:
+    """Load MODEL (alias, .gguf, HF folder, slimlm output dir, hub id) into the runtime.
+
+    GGUF files keep their quantized types (``slimlm.loaders.gguf_native``) unless ``dequantize`` is
+    True (every tensor de-quantized to float, e.g. to compress the model again); ``dequantize=False``
+    makes a tensor that cannot stay quantized an error instead of a de-quantized fallback.
+    """
+    path, kind = resolve(spec)
+    if kind == "gguf" and dequantize is not True:
+        from slimlm.loaders.gguf_native import load_gguf_native
+
+        return load_gguf_native(path, dtype, strict=dequantize is False)
     release_free_memory()
     rss0 = current_rss_bytes()
-    ckpt = read_checkpoint(spec)
+    ckpt = read_checkpoint(str(path))
     release_free_memory()
     # what reading added besides the tensors: the tokenizer, metadata, libraries first imported
     other = max(0, current_rss_bytes() - rss0 - tensor_storage_nbytes(ckpt.tensors.values()))

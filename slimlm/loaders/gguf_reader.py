@@ -468,16 +468,39 @@ def dequantize_tensor(f: GGUFFile, t: GGUFTensorInfo) -> np.ndarray:
     return np.array(arr.reshape(shape), dtype=np.float32)  # a writable copy, out of the memory map
 
 
-def read_gguf(path: str | os.PathLike[str], with_tokenizer: bool = True) -> Checkpoint:
+# GGUF per-layer linears and globals that can stay quantized (``slimlm.quant.linear.gguf``)
+NATIVE_LINEARS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down", "token_embd", "output")
+NATIVE_ARCHS = ("llama", "qwen2", "gemma3")
+FLOAT_TYPES = ("F32", "F16", "BF16", "F64")
+
+
+def _native_plan(arch: str, t: GGUFTensorInfo) -> bool:
+    """Whether tensor ``t`` is loaded as it is stored (a 2-D linear/embedding weight of a native type)."""
+    from slimlm.quant.linear.gguf_blocks import NATIVE_TYPES
+
+    base = t.name.split(".")[2] if t.name.startswith("blk.") else t.name.split(".")[0]
+    return (arch in NATIVE_ARCHS and t.qtype.name in NATIVE_TYPES and len(t.shape) == 2
+            and base in NATIVE_LINEARS and t.name.endswith(".weight"))
+
+
+def read_gguf(path: str | os.PathLike[str], with_tokenizer: bool = True, native: bool = False,
+              strict: bool = False) -> Checkpoint:
     """Read a GGUF file as a float32 `Checkpoint` under Hugging Face names.
 
     Args:
         path: the ``.gguf`` file.
         with_tokenizer: also build the tokenizer from the ``tokenizer.ggml.*`` metadata.
+        native: keep the quantized linear/embedding weights of the types slimlm runs natively as raw
+            blocks, ``meta["gguf_native"] = {hf_name: (type name, uint8 [rows, bytes], columns)}``
+            (Q/K rows already un-permuted), instead of de-quantizing them; other quantized tensors are
+            de-quantized with a one-line notice per type on stderr.
+        strict: with ``native``, a quantized tensor that cannot stay quantized is an error instead.
 
     Raises:
         CheckpointError: not a GGUF / truncated, unsupported architecture or tensor type.
     """
+    import sys
+
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no such GGUF file: {path}")
@@ -492,6 +515,8 @@ def read_gguf(path: str | os.PathLike[str], with_tokenizer: bool = True) -> Chec
     config = gguf_to_hf_config(arch, meta, names, embed_rows)
 
     tensors: dict[str, torch.Tensor] = {}
+    raw: dict[str, tuple[str, np.ndarray, int]] = {}
+    fallback: dict[str, list[str]] = {}
     types: dict[str, str] = {}
     skipped: list[str] = []
     for t in f.tensors:
@@ -501,24 +526,44 @@ def read_gguf(path: str | os.PathLike[str], with_tokenizer: bool = True) -> Chec
         hf_name = gguf_to_hf_name(arch, t.name)
         if hf_name is None:
             raise CheckpointError(f"GGUF tensor {t.name!r} has no Hugging Face name for architecture {arch!r}")
-        w = dequantize_tensor(f, t)  # [rows, cols] float32
+        types[hf_name] = t.qtype.name
         base = t.name.split(".")[2] if t.name.startswith("blk.") else t.name.split(".")[0]
+        if native and _native_plan(arch, t):
+            blocks = f.tensor_bytes(t)  # [rows, bytes]: a view of the memory map
+            if arch == "llama" and base in ("attn_q", "attn_k"):  # whole rows move: exact on blocks
+                blocks = llama_permute_rows(blocks, _heads(config, base), inverse=True)
+            raw[hf_name] = (t.qtype.name, blocks, int(t.shape[0]))
+            continue
+        if native and t.qtype.name not in FLOAT_TYPES:
+            if strict:
+                raise CheckpointError(f"GGUF tensor {t.name!r} has type {t.qtype.name}, which slimlm does not run "
+                                      "natively (drop --no-dequantize to de-quantize it)")
+            fallback.setdefault(t.qtype.name, []).append(t.name)
+        w = dequantize_tensor(f, t)  # [rows, cols] float32
         if arch == "llama" and base in ("attn_q", "attn_k"):
-            heads = config["num_attention_heads"] if base == "attn_q" else config.get(
-                "num_key_value_heads", config["num_attention_heads"])
-            w = llama_permute_rows(w, int(heads), inverse=True)
+            w = llama_permute_rows(w, _heads(config, base), inverse=True)
         elif arch == "gemma3" and t.name.endswith("norm.weight"):
             w = w - np.float32(1.0)  # llama.cpp stores Gemma's (1 + w) RMSNorm scale
         elif arch == "gpt2" and base in GPT2_CONV1D and t.name.endswith(".weight"):
             w = np.ascontiguousarray(w.T)  # Conv1D: [in, out]
         tensors[hf_name] = torch.from_numpy(np.ascontiguousarray(w))
-        types[hf_name] = t.qtype.name
+    for qtype, which in fallback.items():
+        more = f" and {len(which) - 1} more" if len(which) > 1 else ""
+        print(f"slimlm: GGUF tensor {which[0]}{more} of type {qtype}: not run natively, de-quantized to float32",
+              file=sys.stderr)
 
     tokenizer = None
     if with_tokenizer and "tokenizer.ggml.tokens" in meta:
         tokenizer = tokenizer_from_gguf_metadata(meta)
+    extra: dict[str, Any] = {"gguf_native": raw} if native else {}
     return Checkpoint(config=config, tensors=tensors, tokenizer=tokenizer, source=str(path), format="gguf",
                       file_bytes=path.stat().st_size,
                       meta={"gguf_tensor_types": types, "gguf_architecture": arch,
                             "gguf_name": meta.get("general.name"), "gguf_file_type": meta.get("general.file_type"),
-                            "gguf_skipped_tensors": skipped})
+                            "gguf_skipped_tensors": skipped, **extra})
+
+
+def _heads(config: dict[str, Any], base: str) -> int:
+    """Heads of a llama Q (``attn_q``) or K (``attn_k``) projection."""
+    heads = config["num_attention_heads"]
+    return int(heads if base == "attn_q" else config.get("num_key_value_heads", heads))

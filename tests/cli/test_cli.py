@@ -217,7 +217,7 @@ def test_export_compressed_tensors_and_gptq_of_a_quantized_model(tiny_dir, tmp_p
     # the GGUF holds the exact 4-bit codes: reading it back gives the quantized model's weights
     from slimlm.loaders import load_model
 
-    a, b = load_model(str(q)), load_model(str(tmp_path / "gguf.gguf"))
+    a, b = load_model(str(q)), load_model(str(tmp_path / "gguf.gguf"), dequantize=True)
     wa = a.model.model.layers[0].mlp.down_proj.dense_weight()
     wb = b.model.model.layers[0].mlp.down_proj.weight
     assert (wa - wb).abs().max() < 1e-3 * wa.abs().max()

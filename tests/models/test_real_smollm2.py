@@ -17,7 +17,7 @@ pytestmark = [pytest.mark.real, pytest.mark.skipif(not HAS_SMOL, reason="llm-smo
 def smol():
     from slimlm.loaders import load_model
 
-    return load_model("smollm2-135m")
+    return load_model("smollm2-135m", dequantize=True)  # the float path (native: test_gguf_native.py)
 
 
 @pytest.mark.skipif(not WIKI.is_file(), reason="../shared/data/wikitext-2-raw absent (CI-only data)")

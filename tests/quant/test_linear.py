@@ -316,7 +316,7 @@ def test_real_smollm2_int4_g128_runs_on_the_kernel_and_is_small() -> None:
     from slimlm.loaders import load_model
     from slimlm.quant.primitives import quantize_weight
 
-    lm = load_model("smollm2-135m")
+    lm = load_model("smollm2-135m", dequantize=True)
     model = lm.model
     ids = torch.tensor([[1, 504, 3458, 282, 4649, 314, 3765, 30]])
     swaps: dict[str, tuple[torch.nn.Linear, Int4WeightLinear]] = {}
