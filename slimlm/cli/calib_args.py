@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from slimlm.cli.common import int_arg
 from slimlm.utils.errors import SlimlmError
 
 BUILTIN_PYDOC = "builtin:pydoc"
@@ -32,14 +33,14 @@ def add_calib_args(p: argparse.ArgumentParser, used_by: str, old_names: bool = F
     g.add_argument("--calib", default=None, metavar="FILE",
                    help=f"UTF-8 text to calibrate on, required when the method calibrates (e.g. {EXAMPLE}); "
                         f"'{BUILTIN_PYDOC}' = Python's documentation (out of domain: prints a warning)")
-    g.add_argument("--calib-start-char", type=int, default=0,
+    g.add_argument("--calib-start-char", type=int_arg(min=0), default=0,
                    help="use the text from this character on (WikiText-2 test: 400000; default 0)")
-    g.add_argument("--calib-samples", type=int, default=128, help="calibration windows (default 128)")
-    g.add_argument("--calib-seq-len", type=int, default=512, help="tokens per calibration window (default 512)")
-    g.add_argument("--seed", type=int, default=0, help="window sampling seed (default 0)")
+    g.add_argument("--calib-samples", type=int_arg(min=1), default=128, help="calibration windows (default 128)")
+    g.add_argument("--calib-seq-len", type=int_arg(min=2), default=512, help="tokens per calibration window (default 512)")
+    g.add_argument("--seed", type=int_arg(min=0), default=0, help="window sampling seed (default 0)")
     if old_names:  # deprecated spellings, hidden from --help
-        g.add_argument("--n-samples", dest="calib_samples", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-        g.add_argument("--seq-len", dest="calib_seq_len", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        g.add_argument("--n-samples", dest="calib_samples", type=int_arg(min=1), default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        g.add_argument("--seq-len", dest="calib_seq_len", type=int_arg(min=2), default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
 
 def check_calib_args(args: argparse.Namespace, needed: bool, what: str) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-from slimlm.cli.common import add_model_arg, add_runtime_args, load, status
+from slimlm.cli.common import add_model_arg, add_runtime_args, int_arg, load, status
 from slimlm.utils.errors import SlimlmError
 
 
@@ -46,9 +46,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions)")
     add_model_arg(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--port", type=int_arg(min=0, max=65535), default=8000, help="port (default 8000)")
     p.add_argument("--served-model-name", default=None, help="the `model` name clients send (default: MODEL)")
-    p.add_argument("--max-waiting", type=int, default=256, help="queued requests before answering 503 (default 256)")
+    p.add_argument("--max-waiting", type=int_arg(min=0), default=256, help="queued requests before answering 503 (default 256)")
     SchedulerConfig.add_arguments(p)
     add_runtime_args(p)
     p.set_defaults(func=run_serve)

@@ -39,11 +39,11 @@ from slimlm.utils.errors import ConfigError, SlimlmError
 @dataclass
 class SchedulerConfig(BaseConfig):
     kind: ClassVar[str] = "scheduler"
-    num_blocks: int = field(default=0, metadata={"help": "KV blocks in the pool (0 = from kv_budget_gib)"})
-    kv_budget_gib: float = field(default=1.0, metadata={"help": "KV memory budget in GiB when num_blocks is 0"})
-    block_size: int = field(default=16, metadata={"help": "tokens per KV block"})
-    max_num_seqs: int = field(default=16, metadata={"help": "sequences running at once at most"})
-    max_num_batched_tokens: int = field(default=512, metadata={"help": "token budget of one step (chunked prefill)"})
+    num_blocks: int = field(default=0, metadata={"min": 0, "help": "KV blocks in the pool (0 = from kv_budget_gib)"})
+    kv_budget_gib: float = field(default=1.0, metadata={"gt": 0, "help": "KV memory budget in GiB when num_blocks is 0"})
+    block_size: int = field(default=16, metadata={"min": 1, "help": "tokens per KV block"})
+    max_num_seqs: int = field(default=16, metadata={"min": 1, "help": "sequences running at once at most"})
+    max_num_batched_tokens: int = field(default=512, metadata={"min": 1, "help": "token budget of one step (chunked prefill)"})
     prefix_caching: bool = field(default=True, metadata={"help": "reuse KV blocks of equal prompt prefixes"})
 
     def validate(self) -> None:

@@ -43,8 +43,7 @@ TABLE: dict[str, tuple[list[str], dict[str, tuple[list[str], str]]]] = {
         "--max-new-tokens": (["0", "-1", *NOT_INT], "8"), "--eval-windows": (["0", "-2", *NOT_INT], "1"),
         **RUNTIME}),
     "quantize": (["quantize", "{model}", "--method", "gptq", "--calib", "{model}.txt", "--out", "{out}"], {
-        "--calib-start-char": (["-1", *NOT_INT], "400000"), "--n-samples": (["0", "-1", *NOT_INT], "8"),
-        "--seq-len": (["0", "1", *NOT_INT], "128"), "--seed": (["-1", *NOT_INT], "1"),
+        **CALIB, "--n-samples": (["0", "-1", *NOT_INT], "8"), "--seq-len": (["0", "1", *NOT_INT], "128"),
         "--bits": (["0", "1", "9", "-4", *NOT_INT], "3"), "--group-size": (["-2", *NOT_INT], "-1"),
         "--n-grid": (["0", "-1", *NOT_INT], "10"), "--clip-grid": (["0", *NOT_INT], "10"),
         "--max-shrink": (["-0.1", "1", *NOT_FINITE], "0.3"), "--damp": (["-0.01", "1", *NOT_FINITE], "0.1"),
@@ -55,7 +54,7 @@ TABLE: dict[str, tuple[list[str], dict[str, tuple[list[str], str]]]] = {
         "--sparsity": (["-0.1", "1", "1.5", *NOT_FINITE], "0.6"),
         "--schedule-delta": (["1", "-1", *NOT_FINITE], "0.1"), "--blocksize": (["0", "-1", *NOT_INT], "64"),
         "--dampening": (["-0.1", "1", *NOT_FINITE], "0.05"), "--bits": (["-1", "9", *NOT_INT], "4"),
-        "--group-size": (["-1", *NOT_INT], "64"), "--target-ratio": (["-0.1", "1", *NOT_FINITE], "0.7"),
+        "--group-size": (["-2", *NOT_INT], "64"), "--target-ratio": (["-0.1", "1", *NOT_FINITE], "0.7"),
         "--remove-layers": (["-2", *NOT_INT], "1"), "--kv-groups": (["-2", *NOT_INT], "1"),
         "--intermediate-size": (["-2", *NOT_INT], "64"), "--layer-share": (["-0.1", "1.1", *NOT_FINITE], "0.5"),
         "--head-share": (["-0.1", "1.1", *NOT_FINITE], "0.5"), "--round-to": (["0", "-32", *NOT_INT], "16"),
@@ -65,6 +64,11 @@ TABLE: dict[str, tuple[list[str], dict[str, tuple[list[str], str]]]] = {
         "--rank": (["-1", *NOT_INT], "8"), "--damp": (["-0.1", "1", *NOT_FINITE], "0.1"), **CALIB, **RUNTIME}),
     "convert-gqa": (["convert-gqa", "{model}", "--out", "{out}"], {
         "--kv-heads": (["0", "-1", *NOT_INT], "2"), **CALIB, **RUNTIME}),
+    "serve": (["serve", "{model}"], {
+        "--port": (["-1", "65536", *NOT_INT], "8001"), "--max-waiting": (["-1", *NOT_INT], "8"),
+        "--num-blocks": (["-1", *NOT_INT], "64"), "--kv-budget-gib": (["0", "-1", *NOT_FINITE], "0.5"),
+        "--block-size": (["0", "-16", *NOT_INT], "16"), "--max-num-seqs": (["0", "-1", *NOT_INT], "4"),
+        "--max-num-batched-tokens": (["0", "-1", *NOT_INT], "256"), **RUNTIME}),
 }
 
 CASES = [(cmd, flag, bad) for cmd, (_, flags) in TABLE.items() for flag, (bads, _) in flags.items() for bad in bads]
@@ -102,9 +106,10 @@ def test_bad_number_is_one_error_line_and_exit_2(cmd, flag, bad, tmp_path, capsy
 @pytest.mark.parametrize("cmd", sorted(TABLE))
 def test_valid_values_in_the_table_parse(cmd, tmp_path):
     parser = build_parser()
+    dests = {s: a.dest for a in subcommands()[cmd]._actions for s in a.option_strings}  # aliases share a dest
     for flag, (_, good) in TABLE[cmd][1].items():
         args = parser.parse_args(argv_for(cmd, tmp_path) + [f"{flag}={good}"])
-        dest = flag[2:].replace("-", "_")
+        dest = dests[flag]
         assert float(getattr(args, dest)) == float(good), (cmd, flag)
 
 
