@@ -86,9 +86,39 @@ def _run_all(doc: str, cmds: list[str], tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     for cmd in cmds:
         argv = shlex.split(cmd, comments=True)
+        if argv[1] == "serve":  # a server runs until stopped: it must come up and answer /health
+            _check_serves(doc, cmd, argv, cwd, env)
+            continue
         r = subprocess.run([sys.executable, "-m", "slimlm.cli.main", *argv[1:]], cwd=cwd, env=env,
                            capture_output=True, text=True, timeout=900)
         assert r.returncode == 0, f"{doc}: `{cmd}` exited {r.returncode}:\n{r.stderr[-2000:]}"
+
+
+def _check_serves(doc: str, cmd: str, argv: list[str], cwd: Path, env: dict[str, str]) -> None:
+    import time
+    import urllib.request
+
+    host = argv[argv.index("--host") + 1] if "--host" in argv else "127.0.0.1"
+    port = argv[argv.index("--port") + 1] if "--port" in argv else "8000"
+    proc = subprocess.Popen([sys.executable, "-m", "slimlm.cli.main", *argv[1:]], cwd=cwd, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline, healthy = time.monotonic() + 300, False
+        while time.monotonic() < deadline and proc.poll() is None and not healthy:
+            try:
+                with urllib.request.urlopen(f"http://{host}:{port}/health", timeout=5) as r:
+                    healthy = r.status == 200
+            except OSError:
+                time.sleep(1)
+        err = "" if proc.poll() is None else proc.stderr.read()[-2000:]  # type: ignore[union-attr]
+        assert healthy, f"{doc}: `{cmd}` did not answer /health (exit {proc.returncode}):\n{err}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 @pytest.mark.real

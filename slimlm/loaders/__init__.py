@@ -155,7 +155,14 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32,
     if kind == "gguf" and dequantize is not True:
         from slimlm.loaders.gguf_native import load_gguf_native
 
-        return load_gguf_native(path, dtype, strict=dequantize is False)
+        release_free_memory()
+        rss0 = current_rss_bytes()
+        lm = load_gguf_native(path, dtype, strict=dequantize is False)
+        release_free_memory()
+        # the codes are read straight into the model: what else the load left resident (tokenizer,
+        # metadata, libraries first imported) is the RSS growth beyond the model's tensors
+        lm.other_bytes = max(0, current_rss_bytes() - rss0 - module_nbytes(lm.model))
+        return lm
     release_free_memory()
     rss0 = current_rss_bytes()
     ckpt = read_checkpoint(str(path))

@@ -21,7 +21,7 @@ def test_batched_chat_equals_each_alone():
     from slimlm.engine.scheduler import SchedulerConfig
     from slimlm.loaders import load_model
 
-    lm = load_model("smollm2-135m", dtype=torch.float32)
+    lm = load_model("smollm2-135m", dtype=torch.float32, dequantize=True)  # float weights: batched = alone exactly
     tok = lm.tokenizer
     questions = ["What is the capital of France?", "Name three colours.",
                  "Explain in one sentence why the sky is blue, please, for a child of five."]

@@ -34,7 +34,7 @@ KERNEL = 3e-2  # slimlm's bf16 int4/int8 kernels vs exact fp32
 @pytest.mark.parametrize("bits,group", [(4, 32), (8, 48)])  # 48: ragged rows (64 = 48 + 16, 128 = 2*48 + 32)
 def test_symmetric_export_loads_in_transformers(bits: int, group: int, tmp_path: Path) -> None:
     lm = tiny_lm(tmp_path)
-    quantize_(lm.model, RTNConfig(bits=bits, group_size=group, symmetric=True, ragged_last_group=True))
+    quantize_(lm.model, RTNConfig(bits=bits, group_size=group, symmetric=True))
     out = export_compressed_tensors(split_model(lm.model), tmp_path / "ct")
     ids = prompt()
     got = hf_logits(out, ids)

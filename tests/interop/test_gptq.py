@@ -61,8 +61,10 @@ def test_gptq_export_loads_in_transformers(bits: int, group: int, sym: bool, fmt
 
 
 def test_gptq_default_cpu_kernel_equals_slimlm_runtime(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """4-bit symmetric with gptqmodel's default CPU kernel: the same int4 call as slimlm's runtime."""
+    """4-bit symmetric with gptqmodel's default CPU kernel: the same int4 call as slimlm's runtime when
+    slimlm's own kernels are off (SLIMLM_KERNELS=0: the int4 linear then holds torch's int4 layout)."""
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SLIMLM_KERNELS", "0")
     lm, out = _export(tmp_path, 4, 32, True, "gptq")
     ids = prompt()
     with torch.no_grad():

@@ -142,7 +142,9 @@ def test_input_gradient_equals_the_dequantized_twin(kind: str, rows: int, dtype:
 
 @pytest.mark.parametrize("kind", ["int8_sym_channel", "int4_kernel", "intx5", "nf4_double"])
 def test_training_calls_stay_off_the_decode_kernels(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A 1-row training call runs torch ops; the same call under inference_mode takes the C++ kernel."""
+    """A 1-row training call stays off the decode kernels (qgemv rounds activations to int8); the same
+    call under inference_mode takes them. The exact de-quantization of the tile layout
+    (``dequant_tiles``, the one runtime layout's reader, tested against reference math) may run."""
     if kernels.load() is None:
         pytest.skip(f"decode kernels unavailable: {kernels.status()}")
     mod = KINDS[kind]()
@@ -156,7 +158,7 @@ def test_training_calls_stay_off_the_decode_kernels(kind: str, monkeypatch: pyte
     assert calls, "inference call did not take the decode kernel"
     calls.clear()
     mod(x.clone().requires_grad_()).sum().backward()
-    assert calls == []
+    assert [c for c in calls if c != "dequant_tiles"] == []
 
 
 def test_gradients_flow_through_a_quantized_layer_into_trainable_parameters() -> None:

