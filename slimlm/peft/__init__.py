@@ -16,8 +16,6 @@ Methods: ``lora`` (with rsLoRA scaling and DoRA), ``ia3``, ``prompt_tuning``. Do
 
 from __future__ import annotations
 
-from typing import Any
-
 from torch import nn
 
 from slimlm.peft import ia3 as _ia3  # noqa: F401  (registers the method)
@@ -29,15 +27,8 @@ from slimlm.peft.ia3 import IA3Config, IA3Linear
 from slimlm.peft.lora import LoraConfig, LoraLinear, lora_plus_param_groups
 from slimlm.peft.lora.merge import MergeReport, check_mergeable, merged_base
 from slimlm.peft.prompt import PromptTuningConfig
-from slimlm.peft.registry import PeftReport, method_for_config, peft_methods
+from slimlm.peft.registry import PeftReport, apply_peft, peft_methods
 from slimlm.utils.errors import SlimlmError
-
-
-def apply_peft(model: nn.Module, cfg: Any) -> PeftReport:
-    """Apply the PEFT method whose config ``cfg`` is to ``model`` in place (base frozen)."""
-    report = method_for_config(cfg).apply(model, cfg)
-    model.peft_config = cfg  # type: ignore[assignment]
-    return report
 
 
 def _additive(model: nn.Module) -> None:

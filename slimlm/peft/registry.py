@@ -1,30 +1,53 @@
-"""The PEFT methods slimlm knows, registered once each by name and config type.
+"""The PEFT methods slimlm knows, registered once each in the one transform registry.
 
-A method is a typed config (a dataclass with ``peft_type``, peft's name for it, and a ``version``),
-a function that wraps the matching linears of a model in place, and the pieces the peft-format
-saver/loader needs. This small local registry stands in until the one transform registry (quantize,
-prune, factorize, fine-tune) lands: it only has to be re-pointed there, the methods stay as they are.
+A method is a typed config (a :class:`slimlm.transforms.TransformConfig` with ``family = "peft"``
+and its ``kind`` as the name), a function that wraps the matching linears of a model in place, and
+the pieces the peft-format saver/loader needs (:class:`PeftMethod`). :func:`register_peft_method`
+registers the config with :func:`slimlm.transforms.register_transform` too, so any PEFT config runs
+through the one entry point and returns the one report type::
+
+    from slimlm.transforms import apply_transform
+    report = apply_transform(lm.model, LoraConfig(r=16, target_modules=["q_proj", "v_proj"]))
+    report.metrics["trainable_params"], sorted(report.modules)  # the wrapped runtime paths
+
+A second registration of a name (or of a peft_type) raises instead of replacing the first.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
 
+from slimlm.transforms import TransformConfig, TransformReport, register_transform
 from slimlm.utils.errors import ConfigError
 
 
-@dataclass
-class PeftReport:
-    """What applying a method did: every transform returns one of these."""
+class PeftReport(TransformReport):
+    """What applying a method did: a :class:`TransformReport` whose ``modules`` are the wrapped (or
+    added) runtime paths and whose ``metrics`` hold ``trainable_params`` / ``total_params``."""
 
-    method: str
-    targets: list[str]  # runtime module paths wrapped
-    trainable_params: int
-    total_params: int
+    @classmethod
+    def of(cls, method: str, targets: list[str], model: nn.Module, seconds: float = 0.0) -> PeftReport:
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in model.parameters())
+        return cls(method=method, seconds=seconds, modules={t: {} for t in targets},
+                   metrics={"trainable_params": trainable, "total_params": total})
+
+    @property
+    def targets(self) -> list[str]:
+        return list(self.modules)
+
+    @property
+    def trainable_params(self) -> int:
+        return int(self.metrics["trainable_params"])
+
+    @property
+    def total_params(self) -> int:
+        return int(self.metrics["total_params"])
 
     def summary(self) -> str:
         pct = 100.0 * self.trainable_params / max(self.total_params, 1)
@@ -34,31 +57,51 @@ class PeftReport:
 
 @dataclass(frozen=True)
 class PeftMethod:
-    name: str  # slimlm's name ("lora")
-    peft_type: str  # peft's adapter_config.json "peft_type" ("LORA")
-    config_cls: type
+    name: str  # slimlm's name ("lora") = the config's kind
+    peft_type: str  # peft's adapter_config.json "peft_type" ("LORA"; slimlm's own for methods peft lacks)
+    config_cls: type[TransformConfig]
     apply: Callable[[nn.Module, Any], PeftReport]  # wrap the targets of a model in place
     from_peft_config: Callable[[dict[str, Any]], Any]  # adapter_config.json dict -> config
-    # methods that wrap linears (LoRA, IA3):
+    # methods that wrap linears (LoRA, IA3, bottleneck):
     # (config, {HF path: wrapper} of the wrapped modules, HF paths of every linear) -> adapter_config.json
     to_peft_config: Callable[[Any, dict[str, Any], list[str]], dict[str, Any]] | None = None
     key_suffixes: tuple[str, ...] = ()  # peft's tensor key suffixes per module ("lora_A.weight", ...)
     # (base module, {suffix: tensor} of one module, config, runtime path) -> the loaded wrapper
     build: Callable[[nn.Module, dict[str, Any], Any, str], nn.Module] | None = None
-    # methods that add a model-level module instead (prompt tuning): its tensors under peft's keys,
-    # its adapter_config.json, loading them onto a model, and removing the module
+    # methods that add a model-level module instead (prompt/prefix tuning, P-tuning): its tensors under
+    # peft's keys, its adapter_config.json, loading them onto a model, and removing the module
     model_tensors: Callable[[nn.Module], dict[str, Any]] | None = None
     model_peft_config: Callable[[Any, nn.Module], dict[str, Any]] | None = None
     load_model_tensors: Callable[[nn.Module, dict[str, Any], Any], list[str]] | None = None
     remove: Callable[[nn.Module], bool] | None = None
+    additive: bool = True  # the update folds into the base weights (merge / merge_and_unload)
 
 
 _METHODS: dict[str, PeftMethod] = {}
 
 
+def apply_peft(model: nn.Module, cfg: Any) -> PeftReport:
+    """Apply the PEFT method whose config ``cfg`` is to ``model`` in place (base frozen)."""
+    t0 = time.perf_counter()
+    report = method_for_config(cfg).apply(model, cfg)
+    model.peft_config = cfg  # type: ignore[assignment]
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _transform_entry(model: nn.Module, cfg: Any, samples: Any = None, progress: bool = False) -> TransformReport:
+    return apply_peft(model, cfg)
+
+
 def register_peft_method(method: PeftMethod) -> PeftMethod:
-    if method.name in _METHODS and _METHODS[method.name] != method:
-        raise ValueError(f"PEFT method {method.name!r} registered twice")
+    """Register ``method`` here and its config in the transform registry; a duplicate raises."""
+    if method.name in _METHODS:
+        raise ValueError(f"PEFT method {method.name!r} is already registered")
+    if any(m.peft_type == method.peft_type for m in _METHODS.values()):
+        raise ValueError(f"peft_type {method.peft_type!r} is already registered")
+    if method.config_cls.kind != method.name or method.config_cls.family != "peft":
+        raise ValueError(f"{method.config_cls.__name__} needs kind={method.name!r} and family='peft'")
+    register_transform(method.config_cls, apply=_transform_entry)
     _METHODS[method.name] = method
     return method
 
@@ -69,7 +112,7 @@ def peft_methods() -> dict[str, PeftMethod]:
 
 def method_for_config(cfg: Any) -> PeftMethod:
     for m in _METHODS.values():
-        if isinstance(cfg, m.config_cls):
+        if type(cfg) is m.config_cls:
             return m
     raise ConfigError(f"{type(cfg).__name__} is not the config of a PEFT method; known: {sorted(_METHODS)}")
 

@@ -30,7 +30,8 @@ from slimlm.utils.errors import ConfigError
 Apply = Callable[..., TransformReport]  # (model, config, samples | None, progress) -> report
 
 # packages whose import registers the built-in transforms (looked up lazily: no import cycles)
-BUILTIN_PACKAGES = ("slimlm.quant.methods", "slimlm.sparsity", "slimlm.sparsity.structured", "slimlm.lowrank")
+BUILTIN_PACKAGES = ("slimlm.quant.methods", "slimlm.sparsity", "slimlm.sparsity.structured", "slimlm.lowrank",
+                    "slimlm.peft")
 
 
 @dataclass(frozen=True)

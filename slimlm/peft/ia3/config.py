@@ -1,15 +1,16 @@
-"""IA3's typed config (peft's ``IA3Config`` fields, versioned)."""
+"""IA3's typed config (peft's ``IA3Config`` fields), a transform config."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import dataclass, field
+from typing import ClassVar
 
-from slimlm.utils.errors import ConfigError
+from slimlm.peft.lora.config import check_targets
+from slimlm.transforms import TransformConfig
 
 
 @dataclass
-class IA3Config:
+class IA3Config(TransformConfig):
     """(IA)^3: learned vectors that rescale activations; the cheapest PEFT method (one vector a layer).
 
     Args:
@@ -24,22 +25,16 @@ class IA3Config:
                                        feedforward_modules=["down_proj"]))
     """
 
-    target_modules: list[str] | str = field(default_factory=lambda: ["k_proj", "v_proj", "down_proj"])
-    feedforward_modules: list[str] | str = field(default_factory=lambda: ["down_proj"])
-    init_ia3_weights: bool = True
-    version: int = 1
+    kind: ClassVar[str] = "ia3"
+    family: ClassVar[str] = "peft"
 
-    def __post_init__(self) -> None:
-        for name in ("target_modules", "feedforward_modules"):
-            v = getattr(self, name)
-            if isinstance(v, list | tuple):
-                setattr(self, name, [str(t) for t in v])
-            elif not isinstance(v, str):
-                raise ConfigError(f"{name} must be a list of names or a regex string, got {v!r}")
-        if not self.target_modules:
-            raise ConfigError("target_modules is empty")
-        if self.version != 1:
-            raise ConfigError(f"IA3Config version {self.version} is not supported (this slimlm writes 1)")
+    target_modules: list[str] | str = field(default_factory=lambda: ["k_proj", "v_proj", "down_proj"],
+                                            metadata={"help": "leaf names, or one regex over the path"})
+    feedforward_modules: list[str] | str = field(default_factory=lambda: ["down_proj"],
+                                                 metadata={"help": "targets whose input is scaled"})
+    init_ia3_weights: bool = field(default=True, metadata={"help": "start at 1 (no-op)"})
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+    def validate(self) -> None:
+        self.target_modules = check_targets(self.target_modules)
+        self.feedforward_modules = check_targets(self.feedforward_modules, "feedforward_modules", allow_empty=True)
+        super().validate()

@@ -21,8 +21,7 @@ def apply_ia3(model: nn.Module, cfg: IA3Config) -> PeftReport:
     if not ff <= set(paths):
         raise ConfigError(f"feedforward_modules must be among target_modules; not targeted: {sorted(ff - set(paths))[:3]}")
     install(model, {p: IA3Linear(model.get_submodule(p), p in ff, cfg.init_ia3_weights) for p in paths})
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return PeftReport("ia3", paths, trainable, sum(p.numel() for p in model.parameters()))
+    return PeftReport.of("ia3", paths, model)
 
 
 def build_ia3(base: nn.Module, t: dict[str, torch.Tensor], cfg: IA3Config, where: str) -> IA3Linear:

@@ -1,15 +1,16 @@
-"""Prompt tuning's typed config (peft's ``PromptTuningConfig`` for causal LMs, versioned)."""
+"""Prompt tuning's typed config (peft's ``PromptTuningConfig`` for causal LMs), a transform config."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import ClassVar
 
+from slimlm.transforms import TransformConfig
 from slimlm.utils.errors import ConfigError
 
 
 @dataclass
-class PromptTuningConfig:
+class PromptTuningConfig(TransformConfig):
     """``num_virtual_tokens`` trainable embeddings put before every input (the model stays frozen).
 
     Args:
@@ -23,17 +24,15 @@ class PromptTuningConfig:
         logits = lm.model(ids)[:, 8:]  # the virtual tokens' positions come first
     """
 
-    num_virtual_tokens: int = 8
-    prompt_tuning_init: str = "random"
-    version: int = 1
+    kind: ClassVar[str] = "prompt_tuning"
+    family: ClassVar[str] = "peft"
 
-    def __post_init__(self) -> None:
+    num_virtual_tokens: int = field(default=8, metadata={"help": "virtual tokens", "min": 1})
+    prompt_tuning_init: str = field(default="random", metadata={"help": "random or sample_vocab"})
+
+    def validate(self) -> None:
         if not isinstance(self.num_virtual_tokens, int) or self.num_virtual_tokens < 1:
             raise ConfigError(f"num_virtual_tokens must be a positive integer, got {self.num_virtual_tokens!r}")
         if self.prompt_tuning_init not in ("random", "sample_vocab"):
             raise ConfigError(f"prompt_tuning_init must be random or sample_vocab, got {self.prompt_tuning_init!r}")
-        if self.version != 1:
-            raise ConfigError(f"PromptTuningConfig version {self.version} is not supported (this slimlm writes 1)")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        super().validate()

@@ -47,8 +47,7 @@ def apply_prompt_tuning(model: nn.Module, cfg: PromptTuningConfig) -> PeftReport
     model.requires_grad_(False)
     model.add_module("prompt_encoder", enc)
     enc.requires_grad_(True)
-    return PeftReport("prompt_tuning", ["prompt_encoder"], enc.embedding.weight.numel(),
-                      sum(p.numel() for p in model.parameters()))
+    return PeftReport.of("prompt_tuning", ["prompt_encoder"], model)
 
 
 def remove_prompt_encoder(model: nn.Module) -> bool:
