@@ -37,8 +37,10 @@ def _config_of(model: nn.Module) -> Any:
     return cfg
 
 
-def save_adapter(model: nn.Module, folder: str | Path, base_model_name_or_path: str | None = None) -> Path:
-    """Write the model's adapters (see module docstring); returns the folder."""
+def save_adapter(model: nn.Module, folder: str | Path, base_model_name_or_path: str | None = None,
+                 convert_pissa_to_lora: bool = False) -> Path:
+    """Write the model's adapters (see module docstring); returns the folder. ``convert_pissa_to_lora``
+    writes a PiSSA adapter as a plain rank-2r LoRA for the original (not the residual) base."""
     cfg = _config_of(model)
     method = method_for_model(model)
     if method.model_tensors is not None and method.model_peft_config is not None:  # prompt tuning
@@ -67,6 +69,10 @@ def save_adapter(model: nn.Module, folder: str | Path, base_model_name_or_path: 
             pass
     meta = method.to_peft_config(model.peft_config, by_hf, all_hf)
     meta["base_model_name_or_path"] = base_model_name_or_path
+    if convert_pissa_to_lora:
+        from slimlm.peft.lora.model import pissa_as_lora
+
+        pissa_as_lora(meta, tensors, by_hf, PREFIX)  # type: ignore[arg-type]
     _write(Path(folder), meta, tensors)
     return Path(folder)
 

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from slimlm.peft.base import AdapterLayer
+from slimlm.peft.lora.init import Quantizer, loftq_init, pissa_init
 from slimlm.utils.errors import ConfigError
 
 
@@ -37,6 +38,7 @@ class LoraLinear(AdapterLayer):
         self.reset_lora(init)
         self.use_dora = use_dora
         self._merge_scale: torch.Tensor | None = None  # DoRA's m / ||W + dW|| at merge time (for unmerge)
+        self._init_ab: tuple[torch.Tensor, torch.Tensor] | None = None  # PiSSA's initial (A, B)
         if use_dora:  # DoRA: magnitude m [out] starts as the row norms of the adapted weight
             self.lora_magnitude_vector = nn.Parameter(self._weight_norm(self.base_weight()))
 
@@ -52,6 +54,28 @@ class LoraLinear(AdapterLayer):
             nn.init.kaiming_uniform_(self.lora_B.weight, a=math.sqrt(5))
         else:
             nn.init.zeros_(self.lora_B.weight)
+
+    @torch.no_grad()
+    def init_from_base(self, init: str, quantize: Quantizer | None = None, iters: int = 1) -> None:
+        """PiSSA (the base keeps the residual in its own dtype) or LoftQ (the base becomes the quantized
+        module ``quantize`` returns); see :mod:`slimlm.peft.lora.init`. Needs a plain float base."""
+        base = self.base_layer
+        if type(base) is not nn.Linear:
+            raise ConfigError(f"init_lora_weights={init!r} needs the float weights of a plain linear, not a "
+                              f"{type(base).__name__} (LoftQ quantizes the float base itself)")
+        w = base.weight.detach().float()
+        if init == "pissa":
+            a, b, res = pissa_init(w, self.r, self.scaling)
+            base.weight.copy_(res.to(base.weight.dtype))
+            self._init_ab = (a.clone(), b.clone())  # for saving as plain LoRA on the original base
+        else:
+            assert quantize is not None
+            bias = None if base.bias is None else base.bias.detach().float()
+            q, a, b = loftq_init(w, bias, self.r, self.scaling, quantize, iters)
+            q.requires_grad_(False)
+            self.base_layer = q
+        self.lora_A.weight.copy_(a)
+        self.lora_B.weight.copy_(b)
 
     def delta_weight(self) -> torch.Tensor:
         """``scaling * B @ A``: ``[out, in]`` float32."""

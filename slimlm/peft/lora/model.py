@@ -9,12 +9,14 @@ from torch import nn
 
 from slimlm.peft.base import AdapterLayer, install
 from slimlm.peft.lora.config import LoraConfig
+from slimlm.peft.lora.init import loftq_quantizer
 from slimlm.peft.lora.layer import LoraLinear
 from slimlm.peft.registry import PeftReport
 from slimlm.peft.targets import match_targets, peft_targets
 from slimlm.utils.errors import CheckpointError, ConfigError
 
-_PEFT_INIT = {"kaiming": True, "gaussian": "gaussian", "random": False}
+_PEFT_INIT: dict[str, Any] = {"kaiming": True, "gaussian": "gaussian", "random": False, "pissa": "pissa",
+                              "loftq": "loftq"}
 
 
 def apply_lora(model: nn.Module, cfg: LoraConfig) -> PeftReport:
@@ -23,10 +25,20 @@ def apply_lora(model: nn.Module, cfg: LoraConfig) -> PeftReport:
     wrapped = {p: LoraLinear(model.get_submodule(p), cfg.r, cfg.scaling, cfg.lora_dropout, cfg.init_lora_weights,
                              use_dora=cfg.use_dora)
                for p in paths}  # build all first: a rank error leaves the model untouched
+    if cfg.init_lora_weights in ("pissa", "loftq"):
+        for p, w in wrapped.items():
+            if type(w.base_layer) is not nn.Linear:
+                raise ConfigError(f"init_lora_weights={cfg.init_lora_weights!r} needs plain float linears; {p} is a "
+                                  f"{type(w.base_layer).__name__} (LoftQ quantizes the float base itself)")
+        for w in wrapped.values():
+            _init_from_base(w, cfg)
     install(model, wrapped)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    return PeftReport("lora", paths, trainable, total)
+    return PeftReport.of("lora", paths, model)
+
+
+def _init_from_base(w: LoraLinear, cfg: LoraConfig) -> None:
+    quantize = loftq_quantizer(cfg.loftq_quantizer, cfg.loftq_group_size) if cfg.init_lora_weights == "loftq" else None
+    w.init_from_base(cfg.init_lora_weights, quantize, cfg.loftq_iter)
 
 
 def lora_to_peft_config(cfg: LoraConfig, wrapped: dict[str, Any], all_hf_linears: list[str]) -> dict[str, Any]:
@@ -39,7 +51,29 @@ def lora_to_peft_config(cfg: LoraConfig, wrapped: dict[str, Any], all_hf_linears
         "use_dora": cfg.use_dora, "init_lora_weights": _PEFT_INIT[cfg.init_lora_weights], "fan_in_fan_out": False,
         "modules_to_save": None, "rank_pattern": {}, "alpha_pattern": {}, "layers_to_transform": None,
         "layers_pattern": None, "inference_mode": True,
+        **({"loftq_config": {"loftq_bits": 4, "loftq_iter": cfg.loftq_iter, "slimlm_quantizer": cfg.loftq_quantizer,
+                             "slimlm_group_size": cfg.loftq_group_size}}
+           if cfg.init_lora_weights == "loftq" else {}),
     }
+
+
+def pissa_as_lora(meta: dict[str, Any], tensors: dict[str, torch.Tensor], mods: dict[str, LoraLinear],
+                  prefix: str) -> None:
+    """Rewrite a PiSSA adapter (``meta``, ``tensors`` keyed ``prefix + HF path``) in place into a plain
+    LoRA of rank 2r for the *original* base: ``W + s (B A - B0 A0) = W_res + s B A`` with
+    ``A' = [A; A0]``, ``B' = [B, -B0]`` and the scaling kept (alpha doubled; x sqrt 2 with rsLoRA), as
+    peft's ``save_pretrained(path_initial_model_for_weight_conversion=...)`` writes it."""
+    if meta.get("init_lora_weights") != "pissa":
+        raise ConfigError("convert_pissa_to_lora needs a PiSSA adapter (init_lora_weights='pissa')")
+    for hf, m in mods.items():
+        assert m._init_ab is not None, hf
+        a0, b0 = m._init_ab
+        key = f"{prefix}{hf}."
+        tensors[key + "lora_A.weight"] = torch.cat([m.lora_A.weight.detach(), a0.to(m.lora_A.weight.dtype)], 0)
+        tensors[key + "lora_B.weight"] = torch.cat([m.lora_B.weight.detach(), -b0.to(m.lora_B.weight.dtype)], 1)
+    meta["r"] *= 2
+    meta["lora_alpha"] *= 2**0.5 if meta["use_rslora"] else 2
+    meta["init_lora_weights"] = True
 
 
 def lora_from_peft_config(d: dict[str, Any]) -> LoraConfig:
@@ -50,12 +84,21 @@ def lora_from_peft_config(d: dict[str, Any]) -> LoraConfig:
         if v != ok and not (ok is None and v == []):
             raise ConfigError(f"adapter_config.json: {key}={v!r} is not supported by slimlm's LoRA (needs {ok!r})")
     init = d.get("init_lora_weights", True)
-    init_name = "gaussian" if init == "gaussian" else "random" if init is False else "kaiming"
+    named = {v: k for k, v in _PEFT_INIT.items() if isinstance(v, str)}
+    if isinstance(init, str) and init not in named:
+        raise ConfigError(f"adapter_config.json: init_lora_weights={init!r} is not supported by slimlm "
+                          f"(reads true, false, {', '.join(named)})")
+    init_name = named[init] if isinstance(init, str) else "random" if init is False else "kaiming"
+    loftq = d.get("loftq_config") or {}
+    if init_name == "loftq" and int(loftq.get("loftq_bits", 4)) != 4:
+        raise ConfigError(f"adapter_config.json: LoftQ with {loftq.get('loftq_bits')} bits is not supported (4 only)")
     if not d.get("target_modules") or "r" not in d:
         raise ConfigError("adapter_config.json lacks target_modules or r")
     return LoraConfig(r=int(d["r"]), lora_alpha=float(d.get("lora_alpha", 8)), target_modules=d["target_modules"],
                       lora_dropout=float(d.get("lora_dropout", 0.0)), init_lora_weights=init_name,
-                      use_rslora=bool(d.get("use_rslora", False)), use_dora=bool(d.get("use_dora", False)))
+                      use_rslora=bool(d.get("use_rslora", False)), use_dora=bool(d.get("use_dora", False)),
+                      loftq_iter=int(loftq.get("loftq_iter", 1)), loftq_quantizer=str(loftq.get("slimlm_quantizer", "nf4")),
+                      loftq_group_size=int(loftq.get("slimlm_group_size", 64)))
 
 
 def build_lora(base: nn.Module, t: dict[str, torch.Tensor], cfg: LoraConfig, where: str) -> LoraLinear:
@@ -71,6 +114,8 @@ def build_lora(base: nn.Module, t: dict[str, torch.Tensor], cfg: LoraConfig, whe
     scaling = cfg.lora_alpha / (r**0.5 if cfg.use_rslora else r)  # per module: rank_pattern may vary r
     w = LoraLinear(base, r, scaling, cfg.lora_dropout, "kaiming", dtype=a.dtype if a.is_floating_point() else torch.float32,
                    use_dora=cfg.use_dora)
+    if cfg.init_lora_weights in ("pissa", "loftq"):  # rebuild the base the adapter was trained on (as peft)
+        _init_from_base(w, cfg)
     with torch.no_grad():
         w.lora_A.weight.copy_(a)
         w.lora_B.weight.copy_(b)
