@@ -11,29 +11,35 @@ One entry point per step, typed configs, methods registered once (``slimlm/peft/
     save_adapter(lm.model, "out/adapter")  # peft.PeftModel.from_pretrained(hf_model, "out/adapter") loads it
     merge_and_unload(lm.model)  # plain linears again, the update folded into their weights
 
-Methods: ``lora`` (with rsLoRA scaling and DoRA), ``ia3``, ``prompt_tuning``. Docs: docs/finetune.md; tests: tests/peft/.
+Methods: ``lora`` (rsLoRA scaling, DoRA, PiSSA and LoftQ inits, LoRA+ groups), ``ia3``, ``houlsby``
+(bottleneck adapters, slimlm's own format), ``prompt_tuning``, ``p_tuning``, ``prefix_tuning``. Docs: docs/finetune.md; tests: tests/peft/.
 """
 
 from __future__ import annotations
 
 from torch import nn
 
+from slimlm.peft import bottleneck as _bottleneck  # noqa: F401  (registers the method)
 from slimlm.peft import ia3 as _ia3  # noqa: F401  (registers the method)
 from slimlm.peft import lora as _lora  # noqa: F401  (registers the method)
-from slimlm.peft import prompt as _prompt  # noqa: F401  (registers the method)
+from slimlm.peft import prefix as _prefix  # noqa: F401  (registers the method)
+from slimlm.peft import prompt as _prompt  # noqa: F401  (registers the methods)
 from slimlm.peft.adapter import load_adapter, save_adapter
 from slimlm.peft.base import AdapterLayer, adapter_modules
+from slimlm.peft.bottleneck import HoulsbyConfig, HoulsbyLinear
 from slimlm.peft.ia3 import IA3Config, IA3Linear
 from slimlm.peft.lora import LoraConfig, LoraLinear, lora_plus_param_groups
 from slimlm.peft.lora.merge import MergeReport, check_mergeable, merged_base
-from slimlm.peft.prompt import PromptTuningConfig
-from slimlm.peft.registry import PeftReport, apply_peft, peft_methods
+from slimlm.peft.prefix import PrefixTuningConfig
+from slimlm.peft.prompt import PromptTuningConfig, PTuningConfig
+from slimlm.peft.registry import PeftReport, apply_peft, method_for_config, peft_methods
 from slimlm.utils.errors import SlimlmError
 
 
 def _additive(model: nn.Module) -> None:
-    if "prompt_encoder" in model._modules:
-        raise SlimlmError("prompt tuning adds virtual tokens, not a weight update: it cannot be merged (unload instead)")
+    cfg = getattr(model, "peft_config", None)
+    if cfg is not None and not method_for_config(cfg).additive:
+        raise SlimlmError(f"{cfg.kind} adds modules or tokens, not a weight update: it cannot be merged (unload instead)")
 
 
 def merge_adapters(model: nn.Module) -> None:
@@ -86,6 +92,6 @@ def _done(model: nn.Module) -> None:
         fuse()
 
 
-__all__ = ["AdapterLayer", "IA3Config", "IA3Linear", "LoraConfig", "LoraLinear", "MergeReport", "PeftReport",
-           "PromptTuningConfig", "apply_peft", "lora_plus_param_groups", "load_adapter", "merge_adapters",
+__all__ = ["AdapterLayer", "HoulsbyConfig", "HoulsbyLinear", "IA3Config", "IA3Linear", "LoraConfig", "LoraLinear",
+           "MergeReport", "PTuningConfig", "PeftReport", "PrefixTuningConfig", "PromptTuningConfig", "apply_peft", "lora_plus_param_groups", "load_adapter", "merge_adapters",
            "adapter_modules", "merge_and_unload", "peft_methods", "save_adapter", "unload", "unmerge_adapters"]

@@ -118,7 +118,7 @@ def load_adapter(model: nn.Module, folder: str | Path) -> list[str]:
     meta, tensors = read_adapter(folder)
     method = method_for_peft_type(str(meta.get("peft_type")))
     pcfg = method.from_peft_config(meta)
-    if adapter_modules(model) or "prompt_encoder" in model._modules:
+    if adapter_modules(model) or "prompt_encoder" in model._modules or "prefix_encoder" in model._modules:
         raise SlimlmError("this model already carries adapters: unload them first")
     if method.load_model_tensors is not None:  # prompt tuning
         paths = method.load_model_tensors(model, {k.removeprefix(PREFIX): t for k, t in tensors.items()}, pcfg)

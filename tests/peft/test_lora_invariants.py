@@ -42,18 +42,19 @@ def _data() -> torch.Tensor:
     return torch.randint(0, 256, (4, 16), generator=g)  # a fixed tiny dataset: 4 sequences of 16 tokens
 
 
-def _loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    logits = model(ids)
+def _loss(model: nn.Module, ids: torch.Tensor, skip: int = 0) -> torch.Tensor:
+    """Next-token loss; ``skip`` drops the virtual tokens' positions (prompt tuning / P-tuning)."""
+    logits = model(ids)[:, skip:]
     return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
 
 
-def _train(model: nn.Module, steps: int = 25, lr: float = 1e-2) -> list[float]:
+def _train(model: nn.Module, steps: int = 25, lr: float = 1e-2, skip: int = 0) -> list[float]:
     ids = _data()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     model.train()
     losses = []
     for _ in range(steps):
-        loss = _loss(model, ids)
+        loss = _loss(model, ids, skip)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

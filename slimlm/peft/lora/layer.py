@@ -17,7 +17,28 @@ from torch import nn
 
 from slimlm.peft.base import AdapterLayer
 from slimlm.peft.lora.init import Quantizer, loftq_init, pissa_init
-from slimlm.utils.errors import ConfigError
+from slimlm.utils.errors import ConfigError, SlimlmError
+
+
+DEFAULT, BASE = "default", "__base__"  # the adapter made by apply_peft / load_adapter; no adapter at all
+
+
+class LoraPair(nn.Module):
+    """One more LoRA adapter on a wrapped layer (``A: [r, in]``, ``B: [out, r]``), resident next to
+    the default one and chosen per call (multi-LoRA serving)."""
+
+    def __init__(self, in_f: int, out_f: int, r: int, scaling: float, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.r, self.scaling = r, scaling
+        self.lora_A = nn.Linear(in_f, r, bias=False)  # [r, in]
+        self.lora_B = nn.Linear(r, out_f, bias=False)  # [out, r]
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+        self.lora_dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.lora_A.weight
+        return self.lora_B(self.lora_A(self.lora_dropout(x.to(a.dtype)))) * self.scaling  # type: ignore[no-any-return]
 
 
 class LoraLinear(AdapterLayer):
@@ -39,6 +60,9 @@ class LoraLinear(AdapterLayer):
         self.use_dora = use_dora
         self._merge_scale: torch.Tensor | None = None  # DoRA's m / ||W + dW|| at merge time (for unmerge)
         self._init_ab: tuple[torch.Tensor, torch.Tensor] | None = None  # PiSSA's initial (A, B)
+        self.extra: nn.ModuleDict | None = None  # more resident adapters by name (LoraPair)
+        self.active = DEFAULT  # the adapter a call runs (set_adapter), unless row_adapters names one per row
+        self.row_adapters: list[str] | None = None
         if use_dora:  # DoRA: magnitude m [out] starts as the row norms of the adapted weight
             self.lora_magnitude_vector = nn.Parameter(self._weight_norm(self.base_weight()))
 
@@ -97,11 +121,17 @@ class LoraLinear(AdapterLayer):
         y = self.base_layer(x)
         if self.merged:
             return y  # type: ignore[no-any-return]
+        if self.row_adapters is None and self.active == DEFAULT:
+            return self._default(x, y)
+        return self._chosen(x, y)
+
+    def _default(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The default adapter on ``y = base(x)``."""
         a = self.lora_A.weight
         lx = self.lora_dropout(x.to(a.dtype))
         lora = self.lora_B(self.lora_A(lx)) * self.scaling  # [..., out]
         if not self.use_dora:
-            return y + lora.to(y.dtype)  # type: ignore[no-any-return]
+            return y + lora.to(y.dtype)
         # DoRA: y = base(x) + (s - 1) * W x + s * dW x, s = m / ||W + dW|| (norm detached), as peft computes it
         w = self.base_weight()
         s = self.lora_magnitude_vector / self._weight_norm(w)  # [out]
@@ -110,7 +140,36 @@ class LoraLinear(AdapterLayer):
             base = y.to(a.dtype) - (bias.to(a.dtype) if bias is not None else 0.0)
         else:
             base = F.linear(lx, w.to(a.dtype))
-        return y + ((s - 1) * base + s * lora).to(y.dtype)  # type: ignore[no-any-return]
+        return y + ((s - 1) * base + s * lora).to(y.dtype)
+
+    def _one(self, name: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if name == DEFAULT:
+            return self._default(x, y)
+        pair = self.extra[name] if self.extra is not None and name in self.extra else None
+        if pair is None:  # BASE, or an adapter that does not touch this layer
+            return y
+        return y + pair(x).to(y.dtype)  # type: ignore[no-any-return]
+
+    def _chosen(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The active adapter, or per batch row the adapter ``row_adapters`` names (x: [B, ...])."""
+        names = self.row_adapters
+        if names is None:
+            return self._one(self.active, x, y)
+        if len(names) != x.shape[0]:
+            raise SlimlmError(f"adapter_names has {len(names)} entries for a batch of {x.shape[0]} rows")
+        out = y.clone()
+        for name in dict.fromkeys(names):
+            idx = torch.tensor([i for i, n in enumerate(names) if n == name])
+            out[idx] = self._one(name, x[idx], y[idx])
+        return out
+
+    # --- several adapters resident at once -------------------------------------------------------
+    def add_extra(self, name: str, r: int, scaling: float, dropout: float = 0.0) -> LoraPair:
+        if self.extra is None:
+            self.extra = nn.ModuleDict()
+        pair = LoraPair(self.in_features, self.out_features, r, scaling, dropout)
+        self.extra[name] = pair
+        return pair
 
     # --- merge / unmerge (AdapterLayer.merge folds merged_weight in place) -----------------------
     def _save_unmerged(self) -> None:

@@ -23,9 +23,13 @@ class PromptEncoder(nn.Module):
         super().__init__()
         self.embedding = nn.Embedding(num_virtual_tokens, dim)  # [P, D]
 
+    def virtual_tokens(self) -> torch.Tensor:
+        """The virtual tokens' embeddings ``[P, D]`` (P-tuning computes them from its own encoder)."""
+        return self.embedding.weight
+
     def forward(self, batch: int) -> torch.Tensor:
         # -> [B, P, D]
-        return self.embedding.weight.unsqueeze(0).expand(batch, -1, -1)
+        return self.virtual_tokens().unsqueeze(0).expand(batch, -1, -1)
 
 
 def _embed_tokens(model: nn.Module) -> nn.Embedding:
@@ -58,10 +62,12 @@ def prompt_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     enc = model._modules.get("prompt_encoder")
     if not isinstance(enc, PromptEncoder):
         raise SlimlmError("this model has no prompt encoder to save")
-    return {"prompt_embeddings": enc.embedding.weight}
+    return {"prompt_embeddings": enc.virtual_tokens()}
 
 
-def load_prompt(model: nn.Module, tensors: dict[str, torch.Tensor], cfg: PromptTuningConfig) -> list[str]:
+def load_prompt(model: nn.Module, tensors: dict[str, torch.Tensor], cfg: Any) -> list[str]:
+    """The stored virtual tokens as a plain prompt encoder (P-tuning's too: peft stores the encoder's
+    output and runs it in inference mode the same way)."""
     if set(tensors) != {"prompt_embeddings"}:
         raise CheckpointError(f"a prompt-tuning adapter holds prompt_embeddings only, got {sorted(tensors)[:3]}")
     w = tensors["prompt_embeddings"]
@@ -69,19 +75,19 @@ def load_prompt(model: nn.Module, tensors: dict[str, torch.Tensor], cfg: PromptT
     if w.shape != (cfg.num_virtual_tokens, emb.embedding_dim):
         raise CheckpointError(f"prompt_embeddings {tuple(w.shape)} do not fit: expected [{cfg.num_virtual_tokens}, "
                               f"{emb.embedding_dim}]; is it an adapter for another base model?")
-    apply_prompt_tuning(model, cfg)
+    apply_prompt_tuning(model, PromptTuningConfig(num_virtual_tokens=cfg.num_virtual_tokens))
     with torch.no_grad():
         model.prompt_encoder.embedding.weight.copy_(w)  # type: ignore[union-attr, operator]
     return ["prompt_encoder"]
 
 
-def prompt_to_peft_config(cfg: PromptTuningConfig, model: nn.Module) -> dict[str, Any]:
+def prompt_to_peft_config(cfg: Any, model: nn.Module) -> dict[str, Any]:
     mc = getattr(model, "config", None)
     return {"peft_type": "PROMPT_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": cfg.num_virtual_tokens,
             "token_dim": _embed_tokens(model).embedding_dim, "num_transformer_submodules": 1,
             "num_attention_heads": getattr(mc, "num_attention_heads", None),
             "num_layers": getattr(mc, "num_hidden_layers", None),
-            "prompt_tuning_init": cfg.prompt_tuning_init.upper(), "inference_mode": True}
+            "prompt_tuning_init": str(getattr(cfg, "prompt_tuning_init", "random")).upper(), "inference_mode": True}
 
 
 def prompt_from_peft_config(d: dict[str, Any]) -> PromptTuningConfig:
