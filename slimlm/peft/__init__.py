@@ -30,6 +30,7 @@ from slimlm.peft.bottleneck import HoulsbyConfig, HoulsbyLinear
 from slimlm.peft.ia3 import IA3Config, IA3Linear
 from slimlm.peft.lora import LoraConfig, LoraLinear, lora_plus_param_groups
 from slimlm.peft.lora.merge import MergeReport, check_mergeable, merged_base
+from slimlm.peft.multi import adapter_batch, adapter_names, add_adapter, forward_with_adapters, set_adapter
 from slimlm.peft.prefix import PrefixTuningConfig
 from slimlm.peft.prompt import PromptTuningConfig, PTuningConfig
 from slimlm.peft.registry import PeftReport, apply_peft, method_for_config, peft_methods
@@ -87,6 +88,7 @@ def merge_and_unload(model: nn.Module) -> MergeReport:
 
 def _done(model: nn.Module) -> None:
     model.__dict__.pop("peft_config", None)
+    model.__dict__.pop("peft_adapters", None)
     fuse = getattr(model, "fuse_projections_", None)
     if fuse is not None:
         fuse()
@@ -94,4 +96,5 @@ def _done(model: nn.Module) -> None:
 
 __all__ = ["AdapterLayer", "HoulsbyConfig", "HoulsbyLinear", "IA3Config", "IA3Linear", "LoraConfig", "LoraLinear",
            "MergeReport", "PTuningConfig", "PeftReport", "PrefixTuningConfig", "PromptTuningConfig", "apply_peft", "lora_plus_param_groups", "load_adapter", "merge_adapters",
-           "adapter_modules", "merge_and_unload", "peft_methods", "save_adapter", "unload", "unmerge_adapters"]
+           "adapter_batch", "adapter_modules", "adapter_names", "add_adapter", "forward_with_adapters", "merge_and_unload",
+           "set_adapter", "peft_methods", "save_adapter", "unload", "unmerge_adapters"]

