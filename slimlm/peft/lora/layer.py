@@ -19,7 +19,6 @@ from slimlm.peft.base import AdapterLayer
 from slimlm.peft.lora.init import Quantizer, loftq_init, pissa_init
 from slimlm.utils.errors import ConfigError, SlimlmError
 
-
 DEFAULT, BASE = "default", "__base__"  # the adapter made by apply_peft / load_adapter; no adapter at all
 
 
