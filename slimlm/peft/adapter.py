@@ -46,9 +46,9 @@ def save_adapter(model: nn.Module, folder: str | Path, base_model_name_or_path: 
     if adapter_name not in (None, "default"):
         from slimlm.peft.multi import named_tensors
 
-        meta, tensors = named_tensors(model, adapter_name, PREFIX)
-        meta["base_model_name_or_path"] = base_model_name_or_path
-        _write(Path(folder), meta, tensors)
+        named_meta, named = named_tensors(model, adapter_name, PREFIX)
+        named_meta["base_model_name_or_path"] = base_model_name_or_path
+        _write(Path(folder), named_meta, named)
         return Path(folder)
     method = method_for_model(model)
     if method.model_tensors is not None and method.model_peft_config is not None:  # prompt tuning

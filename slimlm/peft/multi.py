@@ -26,7 +26,7 @@ from torch import nn
 
 from slimlm.peft.base import adapter_modules
 from slimlm.peft.lora.config import LoraConfig
-from slimlm.peft.lora.layer import BASE, DEFAULT, LoraLinear
+from slimlm.peft.lora.layer import BASE, DEFAULT, LoraLinear, LoraPair
 from slimlm.peft.lora.model import lora_from_peft_config, lora_to_peft_config
 from slimlm.peft.targets import linear_paths, select_paths, to_hf_path, to_runtime_path
 from slimlm.utils.errors import CheckpointError, ConfigError, SlimlmError
@@ -122,6 +122,7 @@ def named_tensors(model: nn.Module, name: str, prefix: str) -> tuple[dict[str, A
         if m.extra is not None and name in m.extra:
             hf = to_hf_path(cfg, path)
             pair = m.extra[name]
+            assert isinstance(pair, LoraPair)
             by_hf[hf] = pair
             tensors[f"{prefix}{hf}.lora_A.weight"] = pair.lora_A.weight.detach().contiguous().clone()
             tensors[f"{prefix}{hf}.lora_B.weight"] = pair.lora_B.weight.detach().contiguous().clone()

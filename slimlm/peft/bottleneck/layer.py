@@ -5,6 +5,7 @@ cannot be merged (unload removes it)."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -13,7 +14,8 @@ from torch import nn
 from slimlm.peft.base import AdapterLayer
 from slimlm.utils.errors import ConfigError, SlimlmError
 
-_ACT = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh}
+_ACT: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu,
+                                                          "tanh": torch.tanh}
 
 
 class HoulsbyLinear(AdapterLayer):
