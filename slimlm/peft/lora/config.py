@@ -46,7 +46,7 @@ class LoraConfig(TransformConfig):
     kind: ClassVar[str] = "lora"
     family: ClassVar[str] = "peft"
 
-    r: int = field(default=8, metadata={"help": "LoRA rank (>= 1)"})
+    r: int = field(default=8, metadata={"help": "LoRA rank", "min": 1})
     lora_alpha: float = field(default=8.0, metadata={"help": "scaling = lora_alpha / r", "gt": 0})
     target_modules: list[str] | str = field(default_factory=lambda: ["q_proj", "v_proj"],
                                             metadata={"help": "leaf names, or one regex over the path"})
