@@ -89,6 +89,13 @@ def install(model: nn.Module, wrapped: Mapping[str, AdapterLayer]) -> None:
                 t.requires_grad_(True)
 
 
+def attach(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Freeze the model and add a trainable model-level module (prompt / prefix encoders)."""
+    model.requires_grad_(False)
+    model.add_module(name, module)
+    module.requires_grad_(True)
+
+
 def adapter_modules(model: nn.Module) -> dict[str, AdapterLayer]:
     """Runtime path -> adapter wrapper, for every wrapped linear of ``model``."""
     return {n: m for n, m in model.named_modules() if isinstance(m, AdapterLayer)}

@@ -23,7 +23,7 @@ from typing import Any
 from torch import nn
 
 from slimlm.transforms import TransformConfig, TransformReport, register_transform
-from slimlm.utils.errors import ConfigError
+from slimlm.utils.errors import ConfigError, SlimlmError
 
 
 class PeftReport(TransformReport):
@@ -81,9 +81,15 @@ _METHODS: dict[str, PeftMethod] = {}
 
 
 def apply_peft(model: nn.Module, cfg: Any) -> PeftReport:
-    """Apply the PEFT method whose config ``cfg`` is to ``model`` in place (base frozen)."""
+    """Apply the PEFT method whose config ``cfg`` is to ``model`` in place (base frozen). One method
+    per model (more LoRA adapters: :func:`slimlm.peft.add_adapter`)."""
     t0 = time.perf_counter()
-    report = method_for_config(cfg).apply(model, cfg)
+    method = method_for_config(cfg)
+    have = getattr(model, "peft_config", None)
+    if have is not None:
+        raise SlimlmError(f"this model already carries {have.kind} adapters: unload them first "
+                          "(several LoRA adapters: slimlm.peft.add_adapter / load_adapter(adapter_name=...))")
+    report = method.apply(model, cfg)
     model.peft_config = cfg  # type: ignore[assignment]
     report.seconds = time.perf_counter() - t0
     return report

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from slimlm.models.kv_cache import AttendFn, KVCache
+from slimlm.peft.base import attach
 from slimlm.peft.prefix.config import PrefixTuningConfig
 from slimlm.peft.registry import PeftReport
 from slimlm.utils.errors import CheckpointError, ConfigError, SlimlmError
@@ -108,10 +109,8 @@ def apply_prefix_tuning(model: nn.Module, cfg: PrefixTuningConfig) -> PeftReport
     if "prefix_encoder" in model._modules:
         raise SlimlmError("this model already has a prefix encoder: unload it first")
     enc = PrefixEncoder(cfg.num_virtual_tokens, *_dims(model), cfg.prefix_projection, cfg.encoder_hidden_size)
-    model.requires_grad_(False)
-    model.add_module("prefix_encoder", enc)
+    attach(model, "prefix_encoder", enc)
     enc.__dict__["_hook"] = model.register_forward_pre_hook(_inject, with_kwargs=True)
-    enc.requires_grad_(True)
     return PeftReport.of("prefix_tuning", ["prefix_encoder"], model)
 
 

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from slimlm.peft.base import attach
 from slimlm.peft.prompt.config import PromptTuningConfig
 from slimlm.peft.registry import PeftReport
 from slimlm.utils.errors import CheckpointError, ConfigError, SlimlmError
@@ -48,9 +49,7 @@ def apply_prompt_tuning(model: nn.Module, cfg: PromptTuningConfig) -> PeftReport
         if cfg.prompt_tuning_init == "sample_vocab":
             ids = torch.randint(0, emb.num_embeddings, (cfg.num_virtual_tokens,))
             enc.embedding.weight.copy_(emb.weight[ids].float())
-    model.requires_grad_(False)
-    model.add_module("prompt_encoder", enc)
-    enc.requires_grad_(True)
+    attach(model, "prompt_encoder", enc)
     return PeftReport.of("prompt_tuning", ["prompt_encoder"], model)
 
 

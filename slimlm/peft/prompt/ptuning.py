@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from slimlm.peft.base import attach
 from slimlm.peft.prompt.model import PromptEncoder, _embed_tokens, prompt_to_peft_config
 from slimlm.peft.registry import PeftReport
 from slimlm.transforms import TransformConfig
@@ -60,9 +61,7 @@ def apply_p_tuning(model: nn.Module, cfg: PTuningConfig) -> PeftReport:
     enc = PTuningEncoder(cfg.num_virtual_tokens, emb.embedding_dim, cfg.encoder_hidden_size)
     with torch.no_grad():  # peft's embedding starts N(0, 1) (torch's default), the MLP as nn.Linear
         nn.init.normal_(enc.embedding.weight)
-    model.requires_grad_(False)
-    model.add_module("prompt_encoder", enc)
-    enc.requires_grad_(True)
+    attach(model, "prompt_encoder", enc)
     return PeftReport.of("p_tuning", ["prompt_encoder"], model)
 
 
