@@ -32,8 +32,16 @@ class PeftReport(TransformReport):
 
     @classmethod
     def of(cls, method: str, targets: list[str], model: nn.Module, seconds: float = 0.0) -> PeftReport:
+        """``total_params`` counts a compressed linear (codes in buffers) by its logical ``out x in``."""
+        from slimlm.peft.base import AdapterLayer
+
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in model.parameters())
+        for m in model.modules():
+            if (not isinstance(m, AdapterLayer) and "weight" not in m._parameters
+                    and isinstance(getattr(m, "in_features", None), int)
+                    and isinstance(getattr(m, "out_features", None), int)):
+                total += int(m.in_features) * int(m.out_features)  # type: ignore[arg-type]
         return cls(method=method, seconds=seconds, modules={t: {} for t in targets},
                    metrics={"trainable_params": trainable, "total_params": total})
 

@@ -188,3 +188,6 @@ def test_pissa_and_loftq_refuse_quantized_bases(tmp_path) -> None:  # type: igno
     assert not adapter_modules(lm.model)
     with pytest.raises(ConfigError, match="loftq_quantizer"):
         LoraConfig(init_lora_weights="loftq", loftq_quantizer="int3")
+    report = apply_peft(lm.model, LoraConfig(r=2, target_modules=["q_proj"]))  # a plain QLoRA is fine
+    n_float = sum(p.numel() for p in load_model(str(tmp_path / "base")).model.parameters())
+    assert report.total_params == n_float + report.trainable_params  # NF4 codes counted as out x in weights
