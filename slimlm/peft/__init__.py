@@ -89,6 +89,8 @@ def merge_and_unload(model: nn.Module) -> MergeReport:
 def _done(model: nn.Module) -> None:
     model.__dict__.pop("peft_config", None)
     model.__dict__.pop("peft_adapters", None)
+    for handle in model.__dict__.pop("_adapter_names_hook", ()):
+        handle.remove()
     fuse = getattr(model, "fuse_projections_", None)
     if fuse is not None:
         fuse()

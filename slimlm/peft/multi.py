@@ -8,6 +8,7 @@ it on the same wrapped linears (each a :class:`slimlm.peft.lora.layer.LoraPair`)
     add_adapter(lm.model, "chat", LoraConfig(r=4, target_modules=["q_proj"]))  # a fresh one to train
     set_adapter(lm.model, "sql")                                  # every call runs "sql"
     logits = forward_with_adapters(lm.model, ids, ["sql", "default", "__base__"])  # one per row
+    logits = lm.model(ids, adapter_names=["sql", "default", "__base__"])  # the same, peft's keyword
 
 A row runs exactly what that adapter alone gives (``"__base__"``: no adapter); a layer an adapter
 does not target runs its base for that row. An added adapter's targets must be among the default
@@ -40,7 +41,31 @@ def _loras(model: nn.Module) -> dict[str, LoraLinear]:
 
 
 def _named(model: nn.Module) -> dict[str, LoraConfig]:
-    return model.__dict__.setdefault("peft_adapters", {})  # type: ignore[no-any-return]
+    named = model.__dict__.get("peft_adapters")
+    if named is None:
+        named = model.__dict__["peft_adapters"] = {}
+        if "_adapter_names_hook" not in model.__dict__:  # model(ids, adapter_names=[...]), as peft's forward
+            model.__dict__["_adapter_names_hook"] = (
+                model.register_forward_pre_hook(_take_names, with_kwargs=True),
+                model.register_forward_hook(_drop_names, always_call=True))
+    return named  # type: ignore[no-any-return]
+
+
+def _take_names(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    names = kwargs.pop("adapter_names", None)
+    if names is not None:
+        ids = args[0] if args else kwargs["input_ids"]
+        if len(names) != ids.shape[0]:
+            raise ConfigError(f"adapter_names has {len(names)} entries for a batch of {ids.shape[0]} rows")
+        for m in _check_choice(model, names).values():
+            m.row_adapters = list(names)
+    return args, kwargs
+
+
+def _drop_names(model: nn.Module, args: tuple[Any, ...], out: Any) -> None:
+    for m in adapter_modules(model).values():
+        if isinstance(m, LoraLinear):
+            m.row_adapters = None
 
 
 def adapter_names(model: nn.Module) -> list[str]:

@@ -63,6 +63,7 @@ def test_mixed_batch_rows_get_their_own_adapter(tmp_path) -> None:  # type: igno
         mixed = forward_with_adapters(lm.model, ids, rows)
         for i, name in enumerate(rows):
             torch.testing.assert_close(mixed[i], alone[name][i], rtol=1e-5, atol=1e-5)
+        assert torch.equal(lm.model(ids, adapter_names=rows), mixed)  # peft's keyword on the forward
         assert torch.equal(lm.model(ids), alone["default"])  # outside the call: the active adapter
         set_adapter(lm.model, "chat")
         torch.testing.assert_close(lm.model(ids), alone["chat"], rtol=1e-5, atol=1e-5)
