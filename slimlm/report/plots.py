@@ -70,6 +70,7 @@ def plot_svg(pts: list[Point], corpus: str, kind: str) -> str:
         ax.set_xlabel("memory added by the load, MB (RSS; lower is better)" if kind == "quality-memory"
                       else "decode tok/s at batch 1 (higher is better)")
         ax.set_title(PLOTS[kind])
+        ax.ticklabel_format(axis="y", useOffset=False, style="plain")
         ax.grid(alpha=0.3)
         if rows:
             ax.legend(fontsize=7, loc="best", title="machine", title_fontsize=7)
