@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import shlex
-import sys
 
 from slimlm.cli.common import add_json_arg, emit_json, int_arg, status
 
@@ -26,8 +25,7 @@ def run_bench_cmd(args: argparse.Namespace) -> int:
                       warmup=args.warmup, seq_len=args.seq_len, max_tokens=args.max_tokens, threads=args.threads,
                       dtype=args.dtype, base=args.base, machine_name=args.machine_name,
                       timeout_s=args.timeout, progress=not args.no_progress)
-    command = "slimlm " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else "slimlm bench"
-    run = run_bench(cfg, command=command)
+    run = run_bench(cfg, command=_command_line(args))
     obj = append_run(args.out, run)
     if args.json:
         emit_json(run)
@@ -38,6 +36,21 @@ def run_bench_cmd(args: argparse.Namespace) -> int:
     status(f"wrote run {run['run_id']} to {args.out} ({len(obj['runs'])} runs in the file)"
            + (f"; failed: {', '.join(failed)}" if failed else ""))
     return 0
+
+
+def _command_line(args: argparse.Namespace) -> str:
+    """The command as it was given (positional models, then every flag set away from its default)."""
+    parts = ["slimlm", "bench", *args.models]
+    for a in args.bench_actions:
+        if not a.option_strings or a.dest in ("models", "help"):
+            continue
+        val = getattr(args, a.dest, None)
+        if val is None or val is False or val == a.default:
+            continue
+        parts.append(a.option_strings[-1])
+        if val is not True:
+            parts += [str(x) for x in val] if isinstance(val, list) else [str(val)]
+    return " ".join(shlex.quote(x) for x in parts)
 
 
 def run_report_cmd(args: argparse.Namespace) -> int:
@@ -75,7 +88,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--machine-name", default=None, help="label of this machine in reports (default: host name)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_json_arg(p)
-    p.set_defaults(func=run_bench_cmd)
+    p.set_defaults(func=run_bench_cmd, bench_actions=p._actions)
 
     p = sub.add_parser("report", help="HTML (or Markdown) report of bench results: tables, Pareto plots, verdicts")
     p.add_argument("results", nargs="+", metavar="RESULTS", help="results JSON files written by slimlm bench")
