@@ -45,10 +45,24 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def two_runs(tiny: Path, corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+def adapter(tiny: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A LoRA adapter with random A and B (so it changes the logits), in peft's layout."""
+    from slimlm.loaders import load_model
+    from slimlm.peft import LoraConfig, apply_peft, save_adapter
+
+    lm = load_model(str(tiny))
+    torch.manual_seed(0)
+    apply_peft(lm.model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights="random"))
+    return save_adapter(lm.model, tmp_path_factory.mktemp("adapter") / "lora1", str(tiny))
+
+
+@pytest.fixture(scope="module")
+def two_runs(tiny: Path, corpus: Path, adapter: Path,
+             tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
     out = tmp_path_factory.mktemp("res") / "results.json"
     # the corpus itself as a "model": neither a GGUF file nor a model folder, so it fails to load
-    argv = ["bench", f"tiny={tiny}", f"bf16={tiny},dtype=bf16", f"broken={corpus}", "--data", str(corpus),
+    argv = ["bench", f"tiny={tiny}", f"bf16={tiny},dtype=bf16", f"broken={corpus}", f"lora={tiny},adapter={adapter}",
+            "--data", str(corpus),
             "--out", str(out), *SMALL]
     assert main(argv + ["--machine-name", "first"]) == 0
     assert main(argv + ["--machine-name", "second"]) == 0
@@ -83,15 +97,46 @@ def test_perplexity_identical_and_matches_transformers(two_runs, tiny: Path, cor
             assert pa[k] == pb[k], (label, k)
     got = _variant(a, "tiny")["perplexity"]["story.txt"]
     # oracle: transformers on the same tokens, non-overlapping windows of SEQ within the first MAXTOK
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     hf = AutoModelForCausalLM.from_pretrained(tiny).eval()
+    ppl, n = _hf_perplexity(hf, tiny, corpus)
+    assert got["windows"] == n and got["tokens_scored"] == n * (SEQ - 1)
+    assert abs(got["perplexity"] - ppl) < 1e-4 * got["perplexity"]
+
+
+def _hf_perplexity(hf: Any, tiny: Path, corpus: Path) -> tuple[float, int]:
+    from transformers import AutoTokenizer
+
     ids = AutoTokenizer.from_pretrained(tiny)(corpus.read_text(), add_special_tokens=False)["input_ids"][:MAXTOK]
     n = len(ids) // SEQ
     with torch.no_grad():
         nll = sum(float(hf(w, labels=w).loss) * (SEQ - 1) for w in torch.tensor(ids[: n * SEQ]).view(n, 1, SEQ))
-    assert got["windows"] == n and got["tokens_scored"] == n * (SEQ - 1)
-    assert abs(got["perplexity"] - math.exp(nll / (n * (SEQ - 1)))) < 1e-4 * got["perplexity"]
+    return math.exp(nll / (n * (SEQ - 1))), n
+
+
+@pytest.mark.slow
+def test_adapter_variant_matches_peft(two_runs, tiny: Path, corpus: Path, adapter: Path,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib
+
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    # an old gptqmodel next to peft (another oracle in the shared environment) makes peft refuse any layer
+    for name in ("peft.import_utils", "peft.tuners.lora.gptq", "peft.tuners.lora.awq", "peft.utils.other",
+                 "peft.utils.quantization_utils"):
+        mod = importlib.import_module(name)
+        if hasattr(mod, "is_gptqmodel_available"):
+            monkeypatch.setattr(mod, "is_gptqmodel_available", lambda: False)
+
+    _, obj = two_runs
+    got = _variant(obj["runs"][0], "lora")
+    assert got["status"] == "ok" and got["adapter"] == str(adapter)
+    hf = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny), str(adapter)).eval()
+    ppl, _ = _hf_perplexity(hf, tiny, corpus)
+    assert abs(got["perplexity"]["story.txt"]["perplexity"] - ppl) < 1e-4 * ppl
+    assert abs(ppl / _variant(obj["runs"][0], "tiny")["perplexity"]["story.txt"]["perplexity"] - 1) > 1e-3
 
 
 @pytest.mark.slow
