@@ -14,11 +14,10 @@ steps (weight bytes read per token x tok/s) against the read bandwidth measured 
 from __future__ import annotations
 
 import argparse
+import functools
 import shutil
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -26,8 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from slimlm.bench.sysinfo import has_native_bf16, measure_bandwidth, save_json, system_info  # noqa: E402
-from slimlm.engine.generate import generate  # noqa: E402
-from slimlm.engine.sampling import SamplingConfig  # noqa: E402
+from slimlm.bench.timing import interleave, stopwatch, summarize, time_generation  # noqa: E402
 from slimlm.loaders import load_model  # noqa: E402
 from slimlm.loaders.save import export_hf  # noqa: E402
 
@@ -46,24 +44,28 @@ def weight_bytes_per_token(model: torch.nn.Module) -> int:
     return total
 
 
-def run_slimlm(lm, prompt: list[int], n: int) -> tuple[float, float]:  # type: ignore[no-untyped-def]
-    """(end-to-end tok/s including the prefill, decode-only tok/s)."""
-    t = time.perf_counter()
-    r = generate(lm.model, lm.tokenizer, [prompt], SamplingConfig(max_new_tokens=n, ignore_eos=True))
-    total = time.perf_counter() - t
-    assert r.new_tokens == n, r.new_tokens
-    return n / total, r.decode_tokens_per_s
+def run_slimlm(lm, prompt: list[int], n: int) -> dict[str, float]:  # type: ignore[no-untyped-def]
+    """End-to-end and decode-only tok/s of one generation (the protocol's timing function)."""
+    r = time_generation(lm.model, lm.tokenizer, [prompt], n)
+    return {"e2e": r["e2e_tok_s"], "decode": r["decode_tok_s"]}
 
 
 def run_hf(model, prompt: list[int], n: int) -> float:  # type: ignore[no-untyped-def]
     ids = torch.tensor([prompt])
-    t = time.perf_counter()
-    with torch.inference_mode():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                             do_sample=False, pad_token_id=0)
-    total = time.perf_counter() - t
+
+    def gen():  # type: ignore[no-untyped-def]
+        with torch.inference_mode():
+            return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                                  do_sample=False, pad_token_id=0)
+
+    out, total = stopwatch(gen)
     assert out.shape[1] - ids.shape[1] == n
     return n / total
+
+
+def run_hf_rounds(model, prompt: list[int], n: int) -> dict[str, float]:  # type: ignore[no-untyped-def]
+    """tok/s of an ``n``-token generate and seconds of a 1-token one (its prefill + first token)."""
+    return {"e2e": run_hf(model, prompt, n), "first": 1 / run_hf(model, prompt, 1)}
 
 
 def main() -> None:
@@ -98,27 +100,23 @@ def main() -> None:
             hf = AutoModelForCausalLM.from_pretrained(str(hf_dir / "m"), dtype=dt, attn_implementation="eager")
             hf.eval()
             shutil.rmtree(hf_dir, ignore_errors=True)
-        run_slimlm(lm, prompt, 8)  # warm-up
+        measures = {"slimlm": functools.partial(run_slimlm, lm, prompt, args.new_tokens)}
         if hf is not None:
-            run_hf(hf, prompt, 8)
-        ours, ours_dec, theirs, theirs_first = [], [], [], []
-        for _ in range(args.repeats):
-            e2e, dec = run_slimlm(lm, prompt, args.new_tokens)
-            ours.append(e2e)
-            ours_dec.append(dec)
-            if hf is not None:
-                theirs.append(run_hf(hf, prompt, args.new_tokens))
-                theirs_first.append(1 / run_hf(hf, prompt, 1))  # seconds for the prefill + first token
-        s, sd = statistics.median(ours), statistics.median(ours_dec)
+            # the prefill + first token is timed in a separate 1-token generate (subtracted below)
+            measures["hf"] = functools.partial(run_hf_rounds, hf, prompt, args.new_tokens)
+        runs = interleave(measures, args.repeats, warmup=1)  # slimlm, hf, slimlm, hf, ...
+        ours, ours_dec = runs["slimlm"]["e2e"], runs["slimlm"]["decode"]
+        theirs, theirs_first = runs.get("hf", {}).get("e2e", []), runs.get("hf", {}).get("first", [])
+        s, sd = summarize(ours)["median"], summarize(ours_dec)["median"]
         bpt = weight_bytes_per_token(lm.model)
         row = {"dtype": dname, "new_tokens": args.new_tokens, "prompt_tokens": len(prompt),
                "slimlm_tok_s": s, "slimlm_runs": ours, "slimlm_decode_tok_s": sd, "weight_bytes_per_token": bpt,
                "slimlm_GBps": sd * bpt / 1e9, "roofline_tok_s": bw * 1e9 / bpt,
                "fraction_of_roofline": sd * bpt / (bw * 1e9)}
         if theirs:
-            h = statistics.median(theirs)
+            h = summarize(theirs)["median"]
             # transformers' decode-only rate: the same run minus its own prefill (+ first token) time
-            hd = (args.new_tokens - 1) / (args.new_tokens / h - statistics.median(theirs_first))
+            hd = (args.new_tokens - 1) / (args.new_tokens / h - summarize(theirs_first)["median"])
             row.update(hf_tok_s=h, hf_runs=theirs, ratio=s / h, hf_decode_tok_s=hd, decode_ratio=sd / hd)
         results.append(row)
         print(f"{dname}: slimlm {s:.1f} tok/s end-to-end, {sd:.1f} decode-only ({row['slimlm_GBps']:.1f} GB/s, "

@@ -18,9 +18,7 @@ within one run (the machine is shared).
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -31,6 +29,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from slimlm.bench.sysinfo import save_json, system_info  # noqa: E402
+from slimlm.bench.timing import time_call  # noqa: E402
 from slimlm.quant.kernels import int4_mm  # noqa: E402
 from slimlm.quant.linear import (  # noqa: E402
     Int4WeightLinear,
@@ -44,41 +43,6 @@ from slimlm.quant.qtensor import QuantizedWeight  # noqa: E402
 
 SHAPES = [(576, 576), (576, 1536), (1536, 576), (576, 49152)]  # (in, out): q/o, gate/up, down, lm_head
 QUICK_SHAPES = [(576, 576), (1536, 576)]
-
-
-_FLUSH: torch.Tensor | None = None
-
-
-def flush_caches() -> None:
-    """Evict the weights from the CPU caches by reading a buffer larger than the last-level cache."""
-    global _FLUSH
-    if _FLUSH is None:
-        _FLUSH = torch.ones(128 * 2**20 // 4)  # 128 MiB
-    _FLUSH.sum()
-
-
-def timed(fn: Callable[[], Any], repeats: int, cold: bool, warmup: int = 3, budget_s: float = 2.0) -> float:
-    """Median milliseconds of ``fn()`` (fewer repeats for slow cells: about ``budget_s`` per cell).
-
-    ``cold``: caches are flushed before every timed call, as in decode, where each layer's weights
-    were evicted by the other layers since the last token (the model does not fit in the cache).
-    """
-    with torch.inference_mode():
-        t0 = time.perf_counter()
-        fn()
-        first = time.perf_counter() - t0
-        warmup = min(warmup, max(1, int(budget_s / 4 / max(first, 1e-9))))
-        repeats = min(repeats, max(3, int(budget_s / max(first, 1e-9))))
-        for _ in range(warmup):
-            fn()
-        times = []
-        for _ in range(repeats):
-            if cold:
-                flush_caches()
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1e3
 
 
 def random_qw(out: int, inp: int, bits: int, group: int, sym: bool) -> QuantizedWeight:
@@ -123,7 +87,7 @@ def bench_shape(inp: int, out: int, batch: int, repeats: int, cold: bool) -> lis
     ]
     rows = []
     for name, fn, nbytes in cells:
-        ms = timed(fn, repeats, cold)
+        ms = time_call(fn, repeats, cold) * 1e3  # the protocol's timing function (median after warm-up)
         rows.append({"in": inp, "out": out, "batch": batch, "variant": name, "ms": round(ms, 4),
                      "weight_bytes": nbytes, "gb_s": round(nbytes / (ms / 1e3) / 1e9, 2)})
     return rows

@@ -73,21 +73,14 @@ def current_rss() -> int:
 
 
 def decode_tok_s(model: Any, batch: int, prompt_len: int, new_tokens: int) -> float:
-    """Greedy decode throughput (batch tokens / s over the decode steps) through the KV cache."""
-    from slimlm.models.kv_cache import KVCache
+    """Greedy decode throughput (batch tokens / s over the decode steps) through the KV cache, timed by
+    the protocol's :func:`slimlm.bench.timing.time_generation` after a 3-token warm-up generation."""
+    from slimlm.bench.timing import time_generation
 
     torch.manual_seed(0)
-    ids = torch.randint(100, 1000, (batch, prompt_len))
-    cache = KVCache.for_model(model.config, batch, prompt_len + new_tokens + 3, model.dtype)  # +2 warm-up
-    with torch.inference_mode():  # as `slimlm generate` runs
-        nxt = model(ids, cache=cache, last_only=True).float().argmax(-1)  # [B, 1]; float logits as slimlm generate samples them
-        for _ in range(2):  # warm-up steps
-            nxt = model(nxt, cache=cache, last_only=True).float().argmax(-1)
-        t = time.perf_counter()
-        for _ in range(new_tokens):
-            nxt = model(nxt, cache=cache, last_only=True).float().argmax(-1)
-        dt = time.perf_counter() - t
-    return batch * new_tokens / dt
+    prompts = torch.randint(0, min(1000, model.config.vocab_size), (batch, prompt_len)).tolist()
+    time_generation(model, None, prompts, 3)  # warm-up
+    return time_generation(model, None, prompts, new_tokens)["decode_tok_s"]
 
 
 def decode_dtype(name: str) -> torch.dtype:

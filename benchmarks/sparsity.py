@@ -101,6 +101,8 @@ def kernels(sparsities: list[float], repeats: int = 30) -> list[dict[str, Any]]:
     """Dense F.linear vs torch CSR matmul on SmolLM2's MLP shapes, batch 1 (decode) and 128 (prefill)."""
     import torch.nn.functional as F
 
+    from slimlm.bench.timing import time_call
+
     rows = []
     for out_f, in_f in ((1536, 576), (576, 1536)):
         for s in sparsities:
@@ -110,15 +112,8 @@ def kernels(sparsities: list[float], repeats: int = 30) -> list[dict[str, Any]]:
             for t in (1, 128):
                 x = torch.randn(t, in_f)
 
-                def run(f: Callable[[], Any]) -> float:
-                    for _ in range(3):
-                        f()
-                    ts = []
-                    for _ in range(repeats):
-                        t0 = time.perf_counter()
-                        f()
-                        ts.append(time.perf_counter() - t0)
-                    return sorted(ts)[len(ts) // 2] * 1e3
+                def run(f: Callable[[], Any]) -> float:  # median ms: the protocol's timing function
+                    return time_call(f, repeats, warmup=3) * 1e3
 
                 d = run(lambda: F.linear(x, w))  # noqa: B023
                 c = run(lambda: torch.sparse.mm(csr, x.t()).t())  # noqa: B023

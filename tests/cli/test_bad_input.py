@@ -69,6 +69,12 @@ TABLE: dict[str, tuple[list[str], dict[str, tuple[list[str], str]]]] = {
         "--num-blocks": (["-1", *NOT_INT], "64"), "--kv-budget-gib": (["0", "-1", *NOT_FINITE], "0.5"),
         "--block-size": (["0", "-16", *NOT_INT], "16"), "--max-num-seqs": (["0", "-1", *NOT_INT], "4"),
         "--max-num-batched-tokens": (["0", "-1", *NOT_INT], "256"), **RUNTIME}),
+    "bench": (["bench", "{model}", "--out", "{out}"], {
+        "--seq-len": (["0", "1", *NOT_INT], "64"), "--max-tokens": (["0", "1", "-5", *NOT_INT], "256"),
+        "--prompt-tokens": (["0", "-1", *NOT_INT], "16"), "--new-tokens": (["0", "1", *NOT_INT], "8"),
+        "--concurrency": (["0", "-2", *NOT_INT], "2"), "--repeats": (["0", "-1", *NOT_INT], "2"),
+        "--warmup": (["-1", *NOT_INT], "0"), "--timeout": (["0", "-5", *NOT_INT], "60"), **RUNTIME}),
+    "report": (["report", "{model}", "--out", "{out}"], {}),
 }
 
 CASES = [(cmd, flag, bad) for cmd, (_, flags) in TABLE.items() for flag, (bads, _) in flags.items() for bad in bads]
