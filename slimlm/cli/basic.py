@@ -127,15 +127,27 @@ def _export_hf(lm: Any, out: str, args: argparse.Namespace) -> None:
 
 
 def _export_gguf(lm: Any, out: str, args: argparse.Namespace) -> None:
-    """Quantized linears go in as their exact GGUF blocks (Q8_0/Q4_0/Q4_1) when their grid fits."""
+    """Quantized linears go in as their exact GGUF blocks (Q8_0/Q4_0/Q4_1) when their grid fits; the
+    others are re-quantized: to Q8_0/Q4_0 by their bits for a plain 32-block type, or by the K-quant
+    type / mix's rule when one is asked for (a GPTQ/AWQ grid never fits a K-quant's 6-bit sub-block scales)."""
+    from slimlm.loaders.gguf_mix import BLOCK, MIXES
     from slimlm.loaders.gguf_writer import export_gguf
     from slimlm.models.modules import SwappableLinear
     from slimlm.quant.export import gguf_raw_from_model
 
     raw, exact = gguf_raw_from_model(lm.model)
     inexact = [k for k, ok in exact.items() if not ok]
+    k_target = args.gguf_type in MIXES or BLOCK.get(args.gguf_type) == 256
+    if k_target:
+        raw = {k: v for k, v in raw.items() if exact[k]}
+        kept = sorted({v[1].name for v in raw.values()})
+        if raw:
+            status(f"note: {len(raw)} quantized tensors keep their exact GGUF blocks ({'/'.join(kept)}) "
+                   f"instead of {args.gguf_type}'s type")
     if inexact:
-        status(f"note: {len(inexact)} quantized tensors have no exact GGUF type and were re-quantized")
+        target = args.gguf_type if k_target else "Q8_0/Q4_0"
+        status(f"note: {len(inexact)} quantized tensors have no exact GGUF type (their grid does not fit) and were "
+               f"re-quantized to {target} from their de-quantized weights")
     dense = sorted({str(m.kind) for m in lm.model.modules() if isinstance(m, SwappableLinear)
                     and getattr(type(m), "to_quantized", None) is None})
     if dense:
@@ -230,9 +242,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("out", help="output path")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing output slimlm wrote (anything else is never replaced)")
-    p.add_argument("--gguf-type", default="Q8_0", choices=["F32", "F16", "BF16", "Q8_0", "Q4_0"],
-                   help="gguf: type of 2-D weights (default Q8_0)")
-    p.add_argument("--embed-type", default=None, choices=["F32", "F16", "BF16", "Q8_0", "Q4_0"],
+    from slimlm.loaders.gguf_mix import PLAIN_TYPES, WRITE_TYPES
+
+    p.add_argument("--gguf-type", "--type", default="Q8_0", choices=WRITE_TYPES, metavar="TYPE",
+                   help="gguf: type of 2-D weights, or llama.cpp's Q4_K_M / Q5_K_M mix (default Q8_0; choices: "
+                        + ", ".join(WRITE_TYPES) + ")")
+    p.add_argument("--embed-type", default=None, choices=PLAIN_TYPES, metavar="TYPE",
                    help="gguf: type of the token embeddings / output (default: as --gguf-type)")
     p.add_argument("--gptq-format", default="gptq", choices=["gptq", "gptq_v2"],
                    help="gptq: zero-point convention (v1 stores zero-1)")

@@ -4,14 +4,16 @@ Why: exporting a compressed model to GGUF lets it run in llama.cpp/ollama. This 
 `slimlm.loaders.gguf_reader`: HF names -> GGUF names, llama's Q/K rows re-permuted into llama.cpp's
 rotary layout, Gemma norms stored as (1 + w), GPT-2 Conv1D weights transposed, metadata (sizes, rope,
 eps, tokenizer vocabulary/merges/special ids, chat template) written under llama.cpp's keys, tensors
-encoded with ``gguf.quants.quantize`` (F32, F16, BF16, Q8_0, Q4_0) or taken pre-packed from ``raw``
-(e.g. a symmetric group-32 GPTQ result is exactly Q4_0). The file is written to a temp path in the
+encoded with ``gguf.quants.quantize`` (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1), slimlm's K-quant
+encoders (Q4_K, Q5_K, Q6_K: :mod:`slimlm.loaders.gguf_kquants`) or llama.cpp's Q4_K_M / Q5_K_M mixes
+(:mod:`slimlm.loaders.gguf_mix` picks each tensor's type), or taken pre-packed from ``raw`` (e.g. a
+symmetric group-32 GPTQ result is exactly Q4_0). The file is written to a temp path in the
 same folder and renamed, so a crash never leaves a half-written GGUF; it carries the metadata key
 ``slimlm.written_by``, and an existing file is replaced only when it has that key
 (:mod:`slimlm.loaders.outputs`).
 
 Example:
-    write_gguf("out.gguf", ckpt.config, ckpt.tensors, ckpt.tokenizer, default_type="Q8_0")
+    write_gguf("out.gguf", ckpt.config, ckpt.tensors, ckpt.tokenizer, default_type="Q4_K_M")
 
 Tests: ``.venv/bin/pytest tests/loaders/test_gguf.py``.
 """
@@ -27,6 +29,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from slimlm.loaders.gguf_kquants import KQUANT_TYPES, quantize_kquant
+from slimlm.loaders.gguf_mix import FILE_TYPE, check_write_type, tensor_type
 from slimlm.loaders.gguf_reader import (
     CONFIG_KEYS,
     GPT2_CONV1D,
@@ -42,12 +46,11 @@ from slimlm.loaders.gguf_reader import (
 )
 from slimlm.loaders.outputs import atomic_file, check_output_file
 from slimlm.loaders.tokenizer import Tokenizer
-from slimlm.utils.errors import CheckpointError, ConfigError, SlimlmError
+from slimlm.utils.errors import CheckpointError, SlimlmError
 
 # HF model_type -> GGUF architecture
 MODEL_TYPE_TO_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "gemma3_text": "gemma3",
                       "gemma3": "gemma3", "gpt2": "gpt2"}
-WRITE_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0")
 WRITTEN_BY_KEY = "slimlm.written_by"  # metadata key marking a GGUF file slimlm wrote (llama.cpp ignores it)
 RawTensor = tuple[np.ndarray, Any, tuple[int, ...]]  # (packed uint8 blocks, GGMLQuantizationType, HF shape)
 
@@ -199,12 +202,25 @@ def _to_gguf_layout(arch: str, config: dict[str, Any], gguf_name: str, w: np.nda
     return w
 
 
-def _choose_type(hf_name: str, shape: tuple[int, ...], default_type: str, keep_f32: tuple[str, ...]) -> str:
+def _choose_type(hf_name: str, gguf_name: str, shape: tuple[int, ...], requested: str, keep_f32: tuple[str, ...],
+                 n_layers: int, tied: bool) -> str:
     if len(shape) < 2 or any(k in hf_name for k in keep_f32):
         return "F32"
-    if default_type in ("Q8_0", "Q4_0") and shape[-1] % 32 != 0:
-        return "F32"  # rows must be whole 32-value blocks
-    return default_type
+    return tensor_type(gguf_name, shape, requested, n_layers, tied)
+
+
+def encode_tensor(data: np.ndarray, kind: str) -> tuple[np.ndarray, Any]:
+    """float32 ``[rows, cols]`` in GGUF layout -> (array to write, raw GGML type or None for float arrays)."""
+    import gguf
+    from gguf import GGMLQuantizationType as Q
+
+    if kind == "F32":
+        return data, None
+    if kind == "F16":
+        return data.astype(np.float16), None
+    if kind in KQUANT_TYPES:
+        return quantize_kquant(data, kind), Q[kind]
+    return gguf.quants.quantize(data, Q[kind]), Q[kind]
 
 
 def write_gguf(path: str | os.PathLike[str], config: dict[str, Any], tensors: dict[str, torch.Tensor],
@@ -220,7 +236,9 @@ def write_gguf(path: str | os.PathLike[str], config: dict[str, Any], tensors: di
             gemma3_text, gpt2).
         tensors: float tensors under HF names (``lm_head.weight`` is skipped when embeddings are tied).
         tokenizer: written as ``tokenizer.ggml.*`` metadata (byte-level BPE), or None for no tokenizer.
-        default_type: GGUF type of 2-D weights: "F32", "F16", "BF16", "Q8_0" or "Q4_0".
+        default_type: GGUF type of 2-D weights: one of ``gguf_mix.WRITE_TYPES`` ("F32", "F16", "BF16", "Q8_0",
+            "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K") or a mix ("Q4_K_M", "Q5_K_M": per-tensor
+            types as llama-quantize picks them). Rows that do not fit a type's blocks fall back as llama.cpp does.
         keep_f32: HF-name substrings always stored as F32 (1-D tensors always are).
         raw: pre-packed tensors ``{hf_name: (uint8 blocks [rows, bytes_per_row], GGMLQuantizationType,
             HF shape)}``, written as given (rows re-permuted for llama Q/K); they replace ``tensors[hf_name]``.
@@ -235,22 +253,21 @@ def write_gguf(path: str | os.PathLike[str], config: dict[str, Any], tensors: di
     from gguf import GGMLQuantizationType as Q
 
     for wanted in (default_type, embed_type or default_type):
-        if wanted not in WRITE_TYPES:
-            raise ConfigError(f"GGUF type {wanted!r} cannot be written (choose one of {', '.join(WRITE_TYPES)})")
+        check_write_type(wanted)
     arch = gguf_arch_for(config)
     assert arch in SUPPORTED_ARCHS
     raw = raw or {}
     keep = tuple(keep_f32)
     tied = bool(config.get("tie_word_embeddings", arch != "gpt2" and "lm_head.weight" not in tensors))
+    n_layers = int(config.get("num_hidden_layers") or config.get("n_layer") or 0)
     written: dict[str, str] = {}
 
     def write(tmp: Path) -> None:
         w = gguf.GGUFWriter(tmp, arch)
         w.add_name(name or str(config.get("_name_or_path") or "slimlm model"))
         w.add_string(WRITTEN_BY_KEY, "slimlm")  # what lets --overwrite replace this file later
-        file_type = {"F32": 0, "F16": 1, "Q4_0": 2, "Q8_0": 7, "BF16": 32}[default_type]
-        w.add_file_type(file_type)
-        if default_type in ("Q8_0", "Q4_0") or raw:
+        w.add_file_type(FILE_TYPE[default_type])
+        if default_type not in ("F32", "F16", "BF16") or raw:
             w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         add_config_metadata(w, arch, config)
         if tokenizer is not None:
@@ -279,15 +296,13 @@ def write_gguf(path: str | os.PathLike[str], config: dict[str, Any], tensors: di
             t = tensors[hf_name].detach().to(torch.float32).cpu().numpy()  # [out, in] (HF)
             data = np.ascontiguousarray(_to_gguf_layout(arch, config, gname, t), dtype=np.float32)
             is_embed = gname.split(".")[0] in ("token_embd", "output")
-            kind = _choose_type(hf_name, tuple(data.shape), (embed_type or default_type) if is_embed else default_type,
-                                keep)
-            if kind == "F32":
-                w.add_tensor(gname, data)
-            elif kind == "F16":
-                w.add_tensor(gname, data.astype(np.float16))
+            requested = embed_type if (is_embed and embed_type) else default_type
+            kind = _choose_type(hf_name, gname, tuple(data.shape), requested, keep, n_layers, tied)
+            arr, qt = encode_tensor(data, kind)
+            if qt is None:
+                w.add_tensor(gname, arr)
             else:
-                qt = Q[kind]
-                w.add_tensor(gname, gguf.quants.quantize(data, qt), raw_dtype=qt)
+                w.add_tensor(gname, arr, raw_dtype=qt)
             written[hf_name] = kind
         w.write_header_to_file()
         w.write_kv_data_to_file()
