@@ -16,9 +16,18 @@ tok/s, in interleaved rounds: on a shared machine only the paired ratios mean so
 Quantized variants are made once (RTN; GPTQ with a small calibration from WikiText-2's calibration
 part, act-order on as GPTQ's default) into ``--models`` and reused.
 
-Run::
+GPTQ variants need the WikiText-2 calibration text (``--calib``, default the shared data folder); without
+it they are skipped with a note (the other rows still run).
 
-    .venv/bin/python benchmarks/memory.py --out benchmarks/results/memory.json
+``--ab-ref COMMIT`` extracts that commit of this repository (``git archive``) into a temp folder and
+measures it as the "before" side: the table then has RSS and decode tok/s before and after per row.
+The before side of issue 17 item 6 is ``87743c3`` (the commit before the memory work). The one command
+that prints the full table and saves the JSON::
+
+    .venv/bin/python benchmarks/memory.py --ab-ref 87743c3 --rounds 3 --out benchmarks/results/memory.json
+
+Others::
+
     .venv/bin/python benchmarks/memory.py --only bf16,rtn-w4g128 --ab /work/main --rounds 3
 """
 
@@ -122,7 +131,21 @@ def child(spec: str, dtype_name: str, decode_tokens: int) -> dict[str, Any]:
     return res
 
 
-def make_models(names: list[str], folder: Path, model: str) -> dict[str, str]:
+def _extract(ref: str, folder: Path) -> Path:
+    """The tree of commit ``ref`` of this repository in ``folder/src-<sha>`` (made once, reused)."""
+    sha = subprocess.run(["git", "rev-parse", "--verify", f"{ref}^{{commit}}"], cwd=ROOT, check=True,
+                         capture_output=True, text=True).stdout.strip()
+    out = folder / f"src-{sha[:12]}"
+    if not (out / "slimlm").is_dir():
+        tmp = folder / f".src-{sha[:12]}.tmp-{os.getpid()}"
+        tmp.mkdir(parents=True)
+        archive = subprocess.run(["git", "archive", sha], cwd=ROOT, check=True, capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(tmp)], input=archive, check=True)
+        tmp.rename(out)
+    return out
+
+
+def make_models(names: list[str], folder: Path, model: str, calib: Path) -> dict[str, str]:
     """Model spec per variant: the base model for float variants, else a quantized folder (made once)."""
     specs: dict[str, str] = {}
     for name in names:
@@ -135,7 +158,7 @@ def make_models(names: list[str], folder: Path, model: str) -> dict[str, str]:
             cmd = [sys.executable, "-m", "slimlm.cli.main", "quantize", model, "--out", str(out), "--no-progress",
                    "--recipe", str(_recipe(folder, name, cfg))]
             if cfg["kind"] == "gptq":
-                cmd += ["--calib", str(WIKI), "--calib-start-char", "400000",
+                cmd += ["--calib", str(calib), "--calib-start-char", "400000",
                         "--n-samples", str(_GPTQ_CALIB["n_samples"]), "--seq-len", str(_GPTQ_CALIB["seq_len"])]
             print("making", name, file=sys.stderr)
             subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
@@ -165,6 +188,8 @@ def main() -> int:
     ap.add_argument("--models", default=str(Path(os.environ.get("TMPDIR", "/tmp")) / "slimlm-memory-models"),
                     help="folder for the quantized variants (made once, reused)")
     ap.add_argument("--ab", help="another checkout to measure side by side (e.g. /work/main)")
+    ap.add_argument("--ab-ref", help="a commit of this repository to measure side by side (extracted to a temp folder)")
+    ap.add_argument("--calib", default=str(WIKI), help="calibration text for the GPTQ variants")
     ap.add_argument("--rounds", type=int, default=1, help="interleaved rounds per variant (medians reported)")
     ap.add_argument("--decode-tokens", type=int, default=32)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
@@ -183,8 +208,17 @@ def main() -> int:
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         ap.error(f"unknown variant {unknown[0]!r}")
-    specs = make_models(names, Path(args.models), args.model)
-    roots = {"new": ROOT, **({"old": Path(args.ab)} if args.ab else {})}
+    if not Path(args.calib).is_file():
+        skipped = [n for n in names if (VARIANTS[n][1] or {}).get("kind") == "gptq"]
+        if skipped:
+            print(f"skipping {', '.join(skipped)}: no calibration text at {args.calib}", file=sys.stderr)
+        names = [n for n in names if n not in skipped]
+    specs = make_models(names, Path(args.models), args.model, Path(args.calib))
+    old = Path(args.ab) if args.ab else _extract(args.ab_ref, Path(args.models)) if args.ab_ref else None
+    roots = {"new": ROOT, **({"old": old} if old else {})}
+    for root in roots.values():  # build each side's kernels first (not inside a measured process)
+        subprocess.run([sys.executable, "-m", "slimlm.kernels"], check=True, cwd=root,
+                       env={**os.environ, "PYTHONPATH": str(root)})
     runs: dict[str, dict[str, list[dict[str, Any]]]] = {n: {k: [] for k in roots} for n in names}
     for r in range(args.rounds):
         for name in names:

@@ -10,8 +10,10 @@ embedding and decode attention. They serve only small, inference-only calls (at 
 decode: GPTQ's column sweep (``gptq.cpp``, rows in parallel, the torch loop's arithmetic bit for bit).
 
 The extension is compiled once with ``torch.utils.cpp_extension`` (gcc + ninja, about a minute)
-into torch's extension cache. It is used only when the CPU reports AVX2 (or better) and the build
-succeeds; otherwise slimlm warns once and stays on torch. Set ``SLIMLM_KERNELS=0`` to disable.
+into torch's extension cache, in a child process (``build.py``: the calling process only imports
+the built library, and a lock left by a killed build is detected and removed). It is used only when
+the CPU reports AVX2 (or better) and the build succeeds; otherwise slimlm warns once and stays on
+torch. Set ``SLIMLM_KERNELS=0`` to disable.
 Build ahead of time (``make install`` does)::
 
     python -m slimlm.kernels          # builds them and prints the status
@@ -29,7 +31,7 @@ from typing import Any
 import torch
 
 SMALL_ROWS = 8  # calls with at most this many rows (tokens x batch) take the decode kernels
-_SRC = [Path(__file__).with_name(n) for n in ("decode.cpp", "qgemv.cpp", "qgemv16.cpp", "gptq.cpp", "nf4.cpp", "gguf.cpp")]
+_SRC = [Path(__file__).with_name(n) for n in ("decode.cpp", "qgemv.cpp", "qgemv16.cpp", "qgemv23.cpp", "gptq.cpp", "nf4.cpp", "gguf.cpp")]
 _HEADERS = [Path(__file__).with_name(n) for n in ("common.h", "qgemv.h")]
 _EMPTY = torch.empty(0)
 _ext: Any = None
@@ -72,14 +74,16 @@ def load(verbose: bool = False) -> Any:
     if not ok:
         return None
     try:
-        from torch.utils.cpp_extension import load as build
+        from slimlm.kernels import build
 
-        cache = Path(os.environ.get("TORCH_EXTENSIONS_DIR", Path.home() / ".cache" / "torch_extensions"))
         name = _build_name()
-        if not any(cache.glob(f"*/{name}")):
+        _ext = build.import_built(name)  # the usual case: built before, imported without the build machinery
+        if _ext is None:
             print("slimlm: building CPU decode kernels (once, about a minute)...", file=sys.stderr)
-        _ext = build(name, [str(p) for p in _SRC], extra_cflags=["-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp"],
-                     extra_ldflags=["-fopenmp"], verbose=verbose)
+            build.build_in_child(name, [str(p) for p in _SRC], verbose)
+            _ext = build.import_built(name)
+            if _ext is None:
+                raise RuntimeError(f"the build left no library at {build.library_path(name)}")
         _why = "built"
     except Exception as e:  # no compiler, no ninja, ...: stay on torch ops
         _ext, _why = None, f"build failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
@@ -195,16 +199,26 @@ def dense_spec(w: torch.Tensor, b: torch.Tensor | None) -> LinearSpec | None:
 
 
 def quant_spec(codes: torch.Tensor, bias: torch.Tensor | None, scale: torch.Tensor, zero: torch.Tensor | None,
-               group: int, in_features: int) -> LinearSpec | None:
+               group: int, in_features: int, bits: int | None = None) -> LinearSpec | None:
     """The spec of quantized codes for ``qgemv``, or ``None`` if its layout rules are not met.
 
     codes: int8 ``[O, I]`` (signed, ``w = (q - zero) * scale``) or uint8 ``[O, I/2]`` (two 4-bit codes
     per byte, even element in the low nibble); scale ``[O, ng]``; zero ``[O, ng]`` in the codes' own
     convention (signed for int8, 0..15 for 4-bit) or ``None`` for symmetric int8; group: input columns
     per scale (-1 = the whole row). 4-bit codes with ``O % 16 == 0`` are re-laid in 16-row tiles
-    (:func:`tile_int4`, a new tensor of the same size: the spec no longer reads ``codes``).
+    (:func:`tile_int4`, a new tensor of the same size: the spec no longer reads ``codes``). ``bits`` 2 or
+    3: ``codes`` are unpacked uint8 ``[O, I]`` in ``[0, 2**bits)`` with ``O % 16 == 0``, laid out in
+    :func:`tile_lowbit`'s bit planes (``bits`` / 8 bytes per weight).
     """
     group = in_features if group in (-1, 0) or group >= in_features else group
+    if bits in (2, 3):
+        if codes.dtype is not torch.uint8 or codes.dim() != 2 or codes.shape[1] != in_features \
+                or codes.shape[0] % TILE_ROWS:
+            return None
+        spec = quant_spec(codes.view(torch.int8), bias, scale, zero, group, in_features)  # the layout rules
+        if spec is None:
+            return None
+        return tile_lowbit(codes, bits), spec[1], tile_rows(spec[2]), spec[3] if zero is None else tile_rows(spec[3]), spec[4]
     nib = codes.dtype is torch.uint8
     if in_features % QBLOCK or group % QBLOCK or not codes.is_contiguous() or codes.dim() != 2 \
             or codes.dtype not in (torch.int8, torch.uint8) or codes.shape[1] != (in_features // 2 if nib else in_features):
@@ -240,16 +254,45 @@ def untile_int4(tiles: torch.Tensor) -> torch.Tensor:
     return torch.cat([b & 0x0F, b >> 4], -1).reshape(nr * TILE_ROWS, kn * 8)
 
 
+def tile_lowbit(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Unpacked 2/3-bit codes uint8 ``[O, I]`` (O % 16 == 0, I % 32 == 0) -> qgemv23's bit-plane tiles
+    ``[O/16, I/32, 64 * bits]`` (see qgemv23.cpp): per block of 16 rows x 32 inputs, two planes of the low
+    2 bits (row r in bytes 4r..4r+3, byte j bits 2s..2s+1 = input 16p + 4s + j) and, for 3 bits, 8 masks of
+    the high bit (uint64 m, bit 4r + j = input 4m + j)."""
+    o, i = codes.shape
+    q = codes.view(o // TILE_ROWS, TILE_ROWS, i // 32, 2, 4, 4).permute(0, 2, 3, 1, 5, 4)  # [R, kb, p, r, j, s]
+    lo = (q & 3) << (2 * torch.arange(4, dtype=torch.uint8))
+    planes = [lo.sum(-1, dtype=torch.uint8).reshape(o // TILE_ROWS, i // 32, 128)]  # disjoint bits: sum == or
+    if bits == 3:
+        h = (codes.view(o // TILE_ROWS, TILE_ROWS, i // 32, 8, 4) >> 2) & 1  # [R, r, kb, m, j]
+        h = h.permute(0, 2, 3, 1, 4).reshape(o // TILE_ROWS, i // 32, 8, 8, 8)  # [R, kb, m, byte, bit]: bit 4r + j
+        planes.append((h << torch.arange(8, dtype=torch.uint8)).sum(-1, dtype=torch.uint8).reshape(o // TILE_ROWS, i // 32, 64))
+    return torch.cat(planes, -1).contiguous()
+
+
+def untile_lowbit(tiles: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`tile_lowbit`: tiles ``[O/16, I/32, 64 * bits]`` -> codes ``[O, I]`` uint8."""
+    nr, nb, tb = tiles.shape
+    lo = tiles[:, :, :128].reshape(nr, nb, 2, TILE_ROWS, 4, 1)  # [R, kb, p, r, j, s]
+    q = (lo >> (2 * torch.arange(4, dtype=torch.uint8))) & 3
+    q = q.permute(0, 3, 1, 2, 5, 4).reshape(nr * TILE_ROWS, nb * 32)  # [R, r, kb, p, s, j]
+    if tb == 192:
+        h = (tiles[:, :, 128:].reshape(nr, nb, 8, 8, 1) >> torch.arange(8, dtype=torch.uint8)) & 1  # [R, kb, m, byte, bit]
+        h = h.reshape(nr, nb, 8, TILE_ROWS, 4).permute(0, 3, 1, 2, 4).reshape(nr * TILE_ROWS, nb * 32)
+        q = q | (h << 2)
+    return q
+
+
 def dequant_tiles(tiles: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | float, group: int,
                   dtype: torch.dtype) -> torch.Tensor | None:
-    """The dense weight ``[O, I]`` in ``dtype`` (fp32 or bf16) of 4-bit tiles: ``(q - zero) * scale`` in
+    """The dense weight ``[O, I]`` in ``dtype`` (fp32 or bf16) of 4-bit (or 2/3-bit bit-plane) tiles: ``(q - zero) * scale`` in
     float32 per group, then rounded to ``dtype``; ``zero`` float32 ``[O, ng]`` or one number; ``scale``
     float32 ``[O, ng]``. None where the kernels are unavailable (the caller un-tiles in torch)."""
     ext = _ext if _tried else load()
     if ext is None or dtype not in (torch.float32, torch.bfloat16):
         return None
     z, zc = (_EMPTY, float(zero)) if isinstance(zero, (int, float)) else (zero.float().contiguous(), 0.0)
-    in_features = tiles.shape[1] * 8
+    in_features = tiles.shape[1] * (8 if tiles.shape[2] == 4 * TILE_ROWS else 32)
     group = in_features if group in (-1, 0) or group >= in_features else group
     return ext.dequant_tiles(tiles, scale.float().contiguous(), z, zc, group,  # type: ignore[no-any-return]
                              dtype is torch.bfloat16)

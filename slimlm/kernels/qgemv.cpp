@@ -258,7 +258,8 @@ torch::Tensor qgemv_parts(const torch::Tensor& x, const std::vector<torch::Tenso
   TORCH_CHECK(specs.size() % NL == 0 && !specs.empty(), "qgemv: specs are (w, bias, scale, zs, group) per part");
   TORCH_CHECK(I % QB == 0 && group > 0 && group % QB == 0, "qgemv: I and the group size must be multiples of 32");
   const Chunks ch(I, std::min(group, I));
-  const bool tiled = specs[0].dim() == 3;  // 4-bit codes in 16-row tiles (qgemv16.cpp)
+  const bool tiled = specs[0].dim() == 3;  // 4-bit codes in 16-row tiles (qgemv16.cpp) or 2/3-bit bit planes (qgemv23.cpp)
+  const int64_t tbits = tiled ? specs[0].size(2) / 64 : 0;  // 1: 4-bit tiles (64 bytes per 16 x 8); 2, 3: bits
   const bool nib = !tiled && specs[0].scalar_type() == torch::kByte;
   std::vector<Part> parts;
   std::vector<torch::Tensor> keep;  // float copies of biases / zs that must outlive the run
@@ -267,8 +268,10 @@ torch::Tensor qgemv_parts(const torch::Tensor& x, const std::vector<torch::Tenso
     const torch::Tensor &w = specs[i], &scale = specs[i + 2];
     const int64_t O = tiled ? w.size(0) * TR : w.size(0);
     if (tiled) {
-      TORCH_CHECK(w.scalar_type() == torch::kByte && w.dim() == 3 && w.is_contiguous() && w.size(1) == I / 8 && w.size(2) == 4 * TR,
-                  "qgemv: tiled 4-bit codes must be uint8 [O/16, I/8, 64] contiguous (all parts alike)");
+      TORCH_CHECK(w.scalar_type() == torch::kByte && w.dim() == 3 && w.is_contiguous() && w.size(2) == 64 * tbits &&
+                      w.size(1) == (tbits == 1 ? I / 8 : I / QB) && tbits <= 3,
+                  "qgemv: tiled codes must be uint8 [O/16, I/8, 64] (4-bit) or [O/16, I/32, 64 * bits] (2/3-bit) "
+                  "contiguous (all parts alike)");
       TORCH_CHECK(scale.dim() == 3 && scale.size(0) == O / TR && scale.size(2) == TR, "qgemv: tiled scale must be [O/16, ng, 16]");
     } else {
       TORCH_CHECK(w.scalar_type() == (nib ? torch::kByte : torch::kChar), "qgemv: w must be int8 codes or uint8 packed 4-bit codes (all parts alike)");
@@ -299,7 +302,9 @@ torch::Tensor qgemv_parts(const torch::Tensor& x, const std::vector<torch::Tenso
   sizes.back() = Otot;
   auto y = torch::empty(sizes, x.options());
   auto run = [&](auto* yp, const auto* rp) {
-    if (tiled) qgemv16_run(parts, ch, a.data(), d.data(), xs.data(), B, Otot, rp, yp);
+    if (tbits == 2) qgemv23_run<2>(parts, ch, a.data(), d.data(), xs.data(), B, Otot, rp, yp);
+    else if (tbits == 3) qgemv23_run<3>(parts, ch, a.data(), d.data(), xs.data(), B, Otot, rp, yp);
+    else if (tiled) qgemv16_run(parts, ch, a.data(), d.data(), xs.data(), B, Otot, rp, yp);
     else if (nib) qgemv_run<true>(parts, ch, a.data(), d.data(), xs.data(), B, Otot, rp, yp);
     else qgemv_run<false>(parts, ch, a.data(), d.data(), xs.data(), B, Otot, rp, yp);
   };
@@ -332,10 +337,10 @@ torch::Tensor qgemv_cat(torch::Tensor x, std::vector<torch::Tensor> specs) {
     return specs[i].data_ptr<int64_t>()[0];
   };
   const int64_t group = group_of(NL - 1);
-  bool mixed = false;  // tiled and row-major 4-bit parts (O % 16 differs): one call per part
+  bool mixed = false;  // tiled and row-major parts (O % 16 differs) or tiles of other bits: one call per part
   for (size_t i = NL; i < specs.size(); i += NL) {
     TORCH_CHECK(group_of(i + NL - 1) == group, "qgemv_cat: all parts must share the group size");
-    mixed = mixed || specs[i].dim() != specs[0].dim();
+    mixed = mixed || specs[i].dim() != specs[0].dim() || (specs[0].dim() == 3 && specs[i].size(2) != specs[0].size(2));
   }
   if (!mixed) return qgemv_parts(x, specs, torch::Tensor(), group);
   std::vector<torch::Tensor> outs;

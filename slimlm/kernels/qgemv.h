@@ -106,6 +106,17 @@ inline void finish_out(const Part& P, int64_t ng, const float* xs, int64_t Otot,
   st(y, b * Otot + r, v);
 }
 
+// The epilogue of a tile's 16 sums v (scaled, zero term applied): bias, residual, store (see finish_out).
+template <typename OT>
+inline void finish16(const Part& P, int64_t R, const float* v, int64_t Otot, const OT* res, OT* y, int64_t b) {
+  for (int64_t r = 0; r < TR; ++r) {
+    const int64_t o = R * TR + r, col = P.off + o;
+    float s = v[r] + (P.bias ? P.bias[o] : 0.f);
+    if (res) s = rnd(s, y) + ld(res, b * Otot + col);
+    st(y, b * Otot + col, s);
+  }
+}
+
 // whether the AVX-512 VNNI paths may run (the CPU has them and SLIMLM_QGEMV_AVX2 is unset; qgemv.cpp)
 bool cpu_has_vnni512();
 
@@ -113,6 +124,11 @@ bool cpu_has_vnni512();
 // quantize_chunks in natural order (nib = false).
 template <typename OT>
 void qgemv16_run(const std::vector<Part>& parts, const Chunks& ch, const int8_t* a, const float* d, const float* xs,
+                 int64_t B, int64_t Otot, const OT* res, OT* y);
+
+// The same on 2- or 3-bit codes in 16-row bit-plane tiles (qgemv23.cpp; BITS = 2 or 3).
+template <int BITS, typename OT>
+void qgemv23_run(const std::vector<Part>& parts, const Chunks& ch, const int8_t* a, const float* d, const float* xs,
                  int64_t B, int64_t Otot, const OT* res, OT* y);
 
 }  // namespace slimlm_q

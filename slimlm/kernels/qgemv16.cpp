@@ -27,17 +27,6 @@ inline int32_t dword(const int8_t* p) {  // 4 activations as one broadcastable d
   return v;
 }
 
-// The epilogue of a tile's 16 sums v (scaled, zero term applied): bias, residual, store (see finish_out).
-template <typename OT>
-inline void finish16(const Part& P, int64_t R, const float* v, int64_t Otot, const OT* res, OT* y, int64_t b) {
-  for (int64_t r = 0; r < TR; ++r) {
-    const int64_t o = R * TR + r, col = P.off + o;
-    float s = v[r] + (P.bias ? P.bias[o] : 0.f);
-    if (res) s = rnd(s, y) + ld(res, b * Otot + col);
-    st(y, b * Otot + col, s);
-  }
-}
-
 #define Q16_512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
 
 // tile rows of block R of part P for every batch row: AVX-512 VNNI, 16 rows per vector
@@ -152,6 +141,9 @@ template void qgemv16_run<uint16_t>(const std::vector<Part>&, const Chunks&, con
 
 }  // namespace slimlm_q
 
+torch::Tensor dequant_tiles23(const torch::Tensor& tiles, const float* s, const float* z, float c, int64_t group,
+                              bool out_bf16);  // qgemv23.cpp
+
 namespace {
 using slimlm_q::TR;
 
@@ -181,12 +173,14 @@ void dequant_block(const uint8_t* t, const float* scale, const float* zero, floa
 // 4-bit codes in 16-row tiles uint8 [O/16, I/8, 64] -> the dense weight [O, I] in fp32 (or bf16 when
 // out_bf16: the fp32 value rounded to nearest even, as .to(torch.bfloat16) does). scale: float32 [O, ng],
 // zero: float32 [O, ng] or empty (then every zero is zc); group % 8 == 0 (the last group may be short).
-// The prefill/eval path of the tiled linears: de-quantized per call, so the tiles are the only copy held.
+// 2/3-bit tiles [O/16, I/32, 64 * bits] go to qgemv23.cpp. The prefill/eval path of the tiled linears: de-quantized per call, so the tiles are the only copy held.
 torch::Tensor dequant_tiles(torch::Tensor tiles, torch::Tensor scale, torch::Tensor zero, double zc, int64_t group,
                             bool out_bf16) {
-  TORCH_CHECK(tiles.scalar_type() == torch::kByte && tiles.dim() == 3 && tiles.is_contiguous() && tiles.size(2) == 4 * TR,
-              "dequant_tiles: tiles must be uint8 [O/16, I/8, 64] contiguous");
-  const int64_t O = tiles.size(0) * TR, I = tiles.size(1) * 8;
+  TORCH_CHECK(tiles.scalar_type() == torch::kByte && tiles.dim() == 3 && tiles.is_contiguous() &&
+                  (tiles.size(2) == 4 * TR || tiles.size(2) == 128 || tiles.size(2) == 192),
+              "dequant_tiles: tiles must be uint8 [O/16, I/8, 64] (4-bit) or [O/16, I/32, 64 * bits] (2/3-bit) contiguous");
+  const bool lowbit = tiles.size(2) != 4 * TR;
+  const int64_t O = tiles.size(0) * TR, I = tiles.size(1) * (lowbit ? 32 : 8);
   TORCH_CHECK(group > 0 && group % 8 == 0, "dequant_tiles: group must be a positive multiple of 8");
   const int64_t ng = (I + group - 1) / group;
   TORCH_CHECK(scale.scalar_type() == torch::kFloat32 && scale.is_contiguous() && scale.numel() == O * ng,
@@ -195,11 +189,12 @@ torch::Tensor dequant_tiles(torch::Tensor tiles, torch::Tensor scale, torch::Ten
   if (has_zero)
     TORCH_CHECK(zero.scalar_type() == torch::kFloat32 && zero.is_contiguous() && zero.numel() == O * ng,
                 "dequant_tiles: zero must be float32 [O, ceil(I / group)] contiguous or empty");
-  auto out = torch::empty({O, I}, tiles.options().dtype(out_bf16 ? torch::kBFloat16 : torch::kFloat32));
-  const uint8_t* t = tiles.data_ptr<uint8_t>();
   const float* s = scale.data_ptr<float>();
   const float* z = has_zero ? zero.data_ptr<float>() : nullptr;
   const float c = static_cast<float>(zc);
+  if (lowbit) return dequant_tiles23(tiles, s, z, c, group, out_bf16);
+  auto out = torch::empty({O, I}, tiles.options().dtype(out_bf16 ? torch::kBFloat16 : torch::kFloat32));
+  const uint8_t* t = tiles.data_ptr<uint8_t>();
   at::parallel_for(0, O / TR, 1, [&](int64_t begin, int64_t end) {
     for (int64_t R = begin; R < end; ++R) {
       if (out_bf16) dequant_block(t, s, z, c, R, I, ng, group, reinterpret_cast<uint16_t*>(out.data_ptr()));

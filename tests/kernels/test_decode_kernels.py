@@ -243,7 +243,48 @@ def test_qgemv_matches_int8_activation_reference(bits: int, shape: tuple[int, in
     torch.testing.assert_close(got_res, res + got, atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("bits", [3, 2])
+# out, in, group, rows: a short last group (576 = 4 x 128 + 64), per-row scales, group 96 (chunks of 96)
+@pytest.mark.parametrize("shape", [(96, 576, 128, 2), (64, 320, -1, 8), (32, 384, 96, 1), (48, 576, 64, 3)])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_qgemv_lowbit_tiles_match_int8_activation_reference(bits: int, shape: tuple[int, int, int, int],
+                                                            symmetric: bool, dtype: torch.dtype) -> None:
+    """2/3-bit codes in their bit-plane tiles (qgemv23.cpp): the same int8-activation math as the reference."""
+    o, i, group, rows = shape
+    gen = torch.Generator().manual_seed(o + bits)
+    ng = 1 if group == -1 else -(-i // group)
+    q = torch.randint(0, 2**bits, (o, i), generator=gen).to(torch.uint8)
+    q[0] = 2**bits - 1  # a row of the largest code: the high bit everywhere
+    zero = torch.full((o, ng), 2 ** (bits - 1), dtype=torch.uint8) if symmetric else \
+        torch.randint(0, 2**bits, (o, ng), generator=gen).to(torch.uint8)
+    scale = torch.rand(o, ng, generator=gen) / 50
+    bias = torch.randn(o, generator=gen)
+    x = torch.randn(rows, i, generator=gen)
+    x[:, 5] *= 40
+    x[0, :32] = 0
+    x = x.to(dtype)
+    spec = kernels.quant_spec(q, bias, scale, zero, group, i, bits=bits)
+    assert spec is not None and spec[0].shape == (o // 16, i // 32, 64 * bits)  # bits / 8 bytes per weight
+    assert torch.equal(kernels.untile_lowbit(spec[0]), q)
+    res = torch.randn(rows, o).to(dtype)
+    with torch.inference_mode():
+        got = kernels.qlinear(x, spec)
+        got_res = kernels.qlinear(x, spec, residual=res)
+    assert got is not None and got_res is not None and got.dtype == dtype
+    ref = _qgemv_reference(x, q, scale, zero, i if group == -1 else group) + bias.double()
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(got.double(), ref, atol=tol * ref.abs().max().item(), rtol=0)
+    torch.testing.assert_close(got_res, res + got, atol=0, rtol=0)
+    # the prefill path de-quantizes the same tiles: (q - zero) * scale in fp32, then rounded to bf16
+    g = torch.arange(i) // (i if group == -1 else group)
+    w = (q.float() - zero.float()[:, g]) * scale[:, g]
+    z: torch.Tensor | float = 2.0 ** (bits - 1) if symmetric else zero.float()
+    assert torch.equal(kernels.dequant_tiles(spec[0], scale, z, group, torch.float32), w)  # type: ignore[arg-type]
+    assert torch.equal(kernels.dequant_tiles(spec[0], scale, z, group, torch.bfloat16), w.bfloat16())  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("bits", [8, 4, 3])
 @pytest.mark.parametrize("sizes", [(64, 24, 40), (64, 32, 48)])  # 4-bit: row-major, and 16-row tiles
 def test_qgemv_cat_equals_separate_calls(bits: int, sizes: tuple[int, int, int]) -> None:
     """q|k|v (or gate|up) in one pass: x quantized once, every row computed as in its own call."""
@@ -252,10 +293,16 @@ def test_qgemv_cat_equals_separate_calls(bits: int, sizes: tuple[int, int, int])
     gen = torch.Generator().manual_seed(bits)
     specs = []
     for o in sizes:
-        q = torch.randint(-128, 128, (o, 256), generator=gen).to(torch.int8) if bits == 8 else \
-            pack_int4(torch.randint(0, 16, (o, 256), generator=gen).to(torch.uint8))
-        zero = torch.randint(0, 16, (o, 2), generator=gen).to(q.dtype)
-        spec = kernels.quant_spec(q, torch.randn(o, generator=gen), torch.rand(o, 2, generator=gen), zero, 128, 256)
+        if bits == 3 and o % 16:  # a 3-bit linear with O % 16 != 0 holds int8 codes
+            q = torch.randint(0, 8, (o, 256), generator=gen).to(torch.int8)
+        else:
+            q = torch.randint(-128, 128, (o, 256), generator=gen).to(torch.int8) if bits == 8 else \
+                torch.randint(0, 2**bits, (o, 256), generator=gen).to(torch.uint8)
+        zero = torch.randint(0, 2 ** min(bits, 4), (o, 2), generator=gen).to(q.dtype)
+        if bits == 4:
+            q = pack_int4(q)
+        spec = kernels.quant_spec(q, torch.randn(o, generator=gen), torch.rand(o, 2, generator=gen), zero, 128, 256,
+                                  bits=3 if bits == 3 and o % 16 == 0 else None)
         assert spec is not None
         specs.append(spec)
     x = torch.randn(2, 1, 256, generator=gen)
@@ -263,13 +310,13 @@ def test_qgemv_cat_equals_separate_calls(bits: int, sizes: tuple[int, int, int])
         got = kernels.load().qgemv_cat(x, [t for s in specs for t in s])
         sep = torch.cat([kernels.qlinear(x, s) for s in specs], -1)  # type: ignore[misc]
     assert got.shape == (2, 1, sum(sizes)) and torch.equal(got, sep)
-    if bits == 4:  # tiled exactly when O % 16 == 0 (sizes0 mixes both layouts in one call)
+    if bits in (3, 4):  # tiled exactly when O % 16 == 0 (sizes0 mixes both layouts in one call)
         assert [s[0].dim() for s in specs] == [3 if o % 16 == 0 else 2 for o in sizes]
 
 
 @pytest.mark.parametrize("bits,symmetric", [(3, False), (2, True), (5, False)])
 def test_intx_decode_calls_run_qgemv_on_unpacked_codes(bits: int, symmetric: bool) -> None:
-    """2/3/5-bit linears: decode-size calls take qgemv on the one runtime layout (4-bit tiles for 2/3 bits,
+    """2/3/5-bit linears: decode-size calls take qgemv on the one runtime layout (bit-plane tiles for 2/3 bits,
     int8 codes for 5; the exact int8-activation math of the reference), larger calls de-quantize it;
     act-order codes are held in group-contiguous column order and x is permuted to match."""
     from slimlm.quant.linear import IntxWeightLinear
@@ -284,8 +331,8 @@ def test_intx_decode_calls_run_qgemv_on_unpacked_codes(bits: int, symmetric: boo
     mod = IntxWeightLinear.from_quantized(QuantizedWeight(q.to(torch.uint8), scale, zero, bits, 128, symmetric))
     spec = mod.decode_spec()
     assert spec is not None and mod.qweight is None  # one runtime layout, read by every call
-    if bits < 4:  # 2/3-bit codes in the 4-bit tiles (0.5 byte per weight)
-        assert spec[0].dtype == torch.uint8 and spec[0].shape == (48 // 16, 576 // 8, 64)
+    if bits < 4:  # 2/3-bit codes in their bit-plane tiles (bits / 8 bytes per weight)
+        assert spec[0].dtype == torch.uint8 and spec[0].shape == (48 // 16, 576 // 32, 64 * bits)
     else:  # 5-bit: int8 codes
         assert spec[0].dtype == torch.int8 and spec[0].shape == (48, 576)
     x = torch.randn(2, 576, generator=gen)
@@ -432,11 +479,13 @@ def test_qgemv_avx2_and_avx512_vnni_paths_agree(tmp_path) -> None:  # type: igno
         "from slimlm.quant.packing import pack_int4\n"
         "g = torch.Generator().manual_seed(0)\n"
         "outs = []\n"
-        "for bits, o, i, group in ((4, 40, 576, 128), (4, 33, 96, 96), (4, 48, 576, 128), (8, 37, 576, -1), (8, 24, 352, 32)):\n"
-        "    q = torch.randint(0, 16, (o, i), generator=g).to(torch.uint8) if bits == 4 else torch.randint(-128, 128, (o, i), generator=g).to(torch.int8)\n"
+        "for bits, o, i, group in ((4, 40, 576, 128), (4, 33, 96, 96), (4, 48, 576, 128), (8, 37, 576, -1), (8, 24, 352, 32),\n"
+        "                          (3, 48, 576, 128), (2, 32, 384, 96)):\n"
+        "    q = torch.randint(0, 2 ** bits, (o, i), generator=g).to(torch.uint8) if bits < 8 else torch.randint(-128, 128, (o, i), generator=g).to(torch.int8)\n"
         "    ng = 1 if group == -1 else -(-i // group)\n"
-        "    zero = torch.randint(0, 16, (o, ng), generator=g).to(q.dtype)\n"
-        "    spec = kernels.quant_spec(pack_int4(q) if bits == 4 else q, torch.randn(o, generator=g), torch.rand(o, ng, generator=g), zero, group, i)\n"
+        "    zero = torch.randint(0, 2 ** min(bits, 4), (o, ng), generator=g).to(q.dtype)\n"
+        "    spec = kernels.quant_spec(pack_int4(q) if bits == 4 else q, torch.randn(o, generator=g), torch.rand(o, ng, generator=g), zero, group, i,\n"
+        "                              bits=bits if bits < 4 else None)\n"
         "    for rows in (1, 3):\n"
         "        with torch.inference_mode():\n"
         "            outs.append(kernels.qlinear(torch.randn(rows, i, generator=g), spec))\n"
@@ -449,7 +498,7 @@ def test_qgemv_avx2_and_avx512_vnni_paths_agree(tmp_path) -> None:  # type: igno
         subprocess.run([sys.executable, str(script), str(tmp_path / f"{name}.pt")], check=True, cwd=root,
                        env={**env, **extra, "PYTHONPATH": root})
     a, b = (torch.load(tmp_path / f"{n}.pt", weights_only=True) for n in ("default", "avx2"))
-    assert len(a) == len(b) == 10
+    assert len(a) == len(b) == 14
     for x, y in zip(a, b, strict=True):
         torch.testing.assert_close(x, y, atol=1e-5 * y.abs().max().item(), rtol=0)
 

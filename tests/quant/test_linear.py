@@ -30,27 +30,11 @@ from slimlm.quant.nf4 import NF4_LEVELS, NF4Weight, quantize_nf4
 from slimlm.quant.qtensor import QuantizedWeight
 from slimlm.utils.errors import SlimlmError
 from tests.helpers.kernels import require_kernels
+from tests.helpers.quant import random_qw
 
 # what torch itself offers (the skip must not trust slimlm's own detection, which these tests check)
 TORCH_HAS_INT4_MM = all(hasattr(torch.ops.aten, op) for op in ("_weight_int4pack_mm_for_cpu",
                                                                 "_convert_weight_to_int4pack_for_cpu"))
-
-
-def random_qw(out: int, inp: int, bits: int, group: int, symmetric: bool, act_order: bool = False,
-              seed: int = 0) -> QuantizedWeight:
-    gen = torch.Generator().manual_seed(seed)
-    ng = -(-inp // group)
-    q = torch.randint(0, 2**bits, (out, inp), generator=gen).to(torch.uint8)
-    scale = torch.rand(out, ng, generator=gen) * 0.02 + 0.001
-    if symmetric:
-        zero = torch.full((out, ng), 2 ** (bits - 1), dtype=torch.int32)
-    else:
-        zero = torch.randint(0, 2**bits, (out, ng), generator=gen).to(torch.int32)
-    g_idx = None
-    if act_order:  # static groups under a random column order: each group still has `group` members
-        perm = torch.randperm(inp, generator=gen)
-        g_idx = (torch.argsort(perm) // group).to(torch.int32)
-    return QuantizedWeight(q, scale, zero, bits, group, symmetric, g_idx)
 
 
 def snr_db(ref: torch.Tensor, y: torch.Tensor) -> float:

