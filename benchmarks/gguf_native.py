@@ -7,7 +7,7 @@ memory map is closed by then; the tokenizer, ~19 MB for SmolLM2's vocabulary, is
 ``--rounds``) and greedy decode of ``--tokens`` tokens after a 16-token prompt, batch 1. With
 ``--llama-bench`` the same file's ``pp``/``tg`` from llama.cpp are taken in the same run, each round after the slimlm modes.
 
-    .venv/bin/python benchmarks/gguf_native.py --rounds 2 --llama-bench /path/to/llama-bench
+    .venv/bin/python benchmarks/gguf_native.py --rounds 2 --tokens 128 --threads 2 --dtype bf16 --llama-bench /work/llama.cpp/build/bin/llama-bench
 
 The machine this runs on may be shared: only ratios measured side by side mean anything there.
 """
@@ -74,8 +74,9 @@ def worker(mode: str, args: argparse.Namespace) -> dict[str, Any]:
     release_free_memory()
     model_rss = rss_bytes() - base
     path = alias_path(args.model) if not Path(args.model).is_file() else Path(args.model)
-    res: dict[str, Any] = {"mode": mode, "load_s": load_s, "model_rss_bytes": model_rss,
-                           "file_bytes": path.stat().st_size, "size_in_memory_bytes": describe(lm)["size_in_memory_bytes"]}
+    d = describe(lm)
+    res: dict[str, Any] = {"mode": mode, "load_s": load_s, "model_rss_bytes": model_rss, "file_bytes": path.stat().st_size,
+                           "size_in_memory_bytes": d["size_in_memory_bytes"], "tensor_bytes": d["tensor_bytes"]}
     res["rss_over_file"] = model_rss / res["file_bytes"]
     ids = torch.randint(100, 1000, (1, args.prefill))
     pre = []
@@ -135,12 +136,13 @@ def main() -> None:
             acc = results.setdefault("llama.cpp", {"prefill_tok_s": [], "decode_tok_s": []})
             acc["prefill_tok_s"].append(pp)
             acc["decode_tok_s"].append(tg)
-    print("| mode | model RSS MB | x file | prefill tok/s | decode tok/s |")
-    print("|---|---|---|---|---|")
+    print("| mode | model RSS MiB | x file | tensors x file | prefill tok/s | decode tok/s |")
+    print("|---|---|---|---|---|---|")
     for mode, r in results.items():
         rss = f"{r['model_rss_bytes'] / 2**20:.0f}" if "model_rss_bytes" in r else "-"
         over = f"{r['rss_over_file']:.3f}" if "rss_over_file" in r else "-"
-        print(f"| {mode} | {rss} | {over} | {statistics.median(r['prefill_tok_s']):.0f} | "
+        tens = f"{r['tensor_bytes'] / r['file_bytes']:.3f}" if "tensor_bytes" in r else "-"
+        print(f"| {mode} | {rss} | {over} | {tens} | {statistics.median(r['prefill_tok_s']):.0f} | "
               f"{statistics.median(r['decode_tok_s']):.1f} |")
     print(json.dumps(results))
 

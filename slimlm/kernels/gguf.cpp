@@ -91,11 +91,13 @@ torch::Tensor gguf_dequant(torch::Tensor codes, torch::Tensor scale, torch::Tens
     TORCH_CHECK(codes.dim() == 2 && codes.size(0) == O && codes.size(1) == (codes.scalar_type() == torch::kByte ? I / 2 : I),
                 "gguf_dequant: codes must be [O, I/2] uint8 or [O, I] int8");
   }
-  TORCH_CHECK(group > 0 && group % 8 == 0 && I % 8 == 0 && scale.scalar_type() == torch::kFloat32 && scale.is_contiguous() && scale.numel() == O * ng,
-              "gguf_dequant: scale must be float32 with O * ceil(I / group) elements");
+  TORCH_CHECK(group > 0 && group % 8 == 0 && I % 8 == 0 && (scale.scalar_type() == torch::kFloat32 || scale.scalar_type() == torch::kHalf) &&
+              scale.numel() == O * ng, "gguf_dequant: scale must be float32 / fp16 with O * ceil(I / group) elements");
+  scale = scale.to(torch::kFloat32).contiguous();  // fp16 terms (Q4_0/Q4_1 tiles) widened exactly; a no-op for fp32
   const bool has_z = zs.numel() > 0;
   if (has_z) {
-    TORCH_CHECK(zs.scalar_type() == torch::kFloat32 && zs.is_contiguous() && zs.numel() == O * ng, "gguf_dequant: bad zs");
+    TORCH_CHECK((zs.scalar_type() == torch::kFloat32 || zs.scalar_type() == torch::kHalf) && zs.numel() == O * ng, "gguf_dequant: bad zs");
+    zs = zs.to(torch::kFloat32).contiguous();
   }
   auto y = torch::empty({O, I}, torch::dtype(bf16 ? torch::kBFloat16 : torch::kFloat32));
   const float* s = scale.data_ptr<float>();

@@ -277,13 +277,23 @@ torch::Tensor qgemv_parts(const torch::Tensor& x, const std::vector<torch::Tenso
       TORCH_CHECK(w.scalar_type() == (nib ? torch::kByte : torch::kChar), "qgemv: w must be int8 codes or uint8 packed 4-bit codes (all parts alike)");
       TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.size(1) == (nib ? I / 2 : I), "qgemv: w must be [O, I] / [O, I/2] contiguous");
     }
-    TORCH_CHECK(scale.scalar_type() == torch::kFloat32 && scale.is_contiguous() && scale.numel() == O * ch.ng,
-                "qgemv: scale must be float32 [O, ceil(I / group)] contiguous");
-    auto zf = opt_float(specs[i + 3], O * ch.ng, "zs"), bf = opt_float(specs[i + 1], O, "bias");
+    // fp16 terms (scale and zs alike): 4-bit tiles only (GGUF Q4_0/Q4_1, slimlm.quant.linear.gguf)
+    const bool h16 = tiled && w.size(2) == 4 * TR && scale.scalar_type() == torch::kHalf;
+    TORCH_CHECK((h16 || scale.scalar_type() == torch::kFloat32) && scale.is_contiguous() && scale.numel() == O * ch.ng,
+                "qgemv: scale must be float32 [O, ceil(I / group)] contiguous (or fp16 with 4-bit tiles)");
+    const torch::Tensor& z16 = specs[i + 3];
+    if (h16)
+      TORCH_CHECK(z16.numel() == 0 || (z16.scalar_type() == torch::kHalf && z16.is_contiguous() && z16.numel() == O * ch.ng),
+                  "qgemv: with fp16 scales zs must be fp16 [O, ng] contiguous or empty");
+    auto zf = h16 ? torch::Tensor() : opt_float(specs[i + 3], O * ch.ng, "zs"), bf = opt_float(specs[i + 1], O, "bias");
     keep.push_back(zf);
     keep.push_back(bf);
-    parts.push_back({reinterpret_cast<const uint8_t*>(w.data_ptr()), O, Otot, scale.data_ptr<float>(),
+    parts.push_back({reinterpret_cast<const uint8_t*>(w.data_ptr()), O, Otot, h16 ? nullptr : scale.data_ptr<float>(),
                      zf.defined() ? zf.data_ptr<float>() : nullptr, bf.defined() ? bf.data_ptr<float>() : nullptr});
+    if (h16) {
+      parts.back().scale_h = reinterpret_cast<const uint16_t*>(scale.data_ptr());
+      parts.back().zs_h = z16.numel() ? reinterpret_cast<const uint16_t*>(z16.data_ptr()) : nullptr;
+    }
     Otot += O;
   }
   const torch::Tensor xc = x.is_contiguous() ? x : x.contiguous();  // fp32 or bf16, read as is

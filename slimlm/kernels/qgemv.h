@@ -93,7 +93,13 @@ struct Part {  // one weight matrix of a (possibly concatenated) call
   const uint8_t* w;
   int64_t O, off;  // rows, first output column
   const float *scale, *zs, *bias;
+  // fp16 group terms (4-bit tiles only, scale/zs then null): GGUF's Q4_0/Q4_1 d and m as the file stores
+  // them; qgemv16 widens one tile block's terms to fp32 (exact) before its loop
+  const uint16_t *scale_h = nullptr, *zs_h = nullptr;
 };
+
+// one tile block's [ng, 16] terms of part P as fp32: P.scale/P.zs themselves, or the fp16 ones widened into buf
+void tile_terms(const Part& P, int64_t R, int64_t ng, std::vector<float>& buf, const float*& sc, const float*& zs);
 
 // the epilogue of one output: zero-point term, bias, residual, store in y's dtype
 template <typename OT>

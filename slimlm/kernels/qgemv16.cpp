@@ -27,6 +27,29 @@ inline int32_t dword(const int8_t* p) {  // 4 activations as one broadcastable d
   return v;
 }
 
+}  // namespace
+
+__attribute__((target("avx,f16c"))) void tile_terms(const Part& P, int64_t R, int64_t ng, std::vector<float>& buf,
+                                                     const float*& sc, const float*& zs) {
+  const int64_t n = ng * TR, at = R * n;
+  if (!P.scale_h) {
+    sc = P.scale + at;
+    zs = P.zs ? P.zs + at : nullptr;
+    return;
+  }
+  buf.resize(2 * n);
+  for (int64_t k = 0; k < 2; ++k) {
+    const uint16_t* h = k ? P.zs_h : P.scale_h;
+    if (!h) continue;
+    for (int64_t i = 0; i < n; i += 8)  // n is a multiple of 16; fp16 -> fp32 is exact
+      _mm256_storeu_ps(buf.data() + k * n + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h + at + i))));
+  }
+  sc = buf.data();
+  zs = P.zs_h ? buf.data() + n : nullptr;
+}
+
+namespace {
+
 #define Q16_512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
 
 // tile rows of block R of part P for every batch row: AVX-512 VNNI, 16 rows per vector
@@ -35,8 +58,9 @@ Q16_512 void tile_rows512(const Part& P, int64_t R, const Chunks& ch, const int8
                           int64_t B, int64_t Otot, const OT* res, OT* y) {
   const int64_t I = ch.I, ng = ch.ng, nc = ch.n(), kn = I / 8;
   const uint8_t* t = P.w + R * kn * 64;
-  const float* sc = P.scale + R * ng * TR;
-  const float* zs = P.zs ? P.zs + R * ng * TR : nullptr;
+  thread_local std::vector<float> hbuf;  // fp16 terms widened (Part::scale_h)
+  const float *sc, *zs;
+  tile_terms(P, R, ng, hbuf, sc, zs);
   const __m512i m = _mm512_set1_epi8(0x0F);
   alignas(64) float out[TR];
   for (int64_t b = 0; b < B; ++b) {
@@ -74,8 +98,9 @@ void tile_rows256(const Part& P, int64_t R, const Chunks& ch, const int8_t* a, c
                   int64_t B, int64_t Otot, const OT* res, OT* y) {
   const int64_t I = ch.I, ng = ch.ng, nc = ch.n(), kn = I / 8;
   const uint8_t* t = P.w + R * kn * 64;
-  const float* sc = P.scale + R * ng * TR;
-  const float* zs = P.zs ? P.zs + R * ng * TR : nullptr;
+  thread_local std::vector<float> hbuf;  // fp16 terms widened (Part::scale_h)
+  const float *sc, *zs;
+  tile_terms(P, R, ng, hbuf, sc, zs);
   const __m256i m = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
   alignas(32) float out[TR];
   for (int64_t b = 0; b < B; ++b) {

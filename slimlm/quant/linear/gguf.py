@@ -16,6 +16,10 @@ Storage (state dict; the layout is fixed by type and shape, so ``create`` rebuil
   ``O % 16 != 0``, two codes per byte ``[O, I/2]`` (even element low) with ``[O, ng]`` terms.
 - the others: ``codes`` int8 ``[O, I]`` (Q5_x, Q5_K, Q6_K, Q3_K, Q2_K one byte per weight),
   ``scale``/``zs`` float32 ``[O, ng]``.
+- Q4_0/Q4_1 tiles keep ``scale``/``zs`` in fp16, as the file stores ``d`` and ``m`` (the values are
+  fp16 numbers: widening them to fp32 is exact, and the kernels widen them per tile block), so
+  those layers hold 20 bytes per 32 weights like the file; the K types' ``d * sc`` products are not
+  fp16 numbers and stay float32.
 
 Runtime: decode-size calls (<= 8 rows) of the group-32 types run slimlm's ``qgemv`` integer-dot
 kernels on this storage directly (activations rounded to int8 per chunk, docs/runtime.md; Q4_1's
@@ -46,6 +50,7 @@ from slimlm.quant.linear.gguf_blocks import LAYOUTS, GGUFCodes, decode_blocks
 from slimlm.utils.errors import CheckpointError
 
 TILE = kernels.TILE_ROWS
+HALF_TERMS = ("Q4_0", "Q4_1")  # types whose group terms are the file's fp16 d (and m): held in fp16 when tiled
 
 
 def untile_int4(tiles: torch.Tensor) -> torch.Tensor:
@@ -105,8 +110,9 @@ class GGUFLinear(QuantLinearBase):
         else:
             codes, terms = torch.zeros(out_features, in_features, dtype=torch.int8), (out_features, ng)
         self.register_buffer("codes", codes)
-        self.register_buffer("scale", torch.ones(terms, dtype=torch.float32))
-        self.register_buffer("zs", torch.zeros(terms, dtype=torch.float32) if has_zs else None)
+        tdt = torch.float16 if self.tiled and qtype in HALF_TERMS else torch.float32  # see the module docstring
+        self.register_buffer("scale", torch.ones(terms, dtype=tdt))
+        self.register_buffer("zs", torch.zeros(terms, dtype=tdt) if has_zs else None)
 
     # --- construction ---------------------------------------------------------------------------
     @classmethod
@@ -120,9 +126,10 @@ class GGUFLinear(QuantLinearBase):
             zs = None if zs is None else tile_rows_np(zs)
         elif mod.nibble:
             codes = codes[:, 0::2] | (codes[:, 1::2] << 4)  # [O, I/2] even element low
+        tdt = mod.scale.dtype  # fp16 terms hold the file's fp16 values exactly (HALF_TERMS)
         mod.codes = torch.from_numpy(np.ascontiguousarray(codes))
-        mod.scale = torch.from_numpy(np.ascontiguousarray(scale))
-        mod.zs = None if zs is None else torch.from_numpy(np.ascontiguousarray(zs))
+        mod.scale = torch.from_numpy(np.ascontiguousarray(scale)).to(tdt)
+        mod.zs = None if zs is None else torch.from_numpy(np.ascontiguousarray(zs)).to(tdt)
         mod.process_after_loading()
         return mod
 
@@ -144,11 +151,13 @@ class GGUFLinear(QuantLinearBase):
         """The decode kernels read the storage as it is (group-32 types); no copy of the codes is made."""
         spec = None
         if self.group_size % kernels.QBLOCK == 0 and self.in_features % kernels.QBLOCK == 0 and kernels.supported()[0]:
-            zs = self.zs
+            zs, scale = self.zs, self.scale
             if self.code_offset:  # Q4_0: qgemv's zero*scale term is 8 * d (exact: d is an fp16 value)
                 zs = self.scale * float(self.code_offset)
+                if not bool(torch.isfinite(zs).all()):  # 8 * d past fp16's range: float32 terms
+                    scale, zs = scale.float(), scale.float() * float(self.code_offset)
             b = kernels._EMPTY if self.bias is None else self.bias.float().contiguous()
-            spec = (self.codes, b, self.scale, kernels._EMPTY if zs is None else zs,
+            spec = (self.codes, b, scale, kernels._EMPTY if zs is None else zs,
                     torch.tensor([self.group_size]))
         self.__dict__["_decode"] = spec
 
@@ -171,7 +180,7 @@ class GGUFLinear(QuantLinearBase):
             q = torch.stack([p & 0x0F, p >> 4], dim=-1).reshape(-1, self.in_features)
         else:
             q = self.codes if rows is None else self.codes[rows]
-        return q, pick(self.scale), None if self.zs is None else pick(self.zs)
+        return q, pick(self.scale).float(), None if self.zs is None else pick(self.zs).float()
 
     def dense_rows(self, rows: torch.Tensor | None = None) -> torch.Tensor:
         """De-quantized rows ``[n, I]`` float32 (``rows`` int64 [n]; all rows when None)."""
