@@ -10,7 +10,7 @@ device), so ``state_dict`` → ``torch.save`` → ``torch.load`` → ``load_stat
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from itertools import chain
 from typing import Any
 
@@ -20,7 +20,20 @@ from slimlm.utils.errors import ConfigError
 
 
 class SlimOptimizer(torch.optim.Optimizer):
-    """Base class: a ``torch.optim.Optimizer`` whose ``load_state_dict`` restores state dtypes exactly."""
+    """Base class: ``step`` runs the closure (with grad), then the subclass's ``_update`` (without);
+    ``load_state_dict`` restores state dtypes exactly."""
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        with torch.no_grad():
+            self._update()
+        return loss
+
+    def _update(self) -> None:
+        raise NotImplementedError
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)

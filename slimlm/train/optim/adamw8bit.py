@@ -15,7 +15,7 @@ State per 8-bit parameter: ``exp_avg_codes``/``exp_avg_sq_codes`` uint8 (numel,)
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -44,12 +44,7 @@ class AdamW8bit(SlimOptimizer):
                     dequantize_blockwise(state["exp_avg_sq_codes"], state["exp_avg_sq_absmax"], signed=False))
         return state["exp_avg"], state["exp_avg_sq"]
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+    def _update(self) -> None:
         for group in self.param_groups:
             lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
             b1, b2 = group["betas"]
@@ -82,7 +77,6 @@ class AdamW8bit(SlimOptimizer):
                 if quantized:
                     state["exp_avg_codes"], state["exp_avg_absmax"] = quantize_blockwise(m, True)
                     state["exp_avg_sq_codes"], state["exp_avg_sq_absmax"] = quantize_blockwise(v, False)
-        return loss
 
 
 register_optimizer("adamw8bit")(AdamW8bit)

@@ -22,7 +22,7 @@ There is no bias correction (as in the paper's algorithm and its authors' code).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -52,12 +52,7 @@ class CAME(SlimOptimizer):
                     "weight_decay": weight_decay}
         super().__init__(params, defaults)
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+    def _update(self) -> None:
         for group in self.param_groups:
             b1, b2, b3 = group["betas"]
             eps1, eps2 = group["eps"]
@@ -93,7 +88,6 @@ class CAME(SlimOptimizer):
                 if group["weight_decay"] != 0.0:
                     p.add_(p, alpha=-group["weight_decay"] * group["lr"])
                 p.add_(u.mul_(group["lr"]).to(p.dtype), alpha=-1.0)
-        return loss
 
 
 register_optimizer("came")(CAME)

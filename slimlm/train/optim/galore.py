@@ -21,7 +21,7 @@ update without projection; a param group with ``"galore": False`` opts out (e.g.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -52,12 +52,7 @@ class GaLoreAdamW(SlimOptimizer):
     def projected(group: dict[str, Any], p: torch.Tensor) -> bool:
         return bool(group["galore"]) and p.dim() == 2 and min(p.shape) > group["rank"]
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+    def _update(self) -> None:
         for group in self.param_groups:
             b1, b2 = group["betas"]
             for p in group["params"]:
@@ -88,7 +83,6 @@ class GaLoreAdamW(SlimOptimizer):
                 p.add_(n.to(p.dtype), alpha=-step_size)
                 if group["weight_decay"] > 0.0:
                     p.add_(p, alpha=-group["lr"] * group["weight_decay"])
-        return loss
 
 
 register_optimizer("galore")(GaLoreAdamW)

@@ -13,7 +13,7 @@ Use a learning rate 3-10x smaller than AdamW's and a weight decay 3-10x larger (
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -28,12 +28,7 @@ class Lion(SlimOptimizer):
         check_common(lr, weight_decay, betas)
         super().__init__(params, {"lr": lr, "betas": tuple(betas), "weight_decay": weight_decay})
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+    def _update(self) -> None:
         for group in self.param_groups:
             lr, wd = group["lr"], group["weight_decay"]
             beta1, beta2 = group["betas"]
@@ -48,7 +43,6 @@ class Lion(SlimOptimizer):
                     p.mul_(1.0 - lr * wd)
                 p.add_(m.mul(beta1).add_(p.grad, alpha=1.0 - beta1).sign_(), alpha=-lr)
                 m.mul_(beta2).add_(p.grad, alpha=1.0 - beta2)
-        return loss
 
 
 register_optimizer("lion")(Lion)

@@ -80,17 +80,11 @@ class LOMO(SlimOptimizer):
     def zero_grad(self, set_to_none: bool = True) -> None:
         return None  # gradients are freed inside backward already
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+    def _update(self) -> None:
         if not self._handles:
             raise ConfigError("lomo: call attach(model) before training; it updates inside backward")
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
         self._updated.clear()
         self.steps += 1
-        return loss
 
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()
