@@ -116,14 +116,17 @@ def main() -> None:
         raise SystemExit(f"unknown optimizer(s) {unknown}; known: {', '.join(OPTIMIZERS)}")
     shapes = model_shapes(args.model)
     n_params = sum(torch.Size(s).numel() for s in shapes.values())
-    print(f"{args.model}: {len(shapes)} trainable tensors, {n_params / 1e6:.1f} M parameters (fp32, full fine-tuning)")
+    print(f"{args.model}: {len(shapes)} trainable tensors, {n_params / 1e6:.1f} M parameters (fp32, full fine-tuning)",
+          flush=True)
     gen = torch.Generator().manual_seed(0)
+    start = [torch.randn(s, generator=gen) * 0.02 for s in shapes.values()]
+    grads = [torch.randn(s, generator=gen) * 1e-3 for s in shapes.values()]
     results: dict[str, Any] = {}
     for name in names:
-        params = [torch.nn.Parameter(torch.randn(s, generator=gen) * 0.02) for s in shapes.values()]
-        grads = [torch.randn(s, generator=gen) * 1e-3 for s in shapes.values()]
+        params = [torch.nn.Parameter(w.clone()) for w in start]  # every optimizer starts from the same weights
         results[name] = bench_one(name, params, grads, args.steps)
-        del params, grads
+        print(f"  {name}: {results[name]}", flush=True)
+        del params
         gc.collect()
     base = results.get("adamw", {}).get("state_bytes")
     print(f"{'optimizer':<10} {'state MB':>9} {'B/param':>8} {'vs AdamW':>9} {'first step s':>13} {'step s':>8}")
