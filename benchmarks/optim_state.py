@@ -126,6 +126,7 @@ def main() -> None:
         params = [torch.nn.Parameter(w.clone()) for w in start]  # every optimizer starts from the same weights
         results[name] = bench_one(name, params, grads, args.steps)
         print(f"  {name}: {results[name]}", flush=True)
+        save_json({"model": args.model, "partial": True, "results": results, "system": system_info()}, args.out)
         del params
         gc.collect()
     base = results.get("adamw", {}).get("state_bytes")
