@@ -51,3 +51,6 @@ def _adamw(params: Iterable[Any], **kwargs: Any) -> torch.optim.Optimizer:
 
 
 __all__ = ["build_optimizer", "optimizers", "register_optimizer"]
+
+# each optimizer registers itself on import (after the registry above exists)
+from slimlm.train.optim import adafactor, adamw8bit, came, galore, lion, lomo  # noqa: E402,F401
