@@ -112,6 +112,7 @@ def test_activation_checkpointing_gives_the_same_gradients(base):
     grads = []
     for ckpt in (False, True):
         lm = load_model(str(folder))
+        torch.manual_seed(0)  # the same random adapters both times
         apply_peft(lm.model, LoraConfig(r=4, target_modules=["q_proj", "down_proj"], init_lora_weights="random"))
         lm.model.gradient_checkpointing = ckpt
         logits = lm.model(ids)
@@ -120,6 +121,10 @@ def test_activation_checkpointing_gives_the_same_gradients(base):
     assert grads[0].keys() == grads[1].keys() and grads[0]
     for n in grads[0]:
         torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-6, atol=1e-7)
+
+
+class _Stop(Exception):
+    pass
 
 
 def _lora_model(folder):  # type: ignore[no-untyped-def]
@@ -140,9 +145,13 @@ def test_resume_is_bit_exact(base, tok, data, tmp_path):
     straight = _lora_model(folder)
     Trainer(straight.model, cfg, ex, checkpoint_dir=tmp_path / "a", progress=False).train()
 
+    def stop(trainer, row):  # type: ignore[no-untyped-def]
+        if row["step"] == 3:  # the same run (same schedule), stopped after its step-3 checkpoint
+            raise _Stop
+
     first = _lora_model(folder)
-    half = TrainConfig.from_dict({**cfg.to_dict(), "max_steps": 3})
-    Trainer(first.model, half, ex, checkpoint_dir=tmp_path / "b", progress=False).train()
+    with pytest.raises(_Stop):
+        Trainer(first.model, cfg, ex, checkpoint_dir=tmp_path / "b", callbacks=[stop], progress=False).train()
     second = _lora_model(folder)  # a fresh process would start like this
     torch.manual_seed(123)  # whatever the global RNG holds, the checkpoint's state wins
     tr = Trainer(second.model, cfg, ex, checkpoint_dir=tmp_path / "b", resume=tmp_path / "b", progress=False)
@@ -154,10 +163,6 @@ def test_resume_is_bit_exact(base, tok, data, tmp_path):
     assert not all(torch.equal(a[k], v) for k, v in _trainable(_lora_model(folder).model).items())  # it trained
     rows = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4, 5, 6]
-
-
-class _Stop(Exception):
-    pass
 
 
 def test_ctrl_c_keeps_the_last_complete_checkpoint(base, tok, data, tmp_path, monkeypatch):
@@ -223,7 +228,7 @@ def test_training_lowers_the_loss_with_bf16_autocast(base, tok, data):
     cfg = _cfg(max_steps=12, batch_size=3, dtype="bf16", lr=2e-2, eval_fraction=0.0, packing=True)
     res = Trainer(lm.model, cfg, read_examples(data, tok, cfg.seq_len), progress=False).train()
     losses = [h["loss"] for h in res.history]
-    assert losses[-1] < 0.8 * losses[0], losses
+    assert losses[-1] < 0.95 * losses[0] and losses[-1] == min(losses), losses
     assert all(p.dtype == torch.float32 for p in lm.model.parameters() if p.requires_grad)  # fp32 master weights
 
 
