@@ -54,8 +54,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
 
     m = subparsers.add_parser("merge", help="fold a LoRA/IA3 adapter into its base model and save the model",
                               description="Load MODEL, apply the peft-layout adapter, merge it into the weights "
-                                          "(a quantized base is re-quantized; the error added is reported) and save a "
-                                          "slimlm model folder (--hf: a plain HF folder).")
+                                          "(a weight-only quantized base is re-quantized and the error added is reported; "
+                                          "a GGUF base is de-quantized) and save a slimlm model folder (--hf: a plain HF "
+                                          "folder).")
     add_model_arg(m)
     m.add_argument("--adapter", required=True, help="peft-layout adapter folder")
     m.add_argument("--out", required=True, help="output folder")
@@ -185,8 +186,14 @@ def run_merge(args: argparse.Namespace) -> int:
     from slimlm.loaders.save import export_hf, save_model
     from slimlm.peft import load_adapter, merge_and_unload
 
+    from slimlm.loaders.resolve import resolve
+
     out = check_output_dir(args.out, args.overwrite)
-    lm = load(args, dense=args.hf)
+    # GGUF block types have no re-quantizer here: such a base is de-quantized and the adapter merged in float
+    gguf = resolve(args.model)[1] == "gguf"
+    if gguf and not args.json:
+        status("note: the GGUF base is de-quantized to float; the merged model is saved in float")
+    lm = load(args, dense=args.hf or gguf)
     paths = load_adapter(lm.model, args.adapter)
     report = merge_and_unload(lm.model)
     worst = report.max_error
