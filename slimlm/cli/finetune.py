@@ -183,10 +183,9 @@ def _save(lm: Any, method: Any, out: Path, args: argparse.Namespace) -> Path:
 def run_merge(args: argparse.Namespace) -> int:
     from slimlm.cli.common import load
     from slimlm.loaders.outputs import check_output_dir
+    from slimlm.loaders.resolve import resolve
     from slimlm.loaders.save import export_hf, save_model
     from slimlm.peft import load_adapter, merge_and_unload
-
-    from slimlm.loaders.resolve import resolve
 
     out = check_output_dir(args.out, args.overwrite)
     # GGUF block types have no re-quantizer here: such a base is de-quantized and the adapter merged in float

@@ -18,8 +18,8 @@ import torch
 from slimlm.cli.main import main
 from slimlm.loaders import load_model
 from tests.helpers.models import make_hf_model
-from tests.peft.test_lora_peft_interop import _no_gptqmodel  # noqa: F401  (autouse fixture: peft vs old gptqmodel)
 from tests.helpers.tokenizers import make_tiny_tokenizer
+from tests.peft.test_lora_peft_interop import _no_gptqmodel  # noqa: F401  (autouse fixture: peft vs old gptqmodel)
 
 TRAIN = ["--max-steps", "2", "--seq-len", "64", "--batch-size", "2", "--lr", "0.01", "--train-dtype", "fp32",
          "--no-progress"]
