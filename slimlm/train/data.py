@@ -262,7 +262,7 @@ class WindowSampler:
         return torch.randperm(len(self.windows), generator=g).tolist()
 
     def next_batch(self) -> list[Window]:
-        out = []
+        out: list[Window] = []
         while len(out) < self.batch_size:
             if self.index >= len(self._order):
                 self.epoch, self.index = self.epoch + 1, 0
