@@ -241,3 +241,11 @@ def test_schedules():
     assert lr_factor(5, lin) == pytest.approx(0.5)
     grow = TrainConfig(max_steps=9, seq_len=64, grow_length=True)
     assert [window_len(s, grow) for s in range(9)] == [16, 16, 16, 32, 32, 32, 64, 64, 64]
+
+
+def test_grow_length_trains_short_windows_first(base, tok, data):
+    folder, _ = base
+    cfg = _cfg(max_steps=3, seq_len=64, grow_length=True, packing=False, batch_size=3)
+    res = Trainer(_lora_model(folder).model, cfg, read_examples(data, tok, 64), progress=False).train()
+    windows = [h["window"] for h in res.history]
+    assert windows[0] <= 16 and windows[1] <= 32 and windows[2] > 32, windows  # the examples are 20-30 tokens
