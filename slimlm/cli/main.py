@@ -23,6 +23,7 @@ COMMANDS = [
     "slimlm.cli.prune",
     "slimlm.cli.factorize",
     "slimlm.cli.convert_gqa",
+    "slimlm.cli.finetune",  # finetune, merge
     "slimlm.cli.serve",
     "slimlm.cli.bench",  # bench, report
 ]

@@ -52,6 +52,7 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self._rope: dict[str, RotaryCache] = {}
         self._rope_dtype: torch.dtype | None = None
+        self.gradient_checkpointing = False  # the trainer's activation checkpointing, per decoder layer
 
     def ties_lm_head(self) -> bool:
         """Whether ``lm_head`` shares the embedding matrix: a tied config whose head is still a plain
@@ -93,10 +94,12 @@ class Transformer(nn.Module):
         return self._rope[key]
 
     def context(self, positions: torch.Tensor, cache: KVCache | None = None,
-                attention_mask: torch.Tensor | None = None) -> AttnContext:
+                attention_mask: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None) -> AttnContext:
         """Rotary tables and masks for a forward over ``positions: [B, T]``.
 
         ``attention_mask: [B, S]`` (1 = real token) covers every key, cached ones included.
+        ``segment_ids: [B, T]`` (packed training sequences, no cache): a query attends only to keys
+        of its own segment, so packed examples never see each other (their positions restart too).
         """
         cfg = self.config
         b, t = positions.shape
@@ -105,11 +108,13 @@ class Transformer(nn.Module):
         types = set(cfg.layer_types) or {"full_attention"}
         rope = self.rope_tables(positions)
         padded = attention_mask is not None and not bool(attention_mask.all())
+        if segment_ids is not None and cache is not None:
+            raise ValueError("segment_ids (packed sequences) are for cache-free training forwards")
         masks: dict[str, torch.Tensor | None] = {}
         for lt in types:
             window = cfg.sliding_window if lt == "sliding_attention" else None
             need_window = window is not None and s > window
-            if not padded and not need_window and (t == 1 or past == 0):
+            if not padded and not need_window and segment_ids is None and (t == 1 or past == 0):
                 masks[lt] = None  # decode step: every key; fresh prefill: SDPA's causal flag
                 continue
             q_idx = torch.arange(past, s).unsqueeze(1)  # [T, 1]
@@ -125,8 +130,10 @@ class Transformer(nn.Module):
                 # a padding query would attend to nothing (NaN that leaks through 0 * NaN in later
                 # layers): let every query see its own slot
                 m = m | (k_idx == q_idx).view(1, 1, t, s)
+            if segment_ids is not None:  # block-diagonal: [B, 1, T, 1] == [B, 1, 1, T]
+                m = m & (segment_ids.view(b, 1, t, 1) == segment_ids.view(b, 1, 1, t))
             masks[lt] = m
-        is_causal = past == 0 and not padded
+        is_causal = past == 0 and not padded and segment_ids is None
         return AttnContext(rope=rope, masks=masks, is_causal=is_causal, cache=cache)
 
     def rope_tables(self, positions: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -149,8 +156,13 @@ class Transformer(nn.Module):
 
     # --- forward -------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, cache: KVCache | None = None,
-                attention_mask: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
+                attention_mask: torch.Tensor | None = None, last_only: bool = False,
+                segment_ids: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids: [B, T] -> logits [B, T, V] (or [B, 1, V] with ``last_only``).
+
+        ``segment_ids: [B, T]`` marks packed sequences (see :meth:`context`; give their restarting
+        ``positions`` too). With ``gradient_checkpointing`` set, a forward with grad enabled keeps
+        only each decoder layer's input and recomputes the layer in backward (activation memory).
 
         With a ``prompt_encoder`` submodule (prompt tuning, ``slimlm.peft``) a fresh forward (no cache
         history) runs its P virtual tokens first: logits [B, P + T, V], as peft returns them."""
@@ -166,10 +178,16 @@ class Transformer(nn.Module):
                 attention_mask = torch.cat([attention_mask.new_ones(b, prefix.shape[1]), attention_mask], dim=1)
         if positions is None:
             positions = default_positions(b, t, cache.length if cache is not None else 0, attention_mask)
-        ctx = self.context(positions, cache, attention_mask)
+        ctx = self.context(positions, cache, attention_mask, segment_ids)
         h = self.embed(input_ids, positions, prefix)
-        for layer in self.model.layers:
-            h = layer(h, ctx)
+        if self.gradient_checkpointing and torch.is_grad_enabled() and cache is None:
+            from torch.utils.checkpoint import checkpoint  # imported on use: inference never needs it
+
+            for layer in self.model.layers:
+                h = checkpoint(layer, h, ctx, use_reentrant=False)
+        else:
+            for layer in self.model.layers:
+                h = layer(h, ctx)
         if cache is not None:
             cache.advance(t)
         if last_only:

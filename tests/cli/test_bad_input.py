@@ -64,6 +64,18 @@ TABLE: dict[str, tuple[list[str], dict[str, tuple[list[str], str]]]] = {
         "--rank": (["-1", *NOT_INT], "8"), "--damp": (["-0.1", "1", *NOT_FINITE], "0.1"), **CALIB, **RUNTIME}),
     "convert-gqa": (["convert-gqa", "{model}", "--out", "{out}"], {
         "--kv-heads": (["0", "-1", *NOT_INT], "2"), **CALIB, **RUNTIME}),
+    "finetune": (["finetune", "{model}", "--data", "{model}.jsonl", "--out", "{out}"], {
+        "--r": (["0", "-1", *NOT_INT], "16"), "--lora-alpha": (["0", "-1", *NOT_FINITE], "32"),
+        "--lora-dropout": (["-0.1", "1", *NOT_FINITE], "0.05"), "--lora-plus-ratio": (["-1", *NOT_FINITE], "16"),
+        "--num-virtual-tokens": (["0", "-1", *NOT_INT], "8"), "--max-steps": (["0", "-1", *NOT_INT], "2"),
+        "--batch-size": (["0", "-1", *NOT_INT], "2"), "--grad-accum": (["0", "-1", *NOT_INT], "4"),
+        "--seq-len": (["0", "1", *NOT_INT], "128"), "--lr": (["0", "-1e-4", *NOT_FINITE], "1e-4"),
+        "--weight-decay": (["-0.1", *NOT_FINITE], "0.01"), "--warmup-steps": (["-1", *NOT_INT], "10"),
+        "--min-lr-ratio": (["-0.1", "1.5", *NOT_FINITE], "0.1"), "--max-grad-norm": (["-1", *NOT_FINITE], "1.0"),
+        "--eval-every": (["-1", *NOT_INT], "10"), "--eval-fraction": (["-0.1", "1", *NOT_FINITE], "0.1"),
+        "--save-every": (["-1", *NOT_INT], "50"), "--keep-checkpoints": (["0", "-1", *NOT_INT], "3"),
+        "--log-every": (["0", "-1", *NOT_INT], "5"), "--seed": (["-1", *NOT_INT], "1"), **RUNTIME}),
+    "merge": (["merge", "{model}", "--adapter", "{model}", "--out", "{out}"], {**RUNTIME}),
     "serve": (["serve", "{model}"], {
         "--port": (["-1", "65536", *NOT_INT], "8001"), "--max-waiting": (["-1", *NOT_INT], "8"),
         "--num-blocks": (["-1", *NOT_INT], "64"), "--kv-budget-gib": (["0", "-1", *NOT_FINITE], "0.5"),

@@ -1,0 +1,281 @@
+"""The one trainer loop: causal-LM loss on packed windows, accumulation, clipping, schedules, eval,
+checkpoints and bit-exact resume. Fine-tuning (any ``slimlm.peft`` method, or every weight) and the
+training recipes drive this loop; nothing else writes one.
+
+One optimizer step::
+
+    micro-batches = grad_accum x (batch_size windows)          # data position advances
+    n = target tokens of the whole step                        # loss = sum CE / n: every token weighs the same
+    for each micro-batch: forward (bf16 autocast where native) -> (sum CE / n).backward()
+    clip the global grad norm -> optimizer.step() -> scheduler.step() -> zero_grad(set_to_none=True)
+    every eval_every: eval loss / ppl; every save_every: an atomic checkpoint; metrics -> JSONL
+
+Run it through ``slimlm finetune`` or directly::
+
+    from slimlm.train import TrainConfig, Trainer, read_examples
+    ex = read_examples("builtin:instruct", lm.tokenizer, seq_len=256)
+    result = Trainer(lm.model, TrainConfig(max_steps=20, seq_len=256), ex, checkpoint_dir="out/ckpt").train()
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from slimlm.train.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from slimlm.train.config import TrainConfig
+from slimlm.train.data import IGNORE, Example, Window, WindowSampler, collate, pack, target_tokens
+from slimlm.train.optim import build_optimizer
+from slimlm.train.schedule import length_stages, lr_factor, window_len
+from slimlm.utils.cpu import has_native_bf16
+from slimlm.utils.errors import SlimlmError
+from slimlm.utils.memory import current_rss_bytes
+
+Callback = Callable[["Trainer", dict[str, Any]], None]
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    """``auto``: bf16 autocast where the CPU multiplies bf16 natively, fp32 elsewhere."""
+    if name == "auto":
+        return torch.bfloat16 if has_native_bf16() else torch.float32
+    return torch.bfloat16 if name == "bf16" else torch.float32
+
+
+def autocast(dtype: torch.dtype) -> contextlib.AbstractContextManager[Any]:
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast("cpu", dtype=dtype)
+
+
+def forward_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Logits ``[B, T, V]`` of a collated batch: packed windows with restarting positions and a
+    block-diagonal mask; single-example windows with a right-padding mask (prompt tuning's virtual
+    tokens, which need the model's own positions, are sliced off)."""
+    if bool(batch["packed"]):
+        return model(batch["input_ids"], positions=batch["positions"], segment_ids=batch["segment_ids"])  # type: ignore[no-any-return]
+    mask = batch["attention_mask"]
+    logits = model(batch["input_ids"], attention_mask=None if bool(mask.all()) else mask)
+    return logits[:, logits.shape[1] - batch["input_ids"].shape[1]:]  # type: ignore[no-any-return]
+
+
+def loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed next-token cross-entropy over the counted targets: logits [B, T, V], labels [B, T]."""
+    v = logits.shape[-1]
+    return F.cross_entropy(logits[:, :-1].float().reshape(-1, v), labels[:, 1:].reshape(-1),
+                           ignore_index=IGNORE, reduction="sum")
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    final_loss: float
+    eval_loss: float | None
+    tokens: int
+    seconds: float
+    checkpoint: Path | None
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+class Trainer:
+    """Trains the parameters of ``model`` that require grad on ``examples`` (see module docstring).
+
+    Args:
+        model: a slimlm runtime model (adapters applied, or everything trainable for full fine-tuning).
+        cfg: the loop's config.
+        examples: tokenized training examples (``slimlm.train.data.read_examples``).
+        eval_examples: held-out examples for eval loss / ppl (default: ``cfg.eval_fraction`` of ``examples``).
+        checkpoint_dir: where ``step-N`` checkpoints go (None: no checkpoints).
+        resume: a checkpoint (or a folder of them: the newest) to continue from, bit for bit.
+        param_groups: optimizer parameter groups (e.g. LoRA+); default: every trainable tensor.
+        metrics_path: JSONL metrics log (default ``checkpoint_dir/metrics.jsonl``).
+        callbacks: ``f(trainer, row)`` after every optimizer step (tests use it to interrupt).
+    """
+
+    def __init__(self, model: nn.Module, cfg: TrainConfig, examples: list[Example],
+                 eval_examples: list[Example] | None = None, checkpoint_dir: str | Path | None = None,
+                 resume: str | Path | None = None, param_groups: list[dict[str, Any]] | None = None,
+                 metrics_path: str | Path | None = None, callbacks: list[Callback] | None = None,
+                 progress: bool = True, pad_id: int = 0) -> None:
+        self.model, self.cfg = model, cfg
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params:
+            raise SlimlmError("nothing to train: no parameter requires grad (apply a PEFT method or use full fine-tuning)")
+        if eval_examples is None and cfg.eval_fraction > 0:
+            n_eval = max(1, int(len(examples) * cfg.eval_fraction))
+            if n_eval >= len(examples):
+                raise SlimlmError(f"eval_fraction {cfg.eval_fraction} leaves no training example of {len(examples)}")
+            examples, eval_examples = examples[:-n_eval], examples[-n_eval:]
+        self.pad_id = pad_id
+        packing = cfg.packing and "prompt_encoder" not in model._modules  # virtual tokens need own positions
+        self.samplers = {n: WindowSampler(pack(_cut(examples, n), n, packing), cfg.batch_size, cfg.seed)
+                         for n in length_stages(cfg)}
+        self.eval_windows = pack(_cut(eval_examples, cfg.seq_len), cfg.seq_len, packing) if eval_examples else []
+        self.dtype = resolve_dtype(cfg.dtype)
+        self.optimizer = build_optimizer(cfg.optimizer, param_groups or params, lr=cfg.lr,
+                                         weight_decay=cfg.weight_decay)
+        self.fused_update = bool(getattr(self.optimizer, "updates_in_backward", False))
+        if self.fused_update:
+            self.optimizer.attach(model)  # type: ignore[attr-defined]
+        # a plain function: LambdaLR's state dict then holds only counters (weights_only loads it)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cfg))
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+        mp = metrics_path or (self.checkpoint_dir / "metrics.jsonl" if self.checkpoint_dir else None)
+        self.metrics_path = Path(mp) if mp is not None else None
+        self.callbacks = list(callbacks or [])
+        self.progress = progress
+        self.step, self.tokens = 0, 0
+        self.last_checkpoint: Path | None = None
+        self._saved_step = -1
+        torch.manual_seed(cfg.seed)  # dropout; a resumed run restores the state it stopped with
+        if resume is not None:
+            ckpt = find_checkpoint(resume)
+            meta = load_checkpoint(ckpt, model, self.optimizer, self.scheduler)
+            self.step, self.tokens = int(meta["step"]), int(meta["tokens"])
+            for n, s in meta["data"].items():
+                if int(n) not in self.samplers:
+                    raise SlimlmError(f"--resume {ckpt}: it was taken with other window lengths (seq_len/grow_length)")
+                self.samplers[int(n)].load_state_dict(s)
+            self.last_checkpoint, self._saved_step = ckpt, self.step
+
+    # --- one step ------------------------------------------------------------------------------
+    def _micro_batches(self) -> list[dict[str, torch.Tensor]]:
+        sampler = self.samplers[window_len(self.step, self.cfg)]
+        return [collate(sampler.next_batch(), self.pad_id) for _ in range(self.cfg.grad_accum)]
+
+    def train_step(self) -> dict[str, Any]:
+        """One optimizer step over ``grad_accum`` micro-batches; returns its metrics row."""
+        self.model.train()
+        batches = self._micro_batches()
+        n = sum(target_tokens(b) for b in batches)
+        total = 0.0
+        for b in batches:
+            with autocast(self.dtype):
+                logits = forward_logits(self.model, b)
+            loss = loss_sum(logits, b["labels"]) / max(n, 1)
+            loss.backward()
+            total += float(loss.detach())
+        grad_norm = None
+        if not self.fused_update:
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            if self.cfg.max_grad_norm > 0:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm))
+        self.optimizer.step()
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.scheduler.step()
+        if not self.fused_update:
+            self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.tokens += sum(int(b["attention_mask"].sum()) for b in batches)
+        return {"step": self.step, "loss": total, "lr": lr, "grad_norm": grad_norm, "target_tokens": n,
+                "window": batches[0]["input_ids"].shape[1]}
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float] | None:
+        """Mean next-token loss and perplexity over the held-out windows (None without any)."""
+        if not self.eval_windows:
+            return None
+        self.model.eval()
+        tot, n = 0.0, 0
+        for i in range(0, len(self.eval_windows), self.cfg.batch_size):
+            b = collate(self.eval_windows[i:i + self.cfg.batch_size], self.pad_id)
+            with autocast(self.dtype):
+                logits = forward_logits(self.model, b)
+            tot += float(loss_sum(logits, b["labels"]))
+            n += target_tokens(b)
+        loss = tot / max(n, 1)
+        return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
+
+    def save(self) -> Path:
+        assert self.checkpoint_dir is not None
+        state = {"step": self.step, "tokens": self.tokens, "config": self.cfg.to_dict(),
+                 "data": {str(n): s.state_dict() for n, s in self.samplers.items()}}
+        self.last_checkpoint = save_checkpoint(self.checkpoint_dir, self.model, self.optimizer, self.scheduler, state,
+                                               keep=self.cfg.keep_checkpoints)
+        self._saved_step = self.step
+        return self.last_checkpoint
+
+    # --- the run -------------------------------------------------------------------------------
+    def train(self) -> TrainResult:
+        """Run until ``max_steps`` (a KeyboardInterrupt propagates; the last complete checkpoint stays)."""
+        cfg = self.cfg
+        t0, tok0 = time.perf_counter(), self.tokens
+        history: list[dict[str, Any]] = []
+        last: dict[str, Any] = {"loss": float("nan")}
+        ev: dict[str, float] | None = None
+        bar = _bar(cfg.max_steps, self.step, self.progress)
+        with self._log() as log:
+            while self.step < cfg.max_steps:
+                row = self.train_step()
+                dt = time.perf_counter() - t0
+                row.update(tokens=self.tokens, tokens_per_s=(self.tokens - tok0) / max(dt, 1e-9),
+                           rss_mb=current_rss_bytes() / 2**20)
+                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.max_steps:
+                    ev = self.evaluate()
+                    row.update(ev or {})
+                if self.checkpoint_dir is not None and cfg.save_every and self.step % cfg.save_every == 0:
+                    row["checkpoint"] = str(self.save())
+                if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+                    log(row)
+                history.append(row)
+                last = row
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}",
+                                    rss=f"{row['rss_mb']:.0f}MB")
+                for cb in self.callbacks:
+                    cb(self, row)
+            ev = self.evaluate() if self.eval_windows else None
+            if ev is not None:
+                log({"step": self.step, **ev})
+            if self.checkpoint_dir is not None and self._saved_step != self.step:
+                self.save()
+        if bar is not None:
+            bar.close()
+        return TrainResult(self.step, float(last["loss"]), ev["eval_loss"] if ev else None, self.tokens - tok0,
+                           time.perf_counter() - t0, self.last_checkpoint, history)
+
+    @contextlib.contextmanager
+    def _log(self) -> Iterator[Callable[[dict[str, Any]], None]]:
+        if self.metrics_path is None:
+            yield lambda row: None
+            return
+        self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.metrics_path.open("a", encoding="utf-8") as f:
+            def write(row: dict[str, Any]) -> None:
+                f.write(json.dumps(row, default=str) + "\n")
+                f.flush()
+
+            yield write
+
+
+def _cut(examples: list[Example] | None, n: int) -> list[Example]:
+    out = []
+    for e in examples or []:
+        e = Example(e.ids[:n], e.labels[:n])
+        if any(t != IGNORE for t in e.labels[1:]):
+            out.append(e)
+    if examples and not out:
+        raise SlimlmError(f"no example keeps a target token within {n}-token windows (prompts too long?)")
+    return out
+
+
+def _bar(total: int, start: int, enabled: bool):  # type: ignore[no-untyped-def]
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=start, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True)
+
+
+__all__ = ["TrainResult", "Trainer", "Window", "forward_logits", "loss_sum", "resolve_dtype"]
