@@ -24,6 +24,7 @@ COMMANDS = [
     "slimlm.cli.factorize",
     "slimlm.cli.convert_gqa",
     "slimlm.cli.serve",
+    "slimlm.cli.plan",
 ]
 
 
