@@ -142,7 +142,7 @@ def plan(shape: ModelShape, cfg: PlanConfig, roof: dict[str, Any] | None) -> dic
             v["max_batch"] = _largest(lambda b: fits(b, context), 1, 1 << 16)
             max_ctx = c.max_position_embeddings if not train else 1 << 20
             v["max_context"] = _largest(lambda t: fits(cfg.batch, t), 1, max_ctx)
-        if roof and cfg.task in ("inference", "serve"):
+        if roof and "formats" in roof and cfg.task in ("inference", "serve"):
             v["speed"] = speed(shape, roof, fmt_name, cfg, context)
         variants.append(v)
     out: dict[str, Any] = {

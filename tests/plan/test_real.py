@@ -54,6 +54,7 @@ def test_fp32_inference_at_context_2048(residue):
     measured = _run(INFERENCE)
     r = plan(read_shape("smollm2-135m"), PlanConfig(formats=["fp32"], context=2048), {"residue_bytes": residue})
     predicted = r["variants"][0]["total_bytes"]
+    print(f"predicted {predicted / 2**20:.0f} MiB, measured {measured / 2**20:.0f} MiB")
     assert predicted == pytest.approx(measured, rel=0.25), (predicted / 2**20, measured / 2**20)
 
 
@@ -74,4 +75,5 @@ print(peak_rss_bytes())
     r = plan(read_shape("smollm2-135m"), PlanConfig(task="quantize", calib_samples=16, calib_seq_len=512),
              {"residue_bytes": residue})
     predicted = r["variants"][0]["total_bytes"]
+    print(f"predicted {predicted / 2**20:.0f} MiB, measured {measured / 2**20:.0f} MiB")
     assert predicted == pytest.approx(measured, rel=0.25), (predicted / 2**20, measured / 2**20)
