@@ -102,7 +102,7 @@ def trainable_matrices(shape: ModelShape, method: str, lora_rank: int) -> list[t
     if method == "full":
         mats = [(lin.out_features, lin.in_features) for lin in shape.linears]
         mats += [(1, lin.out_features) for lin in shape.linears if lin.bias]
-        for name, n in shape.other_params.items():
+        for n in shape.other_params.values():
             rows = shape.config.hidden_size if n % max(1, shape.config.hidden_size) == 0 and n > shape.config.hidden_size else 1
             mats.append((n // rows, rows) if rows > 1 else (1, n))
         return mats

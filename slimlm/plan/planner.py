@@ -137,7 +137,7 @@ def plan(shape: ModelShape, cfg: PlanConfig, roof: dict[str, Any] | None) -> dic
         v: dict[str, Any] = {"format": fmt_name, "memory": terms, "total_bytes": total,
                              "fits": bool(avail) and total <= avail}
         if avail and cfg.task != "quantize":
-            def fits(b: int, t: int) -> bool:
+            def fits(b: int, t: int, fmt_name: str = fmt_name) -> bool:
                 return sum(task_memory(shape, cfg, fmt_name, b, t, residue).values()) <= avail
             v["max_batch"] = _largest(lambda b: fits(b, context), 1, 1 << 16)
             max_ctx = c.max_position_embeddings if not train else 1 << 20

@@ -152,8 +152,8 @@ def time_decode(model: torch.nn.Module, steps: int = 24, context: int = 32) -> f
     """Median seconds of one batch-1 decode step after a ``context``-token prompt."""
     from slimlm.models.kv_cache import KVCache
 
-    cfg = model.config  # type: ignore[attr-defined]
-    ids = torch.randint(0, cfg.vocab_size, (1, context))
+    cfg: Any = model.config
+    ids = torch.randint(0, int(cfg.vocab_size), (1, context))
     cache = KVCache.for_model(cfg, 1, context + steps + 1, next(model.parameters()).dtype)
     model(ids, cache=cache, last_only=True)
     nxt = torch.zeros(1, 1, dtype=torch.long)
@@ -168,8 +168,8 @@ def time_decode(model: torch.nn.Module, steps: int = 24, context: int = 32) -> f
 
 @torch.inference_mode()
 def time_prefill(model: torch.nn.Module, tokens: int = 256) -> float:
-    cfg = model.config  # type: ignore[attr-defined]
-    ids = torch.randint(0, cfg.vocab_size, (1, tokens))
+    cfg: Any = model.config
+    ids = torch.randint(0, int(cfg.vocab_size), (1, tokens))
     return _best(lambda: model(ids, last_only=True), 2)
 
 
