@@ -6,17 +6,19 @@ time is ``FLOPs / GEMM rate``. The raw limits (a 256 MiB sum, a 1024^3 matmul) s
 can do; the *efficiency factors* say what slimlm's runtime reaches of them, and they are measured too,
 on synthetic models built in this process (random weights, the real runtime, nothing downloaded):
 
-- per weight format (fp32, bf16, int8, int4 g128): a 6-layer model of hidden 1024 (weights several
-  times the last-level cache in fp32) and a 6-layer model of hidden 64 (pure per-layer overhead) each
-  decode 24 tokens; ``decode_eff = (bytes_read / (t_big - t_small)) / bandwidth`` and the per-layer
-  overhead ``t_small / layers``; the big one's 256-token prefill gives ``prefill_eff = FLOP/s / GEMM
+- per weight format (fp32, bf16, int8, int4 g128): a 4-layer model of hidden 768 (113 MB of fp32
+  weights, beyond most last-level caches) and a 4-layer model of hidden 64 (pure per-layer overhead)
+  each decode 12 tokens (median step); ``decode_eff = (bytes_read / (t_big - t_small)) / bandwidth``
+  and the per-layer overhead ``t_small / layers``; the big one's 128-token prefill gives
+  ``prefill_eff = FLOP/s / GEMM
   rate`` (the bf16 GEMM rate for bf16, the fp32 one otherwise: quantized linears de-quantize into it).
 
 Predictions (:func:`predict_decode`, :func:`predict_prefill`) apply these numbers to another model's
 bytes and FLOPs; formats not measured borrow the nearest measured kind (intB and GGUF 4-bit types:
 int4's; Q8_0/Q5/Q6: int8's; nf4: int4's). The cache is JSON under ``$XDG_CACHE_HOME/slimlm`` (default
 ``~/.cache/slimlm``), keyed by CPU model, threads, torch version and slimlm's kernel availability;
-``slimlm plan --remeasure`` refreshes it. A measurement takes ~20-40 s on 2 shared cores.
+``slimlm plan --remeasure`` refreshes it. A measurement takes ~15 s on 2 quiet cores (minutes on a
+loaded machine).
 """
 
 from __future__ import annotations
@@ -36,9 +38,9 @@ from slimlm.utils.cpu import cpu_model
 
 ROOFLINE_VERSION = 1
 MEASURED_FORMATS = ("fp32", "bf16", "int8", "int4")
-_BIG = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=6, num_attention_heads=16,
+_BIG = dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=4, num_attention_heads=12,
             num_key_value_heads=4, vocab_size=4096)
-_SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4,
+_SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
               num_key_value_heads=2, vocab_size=256)
 
 
@@ -68,7 +70,7 @@ def load_roofline(remeasure: bool = False, progress: bool = True) -> dict[str, A
             pass  # a corrupt cache is measured again
     if progress:
         print("slimlm plan: measuring this CPU once (bandwidth, GEMM rate, decode/prefill on synthetic "
-              f"models; ~30 s), cached in {path}", file=sys.stderr, flush=True)
+              f"models; ~15 s on a quiet machine), cached in {path}", file=sys.stderr, flush=True)
     data = measure_roofline()
     data["key"] = key
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -148,7 +150,7 @@ def synthetic_model(dims: dict[str, int], fmt: str) -> torch.nn.Module:
 
 
 @torch.inference_mode()
-def time_decode(model: torch.nn.Module, steps: int = 24, context: int = 32) -> float:
+def time_decode(model: torch.nn.Module, steps: int = 12, context: int = 32) -> float:
     """Median seconds of one batch-1 decode step after a ``context``-token prompt."""
     from slimlm.models.kv_cache import KVCache
 
@@ -167,7 +169,7 @@ def time_decode(model: torch.nn.Module, steps: int = 24, context: int = 32) -> f
 
 
 @torch.inference_mode()
-def time_prefill(model: torch.nn.Module, tokens: int = 256) -> float:
+def time_prefill(model: torch.nn.Module, tokens: int = 128) -> float:
     cfg: Any = model.config
     ids = torch.randint(0, int(cfg.vocab_size), (1, tokens))
     return _best(lambda: model(ids, last_only=True), 2)
@@ -197,7 +199,7 @@ def measure_roofline() -> dict[str, Any]:
         release_free_memory()
         wb = weight_bytes(big_shape, parse_format(fmt), "fp32")
         read = wb["decode_read"] + big_shape.config.num_hidden_layers * 0  # KV of 32 tokens: negligible
-        flops = prefill_flops(big_shape, 256)
+        flops = prefill_flops(big_shape, 128)
         layers = _BIG["num_hidden_layers"]
         rate = read / max(t_big - t_small, 1e-6)
         formats[fmt] = {
@@ -205,7 +207,7 @@ def measure_roofline() -> dict[str, Any]:
             "overhead_per_layer_s": t_small / layers,
             "prefill_flops_per_s": flops / t_pre,
             "prefill_efficiency": flops / t_pre / (gemm["bf16" if fmt == "bf16" else "fp32"] * 1e9),
-            "probe": {"t_decode_big_s": t_big, "t_decode_small_s": t_small, "t_prefill_256_s": t_pre,
+            "probe": {"t_decode_big_s": t_big, "t_decode_small_s": t_small, "t_prefill_128_s": t_pre,
                       "bytes_read": read},
         }
     return {"version": ROOFLINE_VERSION, "cpu_model": cpu_model(), "threads": torch.get_num_threads(),
