@@ -26,6 +26,7 @@ COMMANDS = [
     "slimlm.cli.finetune",  # finetune, merge
     "slimlm.cli.serve",
     "slimlm.cli.bench",  # bench, report
+    "slimlm.cli.plan",
 ]
 
 

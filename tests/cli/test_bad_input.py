@@ -87,6 +87,14 @@ TABLE: dict[str, tuple[list[str], dict[str, tuple[list[str], str]]]] = {
         "--concurrency": (["0", "-2", *NOT_INT], "2"), "--repeats": (["0", "-1", *NOT_INT], "2"),
         "--warmup": (["-1", *NOT_INT], "0"), "--timeout": (["0", "-5", *NOT_INT], "60"), **RUNTIME}),
     "report": (["report", "{model}", "--out", "{out}"], {}),
+    "plan": (["plan", "{model}"], {
+        "--context": (["0", "-1", *NOT_INT], "512"), "--batch": (["0", "-2", *NOT_INT], "4"),
+        "--block-size": (["0", "-16", *NOT_INT], "16"), "--batched-tokens": (["0", "-1", *NOT_INT], "128"),
+        "--seq-len": (["0", "-1", *NOT_INT], "256"), "--lora-rank": (["0", "-8", *NOT_INT], "8"),
+        "--galore-rank": (["0", "-1", *NOT_INT], "64"), "--calib-samples": (["0", "-3", *NOT_INT], "8"),
+        "--calib-seq-len": (["0", "1", *NOT_INT], "64"), "--flops": (["0", "-1e18", *NOT_FINITE], "1e18"),
+        "--cpu-hours": (["0", "-2", *NOT_FINITE], "1.5"), "--tokens": (["0", "-5", *NOT_FINITE], "1e9"),
+        "--memory-gib": (["0", "-1", *NOT_FINITE], "8")}),
 }
 
 CASES = [(cmd, flag, bad) for cmd, (_, flags) in TABLE.items() for flag, (bads, _) in flags.items() for bad in bads]

@@ -1,0 +1,170 @@
+"""Memory terms besides the weights: KV cache, activations, gradients, optimizer states, calibration.
+
+Every function is pure arithmetic on a :class:`~slimlm.plan.shapes.ModelShape` and says what it counts.
+Element sizes: ``fp32`` 4, ``bf16``/``fp16`` 2, ``fp8`` 1.
+
+- KV cache: contiguous (``slimlm generate``: ``[layers, B, H_kv, T, D]`` for K and V) or paged
+  (``slimlm serve``: whole blocks of ``block_size`` tokens per sequence).
+- Inference activations: the transient peak of one prefill forward (one layer's tensors at a time
+  plus the last-position logits); attention via SDPA's fused CPU kernel (no ``T x T`` matrix).
+- Training activations: what autograd keeps per layer and token (inputs of every linear, norm and
+  activation; the attention output and log-sum-exp), all layers unless checkpointing keeps only each
+  layer's input and recomputes one layer; plus the logits, their softmax and gradient.
+- Optimizer states, bytes per trainable parameter (fp32 states): ``adamw`` 8 (m, v), ``lion`` 4 (m),
+  ``adamw8bit`` 2 (block-wise int8 m, v, fp32 absmax per 2048), ``adafactor`` factored second moment
+  (``4 (rows + cols)`` per matrix, no first moment), ``came`` 4 per value (m) + two factored moments,
+  ``lomo`` 0 (the update is fused into backward, so only one parameter's gradient exists at a time),
+  ``galore`` rank-r projector ``4 m r`` + Adam on the projected ``r x n`` gradient (``8 r n``) per
+  matrix (``m <= n``), vectors plain Adam.
+- Calibration (GPTQ through :func:`slimlm.calib.driver.run_layerwise`): the dense fp32 model, one fp32
+  copy of the calibration hidden states ``[samples, T, D]``, one batch's layer activations
+  (:data:`slimlm.calib.driver.BATCH_TOKENS` tokens), and the largest group of Hessians alive at once
+  (one fp32 ``[in, in]`` per linear of a true-sequential group, q/k/v: three) with the GPTQ solve's
+  temporaries (``H^-1`` and the Cholesky factor ``[in, in]``, weight copies ``[out, in]``).
+"""
+
+from __future__ import annotations
+
+import math
+
+from slimlm.plan.shapes import ModelShape
+from slimlm.utils.errors import SlimlmError
+
+ELT = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1}
+OPTIMIZERS = ("adamw", "adafactor", "lion", "came", "adamw8bit", "lomo", "galore")
+
+
+def elt(dtype: str) -> int:
+    if dtype not in ELT:
+        raise SlimlmError(f"unknown dtype {dtype!r}; known: {', '.join(ELT)}")
+    return ELT[dtype]
+
+
+# --- KV cache --------------------------------------------------------------------------------------
+def kv_bytes_per_token(shape: ModelShape, kv_dtype: str) -> int:
+    """K plus V of one token over every layer."""
+    c = shape.config
+    return 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * elt(kv_dtype)
+
+
+def kv_cache_bytes(shape: ModelShape, context: int, batch: int, kv_dtype: str, block_size: int = 0) -> int:
+    """The cache for ``batch`` sequences of ``context`` tokens; ``block_size > 0``: paged (whole blocks)."""
+    per = kv_bytes_per_token(shape, kv_dtype)
+    if block_size > 0:
+        return batch * math.ceil(context / block_size) * block_size * per
+    return batch * context * per
+
+
+# --- activations -----------------------------------------------------------------------------------
+def _dims(shape: ModelShape) -> tuple[int, int, int, int, int]:
+    c = shape.config
+    return c.hidden_size, c.q_size, c.kv_size, c.intermediate_size, c.vocab_size
+
+
+def inference_activation_bytes(shape: ModelShape, tokens: int, batch: int, act_dtype: str) -> int:
+    """Peak transient of a prefill of ``tokens`` per sequence: one layer's live tensors + last logits.
+
+    Live at the MLP (the larger half for every supported family): the residual stream and its norm
+    ``2D``, the fused gate|up output ``2I``, the activation product ``I``; at attention: q|k|v
+    ``Q + 2KV``, the rotated copies ``Q + KV`` and the attention output ``Q``, beside the residual ``D``.
+    """
+    d, q, kv, inter, vocab = _dims(shape)
+    mult = 2 if shape.config.gated_mlp else 1
+    mlp = 2 * d + (mult + 1) * inter
+    attn = 2 * d + 3 * q + 3 * kv
+    e = elt(act_dtype)
+    return batch * tokens * max(mlp, attn) * e + batch * vocab * 4
+
+
+def training_activation_bytes(shape: ModelShape, seq_len: int, batch: int, act_dtype: str,
+                              checkpointing: bool) -> int:
+    """What autograd keeps for the backward pass of one ``[batch, seq_len]`` step (see the module docstring)."""
+    c = shape.config
+    d, q, kv, inter, vocab = _dims(shape)
+    gated = 2 if c.gated_mlp else 1
+    # per token per layer: 2 norm inputs + 2 norm outputs (D each), q|k|v and rotated q, k (2Q + 3KV),
+    # attention output Q, SDPA's log-sum-exp (heads), MLP gate|up outputs and activation product
+    per_layer = 4 * d + 3 * q + 3 * kv + c.num_attention_heads + (gated + 1) * inter
+    e = elt(act_dtype)
+    tokens = batch * seq_len
+    layers = c.num_hidden_layers
+    if checkpointing:
+        kept = tokens * d * e * layers + tokens * per_layer * e  # each layer's input + one layer recomputed
+    else:
+        kept = tokens * per_layer * e * layers
+    logits = 3 * tokens * vocab * 4  # logits, log-softmax and their gradient in fp32
+    return kept + logits
+
+
+# --- training states -------------------------------------------------------------------------------
+def trainable_matrices(shape: ModelShape, method: str, lora_rank: int) -> list[tuple[int, int]]:
+    """``(rows, cols)`` of every trainable tensor: all parameters (full) or the LoRA A/B pairs."""
+    if method == "full":
+        mats = [(lin.out_features, lin.in_features) for lin in shape.linears]
+        mats += [(1, lin.out_features) for lin in shape.linears if lin.bias]
+        for n in shape.other_params.values():
+            rows = shape.config.hidden_size if n % max(1, shape.config.hidden_size) == 0 and n > shape.config.hidden_size else 1
+            mats.append((n // rows, rows) if rows > 1 else (1, n))
+        return mats
+    if method == "lora":
+        out: list[tuple[int, int]] = []
+        for lin in shape.decoder_linears():  # adapters on every decoder linear: A [r, in], B [out, r]
+            out += [(lora_rank, lin.in_features), (lin.out_features, lora_rank)]
+        return out
+    raise SlimlmError(f"unknown fine-tuning method {method!r}; known: full, lora")
+
+
+def optimizer_state_bytes(mats: list[tuple[int, int]], optimizer: str, galore_rank: int = 128) -> int:
+    """Optimizer states for trainable tensors ``mats`` (see the module docstring for each optimizer)."""
+    total = 0
+    for r, c in mats:
+        n = r * c
+        matrix = r > 1 and c > 1
+        if optimizer == "adamw":
+            total += 8 * n
+        elif optimizer == "lion":
+            total += 4 * n
+        elif optimizer == "adamw8bit":
+            total += 2 * n + 2 * 4 * math.ceil(n / 2048)
+        elif optimizer == "adafactor":
+            total += 4 * (r + c) if matrix else 4 * n
+        elif optimizer == "came":
+            total += 4 * n + (8 * (r + c) if matrix else 8 * n)
+        elif optimizer == "lomo":
+            total += 0
+        elif optimizer == "galore":
+            if matrix and min(r, c) > galore_rank:
+                m, k = min(r, c), max(r, c)
+                total += 4 * m * galore_rank + 8 * galore_rank * k
+            else:
+                total += 8 * n
+        else:
+            raise SlimlmError(f"unknown optimizer {optimizer!r}; known: {', '.join(OPTIMIZERS)}")
+    return total
+
+
+def gradient_bytes(mats: list[tuple[int, int]], optimizer: str, grad_dtype: str = "fp32") -> int:
+    """Gradients of the trainable tensors; LOMO holds one tensor's gradient at a time (the largest)."""
+    sizes = [r * c for r, c in mats]
+    if not sizes:
+        return 0
+    return (max(sizes) if optimizer == "lomo" else sum(sizes)) * elt(grad_dtype)
+
+
+# --- calibration -----------------------------------------------------------------------------------
+def calibration_bytes(shape: ModelShape, samples: int, seq_len: int, batch_tokens: int = 0) -> dict[str, int]:
+    """GPTQ calibration beside the dense fp32 model: hidden states, one batch's activations, Hessians."""
+    from slimlm.calib.driver import BATCH_TOKENS
+
+    c = shape.config
+    d = c.hidden_size
+    hidden = samples * seq_len * d * 4
+    per_batch = max(1, (batch_tokens or BATCH_TOKENS) // seq_len) * seq_len
+    batch_act = inference_activation_bytes(shape, per_batch, 1, "fp32") - c.vocab_size * 4
+    groups = [3 * d * d, c.q_size * c.q_size, (2 if c.gated_mlp else 1) * d * d, c.intermediate_size ** 2]
+    hess = max(groups) * 4
+    widest = max(lin.in_features for lin in shape.decoder_linears())
+    tallest = max(lin.numel for lin in shape.decoder_linears())
+    solve = 2 * widest * widest * 4 + 3 * tallest * 4  # H^-1 + Cholesky [in, in]; w, q, err copies [out, in]
+    return {"hidden_states": hidden, "batch_activations": batch_act, "hessians": hess, "gptq_solve": solve,
+            "total": hidden + batch_act + hess + solve}
