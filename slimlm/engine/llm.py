@@ -312,8 +312,10 @@ class LLM:
         self.engine = LLMEngine(model.model, model.tokenizer, config, spec=spec, draft=draft)
 
     def generate(self, prompts: str | Seq[str] | Seq[Seq[int]],
-                 params: SamplingConfig | Seq[SamplingConfig] | None = None) -> list[RequestOutput]:
-        """Generate for every prompt (text, or token ids); outputs in prompt order."""
+                 params: SamplingConfig | Seq[SamplingConfig] | None = None,
+                 response_format: dict[str, Any] | None = None) -> list[RequestOutput]:
+        """Generate for every prompt (text, or token ids); outputs in prompt order. ``response_format``
+        (OpenAI's json_object / json_schema, or regex) constrains every output."""
         if isinstance(prompts, str):
             prompts = [prompts]
         if params is None or isinstance(params, SamplingConfig):
@@ -333,7 +335,7 @@ class LLM:
         rids: list[int] = []
         try:
             for i, pr in zip(ids, plist, strict=True):
-                rids.append(self.engine.add_request(i, pr))
+                rids.append(self.engine.add_request(i, pr, response_format=response_format))
         except SlimlmError:
             for r in rids:  # all or nothing
                 self.engine.abort(r)

@@ -144,7 +144,7 @@ class ModelProposer:
             j += 1
         self.last_seconds, self.last_rounds = time.perf_counter() - t0, rounds
         out: Proposal = {}
-        for seq, gamma in items:
+        for seq, _ in items:
             d = drafts.get(seq.seq_id)
             if d:
                 self.done[seq.seq_id] = seq.num_tokens + len(d) - 1

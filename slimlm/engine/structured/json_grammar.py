@@ -27,7 +27,7 @@ from typing import Any
 
 from slimlm.utils.errors import SlimlmError
 
-WS_MAX = 8
+WS_MAX = 2
 MAX_DEPTH = 12
 MAX_DIGITS = 15
 _WS = " \t\n\r"
