@@ -70,7 +70,8 @@ class ModelRunner:
         h = model.embed(ids, positions)  # [1, N, D]
         for layer in model.model.layers:
             h = layer(h, ctx)
-        ends, off = [], 0
+        ends: list[int] = []
+        off = 0
         for e in entries:
             off += len(e.tokens)
             if e.logits:

@@ -120,8 +120,9 @@ class Constraint:
     """One request's automaton state: ``mask()`` before choosing, ``advance(token)`` after."""
 
     def __init__(self, index: StructuredIndex, grammar: Grammar):
-        self.index, self.grammar = index, grammar
-        self.state = grammar.initial()
+        self.index = index
+        self.grammar: Any = grammar  # JsonGrammar | RegexGrammar: each takes only its own states
+        self.state: Any = grammar.initial()
 
     def mask(self) -> torch.Tensor:
         return self.index.mask(self.grammar, self.state)
