@@ -3,6 +3,7 @@
 Example::
 
     slimlm serve smollm2-135m --port 8000 --max-num-seqs 16 --kv-budget-gib 0.5
+    slimlm serve smollm2-135m --spec ngram          # or --spec self, or --draft DRAFT_MODEL
     curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \\
         -d '{"model": "smollm2-135m", "prompt": "The capital of France is", "max_tokens": 8}'
 """
@@ -17,8 +18,10 @@ from slimlm.utils.errors import SlimlmError
 
 def run_serve(args: argparse.Namespace) -> int:
     from slimlm.engine.scheduler import SchedulerConfig
+    from slimlm.engine.spec import SpecConfig
 
     cfg = SchedulerConfig.from_args(args)  # validate the flags before loading the model
+    spec = SpecConfig.from_args(args)
     if not 0 < args.port < 65536:
         raise SlimlmError(f"--port must be in 1..65535, got {args.port}")
     try:
@@ -31,10 +34,11 @@ def run_serve(args: argparse.Namespace) -> int:
     from slimlm.server.async_engine import AsyncEngine
 
     lm = load(args)
-    engine = LLMEngine(lm.model, lm.tokenizer, cfg)
+    engine = LLMEngine(lm.model, lm.tokenizer, cfg, spec=spec)
     name = args.served_model_name or args.model
     status(f"serving {name!r} on http://{args.host}:{args.port} ({engine.cfg.num_blocks} KV blocks of "
-           f"{engine.cfg.block_size} tokens, {engine.runner.cache.nbytes / 2**30:.2f} GiB)")
+           f"{engine.cfg.block_size} tokens, {engine.runner.cache.nbytes / 2**30:.2f} GiB"
+           + (f"; speculative: {spec.method}, gamma <= {spec.num_speculative_tokens}" if spec.enabled else "") + ")")
     app = build_app(AsyncEngine(engine, max_waiting=args.max_waiting), lm.tokenizer, name)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
@@ -42,6 +46,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     from slimlm.engine.scheduler import SchedulerConfig
+    from slimlm.engine.spec import SpecConfig
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions)")
     add_model_arg(p)
@@ -50,5 +55,6 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--served-model-name", default=None, help="the `model` name clients send (default: MODEL)")
     p.add_argument("--max-waiting", type=int_arg(min=0), default=256, help="queued requests before answering 503 (default 256)")
     SchedulerConfig.add_arguments(p)
+    SpecConfig.add_arguments(p)
     add_runtime_args(p)
     p.set_defaults(func=run_serve)

@@ -244,6 +244,16 @@ class KVCacheManager:
         for b in reversed(table or []):
             self.pool.release(b)
 
+    def truncate(self, seq_id: int, num_tokens: int) -> None:
+        """Keep only the blocks holding token slots ``[0, num_tokens)`` of ``seq_id`` (speculative
+        rollback: the KV of rejected draft tokens is dropped; their slots in a kept block are
+        overwritten by the next write, and only blocks full of computed tokens are ever cached)."""
+        table = self.tables[seq_id]
+        keep = self.blocks_for(num_tokens)
+        while len(table) > keep:
+            self.pool.release(table.pop())
+        del self.hashes[seq_id][keep:]
+
     def slot(self, seq_id: int, pos: int) -> int:
         """Cache slot of token ``pos`` of ``seq_id``."""
         return self.tables[seq_id][pos // self.block_size] * self.block_size + pos % self.block_size

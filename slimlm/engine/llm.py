@@ -22,6 +22,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +35,7 @@ from slimlm.engine.runner import BatchEntry, ModelRunner
 from slimlm.engine.sampling import SamplingConfig, choose
 from slimlm.engine.scheduler import ScheduledSeq, Scheduler, SchedulerConfig
 from slimlm.engine.sequence import Sequence, StopChecker
+from slimlm.engine.spec import SpecConfig, build_speculator
 from slimlm.models.transformer import Transformer
 from slimlm.utils.errors import SlimlmError
 
@@ -56,24 +58,26 @@ class RequestOutput:
     text: str  # detokenized output, cut before a stop string ("" without a tokenizer)
     finish_reason: str | None  # "eos" | "stop" | "length" | "abort" | None while running
     num_cached_prompt_tokens: int = 0  # prompt tokens served from the prefix cache
-    new_token: int | None = None  # the token this step added (streaming), if any
+    new_token: int | None = None  # the last token this step added (streaming), if any
     logprobs: list[TokenLogprob] | None = None  # per generated token, when the request asked for them
+    new_token_ids: list[int] = dataclasses.field(default_factory=list)  # all tokens this step added (speculation: several)
 
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
 
 
-def _output(seq: Sequence, new_token: int | None = None) -> RequestOutput:
+def _output(seq: Sequence, new: list[int]) -> RequestOutput:
     return RequestOutput(seq.seq_id, list(seq.prompt_ids), seq.output_ids, seq.text, seq.finish_reason,
-                         seq.num_cached_prompt, new_token, list(seq.state["logprobs"]) if "logprobs" in seq.state else None)
+                         seq.num_cached_prompt, new[-1] if new else None,
+                         list(seq.state["logprobs"]) if "logprobs" in seq.state else None, list(new))
 
 
 class LLMEngine:
     """Continuous batching over one model. ``add_request`` / ``abort`` / ``step`` / ``has_unfinished``."""
 
     def __init__(self, model: Transformer, tokenizer: Any = None, cfg: SchedulerConfig | None = None,
-                 kv_dtype: torch.dtype | None = None):
+                 kv_dtype: torch.dtype | None = None, spec: SpecConfig | None = None, draft: Any = None):
         cfg = cfg or SchedulerConfig()
         c = model.config
         dtype = kv_dtype or model.dtype
@@ -88,9 +92,11 @@ class LLMEngine:
         self.max_len = c.max_position_embeddings
         self._next_id = 0
         self._forks: dict[int, list[Sequence]] = {}  # group head id -> members waiting for its prompt
+        self.spec = build_speculator(spec or SpecConfig(), model, tokenizer, num_blocks, cfg.block_size, dtype, draft)
+        self._structured: Any = None  # the vocabulary index of structured output, built on first use
 
     def _make_seq(self, prompt_ids: Seq[int], params: SamplingConfig | None, request_id: int | None,
-                  logprobs: int | None) -> Sequence:
+                  logprobs: int | None, response_format: dict[str, Any] | None = None) -> Sequence:
         params = params or SamplingConfig()
         params.validate()
         ids = [int(t) for t in prompt_ids]
@@ -115,21 +121,37 @@ class LLMEngine:
             seen = torch.zeros(1, vocab, dtype=torch.bool)
             seen[0, ids] = True
             seq.state["seen"] = seen
+        if response_format is not None and response_format.get("type", "text") != "text":
+            seq.constraint = self.constraint(response_format)
         return seq
 
+    def constraint(self, response_format: dict[str, Any]) -> Any:
+        """The token-mask constraint of a ``response_format`` (raises SlimlmError for a bad one)."""
+        from slimlm.engine.structured import StructuredIndex, compile_format
+
+        grammar = compile_format(response_format)
+        if self.tokenizer is None:
+            raise SlimlmError("structured output needs a model with a tokenizer")
+        if self._structured is None:
+            self._structured = StructuredIndex(self.tokenizer, self.model.config.vocab_size, self.eos)
+        return self._structured.constraint(grammar)
+
     def add_request(self, prompt_ids: Seq[int], params: SamplingConfig | None = None,
-                    request_id: int | None = None, logprobs: int | None = None) -> int:
+                    request_id: int | None = None, logprobs: int | None = None,
+                    response_format: dict[str, Any] | None = None) -> int:
         """Queue a request; returns its id. ``logprobs=k`` records each generated token's log
-        probability and the k most likely alternatives. Raises SlimlmError for a request that cannot run."""
-        seq = self._make_seq(prompt_ids, params, request_id, logprobs)
+        probability and the k most likely alternatives; ``response_format`` (OpenAI's: ``json_object``,
+        ``json_schema``, or ``regex``) constrains the output. Raises SlimlmError for a request that cannot run."""
+        seq = self._make_seq(prompt_ids, params, request_id, logprobs, response_format)
         self.scheduler.add(seq)
         return seq.seq_id
 
-    def add_group(self, prompt_ids: Seq[int], params: Seq[SamplingConfig], logprobs: int | None = None) -> list[int]:
+    def add_group(self, prompt_ids: Seq[int], params: Seq[SamplingConfig], logprobs: int | None = None,
+                  response_format: dict[str, Any] | None = None) -> list[int]:
         """Several samples of one prompt (OpenAI's ``n``): the prompt is computed once, then every
         other member forks the first one's blocks and samples its own first token from the same logits."""
-        first = self._make_seq(prompt_ids, params[0], None, logprobs)
-        rest = [self._make_seq(prompt_ids, p, None, logprobs) for p in params[1:]]
+        first = self._make_seq(prompt_ids, params[0], None, logprobs, response_format)
+        rest = [self._make_seq(prompt_ids, p, None, logprobs, response_format) for p in params[1:]]
         for s in rest:
             self.scheduler.check_fits(s)
         self.scheduler.add(first)
@@ -147,6 +169,8 @@ class LLMEngine:
                     return True
         kids = self._forks.pop(request_id, [])
         found = self.scheduler.abort(request_id)
+        if self.spec is not None:
+            self.spec.release(request_id)
         if kids:  # the group's first member went away before its prompt was done: the next one takes over
             self.scheduler.add(kids[0])
             if kids[1:]:
@@ -159,7 +183,7 @@ class LLMEngine:
     def _sample(self, logits: torch.Tensor, rows: list[ScheduledSeq]) -> dict[int, int]:
         """logits: [n, V] float32 for ``rows`` -> {seq_id: token}."""
         seqs = [self.scheduler.seqs[r.seq_id] for r in rows]
-        plain = [i for i, s in enumerate(seqs) if s.params.greedy and "seen" not in s.state]
+        plain = [i for i, s in enumerate(seqs) if s.params.greedy and "seen" not in s.state and s.constraint is None]
         out: dict[int, int] = {}
         if plain:
             toks = logits[plain].argmax(-1).tolist()
@@ -171,7 +195,10 @@ class LLMEngine:
 
     @staticmethod
     def _choose(row: torch.Tensor, s: Sequence) -> int:
-        """One token for ``s`` from logits ``[1, V]`` with its own parameters and generator."""
+        """One token for ``s`` from logits ``[1, V]`` with its own parameters, generator and
+        structured-output mask (tokens the constraint forbids get -inf before argmax / sampling)."""
+        if s.constraint is not None:
+            row = row.masked_fill(~s.constraint.mask(), float("-inf"))
         seen = s.state.get("seen")
         t = int(choose(row, s.params, seen, s.state.get("gen"))[0])
         if seen is not None:
@@ -179,65 +206,89 @@ class LLMEngine:
         return t
 
     @staticmethod
-    def _logprobs(logits: torch.Tensor, seqs: list[Sequence], sampled: dict[int, int]) -> dict[int, TokenLogprob]:
-        """The sampled token's log probability (+ top k) for the rows that asked; logits: [n, V]."""
-        out: dict[int, TokenLogprob] = {}
-        for i, s in enumerate(seqs):
-            k = s.state.get("logprobs_k")
-            if k is None:
-                continue
-            lp = logits[i].log_softmax(-1)  # [V] float32
-            t = sampled[s.seq_id]
-            top = lp.topk(k) if k else None
-            out[s.seq_id] = TokenLogprob(t, float(lp[t]), [] if top is None else list(
-                zip(top.indices.tolist(), top.values.tolist(), strict=True)))
-        return out
+    def _logprob(row: torch.Tensor, k: int, token: int) -> TokenLogprob:
+        """log p(token) and the top ``k`` alternatives from raw logits ``[V]``."""
+        lp = row.log_softmax(-1)  # [V] float32
+        top = lp.topk(k) if k else None
+        return TokenLogprob(token, float(lp[token]), [] if top is None else list(
+            zip(top.indices.tolist(), top.values.tolist(), strict=True)))
 
     def step(self) -> list[RequestOutput]:
-        """One scheduling step; returns an output for every request that got a token or finished."""
-        sched = self.scheduler
+        """One scheduling step; returns an output for every request that got tokens or finished."""
+        sched, spec = self.scheduler, self.spec
+        if spec is not None:
+            spec.propose(sched.running)
         out = sched.schedule()
+        if spec is not None:
+            for sid in out.preempted:
+                spec.release(sid)
         results: list[RequestOutput] = []
         if not out.seqs:
             if sched.has_unfinished():
                 raise SlimlmError("scheduler made no progress (KV pool too small for the waiting request)")
             return results
-        entries = [BatchEntry(s.table, s.start, s.tokens, s.sample) for s in out.seqs]
+        entries = [BatchEntry(s.table, s.start, s.tokens, s.sample, 1 + len(s.draft)) for s in out.seqs]
+        t0 = time.perf_counter()
         logits = self.runner.forward(entries, out.copies)
+        if spec is not None:
+            spec.observe_step(out.num_tokens, len(out.seqs), time.perf_counter() - t0)
         rows = [s for s in out.seqs if s.sample]
-        sampled = self._sample(logits, rows)
-        lps = self._logprobs(logits, [sched.seqs[r.seq_id] for r in rows], sampled)
+        blocks, off = [], 0  # per row: logits [1 + len(draft), V]
+        for r in rows:
+            blocks.append(logits[off:off + 1 + len(r.draft)])
+            off += 1 + len(r.draft)
+        plain = [i for i, r in enumerate(rows) if not r.draft]
+        sampled: dict[int, list[int]] = {}
+        if plain:
+            got = self._sample(torch.cat([blocks[i] for i in plain]), [rows[i] for i in plain])
+            sampled = {sid: [t] for sid, t in got.items()}
+        for i, r in enumerate(rows):
+            if r.draft:
+                assert spec is not None
+                sampled[r.seq_id] = spec.verify(sched.seqs[r.seq_id], blocks[i], r.draft)
+        lps: dict[int, list[TokenLogprob]] = {}
+        for i, r in enumerate(rows):
+            k = sched.seqs[r.seq_id].state.get("logprobs_k")
+            if k is not None:
+                lps[r.seq_id] = [self._logprob(blocks[i][j], k, t) for j, t in enumerate(sampled[r.seq_id])]
         for i, r in enumerate(rows):  # group members start from their head's prompt logits
             kids = self._forks.pop(r.seq_id, None) if r.start + len(r.tokens) == sched.seqs[r.seq_id].prompt_len \
                 else None
             for kid in kids or []:
-                t = self._choose(logits[i:i + 1], kid)
-                lp = self._logprobs(logits[i:i + 1], [kid], {kid.seq_id: t}).get(kid.seq_id)
+                t = self._choose(blocks[i][:1], kid)
+                k = kid.state.get("logprobs_k")
                 sched.fork(r.seq_id, kid, t)
-                results.append(self._record(kid, t, lp))
+                results.append(self._record(kid, 0, None if k is None else [self._logprob(blocks[i][0], k, t)]))
+        before = {r.seq_id: sched.seqs[r.seq_id].num_output for r in rows}
         finished = {s.seq_id: s for s in sched.update(out, sampled)}
         for r in rows:
             seq = finished.get(r.seq_id) or sched.seqs.get(r.seq_id)
             if seq is not None:
-                results.append(self._record(seq, sampled[r.seq_id], lps.get(r.seq_id)))
+                results.append(self._record(seq, before[r.seq_id], lps.get(r.seq_id)))
+        if spec is not None:
+            for sid in finished:
+                spec.release(sid)
         return results
 
     @staticmethod
-    def _record(seq: Sequence, token: int, lp: TokenLogprob | None) -> RequestOutput:
-        """After ``token`` was appended to ``seq`` (or ended it): complete its text, keep its logprob."""
+    def _record(seq: Sequence, before: int, lps: list[TokenLogprob] | None) -> RequestOutput:
+        """After the step appended tokens to ``seq`` (it had ``before`` output tokens) or ended it:
+        complete its text, keep the logprobs of the tokens that joined the output."""
         if seq.finish_reason not in (None, "stop") and seq.stop_checker is not None:
             seq.stop_checker.flush()
-        grew = seq.finish_reason != "eos"  # an end token is not part of the output
-        if lp is not None and grew:
-            seq.state["logprobs"].append(lp)
-        return _output(seq, token if grew else None)
+        new = seq.output_ids[before:]  # an end token is not part of the output
+        if lps is not None:
+            seq.state["logprobs"].extend(lps[:len(new)])
+        return _output(seq, new)
 
     @property
     def stats(self) -> dict[str, float]:
         pool = self.scheduler.kv.pool
+        spec = self.spec.summary() if self.spec is not None else {
+            "spec_proposed": 0, "spec_accepted": 0, "spec_acceptance_rate": 0.0, "spec_tokens_per_step": 0.0}
         return {**self.scheduler.stats, "running": len(self.scheduler.running),
                 "waiting": len(self.scheduler.waiting), "kv_blocks_used": pool.num_used,
-                "kv_blocks_total": pool.num_blocks, "prefix_hit_rate": self.scheduler.prefix_hit_rate}
+                "kv_blocks_total": pool.num_blocks, "prefix_hit_rate": self.scheduler.prefix_hit_rate, **spec}
 
 
 class LLM:
@@ -247,19 +298,24 @@ class LLM:
         model: what ``slimlm.loaders.load_model`` takes (alias, GGUF, HF or slimlm folder) or a
             loaded ``LoadedModel``.
         config: KV pool and batching limits (:class:`SchedulerConfig`).
+        spec: speculative decoding (:class:`SpecConfig`: ``spec="ngram"|"self"``, or ``draft=MODEL``).
+        draft: an already loaded draft model (instead of ``spec.draft``).
     """
 
-    def __init__(self, model: Any, config: SchedulerConfig | None = None, dtype: torch.dtype = torch.float32):
+    def __init__(self, model: Any, config: SchedulerConfig | None = None, dtype: torch.dtype = torch.float32,
+                 spec: SpecConfig | None = None, draft: Any = None):
         if isinstance(model, str):
             from slimlm.loaders import load_model
 
             model = load_model(model, dtype)
         self.tokenizer = model.tokenizer
-        self.engine = LLMEngine(model.model, model.tokenizer, config)
+        self.engine = LLMEngine(model.model, model.tokenizer, config, spec=spec, draft=draft)
 
     def generate(self, prompts: str | Seq[str] | Seq[Seq[int]],
-                 params: SamplingConfig | Seq[SamplingConfig] | None = None) -> list[RequestOutput]:
-        """Generate for every prompt (text, or token ids); outputs in prompt order."""
+                 params: SamplingConfig | Seq[SamplingConfig] | None = None,
+                 response_format: dict[str, Any] | None = None) -> list[RequestOutput]:
+        """Generate for every prompt (text, or token ids); outputs in prompt order. ``response_format``
+        (OpenAI's json_object / json_schema, or regex) constrains every output."""
         if isinstance(prompts, str):
             prompts = [prompts]
         if params is None or isinstance(params, SamplingConfig):
@@ -279,7 +335,7 @@ class LLM:
         rids: list[int] = []
         try:
             for i, pr in zip(ids, plist, strict=True):
-                rids.append(self.engine.add_request(i, pr))
+                rids.append(self.engine.add_request(i, pr, response_format=response_format))
         except SlimlmError:
             for r in rids:  # all or nothing
                 self.engine.abort(r)

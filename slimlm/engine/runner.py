@@ -32,6 +32,7 @@ class BatchEntry:
     start: int
     tokens: Sequence[int]
     logits: bool = True  # return the last new token's logits (False: a prefill chunk that is not the last)
+    num_logits: int = 1  # how many of the last new tokens return logits (speculative verification: 1 + drafts)
 
 
 class ModelRunner:
@@ -59,7 +60,7 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, entries: Sequence[BatchEntry], copies: Sequence[tuple[int, int]] = ()) -> torch.Tensor:
         """Run the step; block ``copies`` (copy-on-write) first. Returns float32 logits ``[n, V]`` for
-        the entries with ``logits=True``, in order."""
+        the last ``num_logits`` tokens of each entry with ``logits=True``, in order."""
         model = self.model
         self.cache.copy_blocks(copies)
         ids = torch.tensor([t for e in entries for t in e.tokens], dtype=torch.long).unsqueeze(0)  # [1, N]
@@ -69,11 +70,12 @@ class ModelRunner:
         h = model.embed(ids, positions)  # [1, N, D]
         for layer in model.model.layers:
             h = layer(h, ctx)
-        ends, off = [], 0
+        ends: list[int] = []
+        off = 0
         for e in entries:
             off += len(e.tokens)
             if e.logits:
-                ends.append(off - 1)
+                ends.extend(range(off - e.num_logits, off))
         if not ends:
             return torch.zeros(0, model.config.vocab_size)
         return model.head(h[:, ends])[0].float()  # [n, V]

@@ -50,6 +50,12 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.
     return logits
 
 
+def probs(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
+    """The distribution a sampled (temperature > 0) request draws from: logits [B, V] -> probs [B, V]
+    (temperature, then top-k / top-p). Speculative verification compares these for target and draft."""
+    return filter_top_k_top_p(logits.float() / cfg.temperature, cfg.top_k, cfg.top_p).softmax(-1)
+
+
 def choose(logits: torch.Tensor, cfg: SamplingConfig, seen: torch.Tensor | None,
            gen: torch.Generator | None) -> torch.Tensor:
     """Next tokens [B] from last-position logits [B, V]."""
@@ -58,5 +64,4 @@ def choose(logits: torch.Tensor, cfg: SamplingConfig, seen: torch.Tensor | None,
         logits = apply_repetition_penalty(logits, seen, cfg.repetition_penalty)
     if cfg.greedy:
         return logits.argmax(-1)
-    logits = filter_top_k_top_p(logits / cfg.temperature, cfg.top_k, cfg.top_p)
-    return torch.multinomial(logits.softmax(-1), 1, generator=gen).squeeze(-1)
+    return torch.multinomial(probs(logits, cfg), 1, generator=gen).squeeze(-1)

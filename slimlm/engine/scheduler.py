@@ -63,6 +63,7 @@ class ScheduledSeq:
     table: list[int]  # its block table (covers start + len(tokens) slots)
     sample: bool  # the chunk ends at the last known token: sample the next one
     prefill: bool  # part of the prompt (or of a recompute after preemption), not a plain decode
+    draft: list[int] = field(default_factory=list)  # speculative tokens appended to ``tokens`` (to verify)
 
 
 @dataclass
@@ -166,6 +167,7 @@ class Scheduler:
     # --- one step ---------------------------------------------------------------------------------
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
         self.running.remove(seq)
+        seq.draft = []
         self.kv.free(seq.seq_id)
         seq.num_computed = 0
         seq.status = SeqStatus.WAITING
@@ -174,11 +176,13 @@ class Scheduler:
         out.preempted.append(seq.seq_id)
         self.stats["preemptions"] += 1
 
-    def _emit(self, seq: Sequence, n: int, copies: list[tuple[int, int]], out: SchedulerOutput) -> None:
+    def _emit(self, seq: Sequence, n: int, copies: list[tuple[int, int]], out: SchedulerOutput,
+              draft: list[int] | None = None) -> None:
         start = seq.num_computed
         out.copies += copies
-        out.seqs.append(ScheduledSeq(seq.seq_id, start, seq.tokens[start:start + n], self.kv.tables[seq.seq_id],
-                                     sample=start + n == seq.num_tokens, prefill=n > 1 or start < seq.prompt_len))
+        out.seqs.append(ScheduledSeq(seq.seq_id, start, seq.tokens[start:start + n] + (draft or []),
+                                     self.kv.tables[seq.seq_id], sample=start + n == seq.num_tokens,
+                                     prefill=n > 1 or start < seq.prompt_len, draft=list(draft or [])))
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput(aborted=self._aborted)
@@ -188,7 +192,13 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             n = min(seq.num_tokens - seq.num_computed, budget)
-            copies = self.kv.allocate(seq.seq_id, seq.num_computed, seq.num_computed + n)
+            # a decode carries its speculative draft when the budget and the free blocks allow
+            draft = seq.draft if n == seq.num_tokens - seq.num_computed == 1 and len(seq.draft) < budget else []
+            seq.draft = []
+            copies = self.kv.allocate(seq.seq_id, seq.num_computed, seq.num_computed + n + len(draft))
+            if copies is None and draft:
+                draft = []  # no room to verify: decode one token
+                copies = self.kv.allocate(seq.seq_id, seq.num_computed, seq.num_computed + n)
             while copies is None:  # out of blocks: recompute the latest arrival later
                 victim = self.running[-1]
                 self._preempt(victim, out)
@@ -197,8 +207,8 @@ class Scheduler:
                 copies = self.kv.allocate(seq.seq_id, seq.num_computed, seq.num_computed + n)
             if copies is None:
                 break
-            self._emit(seq, n, copies, out)
-            budget -= n
+            self._emit(seq, n, copies, out, draft)
+            budget -= n + len(draft)
             i += 1
         while not out.preempted and self.waiting and budget > 0 and len(self.running) < self.cfg.max_num_seqs:
             seq = self.waiting[0]
@@ -221,22 +231,40 @@ class Scheduler:
         self.stats["steps"] += 1
         return out
 
-    def update(self, out: SchedulerOutput, sampled: dict[int, int]) -> list[Sequence]:
-        """After the runner: advance each scheduled sequence, append its sampled token, retire the
-        finished ones (blocks freed). Returns the sequences that finished in this step."""
+    def update(self, out: SchedulerOutput, sampled: dict[int, int] | dict[int, list[int]]) -> list[Sequence]:
+        """After the runner: advance each scheduled sequence, append its sampled token(s), retire the
+        finished ones (blocks freed). Returns the sequences that finished in this step.
+
+        A speculative entry gets a list: its accepted draft tokens then one more (1 .. 1 + len(draft)
+        tokens); the KV of the rejected drafts is rolled back (blocks past the computed tokens freed)."""
         finished = []
         for s in out.seqs:
             seq = self.seqs.get(s.seq_id)
             if seq is None or seq.status is not SeqStatus.RUNNING:
                 continue  # aborted or preempted meanwhile
-            seq.num_computed = s.start + len(s.tokens)
-            self.kv.commit(seq.seq_id, seq.tokens, seq.num_computed)
+            seq.draft = []
             if not s.sample:
+                seq.num_computed = s.start + len(s.tokens)
+                self.kv.commit(seq.seq_id, seq.tokens, seq.num_computed)
                 continue
-            reason = seq.append(sampled[s.seq_id])
+            got = sampled[s.seq_id]
+            toks = got if isinstance(got, list) else [got]
+            if not 1 <= len(toks) <= 1 + len(s.draft):
+                raise SlimlmError(f"sequence {s.seq_id}: {len(toks)} tokens for a step with {len(s.draft)} drafts")
+            # computed: the chunk without its drafts, plus the accepted drafts (all but the last token)
+            seq.num_computed = s.start + len(s.tokens) - len(s.draft) + len(toks) - 1
+            reason = None
+            for t in toks:
+                reason = seq.append(t)
+                if reason is not None:
+                    break
+            self.kv.commit(seq.seq_id, seq.tokens, min(seq.num_computed, seq.num_tokens))
             if reason is not None:
                 self._retire(seq, reason)
                 finished.append(seq)
+                continue
+            if s.draft:
+                self.kv.truncate(seq.seq_id, seq.num_computed)
         return finished
 
     @property

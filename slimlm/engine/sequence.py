@@ -70,6 +70,8 @@ class Sequence:
     num_preemptions: int = 0
     num_cached_prompt: int = 0  # prompt tokens that came from the prefix cache (first admission)
     state: dict[str, Any] = field(default_factory=dict)  # the engine's sampling state (generator, ...)
+    draft: list[int] = field(default_factory=list)  # speculative tokens to verify in the next step
+    constraint: Any = None  # structured output: ``advance(token) -> True`` once the value is complete
 
     def __post_init__(self) -> None:
         if not self.tokens:
@@ -102,6 +104,8 @@ class Sequence:
         self.tokens.append(token)
         if self.stop_checker is not None and self.stop_checker.feed(token) is not None:
             return "stop"
+        if self.constraint is not None and self.constraint.advance(token):
+            return "stop"  # the structured value (JSON, regex match) is complete
         if self.num_output >= self.params.max_new_tokens:
             return "length"
         if self.max_len is not None and self.num_tokens >= self.max_len:

@@ -5,8 +5,10 @@ both with SSE streaming (``stream_options.include_usage``), ``n``, ``stop``, ``m
 ``temperature``, ``top_p``, ``top_k``, ``seed``, ``ignore_eos`` (vLLM's extension); ``/health``;
 Prometheus ``/metrics``. Bad input gets HTTP 4xx with an OpenAI-style ``{"error": {...}}`` body
 (503 when overloaded) and the server stays up. ``logprobs`` (completions: top k; chat:
-``logprobs`` + ``top_logprobs``) are the model's raw log-softmax. Not implemented yet:
-``response_format`` other than text and ``echo`` (rejected with 400, never silently ignored).
+``logprobs`` + ``top_logprobs``) are the model's raw log-softmax. ``response_format`` (both endpoints):
+``text``, ``json_object``, ``json_schema`` (a schema subset, see :mod:`slimlm.engine.structured`) and
+slimlm's ``{"type": "regex", "regex": ...}``, enforced by token masks; an invalid or unsupported
+schema is a 400. Not implemented: ``echo`` (rejected with 400, never silently ignored).
 
 Run: ``slimlm serve smollm2-135m --port 8000`` (see docs/serving.md), or build the app in-process::
 
@@ -66,6 +68,7 @@ class _Sampling(_Strict):
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
+    response_format: dict[str, Any] | None = None
 
     def logprobs_k(self) -> int | None:
         return None
@@ -94,7 +97,6 @@ class ChatMessage(_Strict):
 class ChatRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = None
-    response_format: dict[str, Any] | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
 
@@ -158,7 +160,11 @@ def build_app(engine: AsyncEngine, tokenizer: Any, model_name: str) -> FastAPI:
                 ("generation_tokens_total", "counter", m["generation_tokens"]),
                 ("requests_finished_total", "counter", m["requests_finished"]),
                 ("requests_aborted_total", "counter", m["requests_aborted"]),
-                ("preemptions_total", "counter", m["preemptions"])]
+                ("preemptions_total", "counter", m["preemptions"]),
+                ("spec_acceptance_rate", "gauge", m["spec_acceptance_rate"]),
+                ("spec_tokens_per_step", "gauge", m["spec_tokens_per_step"]),
+                ("spec_draft_tokens_total", "counter", m["spec_proposed"]),
+                ("spec_accepted_tokens_total", "counter", m["spec_accepted"])]
         text = "".join(f"# TYPE slimlm_{n} {t}\nslimlm_{n} {float(v)}\n" for n, t, v in rows)
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
@@ -166,6 +172,17 @@ def build_app(engine: AsyncEngine, tokenizer: Any, model_name: str) -> FastAPI:
         if req.model != model_name:
             raise ApiError(404, f"the model {req.model!r} does not exist (serving {model_name!r})",
                            "not_found_error", "model", "model_not_found")
+        fmt = req.response_format
+        if fmt is not None and fmt.get("type") != "text":
+            from slimlm.engine.structured import compile_format
+
+            if tokenizer is None:
+                raise ApiError(400, "structured output needs a model with a tokenizer", param="response_format")
+            try:
+                compile_format(fmt)
+            except SlimlmError as e:
+                raise ApiError(400, f"invalid response_format: {e}", param="response_format",
+                               code="invalid_response_format") from None
 
     def _params(req: _Sampling, prompt_len: int, max_tokens: int | None) -> list[SamplingConfig]:
         k = req.logprobs_k()
@@ -263,10 +280,10 @@ def build_app(engine: AsyncEngine, tokenizer: Any, model_name: str) -> FastAPI:
                             for e in lps]}
 
     async def _run(ids: list[int], params: list[SamplingConfig], chunk: Any, final_usage: bool,
-                   stream: bool, logprobs: int | None) -> Any:
+                   stream: bool, logprobs: int | None, response_format: dict[str, Any] | None) -> Any:
         """Admit the n choices (a 4xx comes before any streamed byte; the prompt is computed once), then
         either collect their final outputs or return the SSE event stream."""
-        handles = await engine.submit(ids, params, logprobs)
+        handles = await engine.submit(ids, params, logprobs, response_format)
         if not stream:
             last: dict[int, RequestOutput] = {}
             async for i, o in _merged(handles):
@@ -319,7 +336,8 @@ def build_app(engine: AsyncEngine, tokenizer: Any, model_name: str) -> FastAPI:
                 body["usage"] = usage
             return body
 
-        res = await _run(ids, params, chunk, include_usage, req.stream, req.logprobs_k())
+        fmt = req.response_format if req.response_format and req.response_format.get("type") != "text" else None
+        res = await _run(ids, params, chunk, include_usage, req.stream, req.logprobs_k(), fmt)
         if req.stream:
             return StreamingResponse(res, media_type="text/event-stream")
         return {"id": rid, "object": obj, "created": now, "model": model_name,
@@ -342,9 +360,6 @@ def build_app(engine: AsyncEngine, tokenizer: Any, model_name: str) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest) -> Any:
         _check_model(req)
-        if req.response_format is not None and req.response_format.get("type") != "text":
-            raise ApiError(400, "response_format json_object / json_schema is not supported yet",
-                           param="response_format")
         if tokenizer is None:
             raise ApiError(400, "this model has no tokenizer (chat needs its chat template)")
         msgs = [{"role": m.role, "content": m.content if isinstance(m.content, str) or m.content is None

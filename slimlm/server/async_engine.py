@@ -67,11 +67,12 @@ class AsyncEngine:
         return self._thread.is_alive() and self.error is None
 
     def _add(self, prompt_ids: Sequence[int], params: Sequence[SamplingConfig], logprobs: int | None,
-             loop: asyncio.AbstractEventLoop, queues: Sequence[asyncio.Queue[Any]]) -> list[int]:
+             response_format: dict[str, Any] | None, loop: asyncio.AbstractEventLoop,
+             queues: Sequence[asyncio.Queue[Any]]) -> list[int]:
         with self._lock:
             if len(self.engine.scheduler.waiting) >= self.max_waiting:
                 raise Overloaded(f"server overloaded: {self.max_waiting} requests already waiting")
-            rids = self.engine.add_group(prompt_ids, params, logprobs=logprobs)
+            rids = self.engine.add_group(prompt_ids, params, logprobs=logprobs, response_format=response_format)
             for rid, q in zip(rids, queues, strict=True):
                 self._streams[rid] = (loop, q)
             self.counters["prompt_tokens"] += len(prompt_ids)
@@ -94,13 +95,14 @@ class AsyncEngine:
         self._streams.pop(rid, None)
 
     async def submit(self, prompt_ids: Sequence[int], params: Sequence[SamplingConfig],
-                     logprobs: int | None = None) -> list[Handle]:
+                     logprobs: int | None = None, response_format: dict[str, Any] | None = None) -> list[Handle]:
         """Queue one request per ``params`` entry, all on one prompt (computed once, see
         ``LLMEngine.add_group``); raises SlimlmError / Overloaded at once for one that cannot run."""
         if not self.alive:
             raise SlimlmError(f"engine stopped: {self.error}")
         queues: list[asyncio.Queue[Any]] = [asyncio.Queue() for _ in params]
-        rids = await asyncio.to_thread(self._add, prompt_ids, params, logprobs, asyncio.get_running_loop(), queues)
+        rids = await asyncio.to_thread(self._add, prompt_ids, params, logprobs, response_format,
+                                       asyncio.get_running_loop(), queues)
         return [Handle(r, q) for r, q in zip(rids, queues, strict=True)]
 
     async def outputs(self, h: Handle) -> AsyncIterator[RequestOutput]:
@@ -149,7 +151,7 @@ class AsyncEngine:
                         loop.call_soon_threadsafe(q.put_nowait, e)
                     self._streams.clear()
                 return
-            n = sum(o.new_token is not None for o in outs)
+            n = sum(len(o.new_token_ids) for o in outs)
             now = time.monotonic()
             self.counters["generation_tokens"] += n
             self.counters["requests_finished"] += sum(o.finished for o in outs)

@@ -6,6 +6,7 @@ OpenAI's error body shape for bad input."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import threading
@@ -37,11 +38,18 @@ def server(tmp_path_factory):
     hf = make_hf_model("llama", folder, vocab_size=tok.vocab_size)
     tok.save(folder)
     lm = load_model(str(folder))
+    aeng = AsyncEngine(LLMEngine(lm.model, lm.tokenizer, CFG))
+    with serving(aeng, lm.tokenizer) as (client, base):
+        yield lm, client, base, aeng, hf
+
+
+@contextlib.contextmanager
+def serving(aeng, tokenizer):  # type: ignore[no-untyped-def]
+    """uvicorn on a free loopback port in a thread; yields (openai client, base URL)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    aeng = AsyncEngine(LLMEngine(lm.model, lm.tokenizer, CFG))
-    srv = uvicorn.Server(uvicorn.Config(build_app(aeng, lm.tokenizer, "tiny"), host="127.0.0.1", port=port,
+    srv = uvicorn.Server(uvicorn.Config(build_app(aeng, tokenizer, "tiny"), host="127.0.0.1", port=port,
                                         log_level="warning"))
     th = threading.Thread(target=srv.run, daemon=True)
     th.start()
@@ -50,10 +58,11 @@ def server(tmp_path_factory):
             break
         time.sleep(0.05)
     base = f"http://127.0.0.1:{port}"
-    client = openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=120)
-    yield lm, client, base, aeng, hf
-    srv.should_exit = True
-    th.join(timeout=30)
+    try:
+        yield openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=120), base
+    finally:
+        srv.should_exit = True
+        th.join(timeout=30)
 
 
 def _greedy_text(lm, ids, n):
@@ -151,8 +160,12 @@ def test_long_prompt_and_bad_chat_requests(server):
     r = httpx.post(base + "/v1/chat/completions", json={"model": "tiny", "messages": []})
     assert r.status_code == 400
     r = httpx.post(base + "/v1/chat/completions", json={"model": "tiny", "messages": [{"role": "user", "content": "x"}],
-                                                        "response_format": {"type": "json_object"}})
+                                                        "response_format": {"type": "json_schema", "json_schema": {
+                                                            "name": "x", "schema": {"type": "object", "properties": {
+                                                                "a": {"type": "datetime"}}}}}})
     assert r.status_code == 400 and r.json()["error"]["param"] == "response_format"
+    assert "datetime" in r.json()["error"]["message"]
+    assert httpx.get(base + "/health").status_code == 200
 
 
 def test_cancelled_stream_frees_its_blocks(server):
