@@ -95,8 +95,8 @@ def linear_bytes(lin: LinearShape, fmt: WeightFormat, float_bytes: int) -> int:
     if fmt.kind == "intx":
         ng = math.ceil(i / fmt.group_size)
         tiled = fmt.bits <= 4 and o % TILE_ROWS == 0 and i % QBLOCK == 0
-        if tiled:
-            return n // 2 + 13 * o * ng + bias
+        if tiled:  # 16-row tiles: 4-bit nibbles, or 2/3-bit bit planes (bits/8 bytes per weight)
+            return n * fmt.bits // 8 + 13 * o * ng + bias
         if fmt.bits >= 5 and i % QBLOCK == 0:
             return n + 9 * o * ng + bias
         return o * math.ceil(i * fmt.bits / 8) + 5 * o * ng + bias  # portable packed codes, scale + zero

@@ -80,7 +80,10 @@ TABLE: dict[str, tuple[list[str], dict[str, tuple[list[str], str]]]] = {
         "--port": (["-1", "65536", *NOT_INT], "8001"), "--max-waiting": (["-1", *NOT_INT], "8"),
         "--num-blocks": (["-1", *NOT_INT], "64"), "--kv-budget-gib": (["0", "-1", *NOT_FINITE], "0.5"),
         "--block-size": (["0", "-16", *NOT_INT], "16"), "--max-num-seqs": (["0", "-1", *NOT_INT], "4"),
-        "--max-num-batched-tokens": (["0", "-1", *NOT_INT], "256"), **RUNTIME}),
+        "--max-num-batched-tokens": (["0", "-1", *NOT_INT], "256"),
+        "--num-speculative-tokens": (["0", "17", *NOT_INT], "4"),
+        "--self-keep-layers": (["0", "1.5", *NOT_FINITE], "0.5"), "--ngram-max": (["0", "-1", *NOT_INT], "3"),
+        "--ngram-min": (["0", "-1", *NOT_INT], "1"), "--probe-interval": (["0", "-1", *NOT_INT], "16"), **RUNTIME}),
     "bench": (["bench", "{model}", "--out", "{out}"], {
         "--seq-len": (["0", "1", *NOT_INT], "64"), "--max-tokens": (["0", "1", "-5", *NOT_INT], "256"),
         "--prompt-tokens": (["0", "-1", *NOT_INT], "16"), "--new-tokens": (["0", "1", *NOT_INT], "8"),

@@ -130,7 +130,7 @@ def test_plan_cli_json_and_table(tiny, capsys):
     (["--formats", "int9"], "unknown weight format 'int9'"),
     (["--formats", "int4-g20"], "group size must be a multiple of 32"),
     (["--context", "4096"], "exceeds the model's 256 positions"),
-    (["--cpu-hours", "1", "--no-measure"], "--cpu-hours needs"),
+    (["--cpu-hours", "1", "--no-measure", "--context", "128"], "--cpu-hours needs"),
 ])
 def test_bad_input_is_one_line(tiny, argv, msg, capsys, monkeypatch, tmp_path):
     from slimlm.cli.main import main
