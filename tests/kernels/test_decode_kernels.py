@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -203,6 +204,22 @@ def _qgemv_reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, zero
     return xq @ w.t()
 
 
+def _check_qlinear(x: torch.Tensor, spec: Any, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+                   bias: torch.Tensor, group: int) -> None:
+    """``kernels.qlinear`` on ``spec`` equals the int8-activation reference, and with ``residual=res`` equals
+    ``res + qlinear(x)`` exactly (the residual is added after rounding to x's dtype, as `res + linear(x)` would be)."""
+    o, i = q.shape
+    res = torch.randn(x.shape[0], o).to(x.dtype)
+    with torch.inference_mode():
+        got = kernels.qlinear(x, spec)
+        got_res = kernels.qlinear(x, spec, residual=res)
+    assert got is not None and got_res is not None and got.dtype == x.dtype
+    ref = _qgemv_reference(x, q, scale, zero, i if group == -1 else group) + bias.double()
+    tol = 1e-5 if x.dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(got.double(), ref, atol=tol * ref.abs().max().item(), rtol=0)
+    torch.testing.assert_close(got_res, res + got, atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("bits", [8, 4])
 # out, in, group, rows; 4-bit with out % 16 == 0 runs on 16-row tiles (qgemv16.cpp), the others row-major
 @pytest.mark.parametrize("shape", [(37, 96, 64, 1), (70, 576, 128, 3), (64, 320, -1, 8), (40, 384, 192, 2), (96, 576, 128, 2)])
@@ -231,16 +248,7 @@ def test_qgemv_matches_int8_activation_reference(bits: int, shape: tuple[int, in
     x = x.to(dtype)
     spec = kernels.quant_spec(codes, bias, scale, zero, group, i)
     assert spec is not None
-    res = torch.randn(rows, o).to(dtype)
-    with torch.inference_mode():
-        got = kernels.qlinear(x, spec)
-        got_res = kernels.qlinear(x, spec, residual=res)
-    assert got is not None and got_res is not None and got.dtype == dtype
-    ref = _qgemv_reference(x, q, scale, zero, i if group == -1 else group) + bias.double()
-    tol = 1e-5 if dtype == torch.float32 else 1e-2
-    torch.testing.assert_close(got.double(), ref, atol=tol * ref.abs().max().item(), rtol=0)
-    # the residual is added after rounding to x's dtype, as `res + linear(x)` would be
-    torch.testing.assert_close(got_res, res + got, atol=0, rtol=0)
+    _check_qlinear(x, spec, q, scale, zero, bias, group)
 
 
 @pytest.mark.parametrize("bits", [3, 2])
@@ -267,15 +275,7 @@ def test_qgemv_lowbit_tiles_match_int8_activation_reference(bits: int, shape: tu
     spec = kernels.quant_spec(q, bias, scale, zero, group, i, bits=bits)
     assert spec is not None and spec[0].shape == (o // 16, i // 32, 64 * bits)  # bits / 8 bytes per weight
     assert torch.equal(kernels.untile_lowbit(spec[0]), q)
-    res = torch.randn(rows, o).to(dtype)
-    with torch.inference_mode():
-        got = kernels.qlinear(x, spec)
-        got_res = kernels.qlinear(x, spec, residual=res)
-    assert got is not None and got_res is not None and got.dtype == dtype
-    ref = _qgemv_reference(x, q, scale, zero, i if group == -1 else group) + bias.double()
-    tol = 1e-5 if dtype == torch.float32 else 1e-2
-    torch.testing.assert_close(got.double(), ref, atol=tol * ref.abs().max().item(), rtol=0)
-    torch.testing.assert_close(got_res, res + got, atol=0, rtol=0)
+    _check_qlinear(x, spec, q, scale, zero, bias, group)
     # the prefill path de-quantizes the same tiles: (q - zero) * scale in fp32, then rounded to bf16
     g = torch.arange(i) // (i if group == -1 else group)
     w = (q.float() - zero.float()[:, g]) * scale[:, g]
