@@ -63,20 +63,10 @@ def run_slimlm(hf_dir: str, seq_len: int, steps: int, warmup: int, dtype: str) -
     return {"tokens_per_s": seq_len * steps / sum(times[warmup:]), "peak_rss_bytes": _peak_rss(), "loss": loss}
 
 
-def _no_old_gptqmodel() -> None:
-    """peft 0.21 raises ImportError on every layer it inspects when gptqmodel < 7 is importable (the GPTQ
-    test oracle installs 5.8.0 beside it); no GPTQ layer is used here, so tell peft it is absent."""
-    import importlib
-
-    for name in ("peft.import_utils", "peft.tuners.lora.gptq", "peft.tuners.lora.awq", "peft.utils.other",
-                 "peft.utils.quantization_utils"):
-        mod = importlib.import_module(name)
-        if hasattr(mod, "is_gptqmodel_available"):
-            mod.is_gptqmodel_available = lambda: False  # type: ignore[attr-defined]
-
-
 def run_hf(hf_dir: str, seq_len: int, steps: int, warmup: int, dtype: str) -> dict[str, Any]:
-    _no_old_gptqmodel()
+    from tests.helpers.peft_env import hide_old_gptqmodel
+
+    hide_old_gptqmodel()  # peft 0.21 refuses every layer beside the GPTQ oracle's old gptqmodel
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 

@@ -22,6 +22,7 @@ from slimlm.bench.timing import interleave, summarize
 from slimlm.cli.main import main
 from slimlm.utils.errors import SlimlmError
 from tests.helpers.models import make_hf_model
+from tests.helpers.peft_env import hide_old_gptqmodel
 from tests.helpers.tokenizers import make_tiny_tokenizer
 
 SEQ, MAXTOK, REPEATS = 32, 128, 2
@@ -118,17 +119,10 @@ def _hf_perplexity(hf: Any, tiny: Path, corpus: Path) -> tuple[float, int]:
 @pytest.mark.slow
 def test_adapter_variant_matches_peft(two_runs, tiny: Path, corpus: Path, adapter: Path,
                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    import importlib
-
     peft = pytest.importorskip("peft")
     from transformers import AutoModelForCausalLM
 
-    # an old gptqmodel next to peft (another oracle in the shared environment) makes peft refuse any layer
-    for name in ("peft.import_utils", "peft.tuners.lora.gptq", "peft.tuners.lora.awq", "peft.utils.other",
-                 "peft.utils.quantization_utils"):
-        mod = importlib.import_module(name)
-        if hasattr(mod, "is_gptqmodel_available"):
-            monkeypatch.setattr(mod, "is_gptqmodel_available", lambda: False)
+    hide_old_gptqmodel(monkeypatch.setattr)  # an old gptqmodel next to peft makes peft refuse any layer
 
     _, obj = two_runs
     got = _variant(obj["runs"][0], "lora")

@@ -17,21 +17,15 @@ import torch
 from slimlm.loaders import load_model
 from slimlm.peft import LoraConfig, apply_peft, load_adapter, save_adapter
 from tests.helpers.models import make_hf_model
+from tests.helpers.peft_env import hide_old_gptqmodel
 
 peft = pytest.importorskip("peft")
 
 
 @pytest.fixture(autouse=True)
 def _no_gptqmodel(monkeypatch: pytest.MonkeyPatch) -> None:
-    """peft raises ImportError on any layer it inspects when an old ``gptqmodel`` (< 7) is installed
-    next to it (another tool's oracle in a shared environment); these tests use no GPTQ layers."""
-    import importlib
-
-    for name in ("peft.import_utils", "peft.tuners.lora.gptq", "peft.tuners.lora.awq", "peft.utils.other",
-                 "peft.utils.quantization_utils"):
-        mod = importlib.import_module(name)
-        if hasattr(mod, "is_gptqmodel_available"):
-            monkeypatch.setattr(mod, "is_gptqmodel_available", lambda: False)
+    """peft vs an old gptqmodel (tests/helpers/peft_env.py); these tests use no GPTQ layers."""
+    hide_old_gptqmodel(monkeypatch.setattr)
 
 
 def _close(a: torch.Tensor, b: torch.Tensor) -> None:
