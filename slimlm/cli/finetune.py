@@ -9,6 +9,10 @@ the loop's options are flags generated from their configs (``slimlm.train.config
 ``--recipe`` file's values. Every input problem (data lines, target modules, rank, a checkpoint of
 another model) is one ``error:`` line before anything is written.
 
+``--distributed ddp|fsdp`` trains data-parallel over the ranks ``torchrun`` started (gloo on CPU):
+``torchrun --nproc-per-node 2 -m slimlm.cli.main finetune ... --distributed ddp``; each step then
+sees ``world x --batch-size x --grad-accum`` windows and only rank 0 writes (``slimlm.train.distributed``).
+
 Example::
 
     slimlm finetune smollm2-135m --method lora --r 8 --data builtin:instruct --max-steps 2 --seq-len 128 \\
@@ -89,18 +93,31 @@ def build_configs(args: argparse.Namespace) -> tuple[Any, Any]:
     return method, TrainConfig.from_args(ns, train)
 
 
-def _read(spec: str, lm: Any, cfg: Any) -> list[Any]:
+def _read(spec: str, lm: Any, cfg: Any, say: Any = status) -> list[Any]:
     from slimlm.train.data import DataStats, read_examples
 
     stats = DataStats()
     ex = read_examples(spec, lm.tokenizer, cfg.seq_len, cfg.on_bad_line, stats)
     note = f", {stats.skipped_lines} bad lines skipped" if stats.skipped_lines else ""
     note += f", {stats.truncated} cut to {cfg.seq_len} tokens" if stats.truncated else ""
-    status(f"data {spec}: {stats.examples} examples, {stats.target_tokens} target tokens{note}")
+    say(f"data {spec}: {stats.examples} examples, {stats.target_tokens} target tokens{note}")
     return ex
 
 
 def run_finetune(args: argparse.Namespace) -> int:
+    from slimlm.train.distributed import Dist
+
+    method, cfg = build_configs(args)
+    if not args.data or not args.out:
+        raise SlimlmError("finetune needs --data FILE (or builtin:instruct) and --out DIR")
+    dist = Dist.from_env(cfg.distributed)  # before any work: a bad launch is one line
+    try:
+        return _finetune(args, method, cfg, dist)
+    finally:
+        dist.close()
+
+
+def _finetune(args: argparse.Namespace, method: Any, cfg: Any, dist: Any) -> int:
     import torch
 
     from slimlm.cli.common import apply_threads
@@ -108,9 +125,7 @@ def run_finetune(args: argparse.Namespace) -> int:
     from slimlm.loaders.outputs import check_output_dir
     from slimlm.train.loop import Trainer
 
-    method, cfg = build_configs(args)
-    if not args.data or not args.out:
-        raise SlimlmError("finetune needs --data FILE (or builtin:instruct) and --out DIR")
+    say = status if dist.is_main else (lambda msg: None)
     out = check_output_dir(args.out, args.overwrite)
     ckpt_dir = Path(args.checkpoint_dir or f"{out}.ckpt")
     if args.resume is None and ckpt_dir.is_dir() and any(ckpt_dir.iterdir()):
@@ -122,8 +137,8 @@ def run_finetune(args: argparse.Namespace) -> int:
     # full fine-tuning trains float weights; adapters train on the base as it is (quantized: QLoRA)
     lm = load_model(args.model, dtype=DTYPES[args.dtype],
                     dequantize=True if method.method == "full" else args.dequantize)
-    examples = _read(args.data, lm, cfg)
-    evals = _read(args.eval_data, lm, cfg) if args.eval_data else None
+    examples = _read(args.data, lm, cfg, say)
+    evals = _read(args.eval_data, lm, cfg, say) if args.eval_data else None
     torch.manual_seed(cfg.seed)  # adapter init
     groups = None
     if method.method == "full":
@@ -139,13 +154,18 @@ def run_finetune(args: argparse.Namespace) -> int:
     tok = lm.tokenizer
     pad = tok.pad_token_id if tok is not None and tok.pad_token_id is not None else 0
     trainer = Trainer(lm.model, cfg, examples, evals, checkpoint_dir=ckpt_dir, resume=args.resume,
-                      param_groups=groups, progress=not (args.no_progress or args.json), pad_id=pad)
+                      param_groups=groups, progress=not (args.no_progress or args.json), pad_id=pad, dist=dist)
     if not args.json:
-        status(summary)
-        status(f"training {cfg.max_steps} steps (from step {trainer.step}) in "
-               f"{str(trainer.dtype).removeprefix('torch.')}; checkpoints in {ckpt_dir}")
+        say(summary)
+        ranks = f" on {dist.world} ranks ({dist.mode})" if dist.active else ""
+        say(f"training {cfg.max_steps} steps (from step {trainer.step}){ranks} in "
+            f"{str(trainer.dtype).removeprefix('torch.')}; checkpoints in {ckpt_dir}")
     res = trainer.train()
-    saved = _save(lm, method, out, args)
+    with dist.full_params(lm.model):  # FSDP: the full tensors (every rank gathers); rank 0 writes
+        saved = _save(lm, method, out, args) if dist.is_main else out
+    dist.barrier()
+    if not dist.is_main:
+        return 0
     result = {"out": str(saved), "method": method.method, "steps": res.steps, "final_loss": res.final_loss,
               "eval_loss": res.eval_loss, "tokens": res.tokens, "seconds": res.seconds,
               "checkpoint": str(res.checkpoint) if res.checkpoint else None,

@@ -66,8 +66,11 @@ def step_dir(root: Path, step: int) -> Path:
 
 
 def save_checkpoint(root: Path, model: nn.Module, optimizer: Any, scheduler: Any, state: dict[str, Any],
-                    keep: int = 2) -> Path:
-    """Write ``root/step-N`` atomically (see module docstring); returns it."""
+                    keep: int = 2, optimizer_state: dict[str, Any] | None = None,
+                    rank_rng: list[Any] | None = None) -> Path:
+    """Write ``root/step-N`` atomically (see module docstring); returns it. A distributed run passes
+    the optimizer state gathered to full tensors and every rank's RNG state (``rng.pt`` then holds
+    rank 0's as usual plus ``ranks``: all of them)."""
     step = int(state["step"])
     out = step_dir(root, step)
     tensors = {n: t.detach().contiguous().clone() for n, t in trainable_tensors(model).items()}
@@ -79,9 +82,10 @@ def save_checkpoint(root: Path, model: nn.Module, optimizer: Any, scheduler: Any
             from slimlm.peft import save_adapter
 
             save_adapter(model, tmp / "adapter")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(optimizer_state if optimizer_state is not None else optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        torch.save(rng_state(), tmp / "rng.pt")
+        rng = rng_state() if rank_rng is None else {**rank_rng[0], "ranks": rank_rng}
+        torch.save(rng, tmp / "rng.pt")
         (tmp / STATE).write_text(json.dumps(meta, indent=2) + "\n")  # last: its presence = complete
 
     root.mkdir(parents=True, exist_ok=True)
@@ -142,8 +146,11 @@ def check_fits(meta: dict[str, Any], model: nn.Module, ckpt: Path) -> None:
                               f"this run's {have['trainable']} (another method, rank or target modules?)")
 
 
-def load_checkpoint(ckpt: Path, model: nn.Module, optimizer: Any, scheduler: Any) -> dict[str, Any]:
-    """Restore trainable tensors, optimizer, scheduler and RNG from ``ckpt``; returns its trainer state."""
+def load_checkpoint(ckpt: Path, model: nn.Module, optimizer: Any, scheduler: Any, rank: int = 0,
+                    world: int = 1) -> dict[str, Any]:
+    """Restore trainable tensors, optimizer, scheduler and RNG from ``ckpt``; returns its trainer state.
+    Rank ``rank`` of a ``world``-rank run takes its own RNG state when the checkpoint has one per rank
+    of the same world size (else rank 0's: the data order does not depend on it)."""
     meta = read_state(ckpt)
     check_fits(meta, model, ckpt)
     try:
@@ -161,5 +168,6 @@ def load_checkpoint(ckpt: Path, model: nn.Module, optimizer: Any, scheduler: Any
             p.copy_(tensors[n])
     optimizer.load_state_dict(opt)
     scheduler.load_state_dict(sch)
-    set_rng_state(rng)
+    ranks = rng.get("ranks")
+    set_rng_state(ranks[rank] if isinstance(ranks, list) and len(ranks) == world else rng)
     return meta

@@ -54,12 +54,18 @@ class TrainConfig(BaseConfig):
     seed: int = field(default=0, metadata={"help": "seed of data order, dropout and adapter init", "min": 0})
     on_bad_line: Literal["error", "skip"] = field(
         default="error", metadata={"help": "a JSONL line that is not JSON or lacks fields: stop, or skip it"})
+    distributed: Literal["none", "ddp", "fsdp"] = field(default="none", metadata={
+        "help": "data parallelism over the ranks torchrun started: ddp, or fsdp (FSDP2 fully_shard); each step "
+                "trains on world_size x batch_size x grad_accum windows (slimlm.train.distributed)"})
 
     def validate(self) -> None:
         if self.warmup_steps > self.max_steps:
             raise ConfigError(f"train: warmup_steps ({self.warmup_steps}) exceeds max_steps ({self.max_steps})")
         if self.grow_length and self.seq_len < 8:
             raise ConfigError("train: grow_length needs seq_len >= 8")
+        from slimlm.train.distributed import check_combination
+
+        check_combination(self.distributed, self.optimizer)
 
 
 @register_config

@@ -10,6 +10,10 @@ One optimizer step::
     clip the global grad norm -> optimizer.step() -> scheduler.step() -> zero_grad(set_to_none=True)
     every eval_every: eval loss / ppl; every save_every: an atomic checkpoint; metrics -> JSONL
 
+Under ``torchrun`` with ``cfg.distributed`` = ddp / fsdp the same loop runs on every rank, through the
+hooks of ``slimlm.train.distributed.Dist`` (the rank's slice of each global micro-batch, the global
+token count for ``n``, gradient sync on the last micro-batch, all-reduced metrics, rank 0 writes).
+
 Run it through ``slimlm finetune`` or directly::
 
     from slimlm.train import TrainConfig, Trainer, read_examples
@@ -33,9 +37,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slimlm.train.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from slimlm.train.checkpoint import find_checkpoint, load_checkpoint, rng_state, save_checkpoint, step_dir
 from slimlm.train.config import TrainConfig
 from slimlm.train.data import IGNORE, Example, Window, WindowSampler, collate, pack, target_tokens
+from slimlm.train.distributed import Dist
 from slimlm.train.optim import build_optimizer
 from slimlm.train.schedule import length_stages, lr_factor, window_len
 from slimlm.utils.cpu import has_native_bf16
@@ -100,17 +105,25 @@ class Trainer:
         param_groups: optimizer parameter groups (e.g. LoRA+); default: every trainable tensor.
         metrics_path: JSONL metrics log (default ``checkpoint_dir/metrics.jsonl``).
         callbacks: ``f(trainer, row)`` after every optimizer step (tests use it to interrupt).
+        dist: this process's place in a distributed run (default: from ``cfg.distributed`` and the
+            torchrun environment); the model is wrapped (DDP) or sharded in place (FSDP2) here.
     """
 
     def __init__(self, model: nn.Module, cfg: TrainConfig, examples: list[Example],
                  eval_examples: list[Example] | None = None, checkpoint_dir: str | Path | None = None,
                  resume: str | Path | None = None, param_groups: list[dict[str, Any]] | None = None,
                  metrics_path: str | Path | None = None, callbacks: list[Callback] | None = None,
-                 progress: bool = True, pad_id: int = 0) -> None:
+                 progress: bool = True, pad_id: int = 0, dist: Dist | None = None) -> None:
         self.model, self.cfg = model, cfg
-        params = [p for p in model.parameters() if p.requires_grad]
-        if not params:
+        if not any(p.requires_grad for p in model.parameters()):
             raise SlimlmError("nothing to train: no parameter requires grad (apply a PEFT method or use full fine-tuning)")
+        self.dist = dist if dist is not None else Dist.from_env(cfg.distributed)
+        names = {id(p): n for n, p in model.named_parameters()}
+        self.net = self.dist.wrap(model)  # forward/backward go through it; FSDP2 replaced model's parameters
+        now = dict(model.named_parameters())
+        params = [p for p in model.parameters() if p.requires_grad]
+        if param_groups is not None:  # the same groups, over the (possibly sharded) parameters
+            param_groups = [{**g, "params": [now[names[id(p)]] for p in g["params"]]} for g in param_groups]
         if eval_examples is None and cfg.eval_fraction > 0:
             n_eval = max(1, int(len(examples) * cfg.eval_fraction))
             if n_eval >= len(examples):
@@ -118,13 +131,19 @@ class Trainer:
             examples, eval_examples = examples[:-n_eval], examples[-n_eval:]
         self.pad_id = pad_id
         packing = cfg.packing and "prompt_encoder" not in model._modules  # virtual tokens need own positions
-        self.samplers = {n: WindowSampler(pack(_cut(examples, n), n, packing), cfg.batch_size, cfg.seed)
+        # every rank draws the same global micro-batch (world x batch_size windows) and trains on its slice
+        self.samplers = {n: WindowSampler(pack(_cut(examples, n), n, packing), cfg.batch_size * self.dist.world,
+                                          cfg.seed)
                          for n in length_stages(cfg)}
         self.eval_windows = pack(_cut(eval_examples, cfg.seq_len), cfg.seq_len, packing) if eval_examples else []
         self.dtype = resolve_dtype(cfg.dtype)
         self.optimizer = build_optimizer(cfg.optimizer, param_groups or params, lr=cfg.lr,
                                          weight_decay=cfg.weight_decay)
         self.fused_update = bool(getattr(self.optimizer, "updates_in_backward", False))
+        if self.dist.active and self.fused_update:
+            from slimlm.train.distributed import check_combination
+
+            check_combination(self.dist.mode, cfg.optimizer, fused_update=True)
         if self.fused_update:
             self.optimizer.attach(model)  # type: ignore[attr-defined]
         # a plain function: LambdaLR's state dict then holds only counters (weights_only loads it)
@@ -133,14 +152,16 @@ class Trainer:
         mp = metrics_path or (self.checkpoint_dir / "metrics.jsonl" if self.checkpoint_dir else None)
         self.metrics_path = Path(mp) if mp is not None else None
         self.callbacks = list(callbacks or [])
-        self.progress = progress
+        self.progress = progress and self.dist.is_main
         self.step, self.tokens = 0, 0
         self.last_checkpoint: Path | None = None
         self._saved_step = -1
-        torch.manual_seed(cfg.seed)  # dropout; a resumed run restores the state it stopped with
+        torch.manual_seed(cfg.seed + self.dist.rank)  # dropout; a resumed run restores the state it stopped with
         if resume is not None:
             ckpt = find_checkpoint(resume)
-            meta = load_checkpoint(ckpt, model, self.optimizer, self.scheduler)
+            with self.dist.full_params(model, writeback=True):
+                meta = load_checkpoint(ckpt, model, self.optimizer, self.scheduler, self.dist.rank, self.dist.world)
+            self.dist.shard_optimizer_state(self.optimizer)
             self.step, self.tokens = int(meta["step"]), int(meta["tokens"])
             for n, s in meta["data"].items():
                 if int(n) not in self.samplers:
@@ -151,32 +172,38 @@ class Trainer:
     # --- one step ------------------------------------------------------------------------------
     def _micro_batches(self) -> list[dict[str, torch.Tensor]]:
         sampler = self.samplers[window_len(self.step, self.cfg)]
-        return [collate(sampler.next_batch(), self.pad_id) for _ in range(self.cfg.grad_accum)]
+        lo = self.dist.rank * self.cfg.batch_size  # this rank's slice of the global micro-batch
+        return [collate(sampler.next_batch()[lo:lo + self.cfg.batch_size], self.pad_id)
+                for _ in range(self.cfg.grad_accum)]
 
     def train_step(self) -> dict[str, Any]:
         """One optimizer step over ``grad_accum`` micro-batches; returns its metrics row."""
         self.model.train()
         batches = self._micro_batches()
-        n = sum(target_tokens(b) for b in batches)
+        d = self.dist
+        n = int(d.sum(sum(target_tokens(b) for b in batches))[0])  # the whole step's, over every rank
         total = 0.0
-        for b in batches:
-            with autocast(self.dtype):
-                logits = forward_logits(self.model, b)
-            loss = loss_sum(logits, b["labels"]) / max(n, 1)
-            loss.backward()
+        for i, b in enumerate(batches):
+            with d.no_sync(self.net, last=i == len(batches) - 1):
+                with autocast(self.dtype):
+                    logits = forward_logits(self.net, b)
+                loss = loss_sum(logits, b["labels"]) / max(n, 1)
+                (loss * d.world if d.active else loss).backward()  # DDP / FSDP average over ranks: undo it
             total += float(loss.detach())
         grad_norm = None
         if not self.fused_update:
             params = [p for g in self.optimizer.param_groups for p in g["params"]]
             if self.cfg.max_grad_norm > 0:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm))
+                grad_norm = (d.clip_grad_norm(params, self.cfg.max_grad_norm) if d.active else
+                             float(torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm)))
         self.optimizer.step()
         lr = self.optimizer.param_groups[0]["lr"]
         self.scheduler.step()
         if not self.fused_update:
             self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        self.tokens += sum(int(b["attention_mask"].sum()) for b in batches)
+        total, tokens = d.sum(total, sum(int(b["attention_mask"].sum()) for b in batches))
+        self.tokens += int(tokens)
         return {"step": self.step, "loss": total, "lr": lr, "grad_norm": grad_norm, "target_tokens": n,
                 "window": batches[0]["input_ids"].shape[1]}
 
@@ -197,11 +224,19 @@ class Trainer:
         return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
 
     def save(self) -> Path:
+        """An atomic checkpoint; distributed: every rank gathers, rank 0 writes, the others wait."""
         assert self.checkpoint_dir is not None
         state = {"step": self.step, "tokens": self.tokens, "config": self.cfg.to_dict(),
                  "data": {str(n): s.state_dict() for n, s in self.samplers.items()}}
-        self.last_checkpoint = save_checkpoint(self.checkpoint_dir, self.model, self.optimizer, self.scheduler, state,
-                                               keep=self.cfg.keep_checkpoints)
+        d = self.dist
+        with d.full_params(self.model):
+            opt = d.full_optimizer_state(self.optimizer) if d.active else None
+            rngs = d.gather(rng_state()) if d.active else None
+            if d.is_main:
+                save_checkpoint(self.checkpoint_dir, self.model, self.optimizer, self.scheduler, state,
+                                keep=self.cfg.keep_checkpoints, optimizer_state=opt, rank_rng=rngs)
+        d.barrier()
+        self.last_checkpoint = step_dir(self.checkpoint_dir, self.step)
         self._saved_step = self.step
         return self.last_checkpoint
 
@@ -247,7 +282,7 @@ class Trainer:
 
     @contextlib.contextmanager
     def _log(self) -> Iterator[Callable[[dict[str, Any]], None]]:
-        if self.metrics_path is None:
+        if self.metrics_path is None or not self.dist.is_main:
             yield lambda row: None
             return
         self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
