@@ -187,8 +187,8 @@ class Dist:
         for m in model.modules():
             if isinstance(m, FSDPModule):
                 m.reshard()  # sharded state: FSDP's state-dict hooks then leave the swap alone
-        full: dict[int, tuple[nn.Parameter, nn.Parameter]] = {}
-        swapped: list[tuple[nn.Module, str, nn.Parameter]] = []
+        full: dict[int, tuple[Any, nn.Parameter]] = {}  # id -> (the sharded DTensor parameter, its full copy)
+        swapped: list[tuple[nn.Module, str, Any]] = []
         for m in model.modules():
             for name, p in list(m._parameters.items()):
                 if isinstance(p, DTensor):

@@ -124,6 +124,17 @@ def test_fsdp_resume_is_bit_exact(runs):
     assert [r["step"] for r in _rows(runs / "resumed.ckpt")] == [3]
 
 
+@pytest.mark.slow
+def test_a_two_rank_checkpoint_resumes_in_one_process(runs):
+    # the checkpoint holds full tensors and the global data position: one process with the same global
+    # batch continues it to what the single-process run reached
+    lora = [a for a in RUNS["fsdp-lora"] if a not in ("--distributed", "fsdp")]
+    assert main(_args(runs, "from-2rank-1proc", lora, 4, resume=str(runs / "fsdp-lora-2rank.ckpt/step-000002"),
+                      checkpoint_dir=str(runs / "from-2rank.ckpt"))) == 0
+    one, cont = _trained(runs / "fsdp-lora-1proc"), _trained(runs / "from-2rank-1proc")
+    assert max(float((one[k] - cont[k]).abs().max() / one[k].abs().max()) for k in one) < 1e-4
+
+
 def test_bad_distributed_input_is_one_line(setup, capsys, monkeypatch):
     d = setup
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
