@@ -113,7 +113,7 @@ class Dist:
             from torch.nn.parallel import DistributedDataParallel
 
             # frozen parameters are not synchronized; buffers are identical by construction
-            return DistributedDataParallel(model, broadcast_buffers=False)  # type: ignore[call-arg]
+            return DistributedDataParallel(model, forward_sync_buffers=False)  # type: ignore[call-arg]
         if self.mode == "fsdp":
             from torch.distributed.fsdp import fully_shard
 

@@ -7,8 +7,10 @@ the full model's HF folder) agree to 1e-4 of each tensor's largest magnitude (fp
 only the order of float sums: per-rank partial sums, then the all-reduce). Adam's update is nearly
 blind to the gradient's scale, so the logged loss and global gradient norm of every step are
 compared too (1e-5 relative): a missing world-size factor or a per-rank token count would change
-them. Resume: an FSDP run continued from its step-2 checkpoint ends bit for bit where the
-uninterrupted run ended. Only rank 0 writes (one metrics row per step).
+them. The final eval loss (held-out quarter of the data) agrees to 1e-5 relative. Resume: an FSDP run
+continued from its step-2 checkpoint ends bit for bit where the uninterrupted run ended, and one
+process continues the 2-rank checkpoint to the single-process result. Only rank 0 writes (one
+metrics row per step).
 
 The four distributed runs share one torchrun launch (tests/train/dist_worker.py): start-up is most
 of the cost. Bad input (``--distributed`` without torchrun, unsupported optimizer, a quantized base
@@ -40,7 +42,7 @@ from tests.helpers.tokenizers import make_tiny_tokenizer
 ROOT = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("dist_worker.py")
 TRAIN = ["--max-steps", "3", "--seq-len", "64", "--lr", "0.01", "--train-dtype", "fp32", "--no-progress",
-         "--grad-accum", "2", "--max-grad-norm", "0.5", "--save-every", "2", "--warmup-steps", "1"]
+         "--grad-accum", "2", "--max-grad-norm", "0.5", "--save-every", "2", "--warmup-steps", "1", "--eval-fraction", "0.25"]
 RECORDS = [{"prompt": f"Question {i}: what is {i} plus {i}?\nAnswer: ", "completion": f"It is {2 * i}" + "!" * i}
            for i in range(16)]
 RUNS = {"ddp-lora": ["--distributed", "ddp", "--method", "lora", "--lora-alpha", "8"],
@@ -95,8 +97,11 @@ def _trained(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(str(f if f.is_file() else folder / "model.safetensors"))
 
 
-def _rows(ckpt: Path) -> list[dict]:  # type: ignore[type-arg]
-    return [json.loads(line) for line in (ckpt / "metrics.jsonl").read_text().splitlines()]
+def _rows(ckpt: Path) -> tuple[list[dict], float]:  # type: ignore[type-arg]
+    """The metrics log's step rows and the final eval loss."""
+    rows = [json.loads(line) for line in (ckpt / "metrics.jsonl").read_text().splitlines()]
+    assert "eval_loss" in rows[-1]
+    return [r for r in rows if "loss" in r], float(rows[-1]["eval_loss"])
 
 
 @pytest.mark.slow
@@ -109,8 +114,9 @@ def test_two_ranks_train_what_one_process_trains(runs, name):
     start = _trained(runs / "m") if name.endswith("full") else None
     if start is not None:  # the full run really trained every weight it saved
         assert all(not torch.equal(start[k], one[k]) for k in one if k in start)
-    r1, r2 = _rows(runs / f"{name}-1proc.ckpt"), _rows(runs / f"{name}-2rank.ckpt")
+    (r1, ev1), (r2, ev2) = _rows(runs / f"{name}-1proc.ckpt"), _rows(runs / f"{name}-2rank.ckpt")
     assert [r["step"] for r in r2] == [1, 2, 3]  # rank 0 alone logs
+    assert ev2 == pytest.approx(ev1, rel=1e-5)  # the held-out loss of the trained model
     for a, b in zip(r1, r2, strict=True):
         assert a["tokens"] == b["tokens"] and a["target_tokens"] == b["target_tokens"]
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
@@ -121,7 +127,7 @@ def test_two_ranks_train_what_one_process_trains(runs, name):
 def test_fsdp_resume_is_bit_exact(runs):
     straight, resumed = _trained(runs / "fsdp-lora-2rank"), _trained(runs / "fsdp-lora-resumed")
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
-    assert [r["step"] for r in _rows(runs / "resumed.ckpt")] == [3]
+    assert [r["step"] for r in _rows(runs / "resumed.ckpt")[0]] == [3]
 
 
 @pytest.mark.slow
