@@ -12,7 +12,7 @@ continued from its step-2 checkpoint ends bit for bit where the uninterrupted ru
 process continues the 2-rank checkpoint to the single-process result. Only rank 0 writes (one
 metrics row per step).
 
-The four distributed runs share one torchrun launch (tests/train/dist_worker.py): start-up is most
+The five distributed runs (DDP and FSDP, each LoRA and full fine-tuning, plus a resume) share one torchrun launch (tests/train/dist_worker.py): start-up is most
 of the cost. Bad input (``--distributed`` without torchrun, unsupported optimizer, a quantized base
 under FSDP, torchrun without ``--distributed``) is one line, exit 2.
 
@@ -45,9 +45,8 @@ TRAIN = ["--max-steps", "3", "--seq-len", "64", "--lr", "0.01", "--train-dtype",
          "--grad-accum", "2", "--max-grad-norm", "0.5", "--save-every", "2", "--warmup-steps", "1", "--eval-fraction", "0.25"]
 RECORDS = [{"prompt": f"Question {i}: what is {i} plus {i}?\nAnswer: ", "completion": f"It is {2 * i}" + "!" * i}
            for i in range(16)]
-RUNS = {"ddp-lora": ["--distributed", "ddp", "--method", "lora", "--lora-alpha", "8"],
-        "fsdp-lora": ["--distributed", "fsdp", "--method", "lora", "--lora-alpha", "8"],
-        "fsdp-full": ["--distributed", "fsdp", "--full"]}
+METHODS = {"lora": ["--method", "lora", "--lora-alpha", "8"], "full": ["--full"]}
+RUNS = {f"{mode}-{method}": ["--distributed", mode, *METHODS[method]] for mode in ("ddp", "fsdp") for method in METHODS}
 
 
 def _free_port() -> int:
@@ -87,8 +86,8 @@ def runs(setup):  # type: ignore[no-untyped-def]
            "--master-port", str(_free_port()), str(WORKER), json.dumps(argvs)]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    for n, extra in RUNS.items():  # the oracle: one process, the same global batch
-        assert main(_args(d, f"{n}-1proc", [a for a in extra if a not in ("--distributed", "ddp", "fsdp")], 4)) == 0
+    for method, extra in METHODS.items():  # the oracle: one process, the same global batch
+        assert main(_args(d, f"{method}-1proc", extra, 4)) == 0
     return d
 
 
@@ -107,14 +106,15 @@ def _rows(ckpt: Path) -> tuple[list[dict], float]:  # type: ignore[type-arg]
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(RUNS))
 def test_two_ranks_train_what_one_process_trains(runs, name):
-    one, two = _trained(runs / f"{name}-1proc"), _trained(runs / f"{name}-2rank")
+    method = name.split("-")[1]
+    one, two = _trained(runs / f"{method}-1proc"), _trained(runs / f"{name}-2rank")
     assert set(one) == set(two) and one
     worst = max(float((one[k] - two[k]).abs().max() / one[k].abs().max().clamp_min(1e-12)) for k in one)
     assert worst < 1e-4, f"{name}: trained tensors differ by {worst:.2e} of their largest magnitude"
-    start = _trained(runs / "m") if name.endswith("full") else None
+    start = _trained(runs / "m") if method == "full" else None
     if start is not None:  # the full run really trained every weight it saved
         assert all(not torch.equal(start[k], one[k]) for k in one if k in start)
-    (r1, ev1), (r2, ev2) = _rows(runs / f"{name}-1proc.ckpt"), _rows(runs / f"{name}-2rank.ckpt")
+    (r1, ev1), (r2, ev2) = _rows(runs / f"{method}-1proc.ckpt"), _rows(runs / f"{name}-2rank.ckpt")
     assert [r["step"] for r in r2] == [1, 2, 3]  # rank 0 alone logs
     assert ev2 == pytest.approx(ev1, rel=1e-5)  # the held-out loss of the trained model
     for a, b in zip(r1, r2, strict=True):
@@ -134,10 +134,9 @@ def test_fsdp_resume_is_bit_exact(runs):
 def test_a_two_rank_checkpoint_resumes_in_one_process(runs):
     # the checkpoint holds full tensors and the global data position: one process with the same global
     # batch continues it to what the single-process run reached
-    lora = [a for a in RUNS["fsdp-lora"] if a not in ("--distributed", "fsdp")]
-    assert main(_args(runs, "from-2rank-1proc", lora, 4, resume=str(runs / "fsdp-lora-2rank.ckpt/step-000002"),
+    assert main(_args(runs, "from-2rank-1proc", METHODS["lora"], 4, resume=str(runs / "fsdp-lora-2rank.ckpt/step-000002"),
                       checkpoint_dir=str(runs / "from-2rank.ckpt"))) == 0
-    one, cont = _trained(runs / "fsdp-lora-1proc"), _trained(runs / "from-2rank-1proc")
+    one, cont = _trained(runs / "lora-1proc"), _trained(runs / "from-2rank-1proc")
     assert max(float((one[k] - cont[k]).abs().max() / one[k].abs().max()) for k in one) < 1e-4
 
 
