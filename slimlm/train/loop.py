@@ -43,6 +43,9 @@ from slimlm.utils.errors import SlimlmError
 from slimlm.utils.memory import current_rss_bytes
 
 Callback = Callable[["Trainer", dict[str, Any]], None]
+# the training objective of one micro-batch: (model, batch, logits [B, T, V]) -> the loss *summed* over the
+# batch's counted targets (the loop divides by the step's target tokens); default: ``loss_sum``
+LossFn = Callable[[nn.Module, dict[str, torch.Tensor], torch.Tensor], torch.Tensor]
 
 
 def resolve_dtype(name: str) -> torch.dtype:
@@ -100,15 +103,20 @@ class Trainer:
         param_groups: optimizer parameter groups (e.g. LoRA+); default: every trainable tensor.
         metrics_path: JSONL metrics log (default ``checkpoint_dir/metrics.jsonl``).
         callbacks: ``f(trainer, row)`` after every optimizer step (tests use it to interrupt).
+        loss_fn: the training objective (:data:`LossFn`; e.g. distillation's, ``slimlm.distill``); default:
+            next-token cross-entropy. An ``nn.Module`` objective's trainable parameters (a learned projection)
+            are optimized too (they are not in checkpoints). Eval loss / ppl are always plain cross-entropy.
     """
 
     def __init__(self, model: nn.Module, cfg: TrainConfig, examples: list[Example],
                  eval_examples: list[Example] | None = None, checkpoint_dir: str | Path | None = None,
                  resume: str | Path | None = None, param_groups: list[dict[str, Any]] | None = None,
                  metrics_path: str | Path | None = None, callbacks: list[Callback] | None = None,
-                 progress: bool = True, pad_id: int = 0) -> None:
-        self.model, self.cfg = model, cfg
+                 progress: bool = True, pad_id: int = 0, loss_fn: LossFn | None = None) -> None:
+        self.model, self.cfg, self.loss_fn = model, cfg, loss_fn
         params = [p for p in model.parameters() if p.requires_grad]
+        if isinstance(loss_fn, nn.Module):
+            params += [p for p in loss_fn.parameters() if p.requires_grad]
         if not params:
             raise SlimlmError("nothing to train: no parameter requires grad (apply a PEFT method or use full fine-tuning)")
         if eval_examples is None and cfg.eval_fraction > 0:
@@ -162,7 +170,8 @@ class Trainer:
         for b in batches:
             with autocast(self.dtype):
                 logits = forward_logits(self.model, b)
-            loss = loss_sum(logits, b["labels"]) / max(n, 1)
+            summed = loss_sum(logits, b["labels"]) if self.loss_fn is None else self.loss_fn(self.model, b, logits)
+            loss = summed / max(n, 1)
             loss.backward()
             total += float(loss.detach())
         grad_norm = None
@@ -278,4 +287,4 @@ def _bar(total: int, start: int, enabled: bool):  # type: ignore[no-untyped-def]
     return tqdm(total=total, initial=start, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True)
 
 
-__all__ = ["TrainResult", "Trainer", "Window", "forward_logits", "loss_sum", "resolve_dtype"]
+__all__ = ["LossFn", "TrainResult", "Trainer", "Window", "forward_logits", "loss_sum", "resolve_dtype"]
