@@ -1,0 +1,164 @@
+"""``slimlm distill TEACHER --student {every-other-layer,PATH} --data FILE --out DIR``: knowledge distillation.
+
+The student is the teacher's every-other layer (DistilBERT init; ``--layers N`` keeps N evenly strided
+layers) or any saved model with the teacher's tokenizer (``--student PATH``, e.g. a ``slimlm prune
+--structured`` output: prune, then distil). It trains through the one trainer loop
+(``slimlm.train.loop``) on ``slimlm.distill``'s objective: ``(1 - alpha) * CE + alpha * T^2 * KL``
+(``--kd-loss fwd_kl|rev_kl``, ``--temperature``), plus an optional hidden-state term
+(``--hidden-loss cosine|mse``). ``--out DIR`` gets a slimlm model folder (temp + rename) that every
+command loads, e.g. as a speculative-decoding draft of the teacher. ``--acceptance-prompts N``
+then measures that: greedy speculative decoding of N held-out prompts with the draft before and after
+distillation, reporting the acceptance rate (``slimlm.engine.spec``'s counters). Flags come from the
+configs (``DistillConfig``, ``TrainConfig``) and override a ``--recipe`` file's values.
+
+Example::
+
+    slimlm distill smollm2-135m --student every-other-layer --layers 4 --data builtin:instruct \\
+        --max-steps 2 --seq-len 64 --out out/draft --acceptance-prompts 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+from types import SimpleNamespace
+from typing import Any
+
+from slimlm.cli.common import add_json_arg, add_model_arg, add_runtime_args, emit_json, status
+from slimlm.utils.errors import SlimlmError
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    from slimlm.distill.config import DistillConfig
+    from slimlm.train.config import TrainConfig
+
+    p = subparsers.add_parser("distill", help="distil a teacher into a smaller student (every-other-layer or a "
+                              "saved model); optionally report its speculative acceptance rate",
+                              description=__doc__.split("\n\n")[1] if __doc__ else None)
+    add_model_arg(p)
+    p.add_argument("--data", help="training data: builtin:instruct, a .jsonl file ({prompt, completion} / "
+                                  "{messages} / {text} per line) or a plain text file")
+    p.add_argument("--eval-data", help="held-out data for eval loss/ppl and the acceptance prompts (same formats)")
+    p.add_argument("--out", help="output folder: the student as a slimlm model folder")
+    p.add_argument("--recipe", help="YAML/JSON recipe: {kind: distill, ...} and/or {kind: train, ...} mappings")
+    p.add_argument("--acceptance-prompts", type=int, default=0, metavar="N",
+                   help="after training: greedy speculative decoding of N prompts (eval data, else training data) "
+                        "with the student as the teacher's draft, before and after distillation (default 0: off)")
+    p.add_argument("--acceptance-tokens", type=int, default=32, metavar="M",
+                   help="tokens generated per acceptance prompt (default 32)")
+    p.add_argument("--overwrite", action="store_true", help="replace an output slimlm wrote earlier")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_json_arg(p)
+    add_runtime_args(p)
+    DistillConfig.add_arguments(p.add_argument_group("distillation options"))
+    TrainConfig.add_arguments(p.add_argument_group("training options"), skip=("dtype",))
+    p.add_argument("--train-dtype", dest="train_dtype", choices=["auto", "fp32", "bf16"], default=None,
+                   help="compute dtype of training (auto: bf16 autocast where the CPU has native bf16)")
+    p.set_defaults(func=run_distill)
+
+
+def build_configs(args: argparse.Namespace) -> tuple[Any, Any]:
+    from slimlm.distill.config import DistillConfig
+    from slimlm.train.config import TrainConfig
+    from slimlm.utils.config import load_recipe
+
+    stages: dict[str, dict[str, Any]] = {}
+    if args.recipe:
+        for d in load_recipe(args.recipe):
+            kind = d.get("kind")
+            if kind not in ("distill", "train"):
+                raise SlimlmError(f"recipe {args.recipe}: kind {kind!r} is not a distillation stage (distill, train)")
+            stages[str(kind)] = d
+    train = dict(stages.get("train") or {})
+    if args.train_dtype is not None:
+        train["dtype"] = args.train_dtype
+    ns = argparse.Namespace(**{k: v for k, v in vars(args).items() if k != "dtype"})  # --dtype: the load dtype
+    return DistillConfig.from_args(args, stages.get("distill")), TrainConfig.from_args(ns, train)
+
+
+def _check_student_spec(spec: str) -> None:
+    from slimlm.distill.config import EVERY_OTHER
+    from slimlm.loaders.resolve import resolve
+
+    if spec == EVERY_OTHER:
+        return
+    try:
+        resolve(spec)
+    except SlimlmError as e:
+        raise SlimlmError(f"--student {spec}: neither '{EVERY_OTHER}' nor a model ({e})") from None
+
+
+def run_distill(args: argparse.Namespace) -> int:
+    from slimlm.cli.common import DTYPES, apply_threads
+    from slimlm.cli.finetune import _read
+    from slimlm.distill.objective import DistillLoss
+    from slimlm.distill.student import build_student
+    from slimlm.loaders import load_model
+    from slimlm.loaders.outputs import check_output_dir
+    from slimlm.loaders.save import save_model
+    from slimlm.train.loop import Trainer, resolve_dtype
+
+    dcfg, cfg = build_configs(args)
+    if not args.data or not args.out:
+        raise SlimlmError("distill needs --data FILE (or builtin:instruct) and --out DIR")
+    if args.acceptance_prompts < 0 or args.acceptance_tokens < 1:
+        raise SlimlmError("--acceptance-prompts must be >= 0 and --acceptance-tokens >= 1")
+    out = check_output_dir(args.out, args.overwrite)
+    _check_student_spec(dcfg.student)
+    apply_threads(args)
+    dtype = DTYPES[args.dtype]
+    teacher = load_model(args.model, dtype=dtype, dequantize=args.dequantize)
+    student = build_student(args.model, dcfg, teacher, dtype=dtype)
+    examples = _read(args.data, teacher, cfg)
+    evals = _read(args.eval_data, teacher, cfg) if args.eval_data else None
+    init = copy.deepcopy(student.model) if args.acceptance_prompts else None
+    student.model.gradient_checkpointing = cfg.activation_checkpointing
+    tok = teacher.tokenizer
+    pad = tok.pad_token_id if tok is not None and tok.pad_token_id is not None else 0
+    loss = DistillLoss(teacher.model, student.model, dcfg, dtype=resolve_dtype(cfg.dtype))
+    trainer = Trainer(student.model, cfg, examples, evals, progress=not (args.no_progress or args.json),
+                      pad_id=pad, loss_fn=loss)
+    sc = student.model.config
+    if not args.json:
+        status(f"student: {sc.num_hidden_layers} layers, hidden {sc.hidden_size}, "
+               f"{student.model.num_parameters():,} parameters (teacher: {teacher.model.config.num_hidden_layers} "
+               f"layers, {teacher.model.num_parameters():,}); {dcfg.kd_loss} T={dcfg.temperature:g} "
+               f"alpha={dcfg.alpha:g} hidden={dcfg.hidden_loss}")
+        status(f"training {cfg.max_steps} steps in {str(trainer.dtype).removeprefix('torch.')}")
+    res = trainer.train()
+    loss.close()
+    student.model.requires_grad_(False)
+    student.model.eval()
+    meta = {"distilled_from": args.model, "distill": dcfg.to_dict(), "train": cfg.to_dict(),
+            **({"student_layers_from_teacher": student.meta["student_layers_from_teacher"]}
+               if "student_layers_from_teacher" in student.meta else {})}
+    saved = save_model(student, out, meta=meta, overwrite=args.overwrite)
+    result: dict[str, Any] = {"out": str(saved), "layers": sc.num_hidden_layers, "steps": res.steps,
+                              "final_loss": res.final_loss, "eval_loss": res.eval_loss, "tokens": res.tokens,
+                              "seconds": res.seconds}
+    if args.acceptance_prompts:
+        from slimlm.cli.spec_report import acceptance_rates
+
+        prompts = _prompts(evals or examples, args.acceptance_prompts)
+        before = SimpleNamespace(model=init, tokenizer=student.tokenizer)  # the student as it started
+        result["acceptance"] = acceptance_rates(teacher, {"before": before, "after": load_model(str(saved))},
+                                                prompts, args.acceptance_tokens)
+    if args.json:
+        emit_json(result)
+    else:
+        ev = f", eval loss {res.eval_loss:.4f}" if res.eval_loss is not None else ""
+        print(f"distilled {res.steps} steps, loss {res.final_loss:.4f}{ev}; saved {saved}")
+        for name, r in (result.get("acceptance") or {}).items():
+            print(f"speculative acceptance {name} distillation: {r['acceptance_rate']:.3f} "
+                  f"({r['accepted']}/{r['proposed']} drafts, {r['tokens_per_step']:.2f} tokens per verify step)")
+    return 0
+
+
+def _prompts(examples: list[Any], n: int, max_len: int = 64) -> list[list[int]]:
+    """Prompt ids of the first ``n`` examples: the masked prompt part, else the first half (at most max_len)."""
+    out = []
+    for e in examples[:n]:
+        k = next((i for i, lab in enumerate(e.labels) if lab != -100), 0)
+        k = k if k > 0 else max(1, len(e.ids) // 2)
+        out.append(list(e.ids[:min(k, max_len)]))
+    return out

@@ -1,0 +1,36 @@
+"""The speculative acceptance rate of draft models against a target (CLI layer: it drives the engine).
+
+``acceptance_rates(target, {"name": draft}, prompts, new_tokens)`` (target and drafts: ``LoadedModel``s,
+or anything with ``.model`` and ``.tokenizer``) runs greedy speculative
+decoding (fixed gamma = 4, no adaptation, so every draft is judged on the same proposals) of every
+prompt through ``slimlm.engine``'s ``LLM`` and returns, per draft, the engine's counters:
+``acceptance_rate`` = accepted / proposed draft tokens, ``tokens_per_step`` = tokens emitted per
+verification step. Greedy output equals plain greedy decoding of the target whatever the draft, so only
+the speed changes. Used by ``slimlm distill --acceptance-prompts``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def acceptance_rates(target: Any, drafts: dict[str, Any], prompts: list[list[int]], new_tokens: int,
+                     gamma: int = 4) -> dict[str, dict[str, Any]]:
+    from slimlm.engine.llm import LLM
+    from slimlm.engine.sampling import SamplingConfig
+    from slimlm.engine.spec import SpecConfig
+
+    params = SamplingConfig(max_new_tokens=new_tokens, ignore_eos=True)
+    out: dict[str, dict[str, Any]] = {}
+    for name, draft in drafts.items():
+        draft.model.eval()
+        llm = LLM(target, spec=SpecConfig(spec="draft", spec_adaptive=False, num_speculative_tokens=gamma),
+                  draft=draft)
+        llm.generate(prompts, params)
+        s = llm.engine.stats
+        out[name] = {"acceptance_rate": float(s["spec_acceptance_rate"]), "proposed": int(s["spec_proposed"]),
+                     "accepted": int(s["spec_accepted"]), "tokens_per_step": float(s["spec_tokens_per_step"])}
+    return out
+
+
+__all__ = ["acceptance_rates"]
