@@ -111,6 +111,8 @@ def run_distill(args: argparse.Namespace) -> int:
     student = build_student(args.model, dcfg, teacher, dtype=dtype)
     examples = _read(args.data, teacher, cfg)
     evals = _read(args.eval_data, teacher, cfg) if args.eval_data else None
+    if dcfg.sequence_kd_tokens:
+        examples = _sequence_kd(teacher, examples, dcfg.sequence_kd_tokens, args.json)
     init = copy.deepcopy(student.model) if args.acceptance_prompts else None
     student.model.gradient_checkpointing = cfg.activation_checkpointing
     tok = teacher.tokenizer
@@ -156,9 +158,20 @@ def run_distill(args: argparse.Namespace) -> int:
 
 def _prompts(examples: list[Any], n: int, max_len: int = 64) -> list[list[int]]:
     """Prompt ids of the first ``n`` examples: the masked prompt part, else the first half (at most max_len)."""
-    out = []
-    for e in examples[:n]:
-        k = next((i for i, lab in enumerate(e.labels) if lab != -100), 0)
-        k = k if k > 0 else max(1, len(e.ids) // 2)
-        out.append(list(e.ids[:min(k, max_len)]))
+    from slimlm.distill.sequence import prompt_of
+
+    return [prompt_of(e, max_len) for e in examples[:n]]
+
+
+def _sequence_kd(teacher: Any, examples: list[Any], new_tokens: int, quiet: bool) -> list[Any]:
+    """Sequence-level KD: the examples' prompts continued by the teacher's greedy decoding (the engine's)."""
+    from slimlm.distill.sequence import teacher_examples
+    from slimlm.engine.llm import LLM
+    from slimlm.engine.sampling import SamplingConfig
+
+    llm = LLM(teacher)
+    params = SamplingConfig(max_new_tokens=new_tokens)
+    out = teacher_examples(examples, lambda ps: [o.token_ids for o in llm.generate(ps, params)])
+    if not quiet:
+        status(f"sequence-level KD: {len(out)} teacher continuations of up to {new_tokens} tokens")
     return out

@@ -11,7 +11,9 @@ generated from both. The objective per counted target token (``slimlm.distill.lo
 softmaxes; ``H``: cosine distance (1 - cos) or mean squared error between the student's last hidden
 state (through a learned linear projection when the widths differ) and the teacher's. ``alpha=0`` and
 ``hidden_weight=0`` is plain teacher-free training. DistilBERT's triple loss is
-``alpha=0.5, hidden_loss=cosine, hidden_weight=1``.
+``alpha=0.5, hidden_loss=cosine, hidden_weight=1``. ``sequence_kd_tokens=N`` is sequence-level
+(black-box) KD (Kim & Rush): the targets become the teacher's greedy continuations of the prompts
+(``slimlm.distill.sequence``), which the objective above then fits.
 
 Example recipe (``slimlm distill TEACHER --recipe r.yaml --data FILE --out DIR``)::
 
@@ -52,6 +54,9 @@ class DistillConfig(BaseConfig):
         "help": "align the student's last hidden state with the teacher's (learned projection when widths differ)"})
     hidden_weight: float = field(default=1.0, metadata={
         "help": "weight of the hidden-state term (with --hidden-loss cosine|mse)", "min": 0})
+    sequence_kd_tokens: int = field(default=0, metadata={
+        "help": "sequence-level KD: train on the teacher's greedy continuation (this many tokens) of each "
+                "example's prompt instead of the data's own targets (0: off)", "min": 0})
 
     def validate(self) -> None:
         if not self.student.strip():

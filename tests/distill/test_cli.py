@@ -49,6 +49,17 @@ def test_distill_writes_a_loadable_student_and_reports_acceptance(setup, tmp_pat
         assert acc["acceptance_rate"] == pytest.approx(acc["accepted"] / acc["proposed"])
 
 
+def test_sequence_level_kd_trains_on_teacher_continuations(setup, tmp_path, capsys) -> None:
+    teacher, _, data = setup
+    out = tmp_path / "seqkd"
+    rc = main(["distill", str(teacher), "--layers", "1", "--data", str(data), "--out", str(out), "--max-steps", "1",
+               "--seq-len", "64", "--train-dtype", "fp32", "--sequence-kd-tokens", "3", "--no-progress"])
+    assert rc == 0
+    err = capsys.readouterr().err
+    assert "sequence-level KD: 12 teacher continuations of up to 3 tokens" in err
+    assert load_model(str(out)).config.num_hidden_layers == 1
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--student", "every-second-layer"], "--student every-second-layer: neither 'every-other-layer' nor a model"),
     (["--layers", "5"], "1 to 4 layers"),

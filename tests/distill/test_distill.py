@@ -162,3 +162,21 @@ def test_distilled_student_beats_teacher_free_training(teacher, teacher_dir, lan
         assert res.eval_loss is not None
         ppl[name] = math.exp(res.eval_loss)
     assert ppl["distilled"] < 0.85 * ppl["scratch"], ppl
+
+
+def test_sequence_kd_examples_are_prompt_plus_teacher_continuation() -> None:
+    from slimlm.distill.sequence import prompt_of, teacher_examples
+    from slimlm.train.data import Example
+
+    ex = [Example([5, 6, 7, 8, 9], [-100, -100, 7, 8, 9]), Example([1, 2, 3, 4], [1, 2, 3, 4])]
+    assert prompt_of(ex[0]) == [5, 6] and prompt_of(ex[1]) == [1, 2]  # text: its first half
+    seen: list[list[int]] = []
+
+    def gen(prompts: list[list[int]]) -> list[list[int]]:
+        seen.extend(prompts)
+        return [[p[-1] + 10, p[-1] + 20] for p in prompts]
+
+    out = teacher_examples(ex, gen)
+    assert seen == [[5, 6], [1, 2]]
+    assert [e.ids for e in out] == [[5, 6, 16, 26], [1, 2, 12, 22]]
+    assert [e.labels for e in out] == [[-100, -100, 16, 26], [-100, -100, 12, 22]]
