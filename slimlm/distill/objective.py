@@ -38,7 +38,8 @@ class DistillLoss(nn.Module):
     def __init__(self, teacher: nn.Module, student: nn.Module, cfg: DistillConfig,
                  dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
-        tc, sc = teacher.config, student.config  # type: ignore[union-attr]
+        tc: Any = teacher.config  # ModelConfigs
+        sc: Any = student.config
         if tc.vocab_size != sc.vocab_size:
             raise SlimlmError(f"student vocabulary ({sc.vocab_size}) differs from the teacher's ({tc.vocab_size})")
         self._teacher = [teacher]  # a list, not a submodule: its weights are neither trained nor checkpointed

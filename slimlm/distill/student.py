@@ -36,7 +36,7 @@ def layer_indices(n_teacher: int, n: int) -> list[int]:
 def keep_layers_(model: nn.Module, keep: list[int]) -> None:
     """Keep only decoder layers ``keep`` of a runtime model, in place, and update its config."""
     layers = list(model.model.layers)  # type: ignore[union-attr, arg-type]
-    mc = model.config  # type: ignore[union-attr]
+    mc: Any = model.config  # a ModelConfig
     new = []
     for new_i, i in enumerate(keep):
         layer = layers[i]
