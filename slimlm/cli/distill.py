@@ -165,13 +165,18 @@ def _prompts(examples: list[Any], n: int, max_len: int = 64) -> list[list[int]]:
 
 def _sequence_kd(teacher: Any, examples: list[Any], new_tokens: int, quiet: bool) -> list[Any]:
     """Sequence-level KD: the examples' prompts continued by the teacher's greedy decoding (the engine's)."""
+    from slimlm.cli.spec_report import sized_config
     from slimlm.distill.sequence import teacher_examples
     from slimlm.engine.llm import LLM
     from slimlm.engine.sampling import SamplingConfig
 
-    llm = LLM(teacher)
     params = SamplingConfig(max_new_tokens=new_tokens)
-    out = teacher_examples(examples, lambda ps: [o.token_ids for o in llm.generate(ps, params)])
+
+    def generate(prompts: list[list[int]]) -> list[list[int]]:
+        llm = LLM(teacher, sized_config(prompts, new_tokens))
+        return [o.token_ids for o in llm.generate(prompts, params)]
+
+    out = teacher_examples(examples, generate)
     if not quiet:
         status(f"sequence-level KD: {len(out)} teacher continuations of up to {new_tokens} tokens")
     return out

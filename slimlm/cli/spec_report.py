@@ -14,6 +14,15 @@ from __future__ import annotations
 from typing import Any
 
 
+def sized_config(prompts: list[list[int]], new_tokens: int, extra: int = 0, block_size: int = 16) -> Any:
+    """A scheduler config whose KV pool holds exactly these requests (the default 1 GiB pool takes
+    seconds to zero on a loaded machine)."""
+    from slimlm.engine.scheduler import SchedulerConfig
+
+    blocks = sum(-(-(len(p) + new_tokens + extra + 1) // block_size) for p in prompts) + len(prompts) + 4
+    return SchedulerConfig(num_blocks=blocks, block_size=block_size)
+
+
 def acceptance_rates(target: Any, drafts: dict[str, Any], prompts: list[list[int]], new_tokens: int,
                      gamma: int = 4) -> dict[str, dict[str, Any]]:
     from slimlm.engine.llm import LLM
@@ -24,8 +33,8 @@ def acceptance_rates(target: Any, drafts: dict[str, Any], prompts: list[list[int
     out: dict[str, dict[str, Any]] = {}
     for name, draft in drafts.items():
         draft.model.eval()
-        llm = LLM(target, spec=SpecConfig(spec="draft", spec_adaptive=False, num_speculative_tokens=gamma),
-                  draft=draft)
+        llm = LLM(target, sized_config(prompts, new_tokens, gamma),
+                  spec=SpecConfig(spec="draft", spec_adaptive=False, num_speculative_tokens=gamma), draft=draft)
         llm.generate(prompts, params)
         s = llm.engine.stats
         out[name] = {"acceptance_rate": float(s["spec_acceptance_rate"]), "proposed": int(s["spec_proposed"]),
@@ -33,4 +42,4 @@ def acceptance_rates(target: Any, drafts: dict[str, Any], prompts: list[list[int
     return out
 
 
-__all__ = ["acceptance_rates"]
+__all__ = ["acceptance_rates", "sized_config"]

@@ -151,7 +151,8 @@ def test_distilled_student_beats_teacher_free_training(teacher, teacher_dir, lan
     20 steps, seed and held-out set; only the objective differs (alpha 0.9, T=1 vs CE). Measured: ppl
     ~4.2-4.3 distilled vs ~5.9 teacher-free (the student's start: ~4.6; the teacher: ~4.2): 16 sequences
     do not pin down the chain's 4-way branching from one-hot labels (CE overfits them), the teacher's
-    distributions do. Asserted with a 15% margin."""
+    distributions do. Three other chain / data / init seeds gave ratios 0.72, 0.85 and 0.76 (4.63 vs 6.44,
+    4.71 vs 5.57, 4.67 vs 6.13): asserted ratio < 0.9, a bound every seed tried clears."""
     train, held = sample(lang, 16, L, seed=3), sample(lang, 32, L, seed=2)
     ppl = {}
     for name, alpha in (("scratch", None), ("distilled", 0.9)):
@@ -161,7 +162,7 @@ def test_distilled_student_beats_teacher_free_training(teacher, teacher_dir, lan
         res = Trainer(st.model, _cfg(), train, held, progress=False, loss_fn=loss).train()
         assert res.eval_loss is not None
         ppl[name] = math.exp(res.eval_loss)
-    assert ppl["distilled"] < 0.85 * ppl["scratch"], ppl
+    assert ppl["distilled"] < 0.9 * ppl["scratch"], ppl
 
 
 def test_sequence_kd_examples_are_prompt_plus_teacher_continuation() -> None:
