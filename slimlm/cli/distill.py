@@ -5,7 +5,9 @@ layers) or any saved model with the teacher's tokenizer (``--student PATH``, e.g
 --structured`` output: prune, then distil). It trains through the one trainer loop
 (``slimlm.train.loop``) on ``slimlm.distill``'s objective: ``(1 - alpha) * CE + alpha * T^2 * KL``
 (``--kd-loss fwd_kl|rev_kl``, ``--temperature``), plus an optional hidden-state term
-(``--hidden-loss cosine|mse``). ``--out DIR`` gets a slimlm model folder (temp + rename) that every
+(``--hidden-loss cosine|mse``). The targets are the data's tokens, the teacher's greedy continuations of
+the prompts (``--sequence-kd-tokens N``: sequence-level KD) or the student's own samples, regenerated
+every K steps (``--on-policy-every K``: GKD-style on-policy KD). ``--out DIR`` gets a slimlm model folder (temp + rename) that every
 command loads, e.g. as a speculative-decoding draft of the teacher. ``--acceptance-prompts N``
 then measures that: greedy speculative decoding of N held-out prompts with the draft before and after
 distillation, reporting the acceptance rate (``slimlm.engine.spec``'s counters). Flags come from the
@@ -118,8 +120,12 @@ def run_distill(args: argparse.Namespace) -> int:
     tok = teacher.tokenizer
     pad = tok.pad_token_id if tok is not None and tok.pad_token_id is not None else 0
     loss = DistillLoss(teacher.model, student.model, dcfg, dtype=resolve_dtype(cfg.dtype))
+    on_policy = None
+    if dcfg.on_policy_every:
+        on_policy = _OnPolicy(student, examples, dcfg.on_policy_every, dcfg.on_policy_tokens)
+        examples = on_policy.examples(0)
     trainer = Trainer(student.model, cfg, examples, evals, progress=not (args.no_progress or args.json),
-                      pad_id=pad, loss_fn=loss)
+                      pad_id=pad, loss_fn=loss, callbacks=[on_policy] if on_policy is not None else None)
     sc = student.model.config
     if not args.json:
         status(f"student: {sc.num_hidden_layers} layers, hidden {sc.hidden_size}, "
@@ -129,6 +135,8 @@ def run_distill(args: argparse.Namespace) -> int:
         status(f"training {cfg.max_steps} steps in {str(trainer.dtype).removeprefix('torch.')}")
     res = trainer.train()
     loss.close()
+    if on_policy is not None and not args.json:
+        status(f"on-policy KD: the student's samples regenerated {on_policy.refreshes} times")
     student.model.requires_grad_(False)
     student.model.eval()
     meta = {"distilled_from": args.model, "distill": dcfg.to_dict(), "train": cfg.to_dict(),
@@ -137,7 +145,8 @@ def run_distill(args: argparse.Namespace) -> int:
     saved = save_model(student, out, meta=meta, overwrite=args.overwrite)
     result: dict[str, Any] = {"out": str(saved), "layers": sc.num_hidden_layers, "steps": res.steps,
                               "final_loss": res.final_loss, "eval_loss": res.eval_loss, "tokens": res.tokens,
-                              "seconds": res.seconds}
+                              "seconds": res.seconds,
+                              "on_policy_refreshes": on_policy.refreshes if on_policy is not None else 0}
     if args.acceptance_prompts:
         from slimlm.cli.spec_report import acceptance_rates
 
@@ -163,20 +172,45 @@ def _prompts(examples: list[Any], n: int, max_len: int = 64) -> list[list[int]]:
     return [prompt_of(e, max_len) for e in examples[:n]]
 
 
-def _sequence_kd(teacher: Any, examples: list[Any], new_tokens: int, quiet: bool) -> list[Any]:
-    """Sequence-level KD: the examples' prompts continued by the teacher's greedy decoding (the engine's)."""
+def _continued(lm: Any, examples: list[Any], new_tokens: int, temperature: float = 0.0, seed: int = 0) -> list[Any]:
+    """The examples' prompts continued by ``lm`` through the engine (greedy, or sampled at ``temperature``)."""
     from slimlm.cli.spec_report import sized_config
     from slimlm.distill.sequence import teacher_examples
     from slimlm.engine.llm import LLM
     from slimlm.engine.sampling import SamplingConfig
 
-    params = SamplingConfig(max_new_tokens=new_tokens)
+    params = SamplingConfig(max_new_tokens=new_tokens, temperature=temperature, seed=seed)
 
     def generate(prompts: list[list[int]]) -> list[list[int]]:
-        llm = LLM(teacher, sized_config(prompts, new_tokens))
+        llm = LLM(lm, sized_config(prompts, new_tokens))
         return [o.token_ids for o in llm.generate(prompts, params)]
 
-    out = teacher_examples(examples, generate)
+    return teacher_examples(examples, generate)
+
+
+def _sequence_kd(teacher: Any, examples: list[Any], new_tokens: int, quiet: bool) -> list[Any]:
+    """Sequence-level KD: the examples' prompts continued by the teacher's greedy decoding (the engine's)."""
+    out = _continued(teacher, examples, new_tokens)
     if not quiet:
         status(f"sequence-level KD: {len(out)} teacher continuations of up to {new_tokens} tokens")
     return out
+
+
+class _OnPolicy:
+    """GKD-style on-policy targets: before step 0 and every ``every`` steps the trainer's examples become
+    the prompts continued by the student's own samples (temperature 1, seeded by the step). The engine
+    runs a copy of the student: tensors it creates under inference mode (rotary tables) must not enter
+    the training graph."""
+
+    def __init__(self, student: Any, prompts: list[Any], every: int, new_tokens: int) -> None:
+        self.student, self.prompts, self.every, self.new_tokens = student, prompts, every, new_tokens
+        self.refreshes = 0
+
+    def examples(self, step: int) -> list[Any]:
+        snapshot = SimpleNamespace(model=copy.deepcopy(self.student.model), tokenizer=self.student.tokenizer)
+        self.refreshes += 1
+        return _continued(snapshot, self.prompts, self.new_tokens, temperature=1.0, seed=step)
+
+    def __call__(self, trainer: Any, row: dict[str, Any]) -> None:
+        if trainer.step % self.every == 0 and trainer.step < trainer.cfg.max_steps:
+            trainer.set_examples(self.examples(trainer.step))

@@ -13,7 +13,9 @@ state (through a learned linear projection when the widths differ) and the teach
 ``hidden_weight=0`` is plain teacher-free training. DistilBERT's triple loss is
 ``alpha=0.5, hidden_loss=cosine, hidden_weight=1``. ``sequence_kd_tokens=N`` is sequence-level
 (black-box) KD (Kim & Rush): the targets become the teacher's greedy continuations of the prompts
-(``slimlm.distill.sequence``), which the objective above then fits.
+(``slimlm.distill.sequence``), which the objective above then fits. ``on_policy_every=K`` is GKD-style
+on-policy KD (Agarwal et al., lambda = 1): every K steps the targets are regenerated as the student's
+own samples, so the KD term (best with ``alpha=1``) corrects what the student actually produces.
 
 Example recipe (``slimlm distill TEACHER --recipe r.yaml --data FILE --out DIR``)::
 
@@ -57,10 +59,18 @@ class DistillConfig(BaseConfig):
     sequence_kd_tokens: int = field(default=0, metadata={
         "help": "sequence-level KD: train on the teacher's greedy continuation (this many tokens) of each "
                 "example's prompt instead of the data's own targets (0: off)", "min": 0})
+    on_policy_every: int = field(default=0, metadata={
+        "help": "GKD-style on-policy KD: every N steps the examples become the prompts continued by the student's "
+                "own samples (temperature 1), scored by the teacher through the KD term (0: off)", "min": 0})
+    on_policy_tokens: int = field(default=32, metadata={
+        "help": "tokens the student samples per prompt for on-policy KD", "min": 1})
 
     def validate(self) -> None:
         if not self.student.strip():
             raise ConfigError("distill: 'student' is empty (every-other-layer or a saved model)")
+        if self.on_policy_every and self.sequence_kd_tokens:
+            raise ConfigError("distill: on_policy_every (student samples) and sequence_kd_tokens (teacher outputs) "
+                              "are two kinds of targets; choose one")
 
     @property
     def uses_hidden(self) -> bool:

@@ -125,10 +125,11 @@ class Trainer:
                 raise SlimlmError(f"eval_fraction {cfg.eval_fraction} leaves no training example of {len(examples)}")
             examples, eval_examples = examples[:-n_eval], examples[-n_eval:]
         self.pad_id = pad_id
-        packing = cfg.packing and "prompt_encoder" not in model._modules  # virtual tokens need own positions
-        self.samplers = {n: WindowSampler(pack(_cut(examples, n), n, packing), cfg.batch_size, cfg.seed)
+        self.packing = cfg.packing and "prompt_encoder" not in model._modules  # virtual tokens need own positions
+        self.samplers = {n: WindowSampler(pack(_cut(examples, n), n, self.packing), cfg.batch_size, cfg.seed)
                          for n in length_stages(cfg)}
-        self.eval_windows = pack(_cut(eval_examples, cfg.seq_len), cfg.seq_len, packing) if eval_examples else []
+        self.eval_windows = (pack(_cut(eval_examples, cfg.seq_len), cfg.seq_len, self.packing)
+                             if eval_examples else [])
         self.dtype = resolve_dtype(cfg.dtype)
         self.optimizer = build_optimizer(cfg.optimizer, param_groups or params, lr=cfg.lr,
                                          weight_decay=cfg.weight_decay)
@@ -155,6 +156,13 @@ class Trainer:
                     raise SlimlmError(f"--resume {ckpt}: it was taken with other window lengths (seq_len/grow_length)")
                 self.samplers[int(n)].load_state_dict(s)
             self.last_checkpoint, self._saved_step = ckpt, self.step
+
+    def set_examples(self, examples: list[Example]) -> None:
+        """Train on ``examples`` from the next step on, in a fresh order seeded by the step (on-policy
+        distillation regenerates its examples from the student as it trains; a resumed run starts
+        from the examples it is given)."""
+        self.samplers = {n: WindowSampler(pack(_cut(examples, n), n, self.packing), self.cfg.batch_size,
+                                          self.cfg.seed + self.step) for n in length_stages(self.cfg)}
 
     # --- one step ------------------------------------------------------------------------------
     def _micro_batches(self) -> list[dict[str, torch.Tensor]]:

@@ -60,12 +60,24 @@ def test_sequence_level_kd_trains_on_teacher_continuations(setup, tmp_path, caps
     assert load_model(str(out)).config.num_hidden_layers == 1
 
 
+def test_on_policy_kd_regenerates_the_students_samples(setup, tmp_path, capsys) -> None:
+    teacher, _, data = setup
+    out = tmp_path / "gkd"
+    rc = main(["distill", str(teacher), "--layers", "1", "--data", str(data), "--out", str(out), "--max-steps", "3",
+               "--seq-len", "64", "--train-dtype", "fp32", "--alpha", "1", "--on-policy-every", "2",
+               "--on-policy-tokens", "3", "--json"])
+    assert rc == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["on_policy_refreshes"] == 2 and res["steps"] == 3  # before step 1, after step 2
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--student", "every-second-layer"], "--student every-second-layer: neither 'every-other-layer' nor a model"),
     (["--layers", "5"], "1 to 4 layers"),
     (["--student", "OTHER"], "tokenizer differs"),
     (["--alpha", "1.5"], "--alpha"),
     (["--kd-loss", "js"], "--kd-loss"),
+    (["--on-policy-every", "1", "--sequence-kd-tokens", "4"], "choose one"),
 ])
 def test_bad_input_is_one_line_exit_2(setup, tmp_path, capsys, extra, message) -> None:
     teacher, other, data = setup

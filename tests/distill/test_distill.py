@@ -181,3 +181,16 @@ def test_sequence_kd_examples_are_prompt_plus_teacher_continuation() -> None:
     assert seen == [[5, 6], [1, 2]]
     assert [e.ids for e in out] == [[5, 6, 16, 26], [1, 2, 12, 22]]
     assert [e.labels for e in out] == [[-100, -100, 16, 26], [-100, -100, 12, 22]]
+
+
+def test_set_examples_switches_the_training_data(teacher, teacher_dir, lang) -> None:
+    """On-policy KD swaps the trainer's examples between steps (``Trainer.set_examples``)."""
+    from slimlm.train.data import Example
+
+    st = build_student(str(teacher_dir), DistillConfig(layers=1), teacher)
+    tr = Trainer(st.model, _cfg(max_steps=3), sample(lang, 8, L, seed=3), progress=False)
+    tr.train_step()
+    new = [Example([7] * L, [7] * L)]
+    tr.set_examples(new)
+    batch = tr._micro_batches()[0]
+    assert bool((batch["input_ids"] == 7).all())
