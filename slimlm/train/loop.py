@@ -1,12 +1,13 @@
 """The one trainer loop: causal-LM loss on packed windows, accumulation, clipping, schedules, eval,
-checkpoints and bit-exact resume. Fine-tuning (any ``slimlm.peft`` method, or every weight) and the
-training recipes drive this loop; nothing else writes one.
+checkpoints and bit-exact resume. Fine-tuning (any ``slimlm.peft`` method, or every weight), distillation
+(``slimlm.distill``: its objective is the ``loss_fn`` hook, its on-policy targets come in through
+``set_examples``) and the training recipes drive this loop; nothing else writes one.
 
 One optimizer step::
 
     micro-batches = grad_accum x (batch_size windows)          # data position advances
     n = target tokens of the whole step                        # loss = sum CE / n: every token weighs the same
-    for each micro-batch: forward (bf16 autocast where native) -> (sum CE / n).backward()
+    for each micro-batch: forward (bf16 autocast where native) -> (sum CE / n).backward()   # or sum loss_fn / n
     clip the global grad norm -> optimizer.step() -> scheduler.step() -> zero_grad(set_to_none=True)
     every eval_every: eval loss / ppl; every save_every: an atomic checkpoint; metrics -> JSONL
 
