@@ -26,7 +26,7 @@ import copy
 from types import SimpleNamespace
 from typing import Any
 
-from slimlm.cli.common import add_json_arg, add_model_arg, add_runtime_args, emit_json, status
+from slimlm.cli.common import add_json_arg, add_model_arg, add_runtime_args, emit_json, int_arg, status
 from slimlm.utils.errors import SlimlmError
 
 
@@ -43,10 +43,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("--eval-data", help="held-out data for eval loss/ppl and the acceptance prompts (same formats)")
     p.add_argument("--out", help="output folder: the student as a slimlm model folder")
     p.add_argument("--recipe", help="YAML/JSON recipe: {kind: distill, ...} and/or {kind: train, ...} mappings")
-    p.add_argument("--acceptance-prompts", type=int, default=0, metavar="N",
+    p.add_argument("--acceptance-prompts", type=int_arg(min=0), default=0, metavar="N",
                    help="after training: greedy speculative decoding of N prompts (eval data, else training data) "
                         "with the student as the teacher's draft, before and after distillation (default 0: off)")
-    p.add_argument("--acceptance-tokens", type=int, default=32, metavar="M",
+    p.add_argument("--acceptance-tokens", type=int_arg(min=1), default=32, metavar="M",
                    help="tokens generated per acceptance prompt (default 32)")
     p.add_argument("--overwrite", action="store_true", help="replace an output slimlm wrote earlier")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -103,8 +103,6 @@ def run_distill(args: argparse.Namespace) -> int:
     dcfg, cfg = build_configs(args)
     if not args.data or not args.out:
         raise SlimlmError("distill needs --data FILE (or builtin:instruct) and --out DIR")
-    if args.acceptance_prompts < 0 or args.acceptance_tokens < 1:
-        raise SlimlmError("--acceptance-prompts must be >= 0 and --acceptance-tokens >= 1")
     out = check_output_dir(args.out, args.overwrite)
     _check_student_spec(dcfg.student)
     apply_threads(args)

@@ -78,6 +78,7 @@ def test_on_policy_kd_regenerates_the_students_samples(setup, tmp_path, capsys) 
     (["--alpha", "1.5"], "--alpha"),
     (["--kd-loss", "js"], "--kd-loss"),
     (["--on-policy-every", "1", "--sequence-kd-tokens", "4"], "choose one"),
+    (["--acceptance-tokens", "0"], "--acceptance-tokens"),
 ])
 def test_bad_input_is_one_line_exit_2(setup, tmp_path, capsys, extra, message) -> None:
     teacher, other, data = setup
