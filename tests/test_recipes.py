@@ -6,10 +6,12 @@ from pathlib import Path
 
 import pytest
 
-import slimlm.lowrank  # noqa: F401  (registers its configs)
+import slimlm.distill.config  # noqa: F401  (registers its configs)
+import slimlm.lowrank  # noqa: F401
 import slimlm.quant  # noqa: F401
 import slimlm.sparsity  # noqa: F401
 import slimlm.sparsity.structured  # noqa: F401
+import slimlm.train.config  # noqa: F401
 from slimlm.utils.config import BaseConfig, load_recipe
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))

@@ -24,6 +24,7 @@ COMMANDS = [
     "slimlm.cli.factorize",
     "slimlm.cli.convert_gqa",
     "slimlm.cli.finetune",  # finetune, merge
+    "slimlm.cli.distill",
     "slimlm.cli.serve",
     "slimlm.cli.bench",  # bench, report
     "slimlm.cli.plan",

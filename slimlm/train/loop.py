@@ -1,12 +1,13 @@
 """The one trainer loop: causal-LM loss on packed windows, accumulation, clipping, schedules, eval,
-checkpoints and bit-exact resume. Fine-tuning (any ``slimlm.peft`` method, or every weight) and the
-training recipes drive this loop; nothing else writes one.
+checkpoints and bit-exact resume. Fine-tuning (any ``slimlm.peft`` method, or every weight), distillation
+(``slimlm.distill``: its objective is the ``loss_fn`` hook, its on-policy targets come in through
+``set_examples``) and the training recipes drive this loop; nothing else writes one.
 
 One optimizer step::
 
     micro-batches = grad_accum x (batch_size windows)          # data position advances
     n = target tokens of the whole step                        # loss = sum CE / n: every token weighs the same
-    for each micro-batch: forward (bf16 autocast where native) -> (sum CE / n).backward()
+    for each micro-batch: forward (bf16 autocast where native) -> (sum CE / n).backward()   # or sum loss_fn / n
     clip the global grad norm -> optimizer.step() -> scheduler.step() -> zero_grad(set_to_none=True)
     every eval_every: eval loss / ppl; every save_every: an atomic checkpoint; metrics -> JSONL
 
@@ -48,6 +49,9 @@ from slimlm.utils.errors import SlimlmError
 from slimlm.utils.memory import current_rss_bytes
 
 Callback = Callable[["Trainer", dict[str, Any]], None]
+# the training objective of one micro-batch: (model, batch, logits [B, T, V]) -> the loss *summed* over the
+# batch's counted targets (the loop divides by the step's target tokens); default: ``loss_sum``
+LossFn = Callable[[nn.Module, dict[str, torch.Tensor], torch.Tensor], torch.Tensor]
 
 
 def resolve_dtype(name: str) -> torch.dtype:
@@ -107,14 +111,18 @@ class Trainer:
         callbacks: ``f(trainer, row)`` after every optimizer step (tests use it to interrupt).
         dist: this process's place in a distributed run (default: from ``cfg.distributed`` and the
             torchrun environment); the model is wrapped (DDP) or sharded in place (FSDP2) here.
+        loss_fn: the training objective (:data:`LossFn`; e.g. distillation's, ``slimlm.distill``); default:
+            next-token cross-entropy. An ``nn.Module`` objective's trainable parameters (a learned projection)
+            are optimized too (they are not in checkpoints). Eval loss / ppl are always plain cross-entropy.
     """
 
     def __init__(self, model: nn.Module, cfg: TrainConfig, examples: list[Example],
                  eval_examples: list[Example] | None = None, checkpoint_dir: str | Path | None = None,
                  resume: str | Path | None = None, param_groups: list[dict[str, Any]] | None = None,
                  metrics_path: str | Path | None = None, callbacks: list[Callback] | None = None,
-                 progress: bool = True, pad_id: int = 0, dist: Dist | None = None) -> None:
-        self.model, self.cfg = model, cfg
+                 progress: bool = True, pad_id: int = 0, dist: Dist | None = None,
+                 loss_fn: LossFn | None = None) -> None:
+        self.model, self.cfg, self.loss_fn = model, cfg, loss_fn
         if not any(p.requires_grad for p in model.parameters()):
             raise SlimlmError("nothing to train: no parameter requires grad (apply a PEFT method or use full fine-tuning)")
         self.dist = dist if dist is not None else Dist.from_env(cfg.distributed)
@@ -122,6 +130,12 @@ class Trainer:
         self.net = self.dist.wrap(model)  # forward/backward go through it; FSDP2 replaced model's parameters
         now = dict(model.named_parameters())
         params = [p for p in model.parameters() if p.requires_grad]
+        if isinstance(loss_fn, nn.Module):  # a learned projection of the objective trains too
+            extra = [p for p in loss_fn.parameters() if p.requires_grad]
+            if extra and self.dist.active:
+                raise SlimlmError("an objective with trainable parameters (distillation's hidden-state projection) "
+                                  "is not synchronised across ranks: run it in one process")
+            params += extra
         if param_groups is not None:  # the same groups, over the (possibly sharded) parameters
             param_groups = [{**g, "params": [now[names[id(p)]] for p in g["params"]]} for g in param_groups]
         if eval_examples is None and cfg.eval_fraction > 0:
@@ -130,12 +144,13 @@ class Trainer:
                 raise SlimlmError(f"eval_fraction {cfg.eval_fraction} leaves no training example of {len(examples)}")
             examples, eval_examples = examples[:-n_eval], examples[-n_eval:]
         self.pad_id = pad_id
-        packing = cfg.packing and "prompt_encoder" not in model._modules  # virtual tokens need own positions
+        self.packing = cfg.packing and "prompt_encoder" not in model._modules  # virtual tokens need own positions
         # every rank draws the same global micro-batch (world x batch_size windows) and trains on its slice
-        self.samplers = {n: WindowSampler(pack(_cut(examples, n), n, packing), cfg.batch_size * self.dist.world,
+        self.samplers = {n: WindowSampler(pack(_cut(examples, n), n, self.packing), cfg.batch_size * self.dist.world,
                                           cfg.seed)
                          for n in length_stages(cfg)}
-        self.eval_windows = pack(_cut(eval_examples, cfg.seq_len), cfg.seq_len, packing) if eval_examples else []
+        self.eval_windows = (pack(_cut(eval_examples, cfg.seq_len), cfg.seq_len, self.packing)
+                             if eval_examples else [])
         self.dtype = resolve_dtype(cfg.dtype)
         self.optimizer = build_optimizer(cfg.optimizer, param_groups or params, lr=cfg.lr,
                                          weight_decay=cfg.weight_decay)
@@ -169,6 +184,14 @@ class Trainer:
                 self.samplers[int(n)].load_state_dict(s)
             self.last_checkpoint, self._saved_step = ckpt, self.step
 
+    def set_examples(self, examples: list[Example]) -> None:
+        """Train on ``examples`` from the next step on, in a fresh order seeded by the step (on-policy
+        distillation regenerates its examples from the student as it trains; a resumed run starts
+        from the examples it is given)."""
+        self.samplers = {n: WindowSampler(pack(_cut(examples, n), n, self.packing),
+                                          self.cfg.batch_size * self.dist.world, self.cfg.seed + self.step)
+                         for n in length_stages(self.cfg)}
+
     # --- one step ------------------------------------------------------------------------------
     def _micro_batches(self) -> list[dict[str, torch.Tensor]]:
         sampler = self.samplers[window_len(self.step, self.cfg)]
@@ -187,7 +210,8 @@ class Trainer:
             with d.no_sync(self.net, last=i == len(batches) - 1):
                 with autocast(self.dtype):
                     logits = forward_logits(self.net, b)
-                loss = loss_sum(logits, b["labels"]) / max(n, 1)
+                summed = loss_sum(logits, b["labels"]) if self.loss_fn is None else self.loss_fn(self.net, b, logits)
+                loss = summed / max(n, 1)
                 (loss * d.world if d.active else loss).backward()  # DDP / FSDP average over ranks: undo it
             total += float(loss.detach())
         grad_norm = None
@@ -313,4 +337,4 @@ def _bar(total: int, start: int, enabled: bool):  # type: ignore[no-untyped-def]
     return tqdm(total=total, initial=start, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True)
 
 
-__all__ = ["TrainResult", "Trainer", "Window", "forward_logits", "loss_sum", "resolve_dtype"]
+__all__ = ["LossFn", "TrainResult", "Trainer", "Window", "forward_logits", "loss_sum", "resolve_dtype"]
