@@ -71,7 +71,13 @@ def inv_freq_and_scale(params: dict[str, Any], head_dim: int, seq_len: int | Non
 
 
 class RotaryCache:
-    """cos/sin tables for positions, grown on demand. ``lookup(positions) -> (cos, sin): [B, T, D]``."""
+    """cos/sin tables for positions, grown on demand. ``lookup(positions) -> (cos, sin): [B, T, D]``.
+
+    The table starts at ``INITIAL`` positions and doubles when a position beyond it is looked up (each
+    row is the same float math whatever the table's length): a model of 8,192 positions would
+    otherwise hold 4 MB of tables per dtype for a 16-token prompt."""
+
+    INITIAL = 256
 
     def __init__(self, params: dict[str, Any], head_dim: int, dtype: torch.dtype):
         self.params, self.head_dim, self.dtype = params, head_dim, dtype
@@ -79,7 +85,7 @@ class RotaryCache:
         self._len = 0
         self._cos = torch.empty(0)
         self._sin = torch.empty(0)
-        self._build(int(params.get("max_position_embeddings", 2048)) if not self.dynamic else 0)
+        self._build(min(self.INITIAL, int(params.get("max_position_embeddings", 2048))) if not self.dynamic else 0)
 
     def _build(self, n: int, seq_len: int | None = None) -> None:
         n = max(n, 1)

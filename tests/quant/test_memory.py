@@ -88,6 +88,7 @@ def test_quantized_linear_holds_one_layout_that_every_call_reads(bits: int, act_
 
 # --- resident memory, measured in fresh processes --------------------------------------------------
 _CHILD = r"""
+import slimlm  # first, as in the `slimlm` CLI: its process set-up (MKL_DISABLE_FAST_MM) precedes torch
 import ctypes, gc, json, sys, torch
 import slimlm.quant.linear, slimlm.loaders.save, slimlm.models.kv_cache
 from slimlm import kernels
@@ -126,6 +127,7 @@ def check_goal(m: dict[str, int], what: str, info: bool = True) -> None:
     """The goal of issue 17 on RSS after load and one forward; ``info``: what ``describe`` (``slimlm
     info``) reports is what the load made the process hold, within 10% (for models large enough that
     the fixed costs of a first forward, ~10 MB of torch's GEMM caches, do not decide it)."""
+    print(f"{what}: RSS after load + forward {m['rss'] / MB:.1f} MB, goal {(1.15 * m['weights'] + 40 * MB) / MB:.1f} MB")
     assert m["rss"] <= 1.15 * m["weights"] + 40 * MB, (
         f"{what}: RSS after load {m['rss'] / MB:.1f} MB > 1.15 x {m['weights'] / MB:.1f} MB + 40 MB")
     if info:
@@ -173,9 +175,11 @@ def test_quantized_model_rss_after_load_is_its_weights(mid_quantized: dict[str, 
     assert m["info"] <= m["rss_load"]  # and never claims more than the load made resident
 
 
-# Issue 17 item 6 is open: in a clean-clone CI run (session 8) these rows measured 166 MB (GGUF bf16, goal
-# 153), 180 MB (RTN w4, goal 171) and 170 MB (RTN w3, goal 156), while a warm work tree meets them; the
-# source of the 10-20 MB is not found yet (kernel build and bytecode caches ruled out).
+# Issue 17 item 6: in a clean-clone CI run (session 8) these rows measured 166 MB (GGUF bf16, goal 153),
+# 180 MB (RTN w4, goal 171) and 170 MB (RTN w3, goal 156). Session 9 found ~10 MB of it: MKL's fast memory
+# manager kept every GEMM packing buffer (now off, slimlm/__init__.py) and the RoPE tables were built for
+# the whole context (now grown on demand); a warm work tree then measured 135/154/142 MB (14-18 MB under
+# the goal). They stay non-strict until a CI run confirms the margin on its machine.
 CI_GAP = pytest.mark.xfail(strict=False, reason="issue 17 item 6: clean-clone RSS 10-20 MB over the goal")
 
 
