@@ -96,6 +96,8 @@ class ServedLoraLinear(nn.Module):
         if xf.shape[0] != step.onehot.shape[0]:
             raise SlimlmError(f"adapter choice covers {step.onehot.shape[0]} tokens, the batch has {xf.shape[0]}")
         t = (xf @ a.t()) * step.mask(cols)  # [N, R]
+        if y.dtype == t.dtype:
+            return torch.addmm(y.reshape(-1, self.out_features), t, bt).view(y.shape)  # y + t @ B^T in one call
         return y + (t @ bt).view(y.shape).to(y.dtype)
 
     def extra_repr(self) -> str:

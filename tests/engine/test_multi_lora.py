@@ -135,3 +135,33 @@ def test_adapters_load_and_unload_at_run_time(tiny):
         eng.add_adapter("x", root / "base")
     assert eng.adapters == ["sql"]
     assert isinstance(lin, nn.Linear) and torch.is_tensor(lin.weight)
+
+
+def test_a_quantized_base_serves_adapters_as_slimlm_lora_does_on_it(tiny):
+    """int8 (RTN) base linears: the served adapter equals slimlm's single-adapter LoRA on the same
+    quantized model (``load_adapter``, checked against peft in tests/peft)."""
+    from slimlm.engine.generate import generate
+    from slimlm.peft import load_adapter
+    from slimlm.quant import RTNConfig, quantize_
+
+    root, folders, prompts, _ = tiny
+
+    def quantized():  # type: ignore[no-untyped-def]
+        lm = load_model(str(root / "base"))
+        quantize_(lm.model, RTNConfig(bits=8, group_size=32, symmetric=True))
+        return lm
+
+    want = {}
+    for a in (None, "sql"):
+        lm = quantized()
+        if a is not None:
+            load_adapter(lm.model, folders[a])
+        want[a] = [generate(lm.model, None, [p], SamplingConfig(max_new_tokens=N, ignore_eos=True)).tokens[0]
+                   for p in prompts[:3]]
+    assert want[None] != want["sql"]
+    eng = LLMEngine(quantized().model, None, SchedulerConfig(num_blocks=64, block_size=4))
+    eng.add_adapter("sql", folders["sql"])
+    reqs = [(p, a) for p in prompts[:3] for a in (None, "sql")]
+    got, seen = _run(eng, reqs)
+    assert got == [want[a][prompts.index(p)] for p, a in reqs]
+    assert {None, "sql"} in seen
