@@ -42,6 +42,10 @@ from slimlm.peft.serving import MultiLora
 from slimlm.utils.errors import SlimlmError
 
 
+class UnknownAdapter(SlimlmError):
+    """A request names a LoRA adapter that is not loaded (HTTP 404)."""
+
+
 @dataclass
 class TokenLogprob:
     """log p(token) under the model (raw logits, before temperature / top-k / top-p) and the ``top``
@@ -131,7 +135,7 @@ class LLMEngine:
                   logprobs: int | None, response_format: dict[str, Any] | None = None,
                   adapter: str | None = None) -> Sequence:
         if adapter is not None and adapter not in self._salts:
-            raise SlimlmError(f"unknown adapter {adapter!r} (loaded: {self.adapters})")
+            raise UnknownAdapter(f"unknown adapter {adapter!r} (loaded: {self.adapters})")
         params = params or SamplingConfig()
         params.validate()
         ids = [int(t) for t in prompt_ids]

@@ -35,7 +35,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from slimlm.engine.llm import RequestOutput, TokenLogprob
+from slimlm.engine.llm import RequestOutput, TokenLogprob, UnknownAdapter
 from slimlm.engine.sampling import SamplingConfig
 from slimlm.server.async_engine import AsyncEngine, Handle, Overloaded
 from slimlm.utils.errors import SlimlmError
@@ -150,6 +150,10 @@ def build_app(engine: AsyncEngine, tokenizer: Any, model_name: str, adapter_load
     async def _overloaded(request: Request, exc: Overloaded) -> JSONResponse:
         return _error(503, str(exc), "server_overloaded")
 
+    @app.exception_handler(UnknownAdapter)
+    async def _unknown_adapter(request: Request, exc: UnknownAdapter) -> JSONResponse:  # unloaded meanwhile
+        return _error(404, str(exc), "not_found_error", "model", "model_not_found")
+
     @app.exception_handler(SlimlmError)
     async def _slimlm(request: Request, exc: SlimlmError) -> JSONResponse:
         return _error(400, str(exc))
@@ -208,7 +212,8 @@ def build_app(engine: AsyncEngine, tokenizer: Any, model_name: str, adapter_load
                 ("spec_acceptance_rate", "gauge", m["spec_acceptance_rate"]),
                 ("spec_tokens_per_step", "gauge", m["spec_tokens_per_step"]),
                 ("spec_draft_tokens_total", "counter", m["spec_proposed"]),
-                ("spec_accepted_tokens_total", "counter", m["spec_accepted"])]
+                ("spec_accepted_tokens_total", "counter", m["spec_accepted"]),
+                ("lora_adapters_loaded", "gauge", len(engine.adapters()))]
         text = "".join(f"# TYPE slimlm_{n} {t}\nslimlm_{n} {float(v)}\n" for n, t, v in rows)
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 

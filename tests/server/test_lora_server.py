@@ -86,7 +86,7 @@ def test_adapters_load_and_unload_over_http(lora_server):
     _, folders, lm, client, base, aeng, want = lora_server
     r = httpx.post(base + "/v1/load_lora_adapter", json={"lora_name": "sql2", "lora_path": str(folders["sql"])})
     assert r.status_code == 200 and "sql2" in r.text
-    assert "sql2" in [m.id for m in client.models.list().data]
+    assert "sql2" in [m.id for m in client.models.list().data] and metric(base, "lora_adapters_loaded") == 3
     got = client.completions.create(model="sql2", prompt=PROMPTS[1], max_tokens=N, temperature=0,
                                     extra_body={"ignore_eos": True})
     assert got.choices[0].text == lm.tokenizer.decode(want["sql"][1])
