@@ -38,12 +38,16 @@ def tiny(tmp_path_factory):
     return root, folders, prompts, want
 
 
-def _engine(root, folders, cfg=None):  # type: ignore[no-untyped-def]
-    lm = load_model(str(root / "base"))
-    eng = LLMEngine(lm.model, None, cfg or SchedulerConfig(num_blocks=64, block_size=4, max_num_batched_tokens=64))
+def _llm(root, folders, cfg=None):  # type: ignore[no-untyped-def]
+    llm = LLM(load_model(str(root / "base")), cfg or SchedulerConfig(num_blocks=64, block_size=4,
+                                                                     max_num_batched_tokens=64))
     for name, f in folders.items():
-        eng.add_adapter(name, f)
-    return eng
+        llm.engine.add_adapter(name, f)
+    return llm
+
+
+def _engine(root, folders, cfg=None):  # type: ignore[no-untyped-def]
+    return _llm(root, folders, cfg).engine
 
 
 def _run(eng, reqs):  # type: ignore[no-untyped-def]
@@ -63,7 +67,8 @@ def _run(eng, reqs):  # type: ignore[no-untyped-def]
 
 def test_a_mixed_batch_gives_each_request_peft_tokens_of_its_adapter(tiny):
     root, folders, prompts, want = tiny
-    eng = _engine(root, folders, SchedulerConfig(num_blocks=256, block_size=4, max_num_seqs=32))
+    llm = _llm(root, folders, SchedulerConfig(num_blocks=256, block_size=4, max_num_seqs=32))
+    eng = llm.engine
     assert eng.adapters == ["sql", "chat"]
     names = [None, "sql", "chat"]
     reqs = [(p, names[(i + j) % 3]) for i, p in enumerate(prompts) for j in range(3)]  # 18: each prompt x each
@@ -75,8 +80,6 @@ def test_a_mixed_batch_gives_each_request_peft_tokens_of_its_adapter(tiny):
     pool = eng.scheduler.kv.pool
     assert pool.num_used == 0
     # the offline API takes one adapter per prompt
-    llm = LLM.__new__(LLM)
-    llm.tokenizer, llm.engine = None, eng
     outs = llm.generate(prompts[:3], SamplingConfig(max_new_tokens=N, ignore_eos=True), adapters=["chat", None, "sql"])
     assert [o.token_ids for o in outs] == [want["chat"][0], want[None][1], want["sql"][2]]
 
