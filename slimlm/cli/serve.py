@@ -4,6 +4,7 @@ Example::
 
     slimlm serve smollm2-135m --port 8000 --max-num-seqs 16 --kv-budget-gib 0.5
     slimlm serve smollm2-135m --spec ngram          # or --spec self, or --draft DRAFT_MODEL
+    slimlm serve smollm2-135m --adapter sql=out/sql --adapter chat=out/chat   # requests pick one by `model`
     curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \\
         -d '{"model": "smollm2-135m", "prompt": "The capital of France is", "max_tokens": 8}'
 """
@@ -11,9 +12,25 @@ Example::
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from slimlm.cli.common import add_model_arg, add_runtime_args, int_arg, load, status
 from slimlm.utils.errors import SlimlmError
+
+
+def parse_adapters(specs: list[str] | None, base_name: str) -> dict[str, Path]:
+    """``["name=path", ...]`` -> {name: folder}, each a peft-format adapter folder; one clear error otherwise."""
+    out: dict[str, Path] = {}
+    for spec in specs or []:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise SlimlmError(f"--adapter {spec!r}: expected NAME=PATH (a peft adapter folder)")
+        if name in out or name == base_name:
+            raise SlimlmError(f"--adapter {spec!r}: the name {name!r} is already served")
+        if not (Path(path) / "adapter_config.json").is_file():
+            raise SlimlmError(f"--adapter {spec!r}: {path} is not an adapter folder (no adapter_config.json)")
+        out[name] = Path(path)
+    return out
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -24,6 +41,8 @@ def run_serve(args: argparse.Namespace) -> int:
     spec = SpecConfig.from_args(args)
     if not 0 < args.port < 65536:
         raise SlimlmError(f"--port must be in 1..65535, got {args.port}")
+    name = args.served_model_name or args.model
+    adapters = parse_adapters(args.adapter, name)
     try:
         import uvicorn
 
@@ -35,11 +54,13 @@ def run_serve(args: argparse.Namespace) -> int:
 
     lm = load(args)
     engine = LLMEngine(lm.model, lm.tokenizer, cfg, spec=spec)
-    name = args.served_model_name or args.model
+    for a, folder in adapters.items():
+        engine.add_adapter(a, folder)
     status(f"serving {name!r} on http://{args.host}:{args.port} ({engine.cfg.num_blocks} KV blocks of "
            f"{engine.cfg.block_size} tokens, {engine.runner.cache.nbytes / 2**30:.2f} GiB"
-           + (f"; speculative: {spec.method}, gamma <= {spec.num_speculative_tokens}" if spec.enabled else "") + ")")
-    app = build_app(AsyncEngine(engine, max_waiting=args.max_waiting), lm.tokenizer, name)
+           + (f"; speculative: {spec.method}, gamma <= {spec.num_speculative_tokens}" if spec.enabled else "")
+           + (f"; LoRA adapters: {', '.join(adapters)}" if adapters else "") + ")")
+    app = build_app(AsyncEngine(engine, max_waiting=args.max_waiting), lm.tokenizer, name, args.allow_adapter_loading)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
 
@@ -53,6 +74,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int_arg(min=0, max=65535), default=8000, help="port (default 8000)")
     p.add_argument("--served-model-name", default=None, help="the `model` name clients send (default: MODEL)")
+    p.add_argument("--adapter", action="append", metavar="NAME=PATH",
+                   help="serve a peft-format LoRA adapter as model NAME (repeatable; mixed in one batch)")
+    p.add_argument("--allow-adapter-loading", action="store_true",
+                   help="enable POST /v1/load_lora_adapter and /v1/unload_lora_adapter (server-side paths)")
     p.add_argument("--max-waiting", type=int_arg(min=0), default=256, help="queued requests before answering 503 (default 256)")
     SchedulerConfig.add_arguments(p)
     SpecConfig.add_arguments(p)

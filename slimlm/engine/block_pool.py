@@ -21,6 +21,9 @@ unit-tested without a model (tests/engine/test_block_pool.py).
   (evicting its hash) only when it reaches the front, so unreferenced cached blocks are evicted in
   least-recently-freed (LRU) order. A sequence's blocks are freed tail first, so a shared prefix
   outlives its suffixes.
+- A sequence may carry a ``salt`` (the LoRA adapter it runs, say): the chain of its blocks starts
+  from the salt instead of ``None``, so equal tokens under different adapters (different KV) never
+  share a block.
 
 Example::
 
@@ -154,18 +157,19 @@ class KVCacheManager:
         self.block_size = pool.block_size
         self.tables: dict[int, list[int]] = {}
         self.hashes: dict[int, list[int]] = {}
+        self.salts: dict[int, int] = {}  # the hash-chain root of a salted sequence
 
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
-    def match_prefix(self, token_ids: Sequence[int]) -> list[int]:
-        """Block ids of the longest cached prefix of full blocks of ``token_ids``, leaving at least one
-        token to compute (its logits give the next token). References are not taken yet."""
+    def match_prefix(self, token_ids: Sequence[int], salt: int | None = None) -> list[int]:
+        """Block ids of the longest cached prefix of full blocks of ``token_ids`` (under ``salt``), leaving
+        at least one token to compute (its logits give the next token). References are not taken yet."""
         if not self.pool.prefix_caching:
             return []
         bs = self.block_size
         out: list[int] = []
-        parent: int | None = None
+        parent: int | None = salt
         for i in range((len(token_ids) - 1) // bs):
             toks = token_ids[i * bs:(i + 1) * bs]
             h = block_hash(parent, toks)
@@ -187,9 +191,11 @@ class KVCacheManager:
         need += sum(self.pool.ref[b] > 1 for b in table[start // self.block_size:self.blocks_for(end)])
         return need
 
-    def allocate(self, seq_id: int, start: int, end: int, prefix: Sequence[int] = ()) -> list[tuple[int, int]] | None:
+    def allocate(self, seq_id: int, start: int, end: int, prefix: Sequence[int] = (),
+                 salt: int | None = None) -> list[tuple[int, int]] | None:
         """Make token slots ``[start, end)`` of ``seq_id`` writable; ``None`` (nothing changed) if the pool
-        lacks blocks. A new sequence first adopts the cached ``prefix`` blocks (from :meth:`match_prefix`).
+        lacks blocks. A new sequence first adopts the cached ``prefix`` blocks (from :meth:`match_prefix`
+        with the same ``salt``, which its blocks' hashes start from).
         Returns the copy-on-write block copies ``(src, dst)`` to run before writing."""
         if self.blocks_needed(seq_id, start, end, prefix) > self.pool.num_free:
             return None
@@ -199,6 +205,8 @@ class KVCacheManager:
                 raise SlimlmError(f"sequence {seq_id}: first write at {start}, but {len(prefix)} cached blocks")
             table = self.tables[seq_id] = []
             self.hashes[seq_id] = []
+            if salt is not None:
+                self.salts[seq_id] = salt
             for b in prefix:
                 self.pool.share(b)
                 table.append(b)
@@ -223,7 +231,7 @@ class KVCacheManager:
         bs = self.block_size
         for i in range(len(hashes), min(num_computed // bs, len(table))):
             toks = token_ids[i * bs:(i + 1) * bs]
-            h = block_hash(hashes[-1] if hashes else None, toks)
+            h = block_hash(hashes[-1] if hashes else self.salts.get(seq_id), toks)
             hashes.append(h)
             self.pool.register(table[i], h, toks)
 
@@ -236,11 +244,14 @@ class KVCacheManager:
             self.pool.share(b)
         self.tables[child] = list(table)
         self.hashes[child] = list(self.hashes[parent])
+        if parent in self.salts:
+            self.salts[child] = self.salts[parent]
 
     def free(self, seq_id: int) -> None:
         """Release every block of ``seq_id`` (tail first, so shared prefixes are evicted last)."""
         table = self.tables.pop(seq_id, None)
         self.hashes.pop(seq_id, None)
+        self.salts.pop(seq_id, None)
         for b in reversed(table or []):
             self.pool.release(b)
 

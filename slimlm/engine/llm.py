@@ -25,6 +25,7 @@ import dataclasses
 import time
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -37,7 +38,12 @@ from slimlm.engine.scheduler import ScheduledSeq, Scheduler, SchedulerConfig
 from slimlm.engine.sequence import Sequence, StopChecker
 from slimlm.engine.spec import SpecConfig, build_speculator
 from slimlm.models.transformer import Transformer
+from slimlm.peft.serving import MultiLora
 from slimlm.utils.errors import SlimlmError
+
+
+class UnknownAdapter(SlimlmError):
+    """A request names a LoRA adapter that is not loaded (HTTP 404)."""
 
 
 @dataclass
@@ -94,9 +100,42 @@ class LLMEngine:
         self._forks: dict[int, list[Sequence]] = {}  # group head id -> members waiting for its prompt
         self.spec = build_speculator(spec or SpecConfig(), model, tokenizer, num_blocks, cfg.block_size, dtype, draft)
         self._structured: Any = None  # the vocabulary index of structured output, built on first use
+        self._salts: dict[str, int] = {}  # adapter name -> prefix-cache salt of its sequences
+        self._adapter_gen = 0
+
+    # --- LoRA adapters resident at once (multi-LoRA serving, :mod:`slimlm.peft.serving`) -------------
+    @property
+    def adapters(self) -> list[str]:
+        """Names of the loaded LoRA adapters (requests choose one with ``adapter=``)."""
+        return self.runner.lora.names if self.runner.lora is not None else []
+
+    def add_adapter(self, name: str, path: str | Path) -> list[str]:
+        """Load the peft-format LoRA adapter folder ``path`` as ``name`` (between steps); returns the
+        runtime paths it covers. Its requests' KV blocks get their own prefix-cache chain."""
+        if self.runner.lora is None:
+            self.runner.lora = MultiLora(self.model)
+        paths = self.runner.lora.add(name, path)
+        self._adapter_gen += 1
+        self._salts[name] = hash(("lora", name, self._adapter_gen))  # a re-loaded name never hits old blocks
+        return paths
+
+    def remove_adapter(self, name: str) -> None:
+        """Unload adapter ``name``; refused while a request uses it."""
+        if name not in self.adapters:
+            raise SlimlmError(f"no adapter named {name!r} is loaded (loaded: {self.adapters})")
+        users = [s for s in [*self.scheduler.seqs.values(), *(k for ks in self._forks.values() for k in ks)]
+                 if s.adapter == name]
+        if users:
+            raise SlimlmError(f"adapter {name!r} is in use by {len(users)} request(s): unload it when they finish")
+        assert self.runner.lora is not None
+        self.runner.lora.remove(name)
+        del self._salts[name]
 
     def _make_seq(self, prompt_ids: Seq[int], params: SamplingConfig | None, request_id: int | None,
-                  logprobs: int | None, response_format: dict[str, Any] | None = None) -> Sequence:
+                  logprobs: int | None, response_format: dict[str, Any] | None = None,
+                  adapter: str | None = None) -> Sequence:
+        if adapter is not None and adapter not in self._salts:
+            raise UnknownAdapter(f"unknown adapter {adapter!r} (loaded: {self.adapters})")
         params = params or SamplingConfig()
         params.validate()
         ids = [int(t) for t in prompt_ids]
@@ -110,7 +149,8 @@ class LLMEngine:
         rid = self._next_id if request_id is None else request_id
         self._next_id = max(self._next_id, rid + 1)
         checker = StopChecker(self.tokenizer, params.stop) if self.tokenizer is not None else None
-        seq = Sequence(rid, ids, params, eos_ids=self.eos, max_len=self.max_len, stop_checker=checker)
+        seq = Sequence(rid, ids, params, eos_ids=self.eos, max_len=self.max_len, stop_checker=checker,
+                       adapter=adapter, cache_salt=None if adapter is None else self._salts[adapter])
         if not params.greedy:
             seq.state["gen"] = torch.Generator().manual_seed(params.seed)
         if logprobs is not None:
@@ -138,20 +178,21 @@ class LLMEngine:
 
     def add_request(self, prompt_ids: Seq[int], params: SamplingConfig | None = None,
                     request_id: int | None = None, logprobs: int | None = None,
-                    response_format: dict[str, Any] | None = None) -> int:
+                    response_format: dict[str, Any] | None = None, adapter: str | None = None) -> int:
         """Queue a request; returns its id. ``logprobs=k`` records each generated token's log
         probability and the k most likely alternatives; ``response_format`` (OpenAI's: ``json_object``,
-        ``json_schema``, or ``regex``) constrains the output. Raises SlimlmError for a request that cannot run."""
-        seq = self._make_seq(prompt_ids, params, request_id, logprobs, response_format)
+        ``json_schema``, or ``regex``) constrains the output; ``adapter`` names a loaded LoRA adapter
+        (:meth:`add_adapter`). Raises SlimlmError for a request that cannot run."""
+        seq = self._make_seq(prompt_ids, params, request_id, logprobs, response_format, adapter)
         self.scheduler.add(seq)
         return seq.seq_id
 
     def add_group(self, prompt_ids: Seq[int], params: Seq[SamplingConfig], logprobs: int | None = None,
-                  response_format: dict[str, Any] | None = None) -> list[int]:
+                  response_format: dict[str, Any] | None = None, adapter: str | None = None) -> list[int]:
         """Several samples of one prompt (OpenAI's ``n``): the prompt is computed once, then every
         other member forks the first one's blocks and samples its own first token from the same logits."""
-        first = self._make_seq(prompt_ids, params[0], None, logprobs, response_format)
-        rest = [self._make_seq(prompt_ids, p, None, logprobs, response_format) for p in params[1:]]
+        first = self._make_seq(prompt_ids, params[0], None, logprobs, response_format, adapter)
+        rest = [self._make_seq(prompt_ids, p, None, logprobs, response_format, adapter) for p in params[1:]]
         for s in rest:
             self.scheduler.check_fits(s)
         self.scheduler.add(first)
@@ -227,7 +268,8 @@ class LLMEngine:
             if sched.has_unfinished():
                 raise SlimlmError("scheduler made no progress (KV pool too small for the waiting request)")
             return results
-        entries = [BatchEntry(s.table, s.start, s.tokens, s.sample, 1 + len(s.draft)) for s in out.seqs]
+        entries = [BatchEntry(s.table, s.start, s.tokens, s.sample, 1 + len(s.draft), sched.seqs[s.seq_id].adapter)
+                   for s in out.seqs]
         t0 = time.perf_counter()
         logits = self.runner.forward(entries, out.copies)
         if spec is not None:
@@ -313,9 +355,11 @@ class LLM:
 
     def generate(self, prompts: str | Seq[str] | Seq[Seq[int]],
                  params: SamplingConfig | Seq[SamplingConfig] | None = None,
-                 response_format: dict[str, Any] | None = None) -> list[RequestOutput]:
+                 response_format: dict[str, Any] | None = None,
+                 adapters: str | None | Seq[str | None] = None) -> list[RequestOutput]:
         """Generate for every prompt (text, or token ids); outputs in prompt order. ``response_format``
-        (OpenAI's json_object / json_schema, or regex) constrains every output."""
+        (OpenAI's json_object / json_schema, or regex) constrains every output; ``adapters`` names the
+        LoRA adapter (``engine.add_adapter``) of every prompt, or one per prompt (None: the base)."""
         if isinstance(prompts, str):
             prompts = [prompts]
         if params is None or isinstance(params, SamplingConfig):
@@ -332,10 +376,13 @@ class LLM:
                 ids.append(self.tokenizer.encode(p))
             else:
                 ids.append(list(p))
+        alist = list(adapters) if adapters is not None and not isinstance(adapters, str) else [adapters] * len(ids)
+        if len(alist) != len(ids):
+            raise SlimlmError(f"{len(ids)} prompts but {len(alist)} adapters")
         rids: list[int] = []
         try:
-            for i, pr in zip(ids, plist, strict=True):
-                rids.append(self.engine.add_request(i, pr, response_format=response_format))
+            for i, pr, ad in zip(ids, plist, alist, strict=True):
+                rids.append(self.engine.add_request(i, pr, response_format=response_format, adapter=ad))
         except SlimlmError:
             for r in rids:  # all or nothing
                 self.engine.abort(r)

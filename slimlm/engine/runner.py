@@ -4,7 +4,8 @@ Why: every sequence's new tokens of a step (a decode's 1 token, a prefill chunk'
 into one input row ``[1, N]`` with per-token positions, so each linear runs one ``[N, D]`` GEMM for
 the whole batch (B decode streams are one GEMM-shaped call, not B GEMVs) and only attention is per
 sequence (:class:`slimlm.engine.paged_cache.PagedKVCache`). Logits are computed only for the last
-token of the sequences that sample this step.
+token of the sequences that sample this step. Entries naming a LoRA adapter run it on their tokens
+(:mod:`slimlm.peft.serving`: the base matmuls stay one call for the whole mixed batch).
 
 Example::
 
@@ -15,6 +16,7 @@ Example::
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +24,7 @@ import torch
 from slimlm.engine.paged_cache import PagedKVCache
 from slimlm.models.layers import AttnContext
 from slimlm.models.transformer import Transformer
+from slimlm.peft.serving import MultiLora
 
 
 @dataclass
@@ -33,6 +36,7 @@ class BatchEntry:
     tokens: Sequence[int]
     logits: bool = True  # return the last new token's logits (False: a prefill chunk that is not the last)
     num_logits: int = 1  # how many of the last new tokens return logits (speculative verification: 1 + drafts)
+    adapter: str | None = None  # the LoRA adapter its tokens run (multi-LoRA serving; None: the base model)
 
 
 class ModelRunner:
@@ -43,6 +47,7 @@ class ModelRunner:
         self.cache = PagedKVCache.for_model(model.config, num_blocks, block_size, dtype or model.dtype)
         rope = model.config.rope
         self._dynamic_rope = rope is not None and rope.get("rope_type") == "dynamic"
+        self.lora: MultiLora | None = None  # resident LoRA adapters, made by the engine's first add_adapter
 
     def _rope(self, entries: Sequence[BatchEntry], positions: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Rotary tables [1, N, 1, D] per layer type. Dynamic NTK frequencies depend on a sequence's
@@ -67,9 +72,13 @@ class ModelRunner:
         positions = torch.cat([torch.arange(e.start, e.start + len(e.tokens)) for e in entries]).unsqueeze(0)
         self.cache.set_batch([(e.table, e.start, len(e.tokens)) for e in entries])
         ctx = AttnContext(rope=self._rope(entries, positions), masks={}, is_causal=False, cache=self.cache)
-        h = model.embed(ids, positions)  # [1, N, D]
-        for layer in model.model.layers:
-            h = layer(h, ctx)
+        choice: AbstractContextManager[None] = nullcontext()
+        if self.lora is not None and any(e.adapter is not None for e in entries):
+            choice = self.lora.select([e.adapter for e in entries for _ in e.tokens])  # one per token of [1, N]
+        with choice:
+            h = model.embed(ids, positions)  # [1, N, D]
+            for layer in model.model.layers:
+                h = layer(h, ctx)
         ends: list[int] = []
         off = 0
         for e in entries:

@@ -212,10 +212,10 @@ class Scheduler:
             i += 1
         while not out.preempted and self.waiting and budget > 0 and len(self.running) < self.cfg.max_num_seqs:
             seq = self.waiting[0]
-            prefix = self.kv.match_prefix(seq.tokens)
+            prefix = self.kv.match_prefix(seq.tokens, seq.cache_salt)
             cached = len(prefix) * self.cfg.block_size
             n = min(seq.num_tokens - cached, budget)
-            copies = self.kv.allocate(seq.seq_id, cached, cached + n, prefix)
+            copies = self.kv.allocate(seq.seq_id, cached, cached + n, prefix, seq.cache_salt)
             if copies is None:
                 break  # first come, first served: nobody overtakes the head of the queue
             self.waiting.popleft()

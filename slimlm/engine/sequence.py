@@ -72,6 +72,8 @@ class Sequence:
     state: dict[str, Any] = field(default_factory=dict)  # the engine's sampling state (generator, ...)
     draft: list[int] = field(default_factory=list)  # speculative tokens to verify in the next step
     constraint: Any = None  # structured output: ``advance(token) -> True`` once the value is complete
+    adapter: str | None = None  # the LoRA adapter it runs (multi-LoRA serving); None: the base model
+    cache_salt: int | None = None  # its prefix-cache hash root (differs per adapter): blocks never shared across
 
     def __post_init__(self) -> None:
         if not self.tokens:

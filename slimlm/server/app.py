@@ -10,6 +10,11 @@ Prometheus ``/metrics``. Bad input gets HTTP 4xx with an OpenAI-style ``{"error"
 slimlm's ``{"type": "regex", "regex": ...}``, enforced by token masks; an invalid or unsupported
 schema is a 400. Not implemented: ``echo`` (rejected with 400, never silently ignored).
 
+Multi-LoRA: the ``model`` field names the base model or a loaded LoRA adapter (``/v1/models`` lists
+both; an unknown name is a 404); requests of different adapters share the engine's steps. With
+``adapter_loading`` on, ``POST /v1/load_lora_adapter`` ``{"lora_name", "lora_path"}`` and ``POST
+/v1/unload_lora_adapter`` ``{"lora_name"}`` (vLLM's endpoints) change the adapters at run time.
+
 Run: ``slimlm serve smollm2-135m --port 8000`` (see docs/serving.md), or build the app in-process::
 
     app = build_app(AsyncEngine(LLMEngine(lm.model, lm.tokenizer)), lm.tokenizer, "smollm2-135m")
@@ -30,7 +35,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from slimlm.engine.llm import RequestOutput, TokenLogprob
+from slimlm.engine.llm import RequestOutput, TokenLogprob, UnknownAdapter
 from slimlm.engine.sampling import SamplingConfig
 from slimlm.server.async_engine import AsyncEngine, Handle, Overloaded
 from slimlm.utils.errors import SlimlmError
@@ -104,11 +109,21 @@ class ChatRequest(_Sampling):
         return (self.top_logprobs or 0) if self.logprobs else None
 
 
+class LoadAdapterRequest(_Strict):
+    lora_name: str = Field(min_length=1)
+    lora_path: str = Field(min_length=1)
+
+
+class UnloadAdapterRequest(_Strict):
+    lora_name: str = Field(min_length=1)
+
+
 _FINISH = {"eos": "stop", "stop": "stop", "length": "length", "abort": "abort"}
 
 
-def build_app(engine: AsyncEngine, tokenizer: Any, model_name: str) -> FastAPI:
-    """The ASGI app; ``engine`` is started on startup and shut down with the app."""
+def build_app(engine: AsyncEngine, tokenizer: Any, model_name: str, adapter_loading: bool = False) -> FastAPI:
+    """The ASGI app; ``engine`` is started on startup and shut down with the app. ``adapter_loading``
+    enables the LoRA load / unload endpoints (they read server-side paths: off unless asked for)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -135,6 +150,10 @@ def build_app(engine: AsyncEngine, tokenizer: Any, model_name: str) -> FastAPI:
     async def _overloaded(request: Request, exc: Overloaded) -> JSONResponse:
         return _error(503, str(exc), "server_overloaded")
 
+    @app.exception_handler(UnknownAdapter)
+    async def _unknown_adapter(request: Request, exc: UnknownAdapter) -> JSONResponse:  # unloaded meanwhile
+        return _error(404, str(exc), "not_found_error", "model", "model_not_found")
+
     @app.exception_handler(SlimlmError)
     async def _slimlm(request: Request, exc: SlimlmError) -> JSONResponse:
         return _error(400, str(exc))
@@ -146,8 +165,37 @@ def build_app(engine: AsyncEngine, tokenizer: Any, model_name: str) -> FastAPI:
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
-                                            "owned_by": "slimlm", "max_model_len": ctx_len}]}
+        base = {"id": model_name, "object": "model", "created": created, "owned_by": "slimlm", "root": model_name,
+                "parent": None, "max_model_len": ctx_len}
+        return {"object": "list", "data": [base, *({**base, "id": a, "root": a, "parent": model_name}
+                                                   for a in engine.adapters())]}
+
+    def _runtime_loading() -> None:
+        if not adapter_loading:
+            raise ApiError(404, "loading adapters at run time is off (start the server with --allow-adapter-loading)",
+                           "not_found_error")
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(req: LoadAdapterRequest) -> PlainTextResponse:
+        _runtime_loading()
+        if req.lora_name == model_name or req.lora_name in engine.adapters():
+            raise ApiError(400, f"the name {req.lora_name!r} is already served", param="lora_name")
+        try:
+            await engine.add_adapter(req.lora_name, req.lora_path)
+        except SlimlmError as e:
+            raise ApiError(400, f"cannot load adapter {req.lora_name!r}: {e}", param="lora_path") from None
+        return PlainTextResponse(f"Success: LoRA adapter '{req.lora_name}' added successfully.")
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(req: UnloadAdapterRequest) -> PlainTextResponse:
+        _runtime_loading()
+        if req.lora_name not in engine.adapters():
+            raise ApiError(404, f"the adapter {req.lora_name!r} is not loaded", "not_found_error", "lora_name")
+        try:
+            await engine.remove_adapter(req.lora_name)
+        except SlimlmError as e:
+            raise ApiError(409, str(e), "conflict_error", "lora_name") from None
+        return PlainTextResponse(f"Success: LoRA adapter '{req.lora_name}' removed successfully.")
 
     @app.get("/metrics")
     async def metrics() -> PlainTextResponse:
@@ -164,14 +212,20 @@ def build_app(engine: AsyncEngine, tokenizer: Any, model_name: str) -> FastAPI:
                 ("spec_acceptance_rate", "gauge", m["spec_acceptance_rate"]),
                 ("spec_tokens_per_step", "gauge", m["spec_tokens_per_step"]),
                 ("spec_draft_tokens_total", "counter", m["spec_proposed"]),
-                ("spec_accepted_tokens_total", "counter", m["spec_accepted"])]
+                ("spec_accepted_tokens_total", "counter", m["spec_accepted"]),
+                ("lora_adapters_loaded", "gauge", len(engine.adapters()))]
         text = "".join(f"# TYPE slimlm_{n} {t}\nslimlm_{n} {float(v)}\n" for n, t, v in rows)
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
-    def _check_model(req: _Sampling) -> None:
+    def _check_model(req: _Sampling) -> str | None:
+        """The LoRA adapter ``req.model`` names (None: the base model); 404 for an unknown name."""
+        adapter = None
         if req.model != model_name:
-            raise ApiError(404, f"the model {req.model!r} does not exist (serving {model_name!r})",
-                           "not_found_error", "model", "model_not_found")
+            if req.model not in engine.adapters():
+                served = ", ".join(repr(n) for n in [model_name, *engine.adapters()])
+                raise ApiError(404, f"the model {req.model!r} does not exist (serving {served})",
+                               "not_found_error", "model", "model_not_found")
+            adapter = req.model
         fmt = req.response_format
         if fmt is not None and fmt.get("type") != "text":
             from slimlm.engine.structured import compile_format
@@ -183,6 +237,7 @@ def build_app(engine: AsyncEngine, tokenizer: Any, model_name: str) -> FastAPI:
             except SlimlmError as e:
                 raise ApiError(400, f"invalid response_format: {e}", param="response_format",
                                code="invalid_response_format") from None
+        return adapter
 
     def _params(req: _Sampling, prompt_len: int, max_tokens: int | None) -> list[SamplingConfig]:
         k = req.logprobs_k()
@@ -280,10 +335,11 @@ def build_app(engine: AsyncEngine, tokenizer: Any, model_name: str) -> FastAPI:
                             for e in lps]}
 
     async def _run(ids: list[int], params: list[SamplingConfig], chunk: Any, final_usage: bool,
-                   stream: bool, logprobs: int | None, response_format: dict[str, Any] | None) -> Any:
+                   stream: bool, logprobs: int | None, response_format: dict[str, Any] | None,
+                   adapter: str | None) -> Any:
         """Admit the n choices (a 4xx comes before any streamed byte; the prompt is computed once), then
         either collect their final outputs or return the SSE event stream."""
-        handles = await engine.submit(ids, params, logprobs, response_format)
+        handles = await engine.submit(ids, params, logprobs, response_format, adapter)
         if not stream:
             last: dict[int, RequestOutput] = {}
             async for i, o in _merged(handles):
@@ -317,8 +373,8 @@ def build_app(engine: AsyncEngine, tokenizer: Any, model_name: str) -> FastAPI:
     def _usage(prompt: int, completion: int) -> dict[str, int]:
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
-    async def _respond(req: _Sampling, ids: list[int], params: list[SamplingConfig], id_prefix: str, obj: str,
-                       chunk_obj: str, head: Any, delta: Any, final: Any) -> Any:
+    async def _respond(req: _Sampling, adapter: str | None, ids: list[int], params: list[SamplingConfig],
+                       id_prefix: str, obj: str, chunk_obj: str, head: Any, delta: Any, final: Any) -> Any:
         """Run the request; the JSON answer, or the SSE stream of ``chunk_obj`` chunks. ``head(i)``
         is a choice's first chunk (None: none), ``delta(i, text, finish, logprobs)`` the next ones,
         ``final(i, output)`` a choice of the full answer."""
@@ -330,28 +386,28 @@ def build_app(engine: AsyncEngine, tokenizer: Any, model_name: str) -> FastAPI:
             if start and head is None:
                 return None
             choices = [] if i is None else [head(i) if start else delta(i, text, finish, lps)]
-            body: dict[str, Any] = {"id": rid, "object": chunk_obj, "created": now, "model": model_name,
+            body: dict[str, Any] = {"id": rid, "object": chunk_obj, "created": now, "model": req.model,
                                     "choices": choices}
             if include_usage:
                 body["usage"] = usage
             return body
 
         fmt = req.response_format if req.response_format and req.response_format.get("type") != "text" else None
-        res = await _run(ids, params, chunk, include_usage, req.stream, req.logprobs_k(), fmt)
+        res = await _run(ids, params, chunk, include_usage, req.stream, req.logprobs_k(), fmt, adapter)
         if req.stream:
             return StreamingResponse(res, media_type="text/event-stream")
-        return {"id": rid, "object": obj, "created": now, "model": model_name,
+        return {"id": rid, "object": obj, "created": now, "model": req.model,
                 "choices": [final(i, o) for i, o in enumerate(res)],
                 "usage": _usage(len(ids), sum(len(o.token_ids) for o in res))}
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest) -> Any:
-        _check_model(req)
+        adapter = _check_model(req)
         if req.echo:
             raise ApiError(400, "echo is not supported", param="echo")
         ids = _encode_prompt(req.prompt)
         params = _params(req, len(ids), req.max_tokens)
-        return await _respond(req, ids, params, "cmpl", "text_completion", "text_completion", None,
+        return await _respond(req, adapter, ids, params, "cmpl", "text_completion", "text_completion", None,
                               lambda i, text, finish, lps: {"index": i, "text": text, "finish_reason": finish,
                                                             "logprobs": completion_logprobs(lps)},
                               lambda i, o: {"index": i, "text": o.text, "logprobs": completion_logprobs(o.logprobs),
@@ -359,7 +415,7 @@ def build_app(engine: AsyncEngine, tokenizer: Any, model_name: str) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest) -> Any:
-        _check_model(req)
+        adapter = _check_model(req)
         if tokenizer is None:
             raise ApiError(400, "this model has no tokenizer (chat needs its chat template)")
         msgs = [{"role": m.role, "content": m.content if isinstance(m.content, str) or m.content is None
@@ -369,7 +425,7 @@ def build_app(engine: AsyncEngine, tokenizer: Any, model_name: str) -> FastAPI:
         except SlimlmError as e:
             raise ApiError(400, str(e), param="messages") from None
         params = _params(req, len(ids), req.max_completion_tokens or req.max_tokens)
-        return await _respond(req, ids, params, "chatcmpl", "chat.completion", "chat.completion.chunk",
+        return await _respond(req, adapter, ids, params, "chatcmpl", "chat.completion", "chat.completion.chunk",
                               lambda i: {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                                          "finish_reason": None},
                               lambda i, text, finish, lps: {"index": i, "delta": {"content": text} if text else {},

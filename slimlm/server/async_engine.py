@@ -68,11 +68,12 @@ class AsyncEngine:
 
     def _add(self, prompt_ids: Sequence[int], params: Sequence[SamplingConfig], logprobs: int | None,
              response_format: dict[str, Any] | None, loop: asyncio.AbstractEventLoop,
-             queues: Sequence[asyncio.Queue[Any]]) -> list[int]:
+             queues: Sequence[asyncio.Queue[Any]], adapter: str | None = None) -> list[int]:
         with self._lock:
             if len(self.engine.scheduler.waiting) >= self.max_waiting:
                 raise Overloaded(f"server overloaded: {self.max_waiting} requests already waiting")
-            rids = self.engine.add_group(prompt_ids, params, logprobs=logprobs, response_format=response_format)
+            rids = self.engine.add_group(prompt_ids, params, logprobs=logprobs, response_format=response_format,
+                                         adapter=adapter)
             for rid, q in zip(rids, queues, strict=True):
                 self._streams[rid] = (loop, q)
             self.counters["prompt_tokens"] += len(prompt_ids)
@@ -95,14 +96,16 @@ class AsyncEngine:
         self._streams.pop(rid, None)
 
     async def submit(self, prompt_ids: Sequence[int], params: Sequence[SamplingConfig],
-                     logprobs: int | None = None, response_format: dict[str, Any] | None = None) -> list[Handle]:
+                     logprobs: int | None = None, response_format: dict[str, Any] | None = None,
+                     adapter: str | None = None) -> list[Handle]:
         """Queue one request per ``params`` entry, all on one prompt (computed once, see
-        ``LLMEngine.add_group``); raises SlimlmError / Overloaded at once for one that cannot run."""
+        ``LLMEngine.add_group``) under LoRA ``adapter`` (None: the base); raises SlimlmError /
+        Overloaded at once for one that cannot run."""
         if not self.alive:
             raise SlimlmError(f"engine stopped: {self.error}")
         queues: list[asyncio.Queue[Any]] = [asyncio.Queue() for _ in params]
         rids = await asyncio.to_thread(self._add, prompt_ids, params, logprobs, response_format,
-                                       asyncio.get_running_loop(), queues)
+                                       asyncio.get_running_loop(), queues, adapter)
         return [Handle(r, q) for r, q in zip(rids, queues, strict=True)]
 
     async def outputs(self, h: Handle) -> AsyncIterator[RequestOutput]:
@@ -125,6 +128,21 @@ class AsyncEngine:
         (h,) = await self.submit(prompt_ids, [params])
         async for o in self.outputs(h):
             yield o
+
+    def _locked(self, fn: Any, *args: Any) -> Any:
+        with self._lock:
+            return fn(*args)
+
+    async def add_adapter(self, name: str, path: str) -> list[str]:
+        """Load a LoRA adapter between two steps (``LLMEngine.add_adapter``)."""
+        return await asyncio.to_thread(self._locked, self.engine.add_adapter, name, path)  # type: ignore[no-any-return]
+
+    async def remove_adapter(self, name: str) -> None:
+        """Unload a LoRA adapter between two steps; refused while a request uses it."""
+        await asyncio.to_thread(self._locked, self.engine.remove_adapter, name)
+
+    def adapters(self) -> list[str]:
+        return list(self.engine.adapters)
 
     def _loop(self) -> None:
         eng = self.engine

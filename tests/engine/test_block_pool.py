@@ -180,3 +180,25 @@ def test_budget_in_bytes():
     assert blocks_for_bytes(4096 * 10 + 1, 2, 2, 8, 16, 4) == 10
     with pytest.raises(SlimlmError, match="holds no block"):
         blocks_for_bytes(100, 2, 2, 8, 16, 4)
+
+
+def test_salted_sequences_share_blocks_only_under_the_same_salt():
+    """Multi-LoRA: equal tokens under different adapters (salts) have different KV, so never share."""
+    kv = KVCacheManager(BlockPool(num_blocks=16, block_size=4))
+    prompt = list(range(13))  # 3 full blocks + 1 token
+    for sid, salt in ((1, None), (2, 7)):
+        assert kv.match_prefix(prompt, salt) == []
+        assert kv.allocate(sid, 0, 13, salt=salt) == []
+        kv.commit(sid, prompt, 13)
+    assert kv.match_prefix(prompt) == kv.tables[1][:3]
+    assert kv.match_prefix(prompt, 7) == kv.tables[2][:3]
+    assert kv.match_prefix(prompt, 8) == []
+    kv.fork(2, 3)  # a fork keeps its parent's salt: its later full blocks join the parent's chain
+    kv.allocate(3, 13, 17)
+    kv.commit(3, prompt + [1, 2, 3, 4], 17)
+    assert kv.match_prefix(prompt + [1, 2, 3, 4, 5], 7) == kv.tables[3][:4]
+    assert kv.match_prefix(prompt + [1, 2, 3, 4, 5]) == kv.tables[1][:3]
+    for sid in (1, 2, 3):
+        kv.free(sid)
+    assert kv.salts == {} and kv.pool.num_used == 0
+    kv.check()

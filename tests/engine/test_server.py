@@ -6,26 +6,21 @@ OpenAI's error body shape for bad input."""
 
 from __future__ import annotations
 
-import contextlib
 import json
-import socket
-import threading
 import time
 
 import httpx2 as httpx  # the HTTP client the pinned openai package uses
-import openai
 import pytest
 import torch
-import uvicorn
 
 from slimlm.engine.generate import generate
 from slimlm.engine.llm import LLM, LLMEngine
 from slimlm.engine.sampling import SamplingConfig
 from slimlm.engine.scheduler import SchedulerConfig
 from slimlm.loaders import load_model
-from slimlm.server.app import build_app
 from slimlm.server.async_engine import AsyncEngine
 from tests.helpers.models import make_hf_model
+from tests.helpers.server import metric, serving
 from tests.helpers.tokenizers import make_tiny_tokenizer
 
 CFG = SchedulerConfig(num_blocks=64, block_size=4, max_num_batched_tokens=32)
@@ -43,38 +38,9 @@ def server(tmp_path_factory):
         yield lm, client, base, aeng, hf
 
 
-@contextlib.contextmanager
-def serving(aeng, tokenizer):  # type: ignore[no-untyped-def]
-    """uvicorn on a free loopback port in a thread; yields (openai client, base URL)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(build_app(aeng, tokenizer, "tiny"), host="127.0.0.1", port=port,
-                                        log_level="warning"))
-    th = threading.Thread(target=srv.run, daemon=True)
-    th.start()
-    for _ in range(200):
-        if srv.started:
-            break
-        time.sleep(0.05)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        yield openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=120), base
-    finally:
-        srv.should_exit = True
-        th.join(timeout=30)
-
-
 def _greedy_text(lm, ids, n):
     res = generate(lm.model, lm.tokenizer, [ids], SamplingConfig(max_new_tokens=n, ignore_eos=True))
     return res.texts[0]
-
-
-def _metric(base, name):
-    for line in httpx.get(base + "/metrics").text.splitlines():
-        if line.startswith(f"slimlm_{name} "):
-            return float(line.split()[1])
-    raise AssertionError(f"no metric {name}")
 
 
 def test_completions_chat_and_models(server):
@@ -172,20 +138,20 @@ def test_cancelled_stream_frees_its_blocks(server):
     _, _, base, aeng, _ = server
     body = {"model": "tiny", "prompt": "while True:", "max_tokens": 100, "temperature": 0, "stream": True,
             "ignore_eos": True}
-    aborted = _metric(base, "requests_aborted_total")
+    aborted = metric(base, "requests_aborted_total")
     with httpx.stream("POST", base + "/v1/completions", json=body) as r:
         lines = r.iter_lines()
         got = [json.loads(line[6:]) for line, _ in zip((x for x in lines if x.startswith("data: {")), range(3),
                                                         strict=False)]
         assert len(got) == 3
-        assert _metric(base, "kv_blocks_used") > 0
+        assert metric(base, "kv_blocks_used") > 0
     for _ in range(200):  # the server notices the closed connection on its next write
-        if _metric(base, "kv_blocks_used") == 0 and not aeng.engine.has_unfinished():
+        if metric(base, "kv_blocks_used") == 0 and not aeng.engine.has_unfinished():
             break
         time.sleep(0.05)
-    assert _metric(base, "kv_blocks_used") == 0
-    assert _metric(base, "requests_aborted_total") == aborted + 1
-    assert _metric(base, "generation_tokens_total") > 0
+    assert metric(base, "kv_blocks_used") == 0
+    assert metric(base, "requests_aborted_total") == aborted + 1
+    assert metric(base, "generation_tokens_total") > 0
 
 
 def test_logprobs_equal_transformers_log_softmax(server):
@@ -225,7 +191,7 @@ def test_concurrent_load_no_lost_or_mixed_up_responses(server):
     llm = LLM(lm, CFG)
     want = [o.text for o in llm.generate([p for p, _ in reqs],
                                          [SamplingConfig(max_new_tokens=n, ignore_eos=True) for _, n in reqs])]
-    aborted0 = _metric(base, "requests_aborted_total")
+    aborted0 = metric(base, "requests_aborted_total")
 
     async def one(client, i, sem):
         prompt, n = reqs[i]
@@ -257,5 +223,5 @@ def test_concurrent_load_no_lost_or_mixed_up_responses(server):
         if not aeng.engine.has_unfinished():
             break
         time.sleep(0.05)
-    assert _metric(base, "kv_blocks_used") == 0
-    assert _metric(base, "requests_aborted_total") - aborted0 <= len(cancelled)
+    assert metric(base, "kv_blocks_used") == 0
+    assert metric(base, "requests_aborted_total") - aborted0 <= len(cancelled)

@@ -16,8 +16,9 @@ from slimlm.engine.scheduler import SchedulerConfig
 from slimlm.engine.spec import SpecConfig
 from slimlm.loaders import load_model
 from slimlm.server.async_engine import AsyncEngine
-from tests.engine.test_server import _metric, serving
 from tests.helpers.models import make_hf_model
+from tests.helpers.server import metric as _metric
+from tests.helpers.server import serving
 from tests.helpers.tokenizers import make_tiny_tokenizer
 
 SCHEMA = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 8},

@@ -1,0 +1,255 @@
+"""Load test of ``slimlm serve`` over loopback: N requests at concurrency C, every answer checked.
+
+Starts ``slimlm serve MODEL`` (a subprocess, optionally with ``--lora K`` random LoRA adapters that
+requests pick by ``model``), sends ``--requests`` greedy completions ``--concurrency`` at a time
+(token-id prompts of random lengths, so answers differ per request; every 3rd streamed, every
+``--cancel-every``-th stream closed after its first chunk), and checks:
+
+- 0 errors (every non-cancelled request answers 200 with its ``model``),
+- 0 lost or mixed-up responses: each answer equals its own request's greedy output from the offline
+  engine (``LLM.generate`` on the same model, adapters and prompts, in this process),
+- the block pool back to empty at the end (``slimlm_kv_blocks_used`` of ``/metrics`` is 0), and a
+  stream cancelled mid-way frees its blocks at once (the time until ``kv_blocks_used`` drops to 0).
+
+Exits 1 if any check fails; the JSON goes to ``--out``. The acceptance run (issue 20)::
+
+    .venv/bin/python benchmarks/load_test.py --model smollm2-135m --requests 1000 --concurrency 32 --lora 2
+
+Smallest run (a tiny random model, seconds)::
+
+    .venv/bin/python benchmarks/load_test.py --tiny --requests 40 --concurrency 8 --lora 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx2 as httpx
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from slimlm.bench.sysinfo import save_json, system_info  # noqa: E402
+
+
+def tiny_model(folder: Path) -> str:
+    """A tiny random Llama with a real (tiny) tokenizer, saved to ``folder`` (the smallest setting)."""
+    from tests.helpers.models import make_hf_model
+    from tests.helpers.tokenizers import make_tiny_tokenizer
+
+    tok = make_tiny_tokenizer()
+    make_hf_model("llama", folder, vocab_size=tok.vocab_size, max_position_embeddings=512)
+    tok.save(folder)
+    return str(folder)
+
+
+def random_adapters(model: str, k: int, folder: Path, r: int = 8) -> dict[str, Path]:
+    """``k`` random LoRA adapters (q/k/v/o, rank ``r``) in peft's format, written by slimlm."""
+    from slimlm.loaders import load_model
+    from slimlm.peft import LoraConfig, apply_peft, save_adapter, unload
+
+    lm = load_model(model)
+    out = {}
+    for i in range(k):
+        torch.manual_seed(100 + i)
+        apply_peft(lm.model, LoraConfig(r=r, lora_alpha=2 * r, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+                                        init_lora_weights="random"))
+        out[f"lora{i}"] = save_adapter(lm.model, folder / f"lora{i}")
+        unload(lm.model)
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Server:
+    """``slimlm serve`` in a subprocess; ``base`` is its URL once ``/health`` answers."""
+
+    def __init__(self, model: str, adapters: dict[str, Path], extra: list[str], threads: int | None = None):
+        port = free_port()
+        self.base = f"http://127.0.0.1:{port}"
+        cmd = [sys.executable, "-m", "slimlm.cli.main", "serve", model, "--port", str(port), "--served-model-name",
+               "base", *extra]
+        for name, path in adapters.items():
+            cmd += ["--adapter", f"{name}={path}"]
+        if threads:
+            cmd += ["--threads", str(threads)]
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        for _ in range(1200):
+            if self.proc.poll() is not None:
+                raise SystemExit(f"slimlm serve exited with {self.proc.returncode}")
+            try:
+                if httpx.get(self.base + "/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.25)
+        self.close()
+        raise SystemExit("slimlm serve did not come up in 5 minutes")
+
+    def metric(self, name: str) -> float:
+        for line in httpx.get(self.base + "/metrics", timeout=30).text.splitlines():
+            if line.startswith(f"slimlm_{name} "):
+                return float(line.split()[1])
+        raise KeyError(name)
+
+    def close(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+async def one_request(client: httpx.AsyncClient, base: str, body: dict[str, Any], stream: bool,
+                      cancel: bool) -> dict[str, Any]:
+    """One completion; returns text, timings (TTFT, inter-token gaps) and status."""
+    t0 = time.perf_counter()
+    if not stream:
+        r = await client.post(base + "/v1/completions", json=body)
+        res: dict[str, Any] = {"status": r.status_code, "latency": time.perf_counter() - t0}
+        if r.status_code == 200:
+            j = r.json()
+            res.update(text=j["choices"][0]["text"], model=j["model"], tokens=j["usage"]["completion_tokens"])
+        else:
+            res["error"] = r.text
+        return res
+    text, stamps, model = "", [], None
+    async with client.stream("POST", base + "/v1/completions", json={**body, "stream": True}) as r:
+        if r.status_code != 200:
+            return {"status": r.status_code, "error": (await r.aread()).decode()}
+        async for line in r.aiter_lines():
+            if line.startswith("data: {"):
+                ch = json.loads(line[6:])
+                model = ch["model"]
+                stamps.append(time.perf_counter() - t0)
+                text += ch["choices"][0]["text"]
+                if cancel:
+                    return {"status": 200, "cancelled": True}
+    gaps = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
+    return {"status": 200, "text": text, "model": model, "ttft": stamps[0] if stamps else None, "gaps": gaps,
+            "latency": time.perf_counter() - t0, "tokens": len(stamps)}
+
+
+async def run_load(base: str, bodies: list[dict[str, Any]], concurrency: int, stream_every: int = 3,
+                   cancel_every: int = 0) -> tuple[list[dict[str, Any]], float]:
+    sem = asyncio.Semaphore(concurrency)
+
+    async def go(i: int, client: httpx.AsyncClient) -> dict[str, Any]:
+        stream = stream_every > 0 and i % stream_every == 0
+        cancel = stream and cancel_every > 0 and (i // stream_every) % cancel_every == 0
+        async with sem:
+            try:
+                return await one_request(client, base, bodies[i], stream, cancel)
+            except httpx.HTTPError as e:
+                return {"status": -1, "error": repr(e)}
+
+    t0 = time.perf_counter()
+    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+        out = await asyncio.gather(*(go(i, client) for i in range(len(bodies))))
+    return list(out), time.perf_counter() - t0
+
+
+def cancel_frees_at_once(srv: Server, model: str) -> float:
+    """Seconds from closing a running stream until ``kv_blocks_used`` is 0 again."""
+    body = {"model": model, "prompt": [7, 8, 9, 10], "max_tokens": 400, "temperature": 0, "stream": True,
+            "ignore_eos": True}
+    with httpx.stream("POST", srv.base + "/v1/completions", json=body, timeout=120) as r:
+        lines = r.iter_lines()
+        for _ in range(3):
+            next(lines)
+        assert srv.metric("kv_blocks_used") > 0
+    t0 = time.perf_counter()
+    while srv.metric("kv_blocks_used") > 0:
+        if time.perf_counter() - t0 > 30:
+            return float("inf")
+        time.sleep(0.01)
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--tiny", action="store_true", help="a tiny random model instead of --model (smoke run)")
+    ap.add_argument("--requests", type=int, default=1000)
+    ap.add_argument("--concurrency", type=int, default=32)
+    ap.add_argument("--lora", type=int, default=2, help="random LoRA adapters requests pick from (0: base only)")
+    ap.add_argument("--max-tokens", type=int, default=12, help="most tokens per answer (each 1..this)")
+    ap.add_argument("--cancel-every", type=int, default=7, help="close every k-th stream after its first chunk")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--out", default="benchmarks/results/load_test.json")
+    args = ap.parse_args()
+    from slimlm.engine.llm import LLM
+    from slimlm.engine.sampling import SamplingConfig
+    from slimlm.loaders import load_model
+
+    tmp = Path(tempfile.mkdtemp(prefix="slimlm-load-"))
+    model = tiny_model(tmp / "tiny") if args.tiny else args.model
+    adapters = random_adapters(model, args.lora, tmp) if args.lora else {}
+    lm = load_model(model)
+    rng = random.Random(0)
+    vocab = lm.config.vocab_size
+    names = ["base", *adapters]
+    reqs = [([rng.randrange(3, vocab) for _ in range(rng.randint(4, 48))], rng.randint(1, args.max_tokens),
+             names[i % len(names)]) for i in range(args.requests)]
+    print(f"expected answers: the offline engine on {len(reqs)} requests ...", flush=True)
+    llm = LLM(lm)
+    for name, path in adapters.items():
+        llm.engine.add_adapter(name, path)
+    want = [o.text for o in llm.generate([p for p, _, _ in reqs],
+                                         [SamplingConfig(max_new_tokens=n, ignore_eos=True) for _, n, _ in reqs],
+                                         adapters=[None if m == "base" else m for _, _, m in reqs])]
+    del llm, lm
+    bodies = [{"model": m, "prompt": p, "max_tokens": n, "temperature": 0, "ignore_eos": True} for p, n, m in reqs]
+    srv = Server(model, adapters, ["--max-num-seqs", str(args.concurrency)], args.threads)
+    try:
+        got, wall = asyncio.run(run_load(srv.base, bodies, args.concurrency, 3, args.cancel_every))
+        t0 = time.perf_counter()
+        while (srv.metric("kv_blocks_used") > 0 or srv.metric("requests_running") > 0) and time.perf_counter() - t0 < 30:
+            time.sleep(0.05)
+        blocks_end = srv.metric("kv_blocks_used")
+        free_s = cancel_frees_at_once(srv, names[-1])
+        alive = httpx.get(srv.base + "/health").status_code == 200
+    finally:
+        srv.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+    errors = [i for i, g in enumerate(got) if g["status"] != 200]
+    cancelled = [i for i, g in enumerate(got) if g.get("cancelled")]
+    wrong = [i for i, g in enumerate(got) if g["status"] == 200 and not g.get("cancelled")
+             and (g.get("text") != want[i] or g.get("model") != reqs[i][2])]
+    out_tokens = sum(g.get("tokens", 0) for g in got)
+    ttfts = sorted(g["ttft"] for g in got if g.get("ttft") is not None)
+    res = {"model": model, "requests": len(reqs), "concurrency": args.concurrency, "adapters": len(adapters),
+           "errors": len(errors), "mismatched": len(wrong), "cancelled": len(cancelled),
+           "blocks_used_at_end": blocks_end, "cancel_frees_blocks_s": free_s, "server_alive": alive,
+           "wall_s": wall, "requests_per_s": len(reqs) / wall, "output_tokens_per_s": out_tokens / wall,
+           "median_ttft_s": ttfts[len(ttfts) // 2] if ttfts else None,
+           "first_errors": [got[i].get("error") for i in errors[:3]],
+           "first_mismatches": [{"i": i, "want": want[i], "got": got[i].get("text")} for i in wrong[:3]],
+           "system": system_info()}
+    save_json(res, args.out)
+    print(json.dumps({k: v for k, v in res.items() if k != "system"}, indent=1))
+    ok = not errors and not wrong and blocks_end == 0 and free_s < 1.0 and alive
+    print("PASS" if ok else "FAIL")
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()
