@@ -48,11 +48,11 @@ def run_demo(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     cfg = DemoConfig.from_args(args)
+    kind = resolve(args.model)[1]  # a missing model fails here, before the folder is made
     folder = Path(args.out)
     state = open_folder(folder)
     if args.threads:
         torch.set_num_threads(args.threads)
-    kind = resolve(args.model)[1]
     calib, calib_what = calib_text_file(folder)
     steps = plan_variants(cfg, args.model, folder, kind, calib)
     print(f"== slimlm demo on {args.model}: {', '.join(s.label for s in steps)}; outputs in {folder}/")
