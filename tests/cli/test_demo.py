@@ -142,9 +142,11 @@ def tiny_demo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 @pytest.mark.slow
 def test_tiny_demo_makes_benches_reports_and_chats(tiny_demo: dict[str, Any]) -> None:
+    import torch
     from safetensors.torch import load_file
 
     from slimlm.bench.results import read_results
+    from slimlm.loaders import load_model
     from slimlm.report import MARK
 
     out: Path = tiny_demo["out"]
@@ -160,11 +162,14 @@ def test_tiny_demo_makes_benches_reports_and_chats(tiny_demo: dict[str, Any]) ->
     # the variants are what the demo says: GPTQ w4 g128, 2:4 zeros in every pruned linear, a trained LoRA
     recipe = json.loads((out / "variants" / "gptq-w4g128" / "slimlm.json").read_text())
     assert "gptq" in json.dumps(recipe) and '"bits": 4' in json.dumps(recipe) and '"group_size": 128' in json.dumps(recipe)
-    w = load_file(str(out / "variants" / "wanda-2of4" / "model.safetensors"))
-    pruned = [t for k, t in w.items() if re.search(r"layers\.\d+\.(self_attn|mlp)\.\w+_proj\.weight$", k)]
-    assert len(pruned) == 14
-    for t in pruned:
-        assert bool(((t.reshape(t.shape[0], -1, 4) == 0).sum(-1) >= 2).all())
+    pruned = load_model(str(out / "variants" / "wanda-2of4")).model  # stored 2:4-compressed: read W back
+    names = [n for n, _ in pruned.named_modules() if re.search(r"layers\.\d+\.(self_attn|mlp)\.\w+_proj$", n)]
+    assert len(names) == 14
+    with torch.no_grad():
+        for n in names:
+            m = pruned.get_submodule(n)
+            w = m(torch.eye(m.in_features)).T  # [out, in]: the linear applied to the unit vectors
+            assert bool(((w.reshape(w.shape[0], -1, 4) == 0).sum(-1) >= 2).all()), n
     lora = load_file(str(out / "variants" / "lora" / "adapter_model.safetensors"))
     assert any("lora_B" in k and bool(t.abs().max() > 0) for k, t in lora.items())  # B starts at zero
     assert json.loads((out / "variants" / "lora" / "adapter_config.json").read_text())["r"] == 8
