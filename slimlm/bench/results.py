@@ -109,11 +109,14 @@ def write_json(obj: Any, path: Path) -> None:
 
 
 def write_text(text: str, path: Path) -> None:
-    """Write ``text`` to a temporary sibling, then rename it over ``path``."""
+    """Write ``text`` to a temporary sibling (mode per the umask), then rename it over ``path``."""
+    from slimlm.loaders.outputs import umask
+
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+        os.chmod(tmp, 0o666 & ~umask())  # mkstemp gives 0600; an output gets the usual mode for the umask
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

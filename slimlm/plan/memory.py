@@ -16,6 +16,14 @@ Element sizes: ``fp32`` 4, ``bf16``/``fp16`` 2, ``fp8`` 1.
   ``lomo`` 0 (the update is fused into backward, so only one parameter's gradient exists at a time),
   ``galore`` rank-r projector ``4 m r`` + Adam on the projected ``r x n`` gradient (``8 r n``) per
   matrix (``m <= n``), vectors plain Adam.
+- Load transient: ``load_model`` on a float checkpoint (HF folder, slimlm folder, GGUF de-quantized)
+  fuses q|k|v and gate|up into one concatenated tensor each (``Transformer.fuse_projections_``)
+  while the checkpoint's separate tensors are still referenced, so those bytes exist twice at the
+  load's peak; a model dtype other than the checkpoint's (bf16 from a GGUF de-quantized to fp32)
+  also keeps the checkpoint's float copy of every weight alive beside the converted one. Measured on
+  SmolLM2-135M (2 threads): fp32 load peak 1035 MiB = residue 228 + weights 513 + fused 266 + 28
+  (tokenizer, metadata); bf16 1159 = 228 + 257 + fp32 copy 513 + fused 133 + 28. The peak of a
+  short run is this load, not the prefill (fp32 at context 256: 763 MiB predicted without the term).
 - Calibration (GPTQ through :func:`slimlm.calib.driver.run_layerwise`): the dense fp32 model, one fp32
   copy of the calibration hidden states ``[samples, T, D]``, one batch's layer activations
   (:data:`slimlm.calib.driver.BATCH_TOKENS` tokens), and the largest group of Hessians alive at once
@@ -94,6 +102,22 @@ def training_activation_bytes(shape: ModelShape, seq_len: int, batch: int, act_d
         kept = tokens * per_layer * e * layers
     logits = 3 * tokens * vocab * 4  # logits, log-softmax and their gradient in fp32
     return kept + logits
+
+
+# --- loading ---------------------------------------------------------------------------------------
+_FUSED = ("q_proj", "k_proj", "v_proj")
+_FUSED_GATED = ("gate_proj", "up_proj")
+
+
+def load_transient_bytes(shape: ModelShape, dtype: str, checkpoint_dtype: str | None) -> int:
+    """Bytes a float load holds beyond the finished model at its peak (see the module docstring):
+    the separate q/k/v (and gate/up) weights beside their fused copy, plus the checkpoint's copy of
+    every float weight when ``checkpoint_dtype`` differs from the model's ``dtype``."""
+    names = _FUSED + (_FUSED_GATED if shape.config.gated_mlp else ())
+    fused = sum(lin.numel + (lin.out_features if lin.bias else 0) for lin in shape.decoder_linears()
+                if lin.path.rsplit(".", 1)[-1] in names) * elt(dtype)
+    convert = shape.n_params * elt(checkpoint_dtype) if checkpoint_dtype and checkpoint_dtype != dtype else 0
+    return fused + convert
 
 
 # --- training states -------------------------------------------------------------------------------

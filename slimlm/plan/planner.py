@@ -85,7 +85,7 @@ def task_memory(shape: ModelShape, cfg: PlanConfig, fmt_name: str, batch: int, c
         terms["calibration hidden states"] = cal["hidden_states"]
         terms["calibration batch activations"] = cal["batch_activations"]
         terms["hessians + gptq solve"] = cal["hessians"] + cal["gptq_solve"]
-        return terms
+        return _with_load(terms, shape, "fp32")
     terms["weights"] = weight_bytes(shape, parse_format(fmt_name), dtype)["total"]
     if cfg.task == "inference":
         terms["kv cache"] = mem.kv_cache_bytes(shape, context, batch, kv_dtype)
@@ -102,6 +102,17 @@ def task_memory(shape: ModelShape, cfg: PlanConfig, fmt_name: str, batch: int, c
         terms["gradients"] = mem.gradient_bytes(mats, cfg.optimizer)
         terms[f"optimizer ({cfg.optimizer})"] = mem.optimizer_state_bytes(mats, cfg.optimizer, cfg.galore_rank)
         terms["activations (training)"] = mem.training_activation_bytes(shape, context, batch, dtype, cfg.checkpointing)
+    return _with_load(terms, shape, dtype) if parse_format(fmt_name).kind == "float" else terms
+
+
+def _with_load(terms: dict[str, int], shape: ModelShape, dtype: str) -> dict[str, int]:
+    """Add the float load's transient where it exceeds the run's own terms: the process peaks at
+    residue + weights + max(load transient, run terms), the load's extra copies being freed before
+    the run allocates (``memory.load_transient_bytes``)."""
+    run = sum(v for k, v in terms.items() if k != "residue" and not k.startswith("weights"))
+    extra = mem.load_transient_bytes(shape, dtype, shape.checkpoint_dtype) - run
+    if extra > 0:
+        terms["load transient beyond the run"] = extra
     return terms
 
 

@@ -54,6 +54,7 @@ class ModelShape:
     file_bytes: int = 0
     gguf_types: dict[str, str] = field(default_factory=dict)  # runtime module path -> GGUF type name
     modules: dict[str, dict[str, Any]] = field(default_factory=dict)  # slimlm.json "modules"
+    checkpoint_dtype: str = "fp32"  # float dtype a load reads (GGUF: de-quantized to fp32; HF: torch_dtype)
 
     @property
     def n_params(self) -> int:
@@ -89,7 +90,10 @@ def shape_from_config(hf_config: dict[str, Any], source: str = "config", fmt: st
             linears.append(LinearShape(name, mod.in_features, mod.out_features, mod.bias is not None))
             in_linear.update({f"{name}.weight", f"{name}.bias"})
     other = {n: p.numel() for n, p in model.named_parameters() if n not in in_linear and n != "lm_head.weight"}
-    return ModelShape(config=config, source=source, format=fmt, linears=linears, other_params=other, tied=tied)
+    stored = str(hf_config.get("torch_dtype") or hf_config.get("dtype") or "float32")
+    ck = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(stored, "fp32")
+    return ModelShape(config=config, source=source, format=fmt, linears=linears, other_params=other, tied=tied,
+                      checkpoint_dtype="fp32" if fmt == "gguf" else ck)
 
 
 def read_shape(spec: str) -> ModelShape:

@@ -39,9 +39,14 @@ TABLE: dict[str, tuple[list[str], dict[str, tuple[list[str], str]]]] = {
         "--repetition-penalty": (["0", "-1", *NOT_FINITE], "1.1"), "--seed": (["-1", *NOT_INT], "7"),
         **RUNTIME}),
     "export": (["export", "{model}", "--to", "hf", "{out}"], {**RUNTIME}),
-    "demo": (["demo", "--model", "{model}"], {
-        "--max-new-tokens": (["0", "-1", *NOT_INT], "8"), "--eval-windows": (["0", "-2", *NOT_INT], "1"),
-        **RUNTIME}),
+    "demo": (["demo", "--model", "{model}", "--out", "{out}"], {
+        "--ppl-tokens": (["0", "1", "32769", *NOT_INT], "512"), "--seq-len": (["0", "1", *NOT_INT], "128"),
+        "--prompt-tokens": (["0", "-1", *NOT_INT], "16"), "--new-tokens": (["0", "1", *NOT_INT], "8"),
+        "--concurrency": (["0", "-2", *NOT_INT], "2"), "--repeats": (["0", "-1", *NOT_INT], "2"),
+        "--warmup": (["-1", *NOT_INT], "0"), "--calib-samples": (["0", "-3", *NOT_INT], "8"),
+        "--calib-seq-len": (["0", "1", *NOT_INT], "64"), "--lora-steps": (["0", "-1", *NOT_INT], "2"),
+        "--lora-seq-len": (["0", "7", *NOT_INT], "64"), "--max-ppl-increase": (["-0.1", *NOT_FINITE], "0.05"),
+        "--chat-tokens": (["0", "-1", *NOT_INT], "16"), **RUNTIME}),
     "quantize": (["quantize", "{model}", "--method", "gptq", "--calib", "{model}.txt", "--out", "{out}"], {
         **CALIB, "--n-samples": (["0", "-1", *NOT_INT], "8"), "--seq-len": (["0", "1", *NOT_INT], "128"),
         "--bits": (["0", "1", "9", "-4", *NOT_INT], "3"), "--group-size": (["-2", *NOT_INT], "-1"),

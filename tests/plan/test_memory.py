@@ -139,3 +139,28 @@ def test_bad_input_is_one_line(tiny, argv, msg, capsys, monkeypatch, tmp_path):
     assert main(["plan", str(tiny), *argv]) == 2
     err = capsys.readouterr().err
     assert err.count("error:") == 1 and msg in err, err
+
+
+def test_load_transient_counts_the_fused_copies_and_the_dtype_copy(tiny):
+    # oracle: transformers' own parameters of the same folder (q/k/v and gate/up are what the runtime fuses)
+    from transformers import AutoModelForCausalLM
+
+    from slimlm.plan.planner import PlanConfig, plan
+
+    hf = AutoModelForCausalLM.from_pretrained(tiny)
+    params = dict(hf.named_parameters())
+    fused = sum(p.numel() for n, p in params.items() if n.split(".")[-2] in ("q_proj", "k_proj", "v_proj",
+                                                                              "gate_proj", "up_proj"))
+    total = sum(p.numel() for p in hf.parameters())  # tied head counted once, as the runtime does
+    shape = read_shape(str(tiny))
+    assert shape.checkpoint_dtype == "fp32"  # make_hf_model saves float32
+    assert mem.load_transient_bytes(shape, "fp32", "fp32") == fused * 4
+    assert mem.load_transient_bytes(shape, "bf16", "fp32") == fused * 2 + total * 4
+    # the plan's peak: residue + weights + max(load transient, the run's KV cache + activations)
+    for ctx in (8, 256):
+        v = plan(shape, PlanConfig(formats=["fp32"], context=ctx), {"residue_bytes": 1000})["variants"][0]
+        m = v["memory"]
+        run = m["kv cache"] + m["activations (prefill)"]
+        assert v["total_bytes"] == 1000 + m["weights"] + max(run, fused * 4)
+    v = plan(shape, PlanConfig(formats=["int4"], context=8), {"residue_bytes": 1000})["variants"][0]
+    assert "load transient beyond the run" not in v["memory"]  # a quantized checkpoint loads no float copies
