@@ -4,6 +4,7 @@ Example::
 
     slimlm serve smollm2-135m --port 8000 --max-num-seqs 16 --kv-budget-gib 0.5
     slimlm serve smollm2-135m --spec ngram          # or --spec self, or --draft DRAFT_MODEL
+    slimlm serve smollm2-135m --kv-policy int8      # int8 KV blocks: about half the bytes of bf16
     curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \\
         -d '{"model": "smollm2-135m", "prompt": "The capital of France is", "max_tokens": 8}'
 """
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 
-from slimlm.cli.common import add_model_arg, add_runtime_args, int_arg, load, status
+from slimlm.cli.common import add_model_arg, add_runtime_args, int_arg, kv_policy_arg, load, status
 from slimlm.utils.errors import SlimlmError
 
 
@@ -22,6 +23,9 @@ def run_serve(args: argparse.Namespace) -> int:
 
     cfg = SchedulerConfig.from_args(args)  # validate the flags before loading the model
     spec = SpecConfig.from_args(args)
+    from slimlm.engine.runner import paged_cache_class
+
+    paged_cache_class(args.kv_policy)  # one line naming the policies the engine serves
     if not 0 < args.port < 65536:
         raise SlimlmError(f"--port must be in 1..65535, got {args.port}")
     try:
@@ -34,10 +38,10 @@ def run_serve(args: argparse.Namespace) -> int:
     from slimlm.server.async_engine import AsyncEngine
 
     lm = load(args)
-    engine = LLMEngine(lm.model, lm.tokenizer, cfg, spec=spec)
+    engine = LLMEngine(lm.model, lm.tokenizer, cfg, spec=spec, kv_policy=args.kv_policy)
     name = args.served_model_name or args.model
     status(f"serving {name!r} on http://{args.host}:{args.port} ({engine.cfg.num_blocks} KV blocks of "
-           f"{engine.cfg.block_size} tokens, {engine.runner.cache.nbytes / 2**30:.2f} GiB"
+           f"{engine.cfg.block_size} tokens, {engine.runner.cache.nbytes / 2**30:.2f} GiB, KV {engine.kv_policy}"
            + (f"; speculative: {spec.method}, gamma <= {spec.num_speculative_tokens}" if spec.enabled else "") + ")")
     app = build_app(AsyncEngine(engine, max_waiting=args.max_waiting), lm.tokenizer, name)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
@@ -54,6 +58,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--port", type=int_arg(min=0, max=65535), default=8000, help="port (default 8000)")
     p.add_argument("--served-model-name", default=None, help="the `model` name clients send (default: MODEL)")
     p.add_argument("--max-waiting", type=int_arg(min=0), default=256, help="queued requests before answering 503 (default 256)")
+    p.add_argument("--kv-policy", type=kv_policy_arg, default=None,
+                   help="KV format of the block pool: full (default, the model dtype) or int8")
     SchedulerConfig.add_arguments(p)
     SpecConfig.add_arguments(p)
     add_runtime_args(p)
