@@ -241,7 +241,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--start-char", type=int_arg(min=0), default=0, help="skip this many characters of each file")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--kv-policy", type=kv_policy_arg, default=None,
-                   help="KV cache policy: full, int8, int4[:GROUP] or streaming:SINKS:WINDOW (see above)")
+                   help="KV cache policy: full, window, int8, int4[:GROUP] or streaming:SINKS:WINDOW (see above)")
     p.add_argument("--stream-chunk", type=int_arg(min=1), default=1,
                    help="streaming policy: tokens fed per forward (default 1: exact StreamingLLM)")
     p.add_argument("--score-last", type=int_arg(min=1), default=4000,
@@ -257,7 +257,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--system", default=None, help="system message (with --chat)")
     SamplingConfig.add_arguments(p)
     p.add_argument("--kv-policy", type=kv_policy_arg, default=None,
-                   help="KV cache policy: full (default), int8, int4[:GROUP] or streaming:SINKS:WINDOW")
+                   help="KV cache policy: full (default), window, int8, int4[:GROUP] or streaming:SINKS:WINDOW")
     add_runtime_args(p)
     add_json_arg(p)
     p.set_defaults(func=run_generate)

@@ -3,6 +3,8 @@
 Policies (the ``--kv-policy`` spelling in ``slimlm eval`` / ``generate`` / ``serve``):
 
 - ``full``: every key/value in the model dtype (:class:`slimlm.models.kv_cache.KVCache`).
+- ``window``: sliding-window layers (Mistral, Gemma 3 local layers) keep only their window, full
+  layers everything; the same math as ``full`` (:class:`slimlm.models.kv_window.WindowKVCache`).
 - ``int8``: int8 codes with a float16 scale per token and kv head (:class:`slimlm.models.kv_quant.Int8KVCache`).
 - ``int4`` or ``int4:GROUP``: KIVI 4-bit, keys per channel over GROUP-token groups (default 32),
   values per token, the unfinished group kept exact (:class:`slimlm.models.kv_quant.Int4KVCache`).
@@ -26,15 +28,15 @@ from slimlm.models.kv_cache import KVCache, SequenceCache
 from slimlm.utils.config import BaseConfig, register_config
 from slimlm.utils.errors import ConfigError
 
-METHODS = ("full", "int8", "int4", "streaming")
-SPELLING = "full, int8, int4[:GROUP] or streaming:SINKS:WINDOW"
+METHODS = ("full", "window", "int8", "int4", "streaming")
+SPELLING = "full, window, int8, int4[:GROUP] or streaming:SINKS:WINDOW"
 
 
 @register_config
 @dataclass
 class KVPolicy(BaseConfig):
     kind: ClassVar[str] = "kv_policy"
-    method: str = field(default="full", metadata={"help": "full | int8 | int4 | streaming"})
+    method: str = field(default="full", metadata={"help": "full | window | int8 | int4 | streaming"})
     group: int = field(default=32, metadata={"min": 2, "help": "int4: tokens per key-quantization group"})
     sinks: int = field(default=4, metadata={"min": 0, "help": "streaming: attention-sink tokens kept"})
     window: int = field(default=1020, metadata={"min": 1, "help": "streaming: most recent tokens kept"})
@@ -52,7 +54,7 @@ class KVPolicy(BaseConfig):
             nums = [int(a) for a in args]
         except ValueError:
             raise ConfigError(f"bad KV policy {text!r}: use {SPELLING}") from None
-        if method in ("full", "int8") and not nums:
+        if method in ("full", "window", "int8") and not nums:
             return cls(method=method)
         if method == "int4" and len(nums) <= 1:
             return cls(method=method, group=nums[0] if nums else 32)
@@ -79,6 +81,7 @@ def make_cache(policy: KVPolicy | str, model, batch: int, max_len: int,  # type:
     ``batch`` rows of up to ``max_len`` tokens (a streaming cache ignores ``max_len``)."""
     from slimlm.models.kv_quant import Int4KVCache, Int8KVCache
     from slimlm.models.kv_streaming import StreamingKVCache
+    from slimlm.models.kv_window import WindowKVCache
 
     p = KVPolicy.parse(policy) if isinstance(policy, str) else policy
     cfg, dt = model.config, dtype or model.dtype
@@ -88,6 +91,8 @@ def make_cache(policy: KVPolicy | str, model, batch: int, max_len: int,  # type:
         if cfg.head_dim % 2:
             raise ConfigError(f"int4 KV needs an even head_dim (the model's is {cfg.head_dim})")
         return Int4KVCache.for_model(cfg, batch, max_len, dt, p.group)
+    if p.method == "window":
+        return WindowKVCache.for_model(cfg, batch, max_len, dt)
     if p.method == "streaming":
         return StreamingKVCache.for_model(cfg, batch, p.sinks, p.window, dt, model.rope_tables)
     return KVCache.for_model(cfg, batch, max_len, dt)

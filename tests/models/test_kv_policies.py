@@ -164,8 +164,31 @@ def test_streaming_sinks_keep_in_cache_positions_one_layer(tmp_path):
         torch.testing.assert_close(got[i], ref, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("family", ["mistral", "gemma3"])
+def test_window_policy_keeps_only_the_window_and_equals_transformers(tmp_path, family):
+    from slimlm.models.kv_window import WindowKVCache
+
+    hf = make_hf_model(family, tmp_path)
+    model = load_model(str(tmp_path)).model
+    ids = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(5))
+    cache = make_cache("window", model, 1, 40)
+    assert isinstance(cache, WindowKVCache)
+    c = model.config
+    w = c.sliding_window
+    # a prefill longer than the window, a chunk, then decodes: sliding layers hold w - 1 keys, full ones 40
+    with torch.inference_mode():
+        got = [model(ids[:, :15], cache=cache)[0], model(ids[:, 15:22], cache=cache)[0]]
+        got += [model(ids[:, i:i + 1], cache=cache)[0] for i in range(22, 40)]
+    with torch.no_grad():
+        torch.testing.assert_close(torch.cat(got), hf(ids).logits[0], rtol=1e-4, atol=1e-4)
+    caps = [w - 1 if c.is_sliding(i) else 40 for i in range(c.num_hidden_layers)]
+    assert [t.shape[2] for t in cache.k] == caps and cache.nbytes == sum(caps) * 2 * c.num_key_value_heads * c.head_dim * 4
+    assert cache.nbytes < KVCache.for_model(c, 1, 40, torch.float32).nbytes
+
+
 def test_policy_parse():
     assert KVPolicy.parse("full").method == "full" and str(KVPolicy.parse("INT8")) == "int8"
+    assert KVPolicy.parse("window").method == "window"
     assert KVPolicy.parse("int4").group == 32 and KVPolicy.parse("int4:64").group == 64
     p = KVPolicy.parse("streaming:4:1020")
     assert (p.sinks, p.window, p.bounded, str(p)) == (4, 1020, True, "streaming:4:1020")
