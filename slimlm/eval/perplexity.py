@@ -28,7 +28,7 @@ one conditioned on BOS alone (as lm-evaluation-harness does): still seq-len - 1 
 --stride S: windows start every S text tokens; the first is scored as above, each later one only
 on its last S tokens (the rest is context), so no token is scored twice; S >= the window's text
 length is the default protocol.
---kv-policy P (int8, int4, full): each window runs through that KV cache (its keys/values stored and
+--kv-policy P (int8, int4, window, full): each window runs through that KV cache (its keys/values stored and
 read back quantized), so the perplexity includes the cache's rounding. --kv-policy streaming:S:W
 scores one stream instead: the first --max-tokens tokens are fed through the StreamingLLM cache
 --stream-chunk tokens at a time (1 = exact StreamingLLM), and the last --score-last predictions are

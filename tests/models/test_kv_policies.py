@@ -209,3 +209,25 @@ def test_bad_kv_policy_flag_is_one_error_line(argv, capsys):
     lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
     assert len(lines) == 1 and "Traceback" not in err, err
     assert "kv-policy" in lines[0] or "KV policy" in lines[0], lines[0]
+
+
+def test_generate_with_policies(tmp_path):
+    """``generate``: the window policy gives plain greedy's tokens (same math); a streaming policy
+    generates past the model's context (128) where the full cache refuses."""
+    from slimlm.engine.generate import generate
+    from slimlm.engine.sampling import SamplingConfig
+    from slimlm.utils.errors import SlimlmError
+
+    make_hf_model("mistral", tmp_path)
+    model = load_model(str(tmp_path)).model
+    prompt = [[3, 17, 40, 9, 250, 11]]
+    cfg = SamplingConfig(max_new_tokens=20, ignore_eos=True)
+    plain = generate(model, None, prompt, cfg)
+    assert generate(model, None, prompt, cfg, kv_policy=KVPolicy.parse("window")).tokens == plain.tokens
+    long = SamplingConfig(max_new_tokens=200, ignore_eos=True)
+    with pytest.raises(SlimlmError):
+        generate(model, None, prompt, long)
+    res = generate(model, None, prompt, long, kv_policy=KVPolicy.parse("streaming:2:30"))
+    assert len(res.tokens[0]) == 200
+    with pytest.raises(SlimlmError, match="equal length"):
+        generate(model, None, [[1, 2, 3], [4, 5]], cfg, kv_policy=KVPolicy.parse("streaming:2:30"))
