@@ -44,7 +44,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from slimlm.calib.data import read_text
     from slimlm.eval.perplexity import evaluate_perplexity, evaluate_stream
 
-    if args.kv_policy is not None and args.kv_policy.bounded and args.data and len(args.data) > 1:
+    if args.kv_policy is not None and args.kv_policy.evicts and args.data and len(args.data) > 1:
         raise SlimlmError("a streaming --kv-policy scores one stream: give one --data file")
     lm = load(args)
     if lm.tokenizer is None:
@@ -58,7 +58,7 @@ def run_eval(args: argparse.Namespace) -> int:
         if args.bos and bos is None:
             raise SlimlmError("--bos given but the tokenizer has no BOS token")
         policy = args.kv_policy
-        if policy is not None and policy.bounded:  # one stream through the StreamingLLM cache
+        if policy is not None and policy.evicts:  # one stream through the StreamingLLM / H2O cache
             sr = evaluate_stream(lm.model, ids, policy, score_last=args.score_last, chunk=args.stream_chunk,
                                  max_tokens=args.max_tokens, progress=not args.no_progress)
             out1: dict[str, Any] = {"file": f or "pydoc_data.topics", "kv_policy": str(policy), **sr.to_dict()}
@@ -241,7 +241,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--start-char", type=int_arg(min=0), default=0, help="skip this many characters of each file")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--kv-policy", type=kv_policy_arg, default=None,
-                   help="KV cache policy: full, window, int8, int4[:GROUP] or streaming:SINKS:WINDOW (see above)")
+                   help="KV cache policy: full, window, int8, int4[:GROUP], streaming:SINKS:WINDOW or h2o:HEAVY:RECENT")
     p.add_argument("--stream-chunk", type=int_arg(min=1), default=1,
                    help="streaming policy: tokens fed per forward (default 1: exact StreamingLLM)")
     p.add_argument("--score-last", type=int_arg(min=1), default=4000,
@@ -257,7 +257,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--system", default=None, help="system message (with --chat)")
     SamplingConfig.add_arguments(p)
     p.add_argument("--kv-policy", type=kv_policy_arg, default=None,
-                   help="KV cache policy: full (default), window, int8, int4[:GROUP] or streaming:SINKS:WINDOW")
+                   help="KV cache policy: full (default), window, int8, int4[:GROUP], streaming:SINKS:WINDOW, h2o:HEAVY:RECENT")
     add_runtime_args(p)
     add_json_arg(p)
     p.set_defaults(func=run_generate)

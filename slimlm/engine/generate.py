@@ -86,8 +86,8 @@ def generate(model: Transformer, tokenizer, prompts: Sequence[Sequence[int]], cf
         ids[i, t0 - len(p):] = torch.tensor(list(p), dtype=torch.long)
         mask[i, t0 - len(p):] = 1
     ragged = min(lens) != t0
-    if ragged and bounded:
-        raise SlimlmError("a streaming KV policy needs prompts of equal length (rows share positions)")
+    if ragged and kv_policy is not None and kv_policy.evicts:
+        raise SlimlmError(f"the KV policy {kv_policy} needs prompts of equal length (it ignores padding masks)")
     mask[:, t0:] = 1
     cache = make_cache(kv_policy or KVPolicy(), model, b, total)
     stops = eos_ids(model, tokenizer) if not cfg.ignore_eos else set()

@@ -30,8 +30,8 @@ on its last S tokens (the rest is context), so no token is scored twice; S >= th
 length is the default protocol.
 --kv-policy P (int8, int4, window, full): each window runs through that KV cache (its keys/values stored and
 read back quantized), so the perplexity includes the cache's rounding. --kv-policy streaming:S:W
-scores one stream instead: the first --max-tokens tokens are fed through the StreamingLLM cache
---stream-chunk tokens at a time (1 = exact StreamingLLM), and the last --score-last predictions are
+or h2o:H:R (policies that evict) scores one stream instead: the first --max-tokens tokens are fed through the StreamingLLM cache
+--stream-chunk tokens at a time (1 = exact StreamingLLM / H2O), and the last --score-last predictions are
 scored (each conditioned on everything the cache kept)."""
 
 
@@ -72,8 +72,8 @@ def evaluate_perplexity(model: Transformer, ids: list[int] | torch.Tensor, seq_l
                         stride: int | None = None, bos_id: int | None = None, max_tokens: int | None = None,
                         progress: bool = True, kv_policy: KVPolicy | None = None) -> PerplexityResult:
     """The protocol of :data:`PROTOCOL`; ``kv_policy`` (not streaming) runs each window through that cache."""
-    if kv_policy is not None and kv_policy.bounded:
-        raise SlimlmError("a streaming KV policy scores one stream: use evaluate_stream")
+    if kv_policy is not None and kv_policy.evicts:
+        raise SlimlmError(f"the evicting KV policy {kv_policy} scores one stream: use evaluate_stream")
     if seq_len < 2:
         raise SlimlmError(f"seq_len must be >= 2, got {seq_len}")
     if stride is not None and stride < 1:

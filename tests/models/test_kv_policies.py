@@ -189,10 +189,13 @@ def test_window_policy_keeps_only_the_window_and_equals_transformers(tmp_path, f
 def test_policy_parse():
     assert KVPolicy.parse("full").method == "full" and str(KVPolicy.parse("INT8")) == "int8"
     assert KVPolicy.parse("window").method == "window"
+    h = KVPolicy.parse("h2o:16:48")
+    assert (h.heavy, h.window, h.evicts, h.bounded, str(h)) == (16, 48, True, False, "h2o:16:48")
     assert KVPolicy.parse("int4").group == 32 and KVPolicy.parse("int4:64").group == 64
     p = KVPolicy.parse("streaming:4:1020")
     assert (p.sinks, p.window, p.bounded, str(p)) == (4, 1020, True, "streaming:4:1020")
-    for bad in ("int3", "streaming", "streaming:4", "streaming:a:b", "streaming:-1:5", "int8:4", "int4:1", ""):
+    for bad in ("int3", "streaming", "streaming:4", "streaming:a:b", "streaming:-1:5", "int8:4", "int4:1", "",
+                "h2o:4", "h2o:4:0"):
         with pytest.raises(ConfigError):
             KVPolicy.parse(bad)
 
@@ -231,3 +234,59 @@ def test_generate_with_policies(tmp_path):
     assert len(res.tokens[0]) == 200
     with pytest.raises(SlimlmError, match="equal length"):
         generate(model, None, [[1, 2, 3], [4, 5]], cfg, kv_policy=KVPolicy.parse("streaming:2:30"))
+
+
+def _h2o_reference(q, k, v, heavy: int, recent: int, scale: float) -> list[torch.Tensor]:
+    """H2O written out per step and kv head: q [1, H, N, D], k/v [1, Hkv, N, D], one token per step.
+    Each step: attend over the kept keys + the new one, add each key's softmax weight (summed over
+    the kv group's query heads) to its score, then drop the lowest-scored key outside the newest
+    ``recent`` when more than heavy + recent are kept."""
+    _, h, n, _ = q.shape
+    hkv = k.shape[1]
+    g = h // hkv
+    kept = [[] for _ in range(hkv)]
+    score = [{} for _ in range(hkv)]
+    outs = []
+    for i in range(n):
+        out = torch.zeros(h, q.shape[-1])
+        for j in range(hkv):
+            kept[j].append(i)
+            score[j][i] = 0.0
+            idx = torch.tensor(kept[j])
+            for qh in range(j * g, (j + 1) * g):
+                w = ((k[0, j, idx] @ q[0, qh, i]) * scale).softmax(0)  # [kept]
+                out[qh] = w @ v[0, j, idx]
+                for key, wt in zip(kept[j], w.tolist(), strict=True):
+                    score[j][key] += wt
+            if len(kept[j]) > heavy + recent:
+                old = [key for key in kept[j] if key <= i - recent]
+                kept[j].remove(min(old, key=lambda key: score[j][key]))
+        outs.append(out)
+    return outs
+
+
+def test_h2o_equals_a_reference_written_out_per_step():
+    from slimlm.models.kv_h2o import H2OKVCache
+
+    torch.manual_seed(6)
+    h, hkv, d, n, heavy, recent = 4, 2, 16, 30, 3, 4
+    q, k, v = torch.randn(1, h, n, d), torch.randn(1, hkv, n, d) * 2, torch.randn(1, hkv, n, d)
+    cache = H2OKVCache(1, 1, hkv, d, heavy, recent, d**-0.5)
+    ref = _h2o_reference(q, k, v, heavy, recent, d**-0.5)
+    for i in range(n):
+        got = cache.attend(0, q[:, :, i:i + 1], k[:, :, i:i + 1], v[:, :, i:i + 1], None, False, _sdpa)
+        cache.advance(1)
+        torch.testing.assert_close(got[0, :, 0], ref[i], rtol=1e-4, atol=1e-5)
+    assert cache.held == heavy + recent and cache.k.shape[3] == heavy + recent
+
+
+def test_h2o_within_capacity_equals_transformers(tmp_path):
+    hf = make_hf_model("llama", tmp_path)
+    model = load_model(str(tmp_path)).model
+    ids = torch.randint(0, 256, (1, 30), generator=torch.Generator().manual_seed(7))
+    got = _stream(model, make_cache("h2o:10:20", model, 1, 0), ids, 12)  # prefill, then decodes
+    with torch.no_grad():
+        torch.testing.assert_close(got, hf(ids).logits[0], rtol=1e-4, atol=1e-4)
+    with pytest.raises(ConfigError, match="sliding"):
+        make_hf_model("mistral", tmp_path / "m")
+        make_cache("h2o:4:4", load_model(str(tmp_path / "m")).model, 1, 0)
