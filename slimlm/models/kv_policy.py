@@ -91,9 +91,9 @@ def make_cache(policy: KVPolicy | str, model, batch: int, max_len: int,  # type:
                dtype: torch.dtype | None = None) -> SequenceCache:
     """The cache of ``policy`` for ``model`` (a :class:`slimlm.models.transformer.Transformer`):
     ``batch`` rows of up to ``max_len`` tokens (a streaming cache ignores ``max_len``)."""
+    from slimlm.models.kv_h2o import H2OKVCache
     from slimlm.models.kv_quant import Int4KVCache, Int8KVCache
     from slimlm.models.kv_streaming import StreamingKVCache
-    from slimlm.models.kv_h2o import H2OKVCache
     from slimlm.models.kv_window import WindowKVCache
 
     p = KVPolicy.parse(policy) if isinstance(policy, str) else policy
