@@ -14,6 +14,7 @@ from slimlm.cli.common import (
     emit_json,
     human_bytes,
     int_arg,
+    kv_policy_arg,
     load,
     status,
 )
@@ -41,8 +42,10 @@ def run_info(args: argparse.Namespace) -> int:
 # --- eval ---------------------------------------------------------------------------------------
 def run_eval(args: argparse.Namespace) -> int:
     from slimlm.calib.data import read_text
-    from slimlm.eval.perplexity import evaluate_perplexity
+    from slimlm.eval.perplexity import evaluate_perplexity, evaluate_stream
 
+    if args.kv_policy is not None and args.kv_policy.evicts and args.data and len(args.data) > 1:
+        raise SlimlmError("a streaming --kv-policy scores one stream: give one --data file")
     lm = load(args)
     if lm.tokenizer is None:
         raise SlimlmError(f"{args.model} has no tokenizer; perplexity needs one")
@@ -54,12 +57,26 @@ def run_eval(args: argparse.Namespace) -> int:
         bos = lm.tokenizer.bos_token_id if args.bos else None
         if args.bos and bos is None:
             raise SlimlmError("--bos given but the tokenizer has no BOS token")
+        policy = args.kv_policy
+        if policy is not None and policy.evicts:  # one stream through the StreamingLLM / H2O cache
+            sr = evaluate_stream(lm.model, ids, policy, score_last=args.score_last, chunk=args.stream_chunk,
+                                 max_tokens=args.max_tokens, progress=not args.no_progress)
+            out1: dict[str, Any] = {"file": f or "pydoc_data.topics", "kv_policy": str(policy), **sr.to_dict()}
+            if args.json:
+                emit_json(out1)
+            else:
+                print(f"{out1['file']}: perplexity {sr.perplexity:.4f} over the last {sr.tokens_scored} of "
+                      f"{sr.tokens_streamed} streamed tokens ({policy}, KV {sr.kv_bytes} bytes held) "
+                      f"in {sr.seconds:.1f}s")
+            continue
         r = evaluate_perplexity(lm.model, ids, seq_len=args.seq_len, stride=args.stride, bos_id=bos,
-                                max_tokens=args.max_tokens, progress=not args.no_progress)
+                                max_tokens=args.max_tokens, progress=not args.no_progress, kv_policy=policy)
         results.append((f or "pydoc_data.topics", r))
         if not args.json:
             print(f"{f or 'pydoc_data.topics'}: perplexity {r.perplexity:.4f} over {r.tokens_scored} tokens "
                   f"({r.windows} windows of {r.seq_len}) in {r.seconds:.1f}s, {r.tokens_per_s:.0f} tok/s")
+    if not results:  # streaming: printed per file above
+        return 0
     nll = sum(r.nll * r.tokens_scored for _, r in results)
     n = sum(r.tokens_scored for _, r in results)
     secs = sum(r.seconds for _, r in results)
@@ -96,7 +113,8 @@ def run_generate(args: argparse.Namespace) -> int:
         else:
             ids.append(tok.encode(p, add_bos=bool(tok.add_bos_token)))
     stream = not args.json and len(ids) == 1
-    res = generate(lm.model, tok, ids, cfg, on_text=(lambda s: print(s, end="", flush=True)) if stream else None)
+    res = generate(lm.model, tok, ids, cfg, on_text=(lambda s: print(s, end="", flush=True)) if stream else None,
+                   kv_policy=args.kv_policy)
     if args.json:
         emit_json({
             "text": res.texts[0] if len(res.texts) == 1 else res.texts,
@@ -222,6 +240,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--max-tokens", type=int_arg(min=1), default=None, help="score only the first N tokens of each file")
     p.add_argument("--start-char", type=int_arg(min=0), default=0, help="skip this many characters of each file")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--kv-policy", type=kv_policy_arg, default=None,
+                   help="KV cache policy: full, window, int8, int4[:GROUP], streaming:SINKS:WINDOW or h2o:HEAVY:RECENT")
+    p.add_argument("--stream-chunk", type=int_arg(min=1), default=1,
+                   help="streaming policy: tokens fed per forward (default 1: exact StreamingLLM)")
+    p.add_argument("--score-last", type=int_arg(min=1), default=4000,
+                   help="streaming policy: score the last N predictions of the stream (default 4000)")
     add_runtime_args(p)
     add_json_arg(p)
     p.set_defaults(func=run_eval)
@@ -232,6 +256,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--chat", action="store_true", help="apply the model's chat template to each prompt")
     p.add_argument("--system", default=None, help="system message (with --chat)")
     SamplingConfig.add_arguments(p)
+    p.add_argument("--kv-policy", type=kv_policy_arg, default=None,
+                   help="KV cache policy: full (default), window, int8, int4[:GROUP], streaming:SINKS:WINDOW, h2o:HEAVY:RECENT")
     add_runtime_args(p)
     add_json_arg(p)
     p.set_defaults(func=run_generate)

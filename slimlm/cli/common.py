@@ -31,6 +31,17 @@ def float_arg(**limits: float) -> NumberArg:
     return NumberArg(float, Bounds(**limits))
 
 
+def kv_policy_arg(text: str):  # type: ignore[no-untyped-def]
+    """argparse type of ``--kv-policy``: a :class:`slimlm.models.kv_policy.KVPolicy` (one error line otherwise)."""
+    from slimlm.models.kv_policy import KVPolicy
+    from slimlm.utils.errors import ConfigError
+
+    try:
+        return KVPolicy.parse(text)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def add_model_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="HF folder, .gguf file, slimlm output dir, alias (smollm2-135m) or hub id")
 

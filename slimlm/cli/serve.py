@@ -5,6 +5,7 @@ Example::
     slimlm serve smollm2-135m --port 8000 --max-num-seqs 16 --kv-budget-gib 0.5
     slimlm serve smollm2-135m --spec ngram          # or --spec self, or --draft DRAFT_MODEL
     slimlm serve smollm2-135m --adapter sql=out/sql --adapter chat=out/chat   # requests pick one by `model`
+    slimlm serve smollm2-135m --kv-policy int8      # int8 KV blocks: about half the bytes of bf16
     curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \\
         -d '{"model": "smollm2-135m", "prompt": "The capital of France is", "max_tokens": 8}'
 """
@@ -14,7 +15,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from slimlm.cli.common import add_model_arg, add_runtime_args, int_arg, load, status
+from slimlm.cli.common import add_model_arg, add_runtime_args, int_arg, kv_policy_arg, load, status
 from slimlm.utils.errors import SlimlmError
 
 
@@ -39,6 +40,9 @@ def run_serve(args: argparse.Namespace) -> int:
 
     cfg = SchedulerConfig.from_args(args)  # validate the flags before loading the model
     spec = SpecConfig.from_args(args)
+    from slimlm.engine.runner import paged_cache_class
+
+    paged_cache_class(args.kv_policy)  # one line naming the policies the engine serves
     if not 0 < args.port < 65536:
         raise SlimlmError(f"--port must be in 1..65535, got {args.port}")
     name = args.served_model_name or args.model
@@ -53,11 +57,11 @@ def run_serve(args: argparse.Namespace) -> int:
     from slimlm.server.async_engine import AsyncEngine
 
     lm = load(args)
-    engine = LLMEngine(lm.model, lm.tokenizer, cfg, spec=spec)
+    engine = LLMEngine(lm.model, lm.tokenizer, cfg, spec=spec, kv_policy=args.kv_policy)
     for a, folder in adapters.items():
         engine.add_adapter(a, folder)
     status(f"serving {name!r} on http://{args.host}:{args.port} ({engine.cfg.num_blocks} KV blocks of "
-           f"{engine.cfg.block_size} tokens, {engine.runner.cache.nbytes / 2**30:.2f} GiB"
+           f"{engine.cfg.block_size} tokens, {engine.runner.cache.nbytes / 2**30:.2f} GiB, KV {engine.kv_policy}"
            + (f"; speculative: {spec.method}, gamma <= {spec.num_speculative_tokens}" if spec.enabled else "")
            + (f"; LoRA adapters: {', '.join(adapters)}" if adapters else "") + ")")
     app = build_app(AsyncEngine(engine, max_waiting=args.max_waiting), lm.tokenizer, name, args.allow_adapter_loading)
@@ -79,6 +83,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--allow-adapter-loading", action="store_true",
                    help="enable POST /v1/load_lora_adapter and /v1/unload_lora_adapter (server-side paths)")
     p.add_argument("--max-waiting", type=int_arg(min=0), default=256, help="queued requests before answering 503 (default 256)")
+    p.add_argument("--kv-policy", type=kv_policy_arg, default=None,
+                   help="KV format of the block pool: full (default, the model dtype) or int8")
     SchedulerConfig.add_arguments(p)
     SpecConfig.add_arguments(p)
     add_runtime_args(p)

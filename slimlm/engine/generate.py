@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from slimlm.engine.sampling import SamplingConfig, choose
-from slimlm.models.kv_cache import KVCache
+from slimlm.models.kv_policy import KVPolicy, make_cache
 from slimlm.models.transformer import Transformer
 from slimlm.utils.errors import SlimlmError
 
@@ -64,7 +64,9 @@ def eos_ids(model: Transformer, tokenizer) -> set[int]:  # type: ignore[no-untyp
 
 @torch.inference_mode()
 def generate(model: Transformer, tokenizer, prompts: Sequence[Sequence[int]], cfg: SamplingConfig,  # type: ignore[no-untyped-def]
-             on_text: Callable[[str], None] | None = None) -> GenerationResult:
+             on_text: Callable[[str], None] | None = None, kv_policy: KVPolicy | None = None) -> GenerationResult:
+    """``kv_policy`` picks the KV cache (:mod:`slimlm.models.kv_policy`; default: full). A streaming
+    policy may generate past the model's context (constant KV memory) for prompts of equal length."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise SlimlmError("every prompt needs at least one token")
     b = len(prompts)
@@ -74,7 +76,8 @@ def generate(model: Transformer, tokenizer, prompts: Sequence[Sequence[int]], cf
     ctx_len = model.config.max_position_embeddings
     if t0 >= ctx_len:
         raise SlimlmError(f"prompt has {t0} tokens; the model's context is {ctx_len}")
-    if total > ctx_len:
+    bounded = kv_policy is not None and kv_policy.bounded
+    if total > ctx_len and not bounded:
         raise SlimlmError(f"prompt ({t0} tokens) + max_new_tokens ({cfg.max_new_tokens}) exceeds the context of {ctx_len}")
     pad = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
     ids = torch.full((b, t0), pad, dtype=torch.long)
@@ -83,8 +86,10 @@ def generate(model: Transformer, tokenizer, prompts: Sequence[Sequence[int]], cf
         ids[i, t0 - len(p):] = torch.tensor(list(p), dtype=torch.long)
         mask[i, t0 - len(p):] = 1
     ragged = min(lens) != t0
+    if ragged and kv_policy is not None and kv_policy.evicts:
+        raise SlimlmError(f"the KV policy {kv_policy} needs prompts of equal length (it ignores padding masks)")
     mask[:, t0:] = 1
-    cache = KVCache.for_model(model.config, b, total, model.dtype)
+    cache = make_cache(kv_policy or KVPolicy(), model, b, total)
     stops = eos_ids(model, tokenizer) if not cfg.ignore_eos else set()
     gen = torch.Generator().manual_seed(cfg.seed)
     seen = None
@@ -135,7 +140,8 @@ def generate(model: Transformer, tokenizer, prompts: Sequence[Sequence[int]], cf
         if seen is not None:
             seen.scatter_(1, nxt.unsqueeze(1), True)
         cur = cache.length + 1
-        logits = model(nxt.unsqueeze(1), positions=positions, cache=cache,
+        # unpadded rows: the cache's own positions (a streaming cache assigns them within itself)
+        logits = model(nxt.unsqueeze(1), positions=positions if ragged else None, cache=cache,
                        attention_mask=mask[:, :cur] if ragged else None)[:, -1]
         positions = positions + 1
         nxt = choose(logits, cfg, seen, gen)

@@ -32,11 +32,12 @@ import torch
 
 from slimlm.engine.block_pool import blocks_for_bytes
 from slimlm.engine.generate import eos_ids
-from slimlm.engine.runner import BatchEntry, ModelRunner
+from slimlm.engine.runner import BatchEntry, ModelRunner, kv_bytes_per_token
 from slimlm.engine.sampling import SamplingConfig, choose
 from slimlm.engine.scheduler import ScheduledSeq, Scheduler, SchedulerConfig
 from slimlm.engine.sequence import Sequence, StopChecker
 from slimlm.engine.spec import SpecConfig, build_speculator
+from slimlm.models.kv_policy import KVPolicy
 from slimlm.models.transformer import Transformer
 from slimlm.peft.serving import MultiLora
 from slimlm.utils.errors import SlimlmError
@@ -83,17 +84,19 @@ class LLMEngine:
     """Continuous batching over one model. ``add_request`` / ``abort`` / ``step`` / ``has_unfinished``."""
 
     def __init__(self, model: Transformer, tokenizer: Any = None, cfg: SchedulerConfig | None = None,
-                 kv_dtype: torch.dtype | None = None, spec: SpecConfig | None = None, draft: Any = None):
+                 kv_dtype: torch.dtype | None = None, spec: SpecConfig | None = None, draft: Any = None,
+                 kv_policy: KVPolicy | None = None):
         cfg = cfg or SchedulerConfig()
         c = model.config
         dtype = kv_dtype or model.dtype
-        num_blocks = cfg.num_blocks or blocks_for_bytes(
-            cfg.kv_budget_gib * 2**30, c.num_hidden_layers, c.num_key_value_heads, c.head_dim, cfg.block_size,
-            torch.empty(0, dtype=dtype).element_size())
+        self.kv_policy = kv_policy or KVPolicy()
+        per_token = kv_bytes_per_token(c, self.kv_policy, torch.empty(0, dtype=dtype).element_size())
+        num_blocks = cfg.num_blocks or blocks_for_bytes(  # the budget in the policy's own bytes per token
+            cfg.kv_budget_gib * 2**30, 1, 1, per_token // 2, cfg.block_size, 1)
         self.cfg = dataclasses.replace(cfg, num_blocks=num_blocks)
         self.model, self.tokenizer = model, tokenizer
         self.scheduler = Scheduler(self.cfg)
-        self.runner = ModelRunner(model, num_blocks, cfg.block_size, dtype)
+        self.runner = ModelRunner(model, num_blocks, cfg.block_size, dtype, self.kv_policy)
         self.eos = frozenset(eos_ids(model, tokenizer))
         self.max_len = c.max_position_embeddings
         self._next_id = 0

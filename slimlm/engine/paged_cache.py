@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from slimlm.models.kv_cache import AttendFn
+from slimlm.models.kv_quant import dequant_int8, quant_int8
 
 
 @dataclass
@@ -154,33 +155,84 @@ class PagedKVCache:
         own length (and this layer's window)."""
         if q.shape[0] != 1 or q.shape[2] != self._slots.numel():
             raise ValueError(f"paged attention expects [1, H, {self._slots.numel()}, D] queries, got {tuple(q.shape)}")
-        hkv, d = self.num_kv_heads, self.head_dim
-        kf = self.k[layer].view(-1, hkv, d)  # [slots, Hkv, D]
-        vf = self.v[layer].view(-1, hkv, d)
-        kf.index_copy_(0, self._slots, k[0].transpose(0, 1).to(kf.dtype))
-        vf.index_copy_(0, self._slots, v[0].transpose(0, 1).to(vf.dtype))
+        self._store(layer, k[0].transpose(0, 1), v[0].transpose(0, 1))
         window = self.windows[layer]
         bd = self._dec_tokens.numel()
         if bd and self._dec_in_order:  # only decodes: one padded attention call, no scatter
-            return self._decode(q[0].transpose(0, 1).unsqueeze(2), kf, vf, window, attn).transpose(0, 2)
+            return self._decode(layer, q[0].transpose(0, 1).unsqueeze(2), window, attn).transpose(0, 2)
         out = torch.empty_like(q)
         if bd:
             qd = q[0, :, self._dec_tokens].transpose(0, 1).unsqueeze(2)  # [Bd, H, 1, D]
-            out[0, :, self._dec_tokens] = self._decode(qd, kf, vf, window, attn)[:, :, 0].transpose(0, 1)
+            out[0, :, self._dec_tokens] = self._decode(layer, qd, window, attn)[:, :, 0].transpose(0, 1)
         for p in self._prefills:
             qi = q[:, :, p.off:p.off + p.n]  # [1, H, n, D]
             if p.gather is None:  # fresh prompt: its keys are this step's
                 ki, vi = k[:, :, p.off:p.off + p.n], v[:, :, p.off:p.off + p.n]
             else:
-                ki = kf[p.gather].transpose(0, 1).unsqueeze(0)  # [1, Hkv, start + n, D]
-                vi = vf[p.gather].transpose(0, 1).unsqueeze(0)
+                ki, vi = self._read(layer, p.gather, q.dtype)  # [start + n, Hkv, D]
+                ki, vi = ki.transpose(0, 1).unsqueeze(0), vi.transpose(0, 1).unsqueeze(0)  # [1, Hkv, start + n, D]
             m = self._prefill_mask(p.start, p.n, window)
             out[:, :, p.off:p.off + p.n] = attn(qi, ki, vi, m, m is None)
         return out
 
-    def _decode(self, qd: torch.Tensor, kf: torch.Tensor, vf: torch.Tensor, window: int | None,
-                attn: AttendFn) -> torch.Tensor:
+    def _store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write the step's k/v ``[N, Hkv, D]`` into their slots (a quantized cache encodes here)."""
+        hkv, d = self.num_kv_heads, self.head_dim
+        self.k[layer].view(-1, hkv, d).index_copy_(0, self._slots, k.to(self.k.dtype))
+        self.v[layer].view(-1, hkv, d).index_copy_(0, self._slots, v.to(self.v.dtype))
+
+    def _read(self, layer: int, slots: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """k/v of ``slots`` (any shape ``[...]``) -> ``[..., Hkv, D]`` in ``dtype`` (decoded if quantized)."""
+        hkv, d = self.num_kv_heads, self.head_dim
+        return self.k[layer].view(-1, hkv, d)[slots].to(dtype), self.v[layer].view(-1, hkv, d)[slots].to(dtype)
+
+    def _decode(self, layer: int, qd: torch.Tensor, window: int | None, attn: AttendFn) -> torch.Tensor:
         """qd: [Bd, H, 1, D] -> [Bd, H, 1, D] over each decode's gathered history."""
-        kd = kf[self._dec_gather].transpose(1, 2)  # [Bd, Hkv, S_max, D]
-        vd = vf[self._dec_gather].transpose(1, 2)
-        return attn(qd, kd, vd, self._dec_masks[window], False)
+        kd, vd = self._read(layer, self._dec_gather, qd.dtype)  # [Bd, S_max, Hkv, D]
+        return attn(qd, kd.transpose(1, 2), vd.transpose(1, 2), self._dec_masks[window], False)
+
+
+class Int8PagedKVCache(PagedKVCache):
+    """The paged cache with int8 k/v and a float16 scale per (token, kv head): the format of
+    :class:`slimlm.models.kv_quant.Int8KVCache` (``D + 2`` bytes per token and head for k and for v).
+
+    codes k, v: int8 [layers, num_blocks, block_size, H_kv, D]; scales ks, vs: float16 [..., H_kv, 1].
+    A fresh prompt's own attention uses its exact k/v (they are stored quantized); every later read
+    decodes the stored codes."""
+
+    def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype = torch.float32, windows: Sequence[int | None] | None = None):
+        super().__init__(num_layers, 1, 1, num_kv_heads, head_dim, dtype, windows)
+        self.num_blocks, self.block_size = num_blocks, block_size
+        shape = (num_layers, num_blocks, block_size, num_kv_heads, head_dim)
+        self.k = torch.zeros(shape, dtype=torch.int8)
+        self.v = torch.zeros(shape, dtype=torch.int8)
+        self.ks = torch.zeros(shape[:-1] + (1,), dtype=torch.float16)
+        self.vs = torch.zeros(shape[:-1] + (1,), dtype=torch.float16)
+
+    @staticmethod
+    def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int) -> int:
+        return 2 * num_layers * num_kv_heads * (head_dim + 2)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(x.numel() * x.element_size() for x in (self.k, self.v, self.ks, self.vs))
+
+    def copy_blocks(self, copies: Sequence[tuple[int, int]]) -> None:
+        if copies:
+            src = torch.tensor([c[0] for c in copies], dtype=torch.long)
+            dst = torch.tensor([c[1] for c in copies], dtype=torch.long)
+            for x in (self.k, self.v, self.ks, self.vs):
+                x[:, dst] = x[:, src]
+
+    def _store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        hkv, d = self.num_kv_heads, self.head_dim
+        for codes, scales, x in ((self.k, self.ks, k), (self.v, self.vs, v)):
+            q, s = quant_int8(x)
+            codes[layer].view(-1, hkv, d).index_copy_(0, self._slots, q)
+            scales[layer].view(-1, hkv, 1).index_copy_(0, self._slots, s)
+
+    def _read(self, layer: int, slots: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        hkv, d = self.num_kv_heads, self.head_dim
+        return tuple(dequant_int8(codes[layer].view(-1, hkv, d)[slots], scales[layer].view(-1, hkv, 1)[slots], dtype)
+                     for codes, scales in ((self.k, self.ks), (self.v, self.vs)))  # type: ignore[return-value]

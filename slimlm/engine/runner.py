@@ -21,10 +21,12 @@ from dataclasses import dataclass
 
 import torch
 
-from slimlm.engine.paged_cache import PagedKVCache
+from slimlm.engine.paged_cache import Int8PagedKVCache, PagedKVCache
+from slimlm.models.kv_policy import KVPolicy
 from slimlm.models.layers import AttnContext
 from slimlm.models.transformer import Transformer
 from slimlm.peft.serving import MultiLora
+from slimlm.utils.errors import SlimlmError
 
 
 @dataclass
@@ -39,12 +41,34 @@ class BatchEntry:
     adapter: str | None = None  # the LoRA adapter its tokens run (multi-LoRA serving; None: the base model)
 
 
+PAGED_POLICIES = ("full", "int8")  # what the paged engine can serve (see docs/serving.md)
+
+
+def paged_cache_class(policy: KVPolicy | None) -> type[PagedKVCache]:
+    """The paged cache of a server-wide KV policy; SlimlmError naming what is supported otherwise."""
+    method = policy.method if policy is not None else "full"
+    if method not in PAGED_POLICIES:
+        raise SlimlmError(f"the serving engine supports --kv-policy {' or '.join(PAGED_POLICIES)}, not {policy} "
+                          "(int4 and streaming run in `slimlm generate` / `slimlm eval`)")
+    return Int8PagedKVCache if method == "int8" else PagedKVCache
+
+
+def kv_bytes_per_token(config, policy: KVPolicy | None, element_size: int) -> int:  # type: ignore[no-untyped-def]
+    """K + V bytes per token over all layers in the paged cache of ``policy``."""
+    c = config
+    if paged_cache_class(policy) is Int8PagedKVCache:
+        return Int8PagedKVCache.bytes_per_token(c.num_hidden_layers, c.num_key_value_heads, c.head_dim)
+    return 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * element_size
+
+
 class ModelRunner:
     """Owns the paged KV tensors of one model; ``forward`` runs a step given block tables."""
 
-    def __init__(self, model: Transformer, num_blocks: int, block_size: int = 16, dtype: torch.dtype | None = None):
+    def __init__(self, model: Transformer, num_blocks: int, block_size: int = 16, dtype: torch.dtype | None = None,
+                 kv_policy: KVPolicy | None = None):
         self.model = model
-        self.cache = PagedKVCache.for_model(model.config, num_blocks, block_size, dtype or model.dtype)
+        cls = paged_cache_class(kv_policy)
+        self.cache = cls.for_model(model.config, num_blocks, block_size, dtype or model.dtype)
         rope = model.config.rope
         self._dynamic_rope = rope is not None and rope.get("rope_type") == "dynamic"
         self.lora: MultiLora | None = None  # resident LoRA adapters, made by the engine's first add_adapter

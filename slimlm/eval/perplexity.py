@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from slimlm.models.kv_policy import KVPolicy, make_cache
 from slimlm.models.transformer import Transformer
 from slimlm.utils.errors import SlimlmError
 
@@ -26,7 +27,12 @@ perplexity = exp(total NLL / scored tokens).
 one conditioned on BOS alone (as lm-evaluation-harness does): still seq-len - 1 per window.
 --stride S: windows start every S text tokens; the first is scored as above, each later one only
 on its last S tokens (the rest is context), so no token is scored twice; S >= the window's text
-length is the default protocol."""
+length is the default protocol.
+--kv-policy P (int8, int4, window, full): each window runs through that KV cache (its keys/values stored and
+read back quantized), so the perplexity includes the cache's rounding. --kv-policy streaming:S:W
+or h2o:H:R (policies that evict) scores one stream instead: the first --max-tokens tokens are fed through the StreamingLLM cache
+--stream-chunk tokens at a time (1 = exact StreamingLLM / H2O), and the last --score-last predictions are
+scored (each conditioned on everything the cache kept)."""
 
 
 @dataclass
@@ -64,7 +70,10 @@ def windows(n_tokens: int, length: int, stride: int | None, first: int = 1) -> l
 @torch.no_grad()
 def evaluate_perplexity(model: Transformer, ids: list[int] | torch.Tensor, seq_len: int = 2048,
                         stride: int | None = None, bos_id: int | None = None, max_tokens: int | None = None,
-                        progress: bool = True) -> PerplexityResult:
+                        progress: bool = True, kv_policy: KVPolicy | None = None) -> PerplexityResult:
+    """The protocol of :data:`PROTOCOL`; ``kv_policy`` (not streaming) runs each window through that cache."""
+    if kv_policy is not None and kv_policy.evicts:
+        raise SlimlmError(f"the evicting KV policy {kv_policy} scores one stream: use evaluate_stream")
     if seq_len < 2:
         raise SlimlmError(f"seq_len must be >= 2, got {seq_len}")
     if stride is not None and stride < 1:
@@ -86,7 +95,8 @@ def evaluate_perplexity(model: Transformer, ids: list[int] | torch.Tensor, seq_l
         if bos_id is not None:  # w: [BOS, text...]; text index i sits at window position i + 1
             w = torch.cat([torch.tensor([bos_id]), w])
             first += 1
-        logits = model(w.unsqueeze(0))[0].float()  # [T, V]; logits[j] predicts w[j + 1]
+        cache = make_cache(kv_policy, model, 1, len(w)) if kv_policy is not None else None
+        logits = model(w.unsqueeze(0), cache=cache)[0].float()  # [T, V]; logits[j] predicts w[j + 1]
         targets = w[first:]
         nll = F.cross_entropy(logits[first - 1 : -1], targets, reduction="sum")
         nll_sum += float(nll)
@@ -96,3 +106,55 @@ def evaluate_perplexity(model: Transformer, ids: list[int] | torch.Tensor, seq_l
     n_in = sum(e - s for s, e, _ in spans)
     return PerplexityResult(perplexity=math.exp(mean), nll=mean, tokens_scored=scored, windows=len(spans),
                             seq_len=seq_len, seconds=secs, tokens_per_s=n_in / secs if secs > 0 else float("inf"))
+
+
+@dataclass
+class StreamResult:
+    perplexity: float
+    nll: float
+    tokens_scored: int
+    tokens_streamed: int
+    kv_bytes: int  # bytes the cache held at the end (constant once the window is full)
+    kv_bytes_max: int  # the most it ever held (sampled after every chunk)
+    seconds: float
+    tokens_per_s: float
+
+    def to_dict(self) -> dict[str, float | int]:
+        return asdict(self)
+
+
+@torch.no_grad()
+def evaluate_stream(model: Transformer, ids: list[int] | torch.Tensor, policy: KVPolicy, score_last: int = 4000,
+                    chunk: int = 1, max_tokens: int | None = None, progress: bool = True) -> StreamResult:
+    """Feed one token stream through ``policy``'s cache ``chunk`` tokens at a time; score the last
+    ``score_last`` next-token predictions. A bounded (streaming) policy may run past the model's
+    context; any other must fit it."""
+    if chunk < 1 or score_last < 1:
+        raise SlimlmError(f"chunk ({chunk}) and score_last ({score_last}) must be >= 1")
+    t = torch.as_tensor(ids, dtype=torch.long).flatten()
+    if max_tokens is not None:
+        t = t[:max_tokens]
+    n = len(t)
+    if n < score_last + 1:
+        raise SlimlmError(f"text has {n} tokens; scoring the last {score_last} needs at least {score_last + 1}")
+    if not policy.bounded:
+        model.config.check_positions(n, "stream length")
+    elif policy.sinks + policy.window + chunk > model.config.max_position_embeddings:
+        raise SlimlmError(f"sinks + window + chunk ({policy.sinks + policy.window + chunk}) exceed the model's "
+                          f"context of {model.config.max_position_embeddings}")
+    cache = make_cache(policy, model, 1, n)
+    first = n - 1 - score_last  # logits at stream index i predict token i + 1; score i in [first, n - 1)
+    nll_sum, peak = 0.0, 0
+    start = time.perf_counter()
+    for s in tqdm(range(0, n - 1, chunk), desc="stream", unit="chunk", disable=not progress, dynamic_ncols=True):
+        e = min(s + chunk, n - 1)
+        logits = model(t[s:e].unsqueeze(0), cache=cache)[0].float()  # [e - s, V]
+        lo = max(first, s)
+        if lo < e:
+            nll_sum += float(F.cross_entropy(logits[lo - s:], t[lo + 1:e + 1], reduction="sum"))
+        peak = max(peak, cache.nbytes)
+    secs = time.perf_counter() - start
+    mean = nll_sum / score_last
+    return StreamResult(perplexity=math.exp(mean), nll=mean, tokens_scored=score_last, tokens_streamed=n - 1,
+                        kv_bytes=cache.nbytes, kv_bytes_max=peak, seconds=secs,
+                        tokens_per_s=(n - 1) / secs if secs > 0 else float("inf"))

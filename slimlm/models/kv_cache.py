@@ -20,10 +20,35 @@ AttendFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | No
 
 
 class AttentionCache(Protocol):
-    """What attention needs from a cache: store this step's k/v and attend over the history."""
+    """What attention needs from a cache: store this step's k/v and attend over the history.
+
+    A cache may also set ``rotates_keys = True`` (StreamingLLM, :mod:`slimlm.models.kv_streaming`):
+    attention then hands it the keys *before* RoPE (queries are still rotated at the forward's
+    positions) and the cache rotates the keys it keeps at the positions it assigns them.
+    """
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                is_causal: bool, attn: AttendFn) -> torch.Tensor: ...
+
+
+class SequenceCache(AttentionCache, Protocol):
+    """A cache a whole-model forward drives (:meth:`slimlm.models.transformer.Transformer.forward`).
+
+    ``length`` is where the next token's position counts from (the forward's default positions are
+    ``length .. length + T - 1``) and the number of keys its masks cover before this step; the
+    forward calls ``advance(T)`` once after every layer attended. :class:`KVCache`, the quantized
+    caches (:mod:`slimlm.models.kv_quant`) and the streaming cache answer it."""
+
+    length: int
+
+    def check_room(self, t: int) -> None: ...
+
+    def advance(self, t: int) -> None: ...
+
+    def reset(self) -> None: ...
+
+    @property
+    def nbytes(self) -> int: ...
 
 
 class KVCache:

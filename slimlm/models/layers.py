@@ -209,7 +209,9 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if self.use_rope:
             cos, sin = ctx.rope[self.layer_type]  # [B, T, 1, Dh]
-            q, k = rotary(q, cos, sin), rotary(k, cos, sin)
+            q = rotary(q, cos, sin)
+            if not getattr(ctx.cache, "rotates_keys", False):  # a streaming cache rotates keys itself
+                k = rotary(k, cos, sin)
         q, k = q.transpose(1, 2), k.transpose(1, 2)  # [B, H(kv), T, Dh]
         mask = ctx.masks.get(self.layer_type)
         if ctx.cache is not None:  # the cache stores k/v and runs _attend over the history

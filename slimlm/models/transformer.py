@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from slimlm.models.config import ModelConfig
-from slimlm.models.kv_cache import KVCache
+from slimlm.models.kv_cache import KVCache, SequenceCache
 from slimlm.models.layers import AttnContext, DecoderLayer, Norm, linear
 from slimlm.models.rope import RotaryCache
 
@@ -93,7 +93,7 @@ class Transformer(nn.Module):
             self._rope[key] = RotaryCache(params, cfg.head_dim, self.dtype)
         return self._rope[key]
 
-    def context(self, positions: torch.Tensor, cache: KVCache | None = None,
+    def context(self, positions: torch.Tensor, cache: KVCache | SequenceCache | None = None,
                 attention_mask: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None) -> AttnContext:
         """Rotary tables and masks for a forward over ``positions: [B, T]``.
 
@@ -155,7 +155,8 @@ class Transformer(nn.Module):
         return logits
 
     # --- forward -------------------------------------------------------------------------------
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, cache: KVCache | None = None,
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
+                cache: KVCache | SequenceCache | None = None,
                 attention_mask: torch.Tensor | None = None, last_only: bool = False,
                 segment_ids: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids: [B, T] -> logits [B, T, V] (or [B, 1, V] with ``last_only``).

@@ -2,7 +2,8 @@
 
 Endpoints: ``/v1/models``, ``/v1/completions``, ``/v1/chat/completions`` (the model's chat template),
 both with SSE streaming (``stream_options.include_usage``), ``n``, ``stop``, ``max_tokens``,
-``temperature``, ``top_p``, ``top_k``, ``seed``, ``ignore_eos`` (vLLM's extension); ``/health``;
+``temperature``, ``top_p``, ``top_k``, ``seed``, ``ignore_eos`` (vLLM's extension), ``kv_policy``
+(slimlm's: a 400 unless it names the server's ``--kv-policy``); ``/health``;
 Prometheus ``/metrics``. Bad input gets HTTP 4xx with an OpenAI-style ``{"error": {...}}`` body
 (503 when overloaded) and the server stays up. ``logprobs`` (completions: top k; chat:
 ``logprobs`` + ``top_logprobs``) are the model's raw log-softmax. ``response_format`` (both endpoints):
@@ -37,6 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from slimlm.engine.llm import RequestOutput, TokenLogprob, UnknownAdapter
 from slimlm.engine.sampling import SamplingConfig
+from slimlm.models.kv_policy import KVPolicy
 from slimlm.server.async_engine import AsyncEngine, Handle, Overloaded
 from slimlm.utils.errors import SlimlmError
 
@@ -74,6 +76,7 @@ class _Sampling(_Strict):
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
     response_format: dict[str, Any] | None = None
+    kv_policy: str | None = None  # slimlm's extension: must name the server's --kv-policy (one KV format per pool)
 
     def logprobs_k(self) -> int | None:
         return None
@@ -226,6 +229,15 @@ def build_app(engine: AsyncEngine, tokenizer: Any, model_name: str, adapter_load
                 raise ApiError(404, f"the model {req.model!r} does not exist (serving {served})",
                                "not_found_error", "model", "model_not_found")
             adapter = req.model
+        if req.kv_policy is not None:
+            try:
+                asked = KVPolicy.parse(req.kv_policy)
+            except SlimlmError as e:
+                raise ApiError(400, str(e), param="kv_policy") from None
+            served = engine.engine.kv_policy
+            if asked != served:
+                raise ApiError(400, f"this server keeps KV as {served}; kv_policy {asked} needs a server started "
+                               f"with --kv-policy {asked}", param="kv_policy")
         fmt = req.response_format
         if fmt is not None and fmt.get("type") != "text":
             from slimlm.engine.structured import compile_format

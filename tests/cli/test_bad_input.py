@@ -32,7 +32,8 @@ TABLE: dict[str, tuple[list[str], dict[str, tuple[list[str], str]]]] = {
     "info": (["info", "{model}"], {**RUNTIME}),
     "eval": (["eval", "{model}"], {
         "--seq-len": (["0", "1", "-4", *NOT_INT], "128"), "--stride": (["0", "-1", *NOT_INT], "64"),
-        "--max-tokens": (["0", "-5", *NOT_INT], "1000"), "--start-char": (["-1", *NOT_INT], "10"), **RUNTIME}),
+        "--max-tokens": (["0", "-5", *NOT_INT], "1000"), "--start-char": (["-1", *NOT_INT], "10"),
+        "--stream-chunk": (["0", "-1", *NOT_INT], "4"), "--score-last": (["0", "-1", *NOT_INT], "100"), **RUNTIME}),
     "generate": (["generate", "{model}", "--prompt", "hi"], {
         "--max-new-tokens": (["0", "-1", *NOT_INT], "16"), "--temperature": (["-0.1", *NOT_FINITE], "0.7"),
         "--top-k": (["-1", *NOT_INT], "40"), "--top-p": (["0", "1.01", "-0.5", *NOT_FINITE], "0.9"),

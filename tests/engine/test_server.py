@@ -107,6 +107,8 @@ def test_stop_strings_cut_the_text_in_full_and_streamed_answers(server):
     ('{"model": "other", "prompt": "x"}', 404, "model"),
     ('{"model": "tiny", "prompt": [1, 999999]}', 400, None),  # token id outside the vocabulary
     ('{"model": "tiny", "prompt": "x", "logprobs": 50}', 400, "logprobs"),
+    ('{"model": "tiny", "prompt": "x", "kv_policy": "int8"}', 400, "kv_policy"),  # not this server's policy
+    ('{"model": "tiny", "prompt": "x", "kv_policy": "int9"}', 400, "kv_policy"),
 ])
 def test_bad_input_gets_an_openai_error_and_the_server_stays_up(server, body, status, param):
     _, _, base, _, _ = server
