@@ -234,9 +234,9 @@ def build_app(engine: AsyncEngine, tokenizer: Any, model_name: str, adapter_load
                 asked = KVPolicy.parse(req.kv_policy)
             except SlimlmError as e:
                 raise ApiError(400, str(e), param="kv_policy") from None
-            served = engine.engine.kv_policy
-            if asked != served:
-                raise ApiError(400, f"this server keeps KV as {served}; kv_policy {asked} needs a server started "
+            kept = engine.engine.kv_policy
+            if asked != kept:
+                raise ApiError(400, f"this server keeps KV as {kept}; kv_policy {asked} needs a server started "
                                f"with --kv-policy {asked}", param="kv_policy")
         fmt = req.response_format
         if fmt is not None and fmt.get("type") != "text":
