@@ -51,7 +51,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def run_plan(args: argparse.Namespace) -> int:
-    from slimlm.plan.planner import PlanConfig, plan
+    from slimlm.plan.planner import PlanConfig, plan, planned_context
     from slimlm.plan.roofline import cache_dir, cache_key, load_roofline
     from slimlm.plan.shapes import read_shape
 
@@ -67,6 +67,7 @@ def run_plan(args: argparse.Namespace) -> int:
         cfg.formats = ["fp32"]
     cfg.check()  # bad names fail before the model or the CPU is touched
     shape = read_shape(args.model)
+    planned_context(shape, cfg)  # and a context beyond the model, before minutes of CPU measurement
     roof = None
     if not args.no_measure:
         roof = load_roofline(remeasure=args.remeasure, progress=not args.json)

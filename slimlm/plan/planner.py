@@ -126,9 +126,9 @@ def _largest(fits: Any, lo: int, hi: int) -> int:
     return lo
 
 
-def plan(shape: ModelShape, cfg: PlanConfig, roof: dict[str, Any] | None) -> dict[str, Any]:
-    """The whole plan as one JSON-ready dict (the CLI prints it as tables)."""
-    cfg.check()
+def planned_context(shape: ModelShape, cfg: PlanConfig) -> int:
+    """The context the plan is for; SlimlmError when an inference context exceeds the model's positions
+    (checked by the CLI before it measures the CPU, which takes minutes without a cached roofline)."""
     c = shape.config
     train = cfg.task in ("finetune", "pretrain")
     context = cfg.seq_len if train else cfg.context
@@ -136,6 +136,15 @@ def plan(shape: ModelShape, cfg: PlanConfig, roof: dict[str, Any] | None) -> dic
         context = cfg.calib_seq_len
     if not train and cfg.task != "quantize" and context > c.max_position_embeddings:
         raise SlimlmError(f"context {context} exceeds the model's {c.max_position_embeddings} positions")
+    return context
+
+
+def plan(shape: ModelShape, cfg: PlanConfig, roof: dict[str, Any] | None) -> dict[str, Any]:
+    """The whole plan as one JSON-ready dict (the CLI prints it as tables)."""
+    cfg.check()
+    c = shape.config
+    train = cfg.task in ("finetune", "pretrain")
+    context = planned_context(shape, cfg)
     residue = int(roof.get("residue_bytes") or 0) if roof else 0
     residue_measured = residue > 0
     residue = residue or DEFAULT_RESIDUE

@@ -106,6 +106,17 @@ TABLE: dict[str, tuple[list[str], dict[str, tuple[list[str], str]]]] = {
         "--memory-gib": (["0", "-1", *NOT_FINITE], "8")}),
 }
 
+_TRAIN = ("--max-steps", "--batch-size", "--grad-accum", "--seq-len", "--lr", "--weight-decay", "--warmup-steps",
+          "--min-lr-ratio", "--max-grad-norm", "--eval-every", "--eval-fraction", "--save-every",
+          "--keep-checkpoints", "--log-every", "--seed", "--threads")
+TABLE["distill"] = (["distill", "{model}", "--data", "{model}.jsonl", "--out", "{out}"], {
+    "--acceptance-prompts": (["-1", *NOT_INT], "8"), "--acceptance-tokens": (["0", "-1", *NOT_INT], "32"),
+    "--layers": (["-1", *NOT_INT], "4"), "--temperature": (["0", "-1", *NOT_FINITE], "2.0"),
+    "--alpha": (["-0.1", "1.5", *NOT_FINITE], "0.5"), "--hidden-weight": (["-1", *NOT_FINITE], "1.0"),
+    "--sequence-kd-tokens": (["-1", *NOT_INT], "16"), "--on-policy-every": (["-1", *NOT_INT], "4"),
+    "--on-policy-tokens": (["0", "-1", *NOT_INT], "32"),
+    **{f: TABLE["finetune"][1][f] for f in _TRAIN}})
+
 CASES = [(cmd, flag, bad) for cmd, (_, flags) in TABLE.items() for flag, (bads, _) in flags.items() for bad in bads]
 
 
