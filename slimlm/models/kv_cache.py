@@ -51,7 +51,27 @@ class SequenceCache(AttentionCache, Protocol):
     def nbytes(self) -> int: ...
 
 
-class KVCache:
+class BoundedLength:
+    """The token count of a fixed-capacity cache (``length`` / ``max_len`` set by the subclass): the room
+    check, the once-per-forward advance and the reset that every contiguous cache policy shares."""
+
+    length: int
+    max_len: int
+
+    def check_room(self, t: int) -> None:
+        """Raise if ``t`` more tokens do not fit."""
+        if self.length + t > self.max_len:
+            raise ValueError(f"KV cache full: {self.length + t} tokens > capacity {self.max_len}")
+
+    def advance(self, t: int) -> None:
+        """Called once per forward after every layer wrote ``t`` new tokens."""
+        self.length += t
+
+    def reset(self) -> None:
+        self.length = 0
+
+
+class KVCache(BoundedLength):
     """k, v: [layers, B, H_kv, T_max, D]."""
 
     def __init__(self, num_layers: int, batch: int, num_kv_heads: int, max_len: int, head_dim: int,
@@ -80,18 +100,6 @@ class KVCache:
         """Write k/v ``[B, H_kv, T, D]``, then ``attn`` over every key so far with the forward's mask."""
         k, v = self.update(layer, k, v)  # [B, Hkv, S, D]
         return attn(q, k, v, mask, is_causal)
-
-    def check_room(self, t: int) -> None:
-        """Raise if ``t`` more tokens do not fit."""
-        if self.length + t > self.max_len:
-            raise ValueError(f"KV cache full: {self.length + t} tokens > capacity {self.max_len}")
-
-    def advance(self, t: int) -> None:
-        """Called once per forward after every layer wrote ``t`` new tokens."""
-        self.length += t
-
-    def reset(self) -> None:
-        self.length = 0
 
     @property
     def nbytes(self) -> int:

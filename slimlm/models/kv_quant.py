@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from slimlm.models.kv_cache import AttendFn
+from slimlm.models.kv_cache import AttendFn, BoundedLength
 
 
 def quant_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,7 +63,7 @@ def unpack4(p: torch.Tensor) -> torch.Tensor:
     return torch.stack([p & 0xF, p >> 4], -1).flatten(-2)
 
 
-class Int8KVCache:
+class Int8KVCache(BoundedLength):
     """codes k/v: int8 [layers, B, H_kv, T_max, D]; scales float16 [layers, B, H_kv, T_max, 1]."""
 
     rotates_keys = False
@@ -93,22 +93,12 @@ class Int8KVCache:
         vd = dequant_int8(self.v[layer, :, :, :end], self.vs[layer, :, :, :end], self.dtype)
         return attn(q, kd.to(q.dtype), vd.to(q.dtype), mask, is_causal)
 
-    def check_room(self, t: int) -> None:
-        if self.length + t > self.max_len:
-            raise ValueError(f"KV cache full: {self.length + t} tokens > capacity {self.max_len}")
-
-    def advance(self, t: int) -> None:
-        self.length += t
-
-    def reset(self) -> None:
-        self.length = 0
-
     @property
     def nbytes(self) -> int:
         return sum(x.numel() * x.element_size() for x in (self.k, self.v, self.ks, self.vs))
 
 
-class Int4KVCache:
+class Int4KVCache(BoundedLength):
     """KIVI 4-bit cache. Packed codes k/v: uint8 [layers, B, H_kv, T_max, D / 2]; key scale/zero
     float16 [layers, B, H_kv, T_max / group, D] (per channel, per token group); value scale/zero
     float16 [layers, B, H_kv, T_max, 1] (per token); full-precision residual k/v
@@ -179,16 +169,6 @@ class Int4KVCache:
         kd = torch.cat([kd, allk[:, :, full:]], 2)  # [B, Hkv, S, D]
         vd = torch.cat([vd, allv[:, :, full:]], 2)
         return attn(q, kd.to(q.dtype), vd.to(q.dtype), mask, is_causal)
-
-    def check_room(self, t: int) -> None:
-        if self.length + t > self.max_len:
-            raise ValueError(f"KV cache full: {self.length + t} tokens > capacity {self.max_len}")
-
-    def advance(self, t: int) -> None:
-        self.length += t
-
-    def reset(self) -> None:
-        self.length = 0
 
     @property
     def nbytes(self) -> int:

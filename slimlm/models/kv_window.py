@@ -23,10 +23,10 @@ from collections.abc import Sequence
 
 import torch
 
-from slimlm.models.kv_cache import AttendFn
+from slimlm.models.kv_cache import AttendFn, BoundedLength
 
 
-class WindowKVCache:
+class WindowKVCache(BoundedLength):
     """Per layer k/v [B, H_kv, cap, D]: cap = max_len for full layers, window - 1 for sliding ones."""
 
     rotates_keys = False
@@ -66,16 +66,6 @@ class WindowKVCache:
         self.k[layer][:, :, :m] = keys[:, :, kept + t - m:]
         self.v[layer][:, :, :m] = vals[:, :, kept + t - m:]
         return out
-
-    def check_room(self, t: int) -> None:
-        if self.length + t > self.max_len:
-            raise ValueError(f"KV cache full: {self.length + t} tokens > capacity {self.max_len}")
-
-    def advance(self, t: int) -> None:
-        self.length += t
-
-    def reset(self) -> None:
-        self.length = 0
 
     @property
     def nbytes(self) -> int:
