@@ -7,6 +7,8 @@ planner's total, whose residue is measured the same way: a fresh interpreter aft
 - ``inference``: fp32 (GGUF de-quantized), a prompt of ``--context - 8`` tokens + 8 generated;
 - ``quantize``: ``slimlm quantize --method gptq`` with ``--calib-samples`` x ``--calib-seq-len``
   tokens of Python's documentation (memory does not depend on which text);
+- ``serve``: the offline engine (``LLM``, paged KV, continuous batching) runs ``--serve-streams``
+  distinct prompts of ``--serve-prompt`` tokens at once, ``--serve-new`` tokens each, fp32 base;
 - ``finetune``: ``slimlm finetune --method lora --r --lora-rank`` on the built-in instruct data,
   fp32 base, ``--lora-batch`` windows of ``--lora-seq-len`` tokens, ``--lora-steps`` AdamW steps.
 
@@ -58,6 +60,20 @@ lm = load_model("smollm2-135m", dtype=torch.float32, dequantize=True)
 generate(lm.model, lm.tokenizer, [list(range(100, 100 + {prompt}))], SamplingConfig(max_new_tokens=8, ignore_eos=True))
 print(peak_rss_bytes())
 """
+SERVE = """
+import torch
+from slimlm.loaders import load_model
+from slimlm.engine.llm import LLM
+from slimlm.engine.sampling import SamplingConfig
+from slimlm.engine.scheduler import SchedulerConfig
+from slimlm.utils.memory import peak_rss_bytes
+lm = load_model("smollm2-135m", dtype=torch.float32, dequantize=True)
+llm = LLM(lm, SchedulerConfig(max_num_seqs={streams}))
+prompts = [[100 + (7 * i + j) % 20000 for j in range({prompt})] for i in range({streams})]  # distinct: no prefix hits
+out = llm.generate(prompts, SamplingConfig(max_new_tokens={new}, ignore_eos=True))
+assert all(len(o.token_ids) == {new} for o in out)
+print(peak_rss_bytes())
+"""
 COMMAND = """
 from slimlm.cli.main import main
 from slimlm.utils.memory import peak_rss_bytes
@@ -94,6 +110,10 @@ def memory_rows(args: argparse.Namespace, residue: int) -> list[dict[str, Any]]:
             "--no-progress"]),
          PlanConfig(task="finetune", method="lora", lora_rank=args.lora_rank, seq_len=args.lora_seq_len,
                     batch=args.lora_batch, formats=["fp32"], optimizer="adamw")),
+        (f"serving {args.serve_streams} streams, {args.serve_prompt} + {args.serve_new} tokens each",
+         SERVE.format(streams=args.serve_streams, prompt=args.serve_prompt, new=args.serve_new),
+         PlanConfig(task="serve", formats=["fp32"], context=args.serve_prompt + args.serve_new,
+                    batch=args.serve_streams)),
     ]
     rows: list[dict[str, Any]] = []
     try:
@@ -169,6 +189,9 @@ def main() -> None:
     ap.add_argument("--lora-seq-len", type=int, default=512)
     ap.add_argument("--lora-batch", type=int, default=4)
     ap.add_argument("--lora-steps", type=int, default=2)
+    ap.add_argument("--serve-streams", type=int, default=16)
+    ap.add_argument("--serve-prompt", type=int, default=512)
+    ap.add_argument("--serve-new", type=int, default=64)
     ap.add_argument("--prompt-tokens", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
@@ -178,6 +201,7 @@ def main() -> None:
         args.context, args.calib_samples, args.calib_seq_len = 256, 4, 128
         args.lora_seq_len, args.lora_batch, args.lora_steps = 128, 2, 1
         args.new_tokens, args.repeats = 8, 1
+        args.serve_streams, args.serve_prompt, args.serve_new = 4, 64, 8
     out: dict[str, Any] = {"benchmark": "plan_accuracy", "system": system_info(), "settings": vars(args),
                            "loadavg_start": os.getloadavg()[0]}
     if args.what in ("all", "memory"):

@@ -10,7 +10,7 @@ from slimlm.cli.common import add_json_arg, add_model_arg, emit_json, float_arg,
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     from slimlm.plan.memory import OPTIMIZERS
-    from slimlm.plan.planner import TASKS
+    from slimlm.plan.planner import TASKS, PlanConfig
 
     p = sub.add_parser("plan", help="predict memory, speed and compute of a task from the config alone",
                        description="Predict a task's memory (weights by format, KV cache, activations, gradients, "
@@ -28,7 +28,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--kv-dtype", choices=["fp32", "bf16", "fp16", "fp8"], default="",
                    help="KV cache dtype (default: the model dtype, what slimlm's runtime uses)")
     p.add_argument("--block-size", type=int_arg(min=1), default=16, help="serve: tokens per KV block (default 16)")
-    p.add_argument("--batched-tokens", type=int_arg(min=1), default=256, help="serve: tokens per engine step (default 256)")
+    p.add_argument("--batched-tokens", type=int_arg(min=1), default=PlanConfig.batched_tokens,
+                   help=f"serve: tokens per engine step (default {PlanConfig.batched_tokens}, the engine's)")
     p.add_argument("--seq-len", type=int_arg(min=1), default=512, help="finetune/pretrain tokens per sample (default 512)")
     p.add_argument("--checkpointing", action="store_true", help="finetune/pretrain: activation checkpointing per layer")
     p.add_argument("--method", choices=["lora", "full"], default="lora", help="finetune: lora (default) or full")
