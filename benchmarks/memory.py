@@ -90,7 +90,7 @@ def state_dict_bytes(model: Any) -> int:
     return total
 
 
-def child(spec: str, dtype_name: str, decode_tokens: int) -> dict[str, Any]:
+def child(spec: str, dtype_name: str, decode_tokens: int, quantized: bool) -> dict[str, Any]:
     """One measurement in this (fresh) process: RSS delta of load + one forward, then decode tok/s."""
     import torch
 
@@ -105,7 +105,11 @@ def child(spec: str, dtype_name: str, decode_tokens: int) -> dict[str, Any]:
     rss0 = current_rss()
     dtype = torch.bfloat16 if dtype_name == "bf16" else torch.float32
     t0 = time.perf_counter()
-    lm = load_model(spec, dtype=dtype)
+    # the float rows are the de-quantized model: a GGUF loads natively (quantized) by default since issue 18
+    import inspect
+
+    kw = {"dequantize": True} if "dequantize" in inspect.signature(load_model).parameters and quantized is False else {}
+    lm = load_model(spec, dtype=dtype, **kw)
     load_s = time.perf_counter() - t0
     model = lm.model
     cache = KVCache.for_model(model.config, 1, 16 + decode_tokens + 4, model.dtype)
@@ -173,10 +177,10 @@ def _recipe(folder: Path, name: str, cfg: dict[str, Any]) -> Path:
     return p
 
 
-def run_child(root: Path, spec: str, dtype: str, decode_tokens: int, threads: int) -> dict[str, Any]:
+def run_child(root: Path, spec: str, dtype: str, decode_tokens: int, threads: int, quantized: bool) -> dict[str, Any]:
     env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": str(threads)}
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", spec, "--dtype", dtype,
-           "--decode-tokens", str(decode_tokens)]
+           "--decode-tokens", str(decode_tokens)] + (["--quantized"] if quantized else [])
     out = subprocess.run(cmd, check=True, cwd=root, env=env, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
 
@@ -196,9 +200,10 @@ def main() -> int:
     ap.add_argument("--out", help="JSON results file")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--dtype", default="bf16", help=argparse.SUPPRESS)
+    ap.add_argument("--quantized", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(child(args.child, args.dtype, args.decode_tokens)))
+        print(json.dumps(child(args.child, args.dtype, args.decode_tokens, args.quantized)))
         return 0
 
     sys.path.insert(0, str(ROOT))
@@ -225,7 +230,7 @@ def main() -> int:
             order = list(roots) if r % 2 == 0 else list(roots)[::-1]
             for k in order:
                 runs[name][k].append(run_child(roots[k], specs[name], VARIANTS[name][0], args.decode_tokens,
-                                               args.threads))
+                                               args.threads, VARIANTS[name][1] is not None))
     rows = []
     for name in names:
         row: dict[str, Any] = {"variant": name, "dtype": VARIANTS[name][0]}

