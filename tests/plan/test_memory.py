@@ -79,6 +79,14 @@ def test_kv_cache_matches_the_runtime_caches(tiny):
     assert mem.kv_cache_bytes(shape, 100, 3, "fp32", block_size=16) == paged.nbytes
 
 
+def test_serve_plan_steps_like_the_engine():
+    """The serve plan's activation term is for the engine's step budget, not a planner-local guess."""
+    from slimlm.engine.scheduler import SchedulerConfig
+    from slimlm.plan.planner import PlanConfig
+
+    assert PlanConfig().batched_tokens == SchedulerConfig().max_num_batched_tokens
+
+
 def test_optimizer_states_by_optimizer():
     mats = [(64, 32), (1, 10)]
     n = 64 * 32 + 10
