@@ -108,7 +108,7 @@ def child(spec: str, dtype_name: str, decode_tokens: int, quantized: bool) -> di
     # the float rows are the de-quantized model: a GGUF loads natively (quantized) by default since issue 18
     import inspect
 
-    kw = {"dequantize": True} if "dequantize" in inspect.signature(load_model).parameters and quantized is False else {}
+    kw = {"dequantize": True} if "dequantize" in inspect.signature(load_model).parameters and not quantized else {}
     lm = load_model(spec, dtype=dtype, **kw)
     load_s = time.perf_counter() - t0
     model = lm.model

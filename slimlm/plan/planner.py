@@ -12,7 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from slimlm.engine.scheduler import SchedulerConfig
 from slimlm.plan import memory as mem
 from slimlm.plan.chinchilla import CHINCHILLA
 from slimlm.plan.formats import parse_format, weight_bytes
@@ -33,8 +32,8 @@ class PlanConfig:
     batch: int = 1
     kv_dtype: str = ""  # default: the model dtype (slimlm caches K/V in it)
     block_size: int = 16  # serve: tokens per KV block
-    # serve: tokens per engine step (the prefill chunk); the engine's own default
-    batched_tokens: int = SchedulerConfig.max_num_batched_tokens
+    # serve: tokens per engine step (the prefill chunk): the engine's SchedulerConfig default (tested)
+    batched_tokens: int = 512
     seq_len: int = 512  # finetune / pretrain
     checkpointing: bool = False
     method: str = "lora"  # finetune: full | lora
