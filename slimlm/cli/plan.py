@@ -30,6 +30,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--block-size", type=int_arg(min=1), default=16, help="serve: tokens per KV block (default 16)")
     p.add_argument("--batched-tokens", type=int_arg(min=1), default=PlanConfig.batched_tokens,
                    help=f"serve: tokens per engine step (default {PlanConfig.batched_tokens}, the engine's)")
+    p.add_argument("--kv-budget-gib", type=float_arg(gt=0), default=PlanConfig.kv_budget_gib,
+                   help=f"serve: the engine's KV pool in GiB (default {PlanConfig.kv_budget_gib:g}, slimlm serve's)")
     p.add_argument("--seq-len", type=int_arg(min=1), default=512, help="finetune/pretrain tokens per sample (default 512)")
     p.add_argument("--checkpointing", action="store_true", help="finetune/pretrain: activation checkpointing per layer")
     p.add_argument("--method", choices=["lora", "full"], default="lora", help="finetune: lora (default) or full")
@@ -58,7 +60,8 @@ def run_plan(args: argparse.Namespace) -> int:
 
     cfg = PlanConfig(task=args.task, formats=[f.strip() for f in args.formats.split(",") if f.strip()],
                      dtype=args.dtype, context=args.context, batch=args.batch, kv_dtype=args.kv_dtype,
-                     block_size=args.block_size, batched_tokens=args.batched_tokens, seq_len=args.seq_len,
+                     block_size=args.block_size, batched_tokens=args.batched_tokens, kv_budget_gib=args.kv_budget_gib,
+                     seq_len=args.seq_len,
                      checkpointing=args.checkpointing, method=args.method, lora_rank=args.lora_rank,
                      optimizer=args.optimizer, galore_rank=args.galore_rank, calib_samples=args.calib_samples,
                      calib_seq_len=args.calib_seq_len, flops=args.flops, cpu_hours=args.cpu_hours,
@@ -105,6 +108,9 @@ def print_plan(r: dict[str, Any]) -> None:
         print(n.ljust(width) + "".join(f"{human_bytes(v['memory'].get(n, 0)):>12}" for v in variants))
     print("total".ljust(width) + "".join(f"{human_bytes(v['total_bytes']):>12}" for v in variants))
     print("fits".ljust(width) + "".join(f"{'yes' if v['fits'] else 'NO':>12}" for v in variants))
+    if "streams_in_pool" in variants[0]:
+        print("kv the streams need".ljust(width) + "".join(f"{human_bytes(v['kv_needed_bytes']):>12}" for v in variants))
+        print("streams the pool holds".ljust(width) + "".join(f"{v['streams_in_pool']:>12}" for v in variants))
     if "max_batch" in variants[0]:
         print("largest batch / context".ljust(width)
               + "".join(f"{str(v['max_batch']) + ' / ' + str(v['max_context']):>12}" for v in variants))

@@ -15,6 +15,7 @@ Example::
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from slimlm.models.config import ModelConfig
@@ -158,8 +159,12 @@ class Transformer(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
                 cache: KVCache | SequenceCache | None = None,
                 attention_mask: torch.Tensor | None = None, last_only: bool = False,
-                segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+                segment_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids: [B, T] -> logits [B, T, V] (or [B, 1, V] with ``last_only``).
+
+        ``labels: [B, T]`` (training): return the next-token cross-entropy *summed* over the counted
+        targets (``-100`` skipped) instead of the logits, computed by :meth:`lm_loss_sum` without
+        ever holding the whole ``[B, T, V]`` logits.
 
         ``segment_ids: [B, T]`` marks packed sequences (see :meth:`context`; give their restarting
         ``positions`` too). With ``gradient_checkpointing`` set, a forward with grad enabled keeps
@@ -191,9 +196,44 @@ class Transformer(nn.Module):
                 h = layer(h, ctx)
         if cache is not None:
             cache.advance(t)
+        if labels is not None:
+            return self.lm_loss_sum(h[:, h.shape[1] - labels.shape[1]:], labels)  # prompt tuning: drop P
         if last_only:
             h = h[:, -1:]
         return self.head(h)
+
+    def lm_loss_sum(self, h: torch.Tensor, labels: torch.Tensor, chunk_bytes: int = 64 * 2**20) -> torch.Tensor:
+        """Summed next-token cross-entropy of hidden states ``h: [B, T, D]`` against ``labels: [B, T]``.
+
+        Why: the logits of a training batch and what autograd keeps for them (the fp32 logits, their
+        log-softmax, then two gradients of the same size) are ``~5 B T V`` floats: 2 GB at 4 x 512
+        tokens of a 49k vocabulary, more than the whole model. Here only rows with a counted target
+        reach the head, in chunks of ``chunk_bytes`` of logits, each under activation checkpointing:
+        one chunk's logits exist at a time, in forward and again (recomputed) in backward. Same
+        value and gradients as ``cross_entropy(head(h)[:, :-1], labels[:, 1:], reduction="sum")``
+        up to the summation order (tested)."""
+        from torch.utils.checkpoint import checkpoint  # imported on use: inference never needs it
+
+        d = h.shape[-1]
+        y = labels[:, 1:].reshape(-1)  # [N] targets of positions 0..T-2
+        keep = (y != -100).nonzero().squeeze(1)
+        x = h[:, :-1].reshape(-1, d).index_select(0, keep)  # [n, D] rows that count
+        y = y.index_select(0, keep)
+        if x.shape[0] == 0:
+            return h.sum() * 0.0  # nothing counted: a zero that still reaches the graph
+        rows = max(1, chunk_bytes // (4 * self.config.vocab_size))
+        total = h.new_zeros((), dtype=torch.float32)
+        for i in range(0, x.shape[0], rows):
+            xi, yi = x[i:i + rows], y[i:i + rows]
+            if torch.is_grad_enabled():
+                total = total + checkpoint(self._chunk_loss, xi, yi, use_reentrant=False)
+            else:
+                total = total + self._chunk_loss(xi, yi)
+        return total
+
+    def _chunk_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """x: [n, D], y: [n] -> summed cross-entropy of ``head(x)`` (fp32 log-softmax)."""
+        return F.cross_entropy(self.head(x).float(), y, reduction="sum")
 
     def fuse_projections_(self) -> int:
         """Fuse q/k/v and gate/up matmuls of plain linears for inference; returns how many were fused."""

@@ -4,12 +4,19 @@ Every function is pure arithmetic on a :class:`~slimlm.plan.shapes.ModelShape` a
 Element sizes: ``fp32`` 4, ``bf16``/``fp16`` 2, ``fp8`` 1.
 
 - KV cache: contiguous (``slimlm generate``: ``[layers, B, H_kv, T, D]`` for K and V) or paged
-  (``slimlm serve``: whole blocks of ``block_size`` tokens per sequence).
+  (``slimlm serve``: the engine allocates its whole pool of ``kv_budget_gib`` up front, zero-filled,
+  so the pool is resident however few streams run; the streams need whole blocks of ``block_size``
+  tokens each, and the plan says how many streams of the context the pool holds).
 - Inference activations: the transient peak of one prefill forward (one layer's tensors at a time
   plus the last-position logits); attention via SDPA's fused CPU kernel (no ``T x T`` matrix).
 - Training activations: what autograd keeps per layer and token (inputs of every linear, norm and
-  activation; the attention output and log-sum-exp), all layers unless checkpointing keeps only each
-  layer's input and recomputes one layer; plus the logits, their softmax and gradient.
+  activation; the attention output and log-sum-exp; the float copy SDPA makes of a packed batch's
+  mask), all layers unless checkpointing keeps only each layer's input and recomputes one layer; plus
+  one chunk of the chunked loss's logits (the trainer never holds ``[B, T, V]``). Checked against
+  the tensors autograd really saves (``saved_tensors_hooks``, tests/plan/test_memory.py). The
+  measured peak RSS of a training run is higher than these live bytes: glibc's heap keeps freed
+  activation memory (its dynamic mmap threshold): ~2 GB at 4 x 512 tokens on SmolLM2 (AMD Zen 3,
+  2 threads); ``MALLOC_MMAP_THRESHOLD_=131072`` made the same run peak 29% lower and run 1.5x slower.
 - Optimizer states, bytes per trainable parameter (fp32 states): ``adamw`` 8 (m, v), ``lion`` 4 (m),
   ``adamw8bit`` 2 (block-wise int8 m, v, fp32 absmax per 2048), ``adafactor`` factored second moment
   (``4 (rows + cols)`` per matrix, no first moment), ``came`` 4 per value (m) + two factored moments,
@@ -63,6 +70,13 @@ def kv_cache_bytes(shape: ModelShape, context: int, batch: int, kv_dtype: str, b
     return batch * context * per
 
 
+def kv_pool_bytes(shape: ModelShape, budget_gib: float, kv_dtype: str, block_size: int) -> int:
+    """The serving engine's block pool: as many whole blocks as fit in ``budget_gib`` (``LLM`` computes
+    it the same way from ``SchedulerConfig.kv_budget_gib``), zero-filled at start, so all resident."""
+    per_block = block_size * kv_bytes_per_token(shape, kv_dtype)
+    return int(budget_gib * 2**30 // per_block) * per_block
+
+
 # --- activations -----------------------------------------------------------------------------------
 def _dims(shape: ModelShape) -> tuple[int, int, int, int, int]:
     c = shape.config
@@ -85,23 +99,41 @@ def inference_activation_bytes(shape: ModelShape, tokens: int, batch: int, act_d
 
 
 def training_activation_bytes(shape: ModelShape, seq_len: int, batch: int, act_dtype: str,
-                              checkpointing: bool) -> int:
-    """What autograd keeps for the backward pass of one ``[batch, seq_len]`` step (see the module docstring)."""
+                              checkpointing: bool, lora_rank: int = 0, masked: bool = True) -> int:
+    """What autograd keeps for the backward pass of one ``[batch, seq_len]`` step (see the module docstring).
+
+    Per token and layer (training runs the unfused q/k/v and gate/up): the two norms' inputs and
+    outputs ``4D``; the rotated q and the attention output ``2Q``, k and v ``2KV``, SDPA's log-sum-exp
+    (heads); gate and up outputs, the activation and the product ``4I`` (non-gated: ``2I``); with
+    LoRA, each adapted linear's ``r``-wide ``A x`` (seven per layer). ``masked`` (packed or padded
+    windows: the trainer's case): SDPA converts the boolean mask ``[B, 1, T, T]`` to a float copy it
+    keeps, per layer. Checkpointing keeps each layer's input and one recomputed layer. The head runs
+    in 64 MiB chunks of logits (``Transformer.lm_loss_sum``): one chunk's logits, log-softmax and
+    their gradient in flight, plus the counted rows' hidden states and their gradient."""
+    d = shape.config.hidden_size
+    tokens = batch * seq_len
+    saved = training_saved_bytes(shape, seq_len, batch, act_dtype, checkpointing, lora_rank, masked)
+    if checkpointing:  # backward recomputes one layer at a time: its saved set exists once more
+        saved += training_saved_bytes(shape, seq_len, batch, act_dtype, False, lora_rank, masked) // shape.config.num_hidden_layers
+    chunk = 64 * 2**20  # Transformer.lm_loss_sum's chunk of fp32 logits
+    return saved + 3 * min(chunk, tokens * shape.config.vocab_size * 4) + tokens * d * 4
+
+
+def training_saved_bytes(shape: ModelShape, seq_len: int, batch: int, act_dtype: str, checkpointing: bool,
+                         lora_rank: int = 0, masked: bool = True) -> int:
+    """The tensors autograd saves in the forward of one step (see :func:`training_activation_bytes`)."""
     c = shape.config
-    d, q, kv, inter, vocab = _dims(shape)
-    gated = 2 if c.gated_mlp else 1
-    # per token per layer: 2 norm inputs + 2 norm outputs (D each), q|k|v and rotated q, k (2Q + 3KV),
-    # attention output Q, SDPA's log-sum-exp (heads), MLP gate|up outputs and activation product
-    per_layer = 4 * d + 3 * q + 3 * kv + c.num_attention_heads + (gated + 1) * inter
+    d, q, kv, inter, _ = _dims(shape)
+    mlp = 4 * inter if c.gated_mlp else 2 * inter
+    per_layer = 4 * d + 2 * q + 2 * kv + c.num_attention_heads + mlp + (7 * lora_rank if lora_rank else 0)
     e = elt(act_dtype)
     tokens = batch * seq_len
     layers = c.num_hidden_layers
+    head_rows = tokens * d * 4  # the counted rows' hidden states, the chunked loss's input
     if checkpointing:
-        kept = tokens * d * e * layers + tokens * per_layer * e  # each layer's input + one layer recomputed
-    else:
-        kept = tokens * per_layer * e * layers
-    logits = 3 * tokens * vocab * 4  # logits, log-softmax and their gradient in fp32
-    return kept + logits
+        return tokens * d * e * layers + head_rows  # each layer's input
+    mask = batch * seq_len * seq_len * 4 if masked else 0  # the float copy of the mask, per layer
+    return (tokens * per_layer * e + mask) * layers + head_rows
 
 
 # --- loading ---------------------------------------------------------------------------------------

@@ -34,6 +34,8 @@ class PlanConfig:
     block_size: int = 16  # serve: tokens per KV block
     # serve: tokens per engine step (the prefill chunk): the engine's SchedulerConfig default (tested)
     batched_tokens: int = 512
+    # serve: the KV pool the engine allocates (and touches) up front: SchedulerConfig's default (tested)
+    kv_budget_gib: float = 1.0
     seq_len: int = 512  # finetune / pretrain
     checkpointing: bool = False
     method: str = "lora"  # finetune: full | lora
@@ -56,6 +58,8 @@ class PlanConfig:
             raise SlimlmError(f"unknown fine-tuning method {self.method!r}; known: full, lora")
         for f in self.formats:
             parse_format(f)
+        if not self.kv_budget_gib > 0:
+            raise SlimlmError(f"kv-budget-gib must be > 0, got {self.kv_budget_gib:g}")
         for name in ("flops", "cpu_hours", "tokens"):
             v = getattr(self, name)
             if v is not None and not v > 0:
@@ -77,7 +81,7 @@ def available_memory() -> int:
 def task_memory(shape: ModelShape, cfg: PlanConfig, fmt_name: str, batch: int, context: int,
                 residue: int) -> dict[str, int]:
     """Named memory terms (bytes) of ``cfg.task`` for one weight format at ``batch`` x ``context``."""
-    dtype = "bf16" if fmt_name == "bf16" else cfg.dtype
+    dtype = _float(cfg, fmt_name)
     kv_dtype = cfg.kv_dtype or dtype
     terms: dict[str, int] = {"residue": residue}
     if cfg.task == "quantize":
@@ -91,8 +95,8 @@ def task_memory(shape: ModelShape, cfg: PlanConfig, fmt_name: str, batch: int, c
     if cfg.task == "inference":
         terms["kv cache"] = mem.kv_cache_bytes(shape, context, batch, kv_dtype)
         terms["activations (prefill)"] = mem.inference_activation_bytes(shape, context, batch, dtype)
-    elif cfg.task == "serve":
-        terms["kv cache (paged)"] = mem.kv_cache_bytes(shape, context, batch, kv_dtype, cfg.block_size)
+    elif cfg.task == "serve":  # the engine zero-fills its whole pool at start: resident whatever the load
+        terms["kv pool (budget)"] = mem.kv_pool_bytes(shape, cfg.kv_budget_gib, kv_dtype, cfg.block_size)
         terms["activations (step)"] = mem.inference_activation_bytes(shape, min(cfg.batched_tokens, batch * context),
                                                                    1, dtype)
     else:  # finetune / pretrain
@@ -102,8 +106,14 @@ def task_memory(shape: ModelShape, cfg: PlanConfig, fmt_name: str, batch: int, c
             terms["adapter weights"] = sum(r * c for r, c in mats) * 4
         terms["gradients"] = mem.gradient_bytes(mats, cfg.optimizer)
         terms[f"optimizer ({cfg.optimizer})"] = mem.optimizer_state_bytes(mats, cfg.optimizer, cfg.galore_rank)
-        terms["activations (training)"] = mem.training_activation_bytes(shape, context, batch, dtype, cfg.checkpointing)
+        terms["activations (training)"] = mem.training_activation_bytes(
+            shape, context, batch, dtype, cfg.checkpointing, cfg.lora_rank if method == "lora" else 0)
     return _with_load(terms, shape, dtype) if parse_format(fmt_name).kind == "float" else terms
+
+
+def _float(cfg: PlanConfig, fmt_name: str) -> str:
+    """The dtype of what stays float in a variant (the KV cache's unless ``kv_dtype`` says otherwise)."""
+    return "bf16" if fmt_name == "bf16" else cfg.dtype
 
 
 def _with_load(terms: dict[str, int], shape: ModelShape, dtype: str) -> dict[str, int]:
@@ -157,8 +167,17 @@ def plan(shape: ModelShape, cfg: PlanConfig, roof: dict[str, Any] | None) -> dic
         total = sum(terms.values())
         v: dict[str, Any] = {"format": fmt_name, "memory": terms, "total_bytes": total,
                              "fits": bool(avail) and total <= avail}
+        if cfg.task == "serve":  # the streams share the pool: beyond it the engine queues or preempts
+            need = mem.kv_cache_bytes(shape, context, cfg.batch, cfg.kv_dtype or _float(cfg, fmt_name), cfg.block_size)
+            v["kv_needed_bytes"] = need
+            v["streams_in_pool"] = terms["kv pool (budget)"] // max(1, need // cfg.batch)
         if avail and cfg.task != "quantize":
-            def fits(b: int, t: int, fmt_name: str = fmt_name) -> bool:
+            pool = terms.get("kv pool (budget)", 0)
+
+            def fits(b: int, t: int, fmt_name: str = fmt_name, pool: int = pool) -> bool:
+                if pool:  # serve: memory is fixed by the pool; what fits is what the pool holds
+                    if mem.kv_cache_bytes(shape, t, b, cfg.kv_dtype or _float(cfg, fmt_name), cfg.block_size) > pool:
+                        return False
                 return sum(task_memory(shape, cfg, fmt_name, b, t, residue).values()) <= avail
             v["max_batch"] = _largest(lambda b: fits(b, context), 1, 1 << 16)
             max_ctx = c.max_position_embeddings if not train else 1 << 20

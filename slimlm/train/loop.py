@@ -78,6 +78,18 @@ def forward_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Te
     return logits[:, logits.shape[1] - batch["input_ids"].shape[1]:]  # type: ignore[no-any-return]
 
 
+def forward_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The summed next-token loss of a collated batch (the default objective): the model computes it
+    from its hidden states in chunks (``Transformer.lm_loss_sum``), never holding ``[B, T, V]`` logits;
+    same inputs as :func:`forward_logits`, same value as ``loss_sum(forward_logits(...), labels)``."""
+    labels = batch["labels"]
+    if bool(batch["packed"]):
+        return model(batch["input_ids"], positions=batch["positions"], segment_ids=batch["segment_ids"],  # type: ignore[no-any-return]
+                     labels=labels)
+    mask = batch["attention_mask"]
+    return model(batch["input_ids"], attention_mask=None if bool(mask.all()) else mask, labels=labels)  # type: ignore[no-any-return]
+
+
 def loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Summed next-token cross-entropy over the counted targets: logits [B, T, V], labels [B, T]."""
     v = logits.shape[-1]
@@ -208,9 +220,13 @@ class Trainer:
         total = 0.0
         for i, b in enumerate(batches):
             with d.no_sync(self.net, last=i == len(batches) - 1):
-                with autocast(self.dtype):
-                    logits = forward_logits(self.net, b)
-                summed = loss_sum(logits, b["labels"]) if self.loss_fn is None else self.loss_fn(self.net, b, logits)
+                if self.loss_fn is None:
+                    with autocast(self.dtype):
+                        summed = forward_loss_sum(self.net, b)
+                else:
+                    with autocast(self.dtype):
+                        logits = forward_logits(self.net, b)
+                    summed = self.loss_fn(self.net, b, logits)
                 loss = summed / max(n, 1)
                 (loss * d.world if d.active else loss).backward()  # DDP / FSDP average over ranks: undo it
             total += float(loss.detach())
@@ -241,8 +257,7 @@ class Trainer:
         for i in range(0, len(self.eval_windows), self.cfg.batch_size):
             b = collate(self.eval_windows[i:i + self.cfg.batch_size], self.pad_id)
             with autocast(self.dtype):
-                logits = forward_logits(self.model, b)
-            tot += float(loss_sum(logits, b["labels"]))
+                tot += float(forward_loss_sum(self.model, b))
             n += target_tokens(b)
         loss = tot / max(n, 1)
         return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
@@ -337,4 +352,4 @@ def _bar(total: int, start: int, enabled: bool):  # type: ignore[no-untyped-def]
     return tqdm(total=total, initial=start, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True)
 
 
-__all__ = ["LossFn", "TrainResult", "Trainer", "Window", "forward_logits", "loss_sum", "resolve_dtype"]
+__all__ = ["LossFn", "TrainResult", "Trainer", "Window", "forward_logits", "forward_loss_sum", "loss_sum", "resolve_dtype"]

@@ -85,6 +85,27 @@ def test_serve_plan_steps_like_the_engine():
     from slimlm.plan.planner import PlanConfig
 
     assert PlanConfig().batched_tokens == SchedulerConfig().max_num_batched_tokens
+    assert PlanConfig().kv_budget_gib == SchedulerConfig().kv_budget_gib
+
+
+def test_serve_pool_is_what_the_engine_allocates(tiny):
+    """The serve plan counts the engine's whole KV pool (allocated and zero-filled at start), and the
+    streams it holds; oracle: the bytes of the ``PagedKVCache`` that ``LLM`` really builds."""
+    from slimlm.engine.llm import LLM
+    from slimlm.engine.scheduler import SchedulerConfig
+    from slimlm.loaders import load_model
+    from slimlm.plan.planner import PlanConfig, plan
+
+    folder = tiny
+    budget = 0.01  # GiB
+    llm = LLM(load_model(str(folder), dtype=torch.float32), SchedulerConfig(kv_budget_gib=budget))
+    engine_pool = llm.engine.runner.cache.nbytes
+    cfg = PlanConfig(task="serve", formats=["fp32"], context=40, batch=3, kv_budget_gib=budget)
+    v = plan(read_shape(str(folder)), cfg, None)["variants"][0]
+    assert v["memory"]["kv pool (budget)"] == engine_pool
+    per_seq = 3 * llm.engine.runner.cache.bytes_per_block()  # 40 tokens: 3 blocks of 16
+    assert v["kv_needed_bytes"] == 3 * per_seq
+    assert v["streams_in_pool"] == engine_pool // per_seq
 
 
 def test_optimizer_states_by_optimizer():
@@ -172,3 +193,39 @@ def test_load_transient_counts_the_fused_copies_and_the_dtype_copy(tiny):
         assert v["total_bytes"] == 1000 + m["weights"] + max(run, fused * 4)
     v = plan(shape, PlanConfig(formats=["int4"], context=8), {"residue_bytes": 1000})["variants"][0]
     assert "load transient beyond the run" not in v["memory"]  # a quantized checkpoint loads no float copies
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_training_saved_bytes_match_what_autograd_saves(tiny, method):
+    """The planner's saved-activation term against the tensors autograd really keeps for backward in
+    one packed training forward + chunked loss (``saved_tensors_hooks``; parameters excluded, each
+    storage counted once)."""
+    from slimlm.loaders import load_model
+    from slimlm.peft import LoraConfig, apply_peft
+    from slimlm.train.config import ALL_LINEAR
+
+    model = load_model(str(tiny), dtype=torch.float32).model
+    if method == "lora":
+        model.requires_grad_(False)
+        apply_peft(model, LoraConfig(r=4, target_modules=list(ALL_LINEAR)))
+    else:
+        model.requires_grad_(True)
+    model.train()
+    b, t = 2, 96
+    ids = torch.randint(0, model.config.vocab_size, (b, t))
+    seg = (torch.arange(t) >= t // 3).long().expand(b, t)  # two packed sequences per row
+    pos = torch.cat([torch.arange(t // 3), torch.arange(t - t // 3)]).expand(b, t)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(x):  # type: ignore[no-untyped-def]
+        st = x.untyped_storage()
+        if st.data_ptr() not in params:
+            seen[st.data_ptr()] = st.nbytes()
+        return x
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        model(ids, positions=pos, segment_ids=seg, labels=ids)
+    measured = sum(seen.values())
+    predicted = mem.training_saved_bytes(read_shape(str(tiny)), t, b, "fp32", False, 4 if method == "lora" else 0)
+    assert abs(predicted / measured - 1) < 0.15, (predicted, measured)
