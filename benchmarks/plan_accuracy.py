@@ -10,7 +10,10 @@ planner's total, whose residue is measured the same way: a fresh interpreter aft
 - ``serve``: the offline engine (``LLM``, paged KV, continuous batching) runs ``--serve-streams``
   distinct prompts of ``--serve-prompt`` tokens at once, ``--serve-new`` tokens each, fp32 base;
 - ``finetune``: ``slimlm finetune --method lora --r --lora-rank`` on the built-in instruct data,
-  fp32 base, ``--lora-batch`` windows of ``--lora-seq-len`` tokens, ``--lora-steps`` AdamW steps.
+  fp32 base, ``--lora-batch`` windows of ``--lora-seq-len`` tokens, ``--lora-steps`` AdamW steps;
+  ``--heap-check`` runs it again with ``MALLOC_MMAP_THRESHOLD_=131072``, so that glibc hands freed
+  activation memory back at once: the planner counts live bytes, and the default run's peak is
+  higher by what the heap keeps of freed activations.
 
 Decode tok/s at batch 1 for fp32, bf16, RTN int8 (per channel, symmetric) and RTN int4 (g128): each
 variant generates ``--new-tokens`` after a ``--prompt-tokens`` prompt (ignoring EOS); the median of
@@ -83,8 +86,8 @@ print(peak_rss_bytes())
 """
 
 
-def _peak(code: str) -> int:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+def _peak(code: str, extra_env: dict[str, str] | None = None) -> int:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **(extra_env or {})}
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=3600, env=env, cwd=ROOT)
     if r.returncode != 0:
         raise SystemExit(f"measurement failed (exit {r.returncode}):\n{r.stderr[-2000:]}")
@@ -117,14 +120,14 @@ def memory_rows(args: argparse.Namespace, residue: int) -> list[dict[str, Any]]:
     ]
     rows: list[dict[str, Any]] = []
     try:
-        _measure(cases, args, shape, roof, rows)
+        _measure(cases, args, shape, roof, rows, tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # the outputs of the measured commands (this script made tmp)
     return rows
 
 
 def _measure(cases: list[tuple[str, str, PlanConfig]], args: argparse.Namespace, shape: Any, roof: dict[str, Any],
-             rows: list[dict[str, Any]]) -> None:
+             rows: list[dict[str, Any]], tmp: Path) -> None:
     print(f"{'peak RSS':<44} {'predicted':>10} {'measured':>10} {'error':>7}  (MiB; residue {roof['residue_bytes'] / MiB:.0f})")
     for name, code, cfg in cases:
         if args.only_case and args.only_case not in name:
@@ -139,6 +142,14 @@ def _measure(cases: list[tuple[str, str, PlanConfig]], args: argparse.Namespace,
         if args.terms:
             for k, b in v["memory"].items():
                 print(f"    {k:<40} {b / MiB:>10.1f}")
+        if args.heap_check and cfg.task == "finetune":  # the same run with glibc returning freed memory
+            again = code.replace("'--no-progress']", "'--no-progress', '--checkpoint-dir', '" + str(tmp / "ckpt-heap") +
+                                 "', '--overwrite']")
+            live = _peak(again, {"MALLOC_MMAP_THRESHOLD_": "131072"})
+            rows[-1]["measured_bytes_mmap_threshold_128k"] = live
+            rows[-1]["error_vs_mmap_threshold_128k"] = pred / live - 1
+            print(f"{'  same, MALLOC_MMAP_THRESHOLD_=131072':<44} {pred / MiB:>10.0f} {live / MiB:>10.0f} "
+                  f"{pred / live - 1:>+7.0%}", flush=True)
 
 
 def measured_decode(fmt: str, prompt_tokens: int, new_tokens: int, repeats: int) -> float:
@@ -185,6 +196,9 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=2048)
     ap.add_argument("--calib-samples", type=int, default=128)
     ap.add_argument("--calib-seq-len", type=int, default=512)
+    ap.add_argument("--heap-check", action="store_true",
+                    help="finetune: measure again with MALLOC_MMAP_THRESHOLD_=131072 (glibc returns freed "
+                         "activation memory at once): the planner's live bytes vs the heap's retention")
     ap.add_argument("--lora-rank", type=int, default=16)
     ap.add_argument("--lora-seq-len", type=int, default=512)
     ap.add_argument("--lora-batch", type=int, default=4)
