@@ -103,7 +103,7 @@ TABLE: dict[str, tuple[list[str], dict[str, tuple[list[str], str]]]] = {
         "--galore-rank": (["0", "-1", *NOT_INT], "64"), "--calib-samples": (["0", "-3", *NOT_INT], "8"),
         "--calib-seq-len": (["0", "1", *NOT_INT], "64"), "--flops": (["0", "-1e18", *NOT_FINITE], "1e18"),
         "--cpu-hours": (["0", "-2", *NOT_FINITE], "1.5"), "--tokens": (["0", "-5", *NOT_FINITE], "1e9"),
-        "--memory-gib": (["0", "-1", *NOT_FINITE], "8")}),
+        "--memory-gib": (["0", "-1", *NOT_FINITE], "8"), "--kv-budget-gib": (["0", "-0.5", *NOT_FINITE], "0.5")}),
 }
 
 _TRAIN = ("--max-steps", "--batch-size", "--grad-accum", "--seq-len", "--lr", "--weight-decay", "--warmup-steps",
