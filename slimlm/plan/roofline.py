@@ -8,7 +8,9 @@ on synthetic models built in this process (random weights, the real runtime, not
 
 - per weight format (fp32, bf16, int8, int4 g128): a 4-layer model of hidden 768 (113 MB of fp32
   weights, beyond most last-level caches) and a 4-layer model of hidden 64 (pure per-layer overhead)
-  each decode 12 tokens (median step); ``decode_eff = (bytes_read / (t_big - t_small)) / bandwidth``
+  each decode 12 tokens (median step; before each step of the big one a read of twice the
+  last-level cache evicts its weights, which would otherwise sit in a large L3 and decode faster
+  than a real model ever does); ``decode_eff = (bytes_read / (t_big - t_small)) / bandwidth``
   and the per-layer overhead ``t_small / layers``; the big one's 128-token prefill gives
   ``prefill_eff = FLOP/s / GEMM
   rate`` (the bf16 GEMM rate for bf16, the fp32 one otherwise: quantized linears de-quantize into it).
@@ -36,7 +38,7 @@ import torch
 
 from slimlm.utils.cpu import cpu_model
 
-ROOFLINE_VERSION = 1
+ROOFLINE_VERSION = 2  # 2: decode probes evict the last-level cache between steps
 MEASURED_FORMATS = ("fp32", "bf16", "int8", "int4")
 _BIG = dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=4, num_attention_heads=12,
             num_key_value_heads=4, vocab_size=4096)
@@ -149,9 +151,33 @@ def synthetic_model(dims: dict[str, int], fmt: str) -> torch.nn.Module:
     return model
 
 
+def last_level_cache_bytes() -> int:
+    """The largest CPU cache in bytes (sysfs ``cache/index*/size`` of cpu0), 0 where unreadable."""
+    best = 0
+    for d in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            txt = (d / "size").read_text().strip().upper()
+        except OSError:
+            continue
+        mult = {"K": 2**10, "M": 2**20, "G": 2**30}.get(txt[-1:], 1)
+        digits = txt.rstrip("KMG")
+        if digits.isdigit():
+            best = max(best, int(digits) * mult)
+    return best
+
+
+def eviction_buffer() -> torch.Tensor:
+    """A buffer twice the last-level cache (at least 64 MiB): reading it between decode steps leaves
+    the probe's weights out of cache, as a real model's are (its weights far exceed the cache, so
+    each token streams them from memory; a probe model that fits the cache would decode faster
+    than any real one: session 10's probes did, by 28-83%)."""
+    return torch.ones(max(64 * 2**20, 2 * last_level_cache_bytes()) // 4, dtype=torch.float32)
+
+
 @torch.inference_mode()
-def time_decode(model: torch.nn.Module, steps: int = 12, context: int = 32) -> float:
-    """Median seconds of one batch-1 decode step after a ``context``-token prompt."""
+def time_decode(model: torch.nn.Module, steps: int = 12, context: int = 32, evict: torch.Tensor | None = None) -> float:
+    """Median seconds of one batch-1 decode step after a ``context``-token prompt (``evict``: a buffer
+    read before each step, untimed, so the weights come from memory: :func:`eviction_buffer`)."""
     from slimlm.models.kv_cache import KVCache
 
     cfg: Any = model.config
@@ -161,6 +187,8 @@ def time_decode(model: torch.nn.Module, steps: int = 12, context: int = 32) -> f
     nxt = torch.zeros(1, 1, dtype=torch.long)
     times = []
     for i in range(steps):
+        if evict is not None:
+            evict.sum()
         t = time.perf_counter()
         model(nxt, positions=torch.tensor([[context + i]]), cache=cache)
         times.append(time.perf_counter() - t)
@@ -187,12 +215,13 @@ def measure_roofline() -> dict[str, Any]:
           "tie_word_embeddings": False}
     big_shape = shape_from_config({**hf, **_BIG})
     formats: dict[str, Any] = {}
+    evict = eviction_buffer()
     for fmt in MEASURED_FORMATS:
         small = synthetic_model(_SMALL, fmt)
-        t_small = time_decode(small)
+        t_small = time_decode(small)  # pure per-layer overhead: its few weights stay cached in a real run too
         del small
         big = synthetic_model(_BIG, fmt)
-        t_big = time_decode(big)
+        t_big = time_decode(big, evict=evict)
         t_pre = time_prefill(big)
         del big
         gc.collect()
@@ -212,6 +241,7 @@ def measure_roofline() -> dict[str, Any]:
         }
     return {"version": ROOFLINE_VERSION, "cpu_model": cpu_model(), "threads": torch.get_num_threads(),
             "torch": torch.__version__, "bandwidth_gbs": bw, "gemm_gflops": gemm, "formats": formats,
+            "last_level_cache_bytes": last_level_cache_bytes(), "evict_bytes": evict.numel() * 4,
             "residue_bytes": measure_residue(), "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "seconds": time.perf_counter() - t0}
 
