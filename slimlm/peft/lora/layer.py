@@ -128,9 +128,14 @@ class LoraLinear(AdapterLayer):
         """The default adapter on ``y = base(x)``."""
         a = self.lora_A.weight
         lx = self.lora_dropout(x.to(a.dtype))
-        lora = self.lora_B(self.lora_A(lx)) * self.scaling  # [..., out]
         if not self.use_dora:
-            return y + lora.to(y.dtype)
+            bx = self.lora_B(self.lora_A(lx))  # [..., out]
+            if type(self.base_layer) is nn.Linear and bx.dtype == y.dtype and bx.shape == y.shape:
+                # into the plain base's fresh output: no scaled copy, no sum (autograd saves neither
+                # y nor bx; a compressed base's output may be a view, so it keeps the plain sum)
+                return y.add_(bx, alpha=self.scaling)
+            return y + (bx * self.scaling).to(y.dtype)
+        lora = self.lora_B(self.lora_A(lx)) * self.scaling  # [..., out]
         # DoRA: y = base(x) + (s - 1) * W x + s * dW x, s = m / ||W + dW|| (norm detached), as peft computes it
         w = self.base_weight()
         s = self.lora_magnitude_vector / self._weight_norm(w)  # [out]
