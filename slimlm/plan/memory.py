@@ -15,7 +15,7 @@ Element sizes: ``fp32`` 4, ``bf16``/``fp16`` 2, ``fp8`` 1.
   one chunk of the chunked loss's logits (the trainer never holds ``[B, T, V]``). Checked against
   the tensors autograd really saves (``saved_tensors_hooks``, tests/plan/test_memory.py). The
   measured peak RSS of a training run is higher than these live bytes: glibc's heap keeps freed
-  activation memory (its dynamic mmap threshold): ~2 GB at 4 x 512 tokens on SmolLM2 (AMD Zen 3,
+  activation memory (its dynamic mmap threshold): ~2 GB at 4 x 512 tokens on SmolLM2 (AMD EPYC AVX2,
   2 threads); ``MALLOC_MMAP_THRESHOLD_=131072`` made the same run peak 29% lower and run 1.5x slower.
 - Optimizer states, bytes per trainable parameter (fp32 states): ``adamw`` 8 (m, v), ``lion`` 4 (m),
   ``adamw8bit`` 2 (block-wise int8 m, v, fp32 absmax per 2048), ``adafactor`` factored second moment
