@@ -82,7 +82,7 @@ def task_memory(shape: ModelShape, cfg: PlanConfig, fmt_name: str, batch: int, c
                 residue: int) -> dict[str, int]:
     """Named memory terms (bytes) of ``cfg.task`` for one weight format at ``batch`` x ``context``."""
     dtype = _float(cfg, fmt_name)
-    kv_dtype = cfg.kv_dtype or dtype
+    kv_dtype = _kv_dtype(cfg, fmt_name)
     terms: dict[str, int] = {"residue": residue}
     if cfg.task == "quantize":
         terms["weights (dense fp32)"] = weight_bytes(shape, parse_format("fp32"))["total"]
@@ -112,8 +112,13 @@ def task_memory(shape: ModelShape, cfg: PlanConfig, fmt_name: str, batch: int, c
 
 
 def _float(cfg: PlanConfig, fmt_name: str) -> str:
-    """The dtype of what stays float in a variant (the KV cache's unless ``kv_dtype`` says otherwise)."""
+    """The dtype of what stays float in a variant."""
     return "bf16" if fmt_name == "bf16" else cfg.dtype
+
+
+def _kv_dtype(cfg: PlanConfig, fmt_name: str) -> str:
+    """The KV cache's dtype: ``kv_dtype``, else the variant's float dtype (slimlm caches K/V in it)."""
+    return cfg.kv_dtype or _float(cfg, fmt_name)
 
 
 def _with_load(terms: dict[str, int], shape: ModelShape, dtype: str) -> dict[str, int]:
@@ -168,7 +173,7 @@ def plan(shape: ModelShape, cfg: PlanConfig, roof: dict[str, Any] | None) -> dic
         v: dict[str, Any] = {"format": fmt_name, "memory": terms, "total_bytes": total,
                              "fits": bool(avail) and total <= avail}
         if cfg.task == "serve":  # the streams share the pool: beyond it the engine queues or preempts
-            need = mem.kv_cache_bytes(shape, context, cfg.batch, cfg.kv_dtype or _float(cfg, fmt_name), cfg.block_size)
+            need = mem.kv_cache_bytes(shape, context, cfg.batch, _kv_dtype(cfg, fmt_name), cfg.block_size)
             v["kv_needed_bytes"] = need
             v["streams_in_pool"] = terms["kv pool (budget)"] // max(1, need // cfg.batch)
         if avail and cfg.task != "quantize":
@@ -176,7 +181,7 @@ def plan(shape: ModelShape, cfg: PlanConfig, roof: dict[str, Any] | None) -> dic
 
             def fits(b: int, t: int, fmt_name: str = fmt_name, pool: int = pool) -> bool:
                 if pool:  # serve: memory is fixed by the pool; what fits is what the pool holds
-                    if mem.kv_cache_bytes(shape, t, b, cfg.kv_dtype or _float(cfg, fmt_name), cfg.block_size) > pool:
+                    if mem.kv_cache_bytes(shape, t, b, _kv_dtype(cfg, fmt_name), cfg.block_size) > pool:
                         return False
                 return sum(task_memory(shape, cfg, fmt_name, b, t, residue).values()) <= avail
             v["max_batch"] = _largest(lambda b: fits(b, context), 1, 1 << 16)
@@ -208,10 +213,10 @@ def plan(shape: ModelShape, cfg: PlanConfig, roof: dict[str, Any] | None) -> dic
 def speed(shape: ModelShape, roof: dict[str, Any], fmt_name: str, cfg: PlanConfig, context: int) -> dict[str, Any]:
     """Predicted decode (batch 1 and ``cfg.batch`` streams) and prefill tok/s of one variant."""
     f = parse_format(fmt_name)
-    dtype = "bf16" if fmt_name == "bf16" else cfg.dtype
+    dtype = _float(cfg, fmt_name)
     wb = weight_bytes(shape, f, dtype)
     kind = _native_kind(shape, dtype) if f.kind == "native" else measured_kind(fmt_name, f.kind, f.bits)
-    kv_tok = mem.kv_bytes_per_token(shape, cfg.kv_dtype or dtype)
+    kv_tok = mem.kv_bytes_per_token(shape, _kv_dtype(cfg, fmt_name))
     layers = shape.config.num_hidden_layers
     mid = context // 2  # the KV read grows over a generation: its mean length
     decode1 = predict_decode(roof, kind, wb["decode_read"] + kv_tok * mid, layers)

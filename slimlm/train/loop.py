@@ -67,27 +67,27 @@ def autocast(dtype: torch.dtype) -> contextlib.AbstractContextManager[Any]:
     return torch.autocast("cpu", dtype=dtype)
 
 
-def forward_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Logits ``[B, T, V]`` of a collated batch: packed windows with restarting positions and a
-    block-diagonal mask; single-example windows with a right-padding mask (prompt tuning's virtual
-    tokens, which need the model's own positions, are sliced off)."""
+def _run(model: nn.Module, batch: dict[str, torch.Tensor], **kw: Any) -> torch.Tensor:
+    """The model on a collated batch: packed windows with restarting positions and a block-diagonal
+    mask, or single-example windows with a right-padding mask; ``kw`` goes to the model (``labels``)."""
     if bool(batch["packed"]):
-        return model(batch["input_ids"], positions=batch["positions"], segment_ids=batch["segment_ids"])  # type: ignore[no-any-return]
+        return model(batch["input_ids"], positions=batch["positions"], segment_ids=batch["segment_ids"], **kw)  # type: ignore[no-any-return]
     mask = batch["attention_mask"]
-    logits = model(batch["input_ids"], attention_mask=None if bool(mask.all()) else mask)
-    return logits[:, logits.shape[1] - batch["input_ids"].shape[1]:]  # type: ignore[no-any-return]
+    return model(batch["input_ids"], attention_mask=None if bool(mask.all()) else mask, **kw)  # type: ignore[no-any-return]
+
+
+def forward_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Logits ``[B, T, V]`` of a collated batch (see :func:`_run`); prompt tuning's virtual tokens,
+    which need the model's own positions, are sliced off."""
+    logits = _run(model, batch)
+    return logits[:, logits.shape[1] - batch["input_ids"].shape[1]:]
 
 
 def forward_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """The summed next-token loss of a collated batch (the default objective): the model computes it
     from its hidden states in chunks (``Transformer.lm_loss_sum``), never holding ``[B, T, V]`` logits;
-    same inputs as :func:`forward_logits`, same value as ``loss_sum(forward_logits(...), labels)``."""
-    labels = batch["labels"]
-    if bool(batch["packed"]):
-        return model(batch["input_ids"], positions=batch["positions"], segment_ids=batch["segment_ids"],  # type: ignore[no-any-return]
-                     labels=labels)
-    mask = batch["attention_mask"]
-    return model(batch["input_ids"], attention_mask=None if bool(mask.all()) else mask, labels=labels)  # type: ignore[no-any-return]
+    same value as ``loss_sum(forward_logits(...), labels)``."""
+    return _run(model, batch, labels=batch["labels"])
 
 
 def loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -220,13 +220,9 @@ class Trainer:
         total = 0.0
         for i, b in enumerate(batches):
             with d.no_sync(self.net, last=i == len(batches) - 1):
-                if self.loss_fn is None:
-                    with autocast(self.dtype):
-                        summed = forward_loss_sum(self.net, b)
-                else:
-                    with autocast(self.dtype):
-                        logits = forward_logits(self.net, b)
-                    summed = self.loss_fn(self.net, b, logits)
+                with autocast(self.dtype):
+                    out = forward_loss_sum(self.net, b) if self.loss_fn is None else forward_logits(self.net, b)
+                summed = out if self.loss_fn is None else self.loss_fn(self.net, b, out)  # out: logits
                 loss = summed / max(n, 1)
                 (loss * d.world if d.active else loss).backward()  # DDP / FSDP average over ranks: undo it
             total += float(loss.detach())
