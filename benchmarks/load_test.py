@@ -119,32 +119,48 @@ class Server:
 
 async def one_request(client: httpx.AsyncClient, base: str, body: dict[str, Any], stream: bool,
                       cancel: bool) -> dict[str, Any]:
-    """One completion; returns text, timings (TTFT, inter-token gaps) and status."""
+    """One completion (a chat completion when ``body`` has ``messages``); returns text, timings (TTFT,
+    inter-token gaps) and status. Streamed token counts come from ``include_usage`` where the server
+    sends it (a token that decodes to no text yet has no chunk of its own); stamps are taken only at
+    chunks that carry text, so a chat stream's opening role chunk is not a first token."""
+    chat = "messages" in body
+    path = "/v1/chat/completions" if chat else "/v1/completions"
+
+    def piece(choice: dict[str, Any]) -> str:
+        return (choice.get("delta", {}).get("content") if chat else choice.get("text")) or ""
+
     t0 = time.perf_counter()
     if not stream:
-        r = await client.post(base + "/v1/completions", json=body)
+        r = await client.post(base + path, json=body)
         res: dict[str, Any] = {"status": r.status_code, "latency": time.perf_counter() - t0}
         if r.status_code == 200:
             j = r.json()
-            res.update(text=j["choices"][0]["text"], model=j["model"], tokens=j["usage"]["completion_tokens"])
+            c0 = j["choices"][0]
+            res.update(text=c0["message"]["content"] if chat else c0["text"], model=j["model"],
+                       tokens=j["usage"]["completion_tokens"])
         else:
             res["error"] = r.text
         return res
-    text, stamps, model = "", [], None
-    async with client.stream("POST", base + "/v1/completions", json={**body, "stream": True}) as r:
+    text, stamps, model, usage = "", [], None, None
+    body = {**body, "stream": True, "stream_options": {"include_usage": True}}
+    async with client.stream("POST", base + path, json=body) as r:
         if r.status_code != 200:
             return {"status": r.status_code, "error": (await r.aread()).decode()}
         async for line in r.aiter_lines():
             if line.startswith("data: {"):
                 ch = json.loads(line[6:])
-                model = ch["model"]
-                stamps.append(time.perf_counter() - t0)
-                text += ch["choices"][0]["text"]
-                if cancel:
-                    return {"status": 200, "cancelled": True}
+                model = ch.get("model", model)
+                if ch.get("usage"):
+                    usage = ch["usage"].get("completion_tokens", usage)
+                t = piece(ch["choices"][0]) if ch.get("choices") else ""
+                if t:
+                    stamps.append(time.perf_counter() - t0)
+                    text += t
+                    if cancel:
+                        return {"status": 200, "cancelled": True}
     gaps = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
     return {"status": 200, "text": text, "model": model, "ttft": stamps[0] if stamps else None, "gaps": gaps,
-            "latency": time.perf_counter() - t0, "tokens": len(stamps)}
+            "latency": time.perf_counter() - t0, "tokens": usage if usage is not None else len(stamps)}
 
 
 async def run_load(base: str, bodies: list[dict[str, Any]], concurrency: int, stream_every: int = 3,
