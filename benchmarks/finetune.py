@@ -56,29 +56,30 @@ SLIMLM_VARIANTS = ["lora", "lora-ckpt", "qlora-nf4", "qlora-nf4-ckpt", "qlora-gg
 HF_VARIANTS = ["lora", "lora-ckpt", "dora", "ia3", "prompt"]
 
 
-def _peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 def _rss_now() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * resource.getpagesize()
 
 
-def _reset_hwm() -> int:
+def _reset_hwm() -> tuple[int, int]:
     """Reset the kernel's resident high-water mark (Linux >= 4.0) so the step peak excludes the load peak.
 
-    Returns the RSS now: the baseline the steps' activations and optimizer state grow from."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    return _rss_now()
+    Returns (the peak so far: loading, the RSS now: what the steps' activations and state grow from)."""
+    from slimlm.utils.memory import peak_rss_bytes, reset_peak_rss
+
+    load_peak = peak_rss_bytes()  # VmHWM, not ru_maxrss: that survives fork + exec (the parent's peak)
+    reset_peak_rss()
+    return load_peak, _rss_now()
 
 
-def _step_stats(before: int) -> dict[str, int]:
-    """Peak RSS since `_reset_hwm` (the training steps only), and what the steps added above `before`."""
-    with open("/proc/self/status") as f:
-        hwm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
-    return {"rss_before_steps": before, "steps_peak_rss_bytes": hwm, "activation_bytes": hwm - before}
+def _step_stats(marks: tuple[int, int]) -> dict[str, int]:
+    """Peak RSS of the whole process and of the training steps only, and what the steps added."""
+    from slimlm.utils.memory import peak_rss_bytes
+
+    load_peak, before = marks
+    steps = peak_rss_bytes()
+    return {"peak_rss_bytes": max(load_peak, steps), "load_peak_rss_bytes": load_peak, "rss_before_steps": before,
+            "steps_peak_rss_bytes": steps, "activation_bytes": steps - before}
 
 
 def _slimlm_method(variant: str) -> Any:
@@ -109,13 +110,13 @@ def run_slimlm(hf_dir: str, seq_len: int, steps: int, warmup: int, dtype: str, v
                       dtype=dtype, schedule="constant", activation_checkpointing=variant.endswith("-ckpt"))
     tr = Trainer(lm.model, cfg, ex, progress=False)
     times, loss = [], 0.0
-    before = _reset_hwm()
+    marks = _reset_hwm()
     for _ in range(steps + warmup):
         t = time.perf_counter()
         loss = tr.train_step()["loss"]
         times.append(time.perf_counter() - t)
-    return {"tokens_per_s": seq_len * steps / sum(times[warmup:]), "peak_rss_bytes": _peak_rss(), "loss": loss,
-            **_step_stats(before)}
+    return {"tokens_per_s": seq_len * steps / sum(times[warmup:]), "loss": loss,
+            **_step_stats(marks)}
 
 
 def _hf_method(variant: str) -> Any:
@@ -150,7 +151,7 @@ def run_hf(hf_dir: str, seq_len: int, steps: int, warmup: int, dtype: str, varia
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
     use_bf16 = dtype == "bf16"
     times, loss = [], 0.0
-    before = _reset_hwm()
+    marks = _reset_hwm()
     for w in wins:
         t = time.perf_counter()
         ids = torch.tensor([w])
@@ -161,8 +162,8 @@ def run_hf(hf_dir: str, seq_len: int, steps: int, warmup: int, dtype: str, varia
         opt.zero_grad(set_to_none=True)
         loss = float(out.loss)
         times.append(time.perf_counter() - t)
-    return {"tokens_per_s": seq_len * steps / sum(times[warmup:]), "peak_rss_bytes": _peak_rss(), "loss": loss,
-            **_step_stats(before)}
+    return {"tokens_per_s": seq_len * steps / sum(times[warmup:]), "loss": loss,
+            **_step_stats(marks)}
 
 
 def _side(side: str, model_dir: str, dtype: str, variant: str, gguf: str, a: argparse.Namespace) -> dict[str, Any]:

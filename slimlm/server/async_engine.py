@@ -20,7 +20,7 @@ import asyncio
 import collections
 import threading
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,8 +40,11 @@ class Handle:
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine, max_waiting: int = 256):
+    def __init__(self, engine: LLMEngine, max_waiting: int = 256, own_thread: bool = True):
         self.engine = engine
+        # own_thread=False: the caller drives the steps with run_here() (`slimlm serve` does, from the
+        # main thread: torch's OpenMP kernels ran 2-2.5x slower in a second thread here, AMD EPYC).
+        self._own_thread = own_thread
         self.max_waiting = max_waiting
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -54,7 +57,12 @@ class AsyncEngine:
         self._pending_aborts: collections.deque[int] = collections.deque()
 
     def start(self) -> None:
-        self._thread.start()
+        if self._own_thread:
+            self._thread.start()
+
+    def run_here(self, until: Callable[[], bool] = lambda: False) -> None:
+        """Run the step loop in the calling thread until :meth:`shutdown` or ``until()`` is true."""
+        self._loop(until)
 
     def shutdown(self) -> None:
         self._stop = True
@@ -64,7 +72,8 @@ class AsyncEngine:
 
     @property
     def alive(self) -> bool:
-        return self._thread.is_alive() and self.error is None
+        running = self._thread.is_alive() if self._own_thread else not self._stop
+        return running and self.error is None
 
     def _add(self, prompt_ids: Sequence[int], params: Sequence[SamplingConfig], logprobs: int | None,
              response_format: dict[str, Any] | None, loop: asyncio.AbstractEventLoop,
@@ -144,9 +153,9 @@ class AsyncEngine:
     def adapters(self) -> list[str]:
         return list(self.engine.adapters)
 
-    def _loop(self) -> None:
+    def _loop(self, until: Callable[[], bool] = lambda: False) -> None:
         eng = self.engine
-        while not self._stop:
+        while not self._stop and not until():
             if not eng.has_unfinished():
                 self._wake.wait(0.05)
                 self._wake.clear()
