@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from slimlm import kernels
 from slimlm.engine.paged_cache import Int8PagedKVCache, PagedKVCache
 from slimlm.models.kv_policy import KVPolicy
 from slimlm.models.layers import AttnContext
@@ -99,16 +100,16 @@ class ModelRunner:
         choice: AbstractContextManager[None] = nullcontext()
         if self.lora is not None and any(e.adapter is not None for e in entries):
             choice = self.lora.select([e.adapter for e in entries for _ in e.tokens])  # one per token of [1, N]
-        with choice:
-            h = model.embed(ids, positions)  # [1, N, D]
-            for layer in model.model.layers:
-                h = layer(h, ctx)
         ends: list[int] = []
         off = 0
         for e in entries:
             off += len(e.tokens)
             if e.logits:
                 ends.extend(range(off - e.num_logits, off))
-        if not ends:
-            return torch.zeros(0, model.config.vocab_size)
-        return model.head(h[:, ends])[0].float()  # [n, V]
+        with choice, kernels.batched_rows():  # a step's rows (B decodes + chunks) stay on GGUF's int-dot kernel
+            h = model.embed(ids, positions)  # [1, N, D]
+            for layer in model.model.layers:
+                h = layer(h, ctx)
+            if not ends:
+                return torch.zeros(0, model.config.vocab_size)
+            return model.head(h[:, ends])[0].float()  # [n, V]

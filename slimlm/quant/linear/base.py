@@ -111,12 +111,16 @@ class QuantLinearBase(SwappableLinear):
         self.__dict__["_decode"] = None  # stale until process_after_loading() runs again
         super()._load_from_state_dict(*args, **kwargs)
 
+    def kernel_rows(self) -> int:
+        """Calls of at most this many rows take the decode kernel (GGUFLinear: more in serving steps)."""
+        return kernels.SMALL_ROWS
+
     def _decode_forward(self, x: torch.Tensor) -> torch.Tensor | None:
         """The decode kernel for a few rows of x (activations rounded to int8, see qgemv.cpp), else None."""
         spec = self.__dict__.get("_decode")
-        if spec is None or x.numel() > kernels.SMALL_ROWS * self.in_features or not kernels_allowed():
+        if spec is None or x.numel() > self.kernel_rows() * self.in_features or not kernels_allowed():
             return None
-        return kernels.qlinear(x, spec)
+        return kernels.qlinear_rows(x, spec)
 
     def _dense_matmul(self, x2: torch.Tensor) -> torch.Tensor:
         """De-quantize and run a bf16/fp32 matmul; keeps the dense copy when ``cache_dense`` is set."""
