@@ -123,6 +123,21 @@ def test_activation_checkpointing_gives_the_same_gradients(base):
         torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("ckpt", [False, True])
+def test_trainer_config_turns_checkpointing_on(base, tok, data, ckpt):  # type: ignore[no-untyped-def]
+    """``TrainConfig(activation_checkpointing=True)`` given to the Trainer (not only the CLI) recomputes
+    each decoder layer in backward: layer 0 then starts twice per step (forward + recompute; a pre-hook,
+    since the recompute stops early, before a forward hook would run)."""
+    folder, _ = base
+    lm = load_model(str(folder))
+    apply_peft(lm.model, LoraConfig(r=4, target_modules=["q_proj"]))
+    calls = []
+    lm.model.model.layers[0].register_forward_pre_hook(lambda *_: calls.append(1))
+    cfg = _cfg(max_steps=1, seq_len=64, activation_checkpointing=ckpt)
+    Trainer(lm.model, cfg, read_examples(data, tok, cfg.seq_len)[:1], progress=False).train()
+    assert len(calls) == (2 if ckpt else 1)
+
+
 class _Stop(Exception):
     pass
 
