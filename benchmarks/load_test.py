@@ -78,22 +78,15 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-class Server:
-    """``slimlm serve`` in a subprocess; ``base`` is its URL once ``/health`` answers."""
+class HTTPProcess:
+    """A server in a subprocess; ``base`` is its loopback URL once ``/health`` answers."""
 
-    def __init__(self, model: str, adapters: dict[str, Path], extra: list[str], threads: int | None = None):
-        port = free_port()
+    def __init__(self, cmd: list[str], port: int, what: str, seconds: int, **popen: Any):
         self.base = f"http://127.0.0.1:{port}"
-        cmd = [sys.executable, "-m", "slimlm.cli.main", "serve", model, "--port", str(port), "--served-model-name",
-               "base", *extra]
-        for name, path in adapters.items():
-            cmd += ["--adapter", f"{name}={path}"]
-        if threads:
-            cmd += ["--threads", str(threads)]
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
-        for _ in range(1200):
+        self.proc = subprocess.Popen(cmd, **popen)
+        for _ in range(seconds * 4):
             if self.proc.poll() is not None:
-                raise SystemExit(f"slimlm serve exited with {self.proc.returncode}")
+                raise SystemExit(f"{what} exited with {self.proc.returncode}: {' '.join(cmd)}")
             try:
                 if httpx.get(self.base + "/health", timeout=2).status_code == 200:
                     return
@@ -101,13 +94,7 @@ class Server:
                 pass
             time.sleep(0.25)
         self.close()
-        raise SystemExit("slimlm serve did not come up in 5 minutes")
-
-    def metric(self, name: str) -> float:
-        for line in httpx.get(self.base + "/metrics", timeout=30).text.splitlines():
-            if line.startswith(f"slimlm_{name} "):
-                return float(line.split()[1])
-        raise KeyError(name)
+        raise SystemExit(f"{what} did not come up in {seconds} s")
 
     def close(self) -> None:
         self.proc.terminate()
@@ -115,6 +102,26 @@ class Server:
             self.proc.wait(30)
         except subprocess.TimeoutExpired:
             self.proc.kill()
+
+
+class Server(HTTPProcess):
+    """``slimlm serve`` in a subprocess; ``base`` is its URL once ``/health`` answers."""
+
+    def __init__(self, model: str, adapters: dict[str, Path], extra: list[str], threads: int | None = None):
+        port = free_port()
+        cmd = [sys.executable, "-m", "slimlm.cli.main", "serve", model, "--port", str(port), "--served-model-name",
+               "base", *extra]
+        for name, path in adapters.items():
+            cmd += ["--adapter", f"{name}={path}"]
+        if threads:
+            cmd += ["--threads", str(threads)]
+        super().__init__(cmd, port, "slimlm serve", 300, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+    def metric(self, name: str) -> float:
+        for line in httpx.get(self.base + "/metrics", timeout=30).text.splitlines():
+            if line.startswith(f"slimlm_{name} "):
+                return float(line.split()[1])
+        raise KeyError(name)
 
 
 async def one_request(client: httpx.AsyncClient, base: str, body: dict[str, Any], stream: bool,

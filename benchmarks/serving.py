@@ -44,17 +44,15 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
-import httpx2 as httpx
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from load_test import Server, free_port, random_adapters, run_load, tiny_model  # noqa: E402
+from load_test import HTTPProcess, Server, free_port, random_adapters, run_load, tiny_model  # noqa: E402
 
 from slimlm.bench.sysinfo import save_json, system_info  # noqa: E402
 
@@ -112,33 +110,14 @@ def mixed_load(vocab: int, n: int, prompt_len: int, new_tokens: int) -> tuple[li
             [rng.randint(max(2, new_tokens // 2), new_tokens * 3 // 2) for _ in range(n)])
 
 
-class LlamaServer:
+class LlamaServer(HTTPProcess):
     """llama.cpp's ``llama-server`` on ``gguf`` with ``slots`` parallel slots (continuous batching)."""
 
     def __init__(self, binary: str, gguf: str, slots: int, ctx_per_slot: int, threads: int):
         port = free_port()
-        self.base = f"http://127.0.0.1:{port}"
         cmd = [binary, "-m", gguf, "--port", str(port), "-np", str(slots), "-c", str(slots * ctx_per_slot),
                "-t", str(threads), "-tb", str(threads), "--cont-batching", "--no-webui"]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        for _ in range(600):
-            if self.proc.poll() is not None:
-                raise SystemExit(f"llama-server exited with {self.proc.returncode}: {' '.join(cmd)}")
-            try:
-                if httpx.get(self.base + "/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.25)
-        self.close()
-        raise SystemExit("llama-server did not come up in 150 s")
-
-    def close(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+        super().__init__(cmd, port, "llama-server", 150, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def sweep_rows(model: str, vocab: int, args: argparse.Namespace, threads: int) -> dict[str, Any]:

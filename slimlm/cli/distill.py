@@ -114,7 +114,6 @@ def run_distill(args: argparse.Namespace) -> int:
     if dcfg.sequence_kd_tokens:
         examples = _sequence_kd(teacher, examples, dcfg.sequence_kd_tokens, args.json)
     init = copy.deepcopy(student.model) if args.acceptance_prompts else None
-    student.model.gradient_checkpointing = cfg.activation_checkpointing
     tok = teacher.tokenizer
     pad = tok.pad_token_id if tok is not None and tok.pad_token_id is not None else 0
     loss = DistillLoss(teacher.model, student.model, dcfg, dtype=resolve_dtype(cfg.dtype))

@@ -150,7 +150,6 @@ def _finetune(args: argparse.Namespace, method: Any, cfg: Any, dist: Any) -> int
         summary = apply_peft(lm.model, method.peft_config()).summary()
         if method.lora_plus_ratio:
             groups = lora_plus_param_groups(lm.model, cfg.lr, method.lora_plus_ratio, cfg.weight_decay)
-    lm.model.gradient_checkpointing = cfg.activation_checkpointing
     tok = lm.tokenizer
     pad = tok.pad_token_id if tok is not None and tok.pad_token_id is not None else 0
     trainer = Trainer(lm.model, cfg, examples, evals, checkpoint_dir=ckpt_dir, resume=args.resume,

@@ -58,6 +58,8 @@ def batched_rows() -> Iterator[None]:
 def kernel_rows() -> int:
     """How many rows a GGUF linear's call may have to take the decode kernel here (see batched_rows)."""
     return BATCH_ROWS if getattr(_batch_rows, "on", False) else SMALL_ROWS
+
+
 _SRC = [Path(__file__).with_name(n) for n in ("decode.cpp", "qgemv.cpp", "qgemv16.cpp", "qgemv23.cpp", "gptq.cpp", "nf4.cpp", "gguf.cpp")]
 _HEADERS = [Path(__file__).with_name(n) for n in ("common.h", "qgemv.h")]
 _EMPTY = torch.empty(0)

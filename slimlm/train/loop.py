@@ -136,7 +136,7 @@ class Trainer:
                  loss_fn: LossFn | None = None) -> None:
         self.model, self.cfg, self.loss_fn = model, cfg, loss_fn
         if cfg.activation_checkpointing and hasattr(model, "gradient_checkpointing"):
-            model.gradient_checkpointing = True  # type: ignore[assignment]  # the config takes effect here, not only through the CLI
+            model.gradient_checkpointing = True  # type: ignore[assignment]  # the one place the config is applied
         if not any(p.requires_grad for p in model.parameters()):
             raise SlimlmError("nothing to train: no parameter requires grad (apply a PEFT method or use full fine-tuning)")
         self.dist = dist if dist is not None else Dist.from_env(cfg.distributed)

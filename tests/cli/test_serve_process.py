@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers.models import make_hf_model
+from tests.helpers.server import free_port
 from tests.helpers.tokenizers import make_tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -34,12 +35,6 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
     make_hf_model("llama", folder, vocab_size=tok.vocab_size, max_position_embeddings=256)
     tok.save(folder)
     return folder
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _serve(model: Path, port: int) -> subprocess.Popen[str]:
@@ -61,7 +56,7 @@ def _wait_healthy(proc: subprocess.Popen[str], port: int) -> None:
 
 
 def test_serves_then_sigterm_exits_cleanly(tiny: Path) -> None:
-    port = _port()
+    port = free_port()
     proc = _serve(tiny, port)
     try:
         _wait_healthy(proc, port)

@@ -16,12 +16,17 @@ import uvicorn
 from slimlm.server.app import build_app
 
 
+def free_port() -> int:
+    """A loopback port nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 @contextlib.contextmanager
 def serving(aeng: Any, tokenizer: Any, name: str = "tiny", **app_kw: Any) -> Iterator[tuple[openai.OpenAI, str]]:
     """Yields (openai client, base URL) while the server runs."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     srv = uvicorn.Server(uvicorn.Config(build_app(aeng, tokenizer, name, **app_kw), host="127.0.0.1", port=port,
                                         log_level="warning"))
     th = threading.Thread(target=srv.run, daemon=True)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -37,6 +36,7 @@ from slimlm.cli.main import main
 from slimlm.train.distributed import Dist
 from slimlm.utils.errors import SlimlmError
 from tests.helpers.models import make_hf_model
+from tests.helpers.server import free_port
 from tests.helpers.tokenizers import make_tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -47,12 +47,6 @@ RECORDS = [{"prompt": f"Question {i}: what is {i} plus {i}?\nAnswer: ", "complet
            for i in range(16)]
 METHODS = {"lora": ["--method", "lora", "--lora-alpha", "8"], "full": ["--full"]}
 RUNS = {f"{mode}-{method}": ["--distributed", mode, *METHODS[method]] for mode in ("ddp", "fsdp") for method in METHODS}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +77,7 @@ def runs(setup):  # type: ignore[no-untyped-def]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "SLIMLM_KERNELS": "0", "PYTHONPATH": str(ROOT),
            "PYTHONWARNINGS": "ignore"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-           "--master-port", str(_free_port()), str(WORKER), json.dumps(argvs)]
+           "--master-port", str(free_port()), str(WORKER), json.dumps(argvs)]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     for method, extra in METHODS.items():  # the oracle: one process, the same global batch

@@ -114,10 +114,10 @@ class GGUFLinear(QuantLinearBase):
         self.register_buffer("scale", torch.ones(terms, dtype=tdt))
         self.register_buffer("zs", torch.zeros(terms, dtype=tdt) if has_zs else None)
 
-    # --- construction ---------------------------------------------------------------------------
     def kernel_rows(self) -> int:
         return kernels.kernel_rows()  # a serving step's batched decode stays on the integer-dot kernel
 
+    # --- construction ---------------------------------------------------------------------------
     @classmethod
     def from_codes(cls, g: GGUFCodes, qtype: str, bias: torch.Tensor | None = None) -> GGUFLinear:
         """Build from decoded blocks (codes ``[O, I]``, terms ``[O, ng]``)."""
