@@ -21,7 +21,8 @@ from slimlm.engine.llm import LLM
 from slimlm.engine.sampling import SamplingConfig
 from slimlm.engine.scheduler import SchedulerConfig
 from slimlm.engine.sequence import Sequence
-from slimlm.engine.spec import SpecConfig, _SeqSpec, expected_tokens
+from slimlm.engine.spec import SpecConfig, Speculator, _SeqSpec, expected_tokens
+from slimlm.engine.spec.proposers import NgramProposer
 from slimlm.engine.spec.rejection import verify_sampled
 from slimlm.loaders import load_model
 from tests.helpers.models import make_hf_model
@@ -65,6 +66,19 @@ def test_speculative_greedy_equals_plain_greedy(models, method):
         assert prop.kv.pool.num_free == prop.kv.pool.num_blocks and not prop.kv.tables
 
 
+def test_self_speculation_keeping_every_layer_is_always_accepted(models):
+    """With every layer kept, the self draft is the target itself: a draft that its own KV or layer
+    bookkeeping got wrong would be rejected somewhere."""
+    _, lm, _ = models
+    llm = LLM(lm, CFG, spec=SpecConfig(spec="self", self_keep_layers=1.0, num_speculative_tokens=3,
+                                       spec_adaptive=False))
+    outs = llm.generate(_prompts()[:3], SamplingConfig(max_new_tokens=12, ignore_eos=True))
+    assert [o.token_ids for o in outs] == [generate(lm.model, None, [p], SamplingConfig(
+        max_new_tokens=12, ignore_eos=True)).tokens[0] for p in _prompts()[:3]]
+    st = llm.engine.stats
+    assert st["spec_proposed"] > 0 and st["spec_acceptance_rate"] == 1.0
+
+
 def test_rejected_drafts_blocks_are_freed(models):
     _, lm, small = models
     llm = LLM(lm, SchedulerConfig(num_blocks=64, block_size=2), spec=SpecConfig(num_speculative_tokens=6,
@@ -100,6 +114,33 @@ def test_gamma_gating_turns_speculation_off_when_drafts_are_rejected(models):
     assert spec.gamma(seq, batch=1) == 0
     # expected tokens per verify step (the closed form the rule uses) against a direct sum
     assert abs(expected_tokens(0.6, 4) - sum(0.6 ** i for i in range(5))) < 1e-12
+
+
+def test_cost_fit_from_a_single_stream_turns_low_acceptance_off():
+    """One stream's steps are mostly 1 token with a 2-token verify now and then (variance < 0.25):
+    the fit must still see that a verify token costs 0.3 of a step, so alpha 0.16 (E = 1.16 tokens
+    for 1.3 steps' cost) does not pay while alpha 0.6 does."""
+    spec = Speculator(SpecConfig(spec="ngram"), NgramProposer())
+    for i in range(40):
+        n = 2 if i % 6 == 0 else 1
+        spec.observe_step(n, 1, 0.010 + 0.003 * n)  # a = 10 ms, b = 3 ms: v(1) = 3 / 13
+    assert abs(spec.cost.v(1) - 3 / 13) < 1e-6
+    seq = Sequence(7, [1, 2, 3], SamplingConfig(max_new_tokens=50))
+    seq.state["spec"] = _SeqSpec(success=1.6, trials=10.0)
+    assert spec.gamma(seq, batch=1) == 0
+    seq.state["spec"] = _SeqSpec(success=6.0, trials=10.0)
+    assert spec.gamma(seq, batch=1) >= 1
+    # a new request starts from the engine's recent acceptance: after verifies that all failed it
+    # does not speculate at all (a fixed prior of 0.5 would make it pay g = 1 first)
+    for _ in range(30):
+        spec.verify(Sequence(8, [1, 2], SamplingConfig(max_new_tokens=5)), torch.eye(4)[[0, 0]] * 5.0, [3])
+    assert spec.recent.alpha < 0.1
+    assert spec.gamma(Sequence(9, [1, 2, 3], SamplingConfig(max_new_tokens=50)), batch=1) == 0
+    # re-probes of a request whose probes keep failing back off: after 16, then 32, 64 more steps
+    seq = Sequence(10, [1, 2, 3], SamplingConfig(max_new_tokens=1000))
+    seq.state["spec"] = _SeqSpec(success=0.0, trials=10.0)
+    probes = [i for i in range(1, 201) if spec.gamma(seq, batch=1) == 1]
+    assert probes == [16, 48, 112]
 
 
 def _chi2_ok(counts: torch.Tensor, p: torch.Tensor) -> float:

@@ -12,9 +12,11 @@ counts) a verify step yields ``E(g) = (1 - alpha**(g+1)) / (1 - alpha)`` tokens 
 ``1 + g * (c + v)`` plain steps, where ``c`` is the measured draft cost per proposed token relative to
 the target's per-sequence step cost, and ``v`` the target's marginal cost of one more token in a step
 (from a least-squares fit of measured forward time against tokens per step; on CPU a decode step is
-bound by weight reads, so ``v`` is small for few streams and grows with the batch). The ``g`` that
-maximises ``E(g) / cost(g)`` is used; when no ``g >= 1`` beats plain decoding the request stops
-speculating and re-probes with ``g = 1`` every ``probe_interval`` steps.
+bound by weight reads, so ``v`` is small for few streams and grows with the batch). A request
+starts from the engine's recent acceptance rate (every verify, decayed), not a fixed prior, so on
+a workload whose drafts fail new requests do not pay to find out. The ``g`` that maximises ``E(g) / cost(g)`` is used; when no ``g >= 1`` beats plain decoding the request stops
+speculating and re-probes with ``g = 1`` after ``probe_interval`` steps, twice as long after each
+probe in vain (up to 16x).
 
 Not speculated (decoded plainly): requests with a repetition penalty or a structured-output
 constraint (their next-token processing depends on the tokens before it).
@@ -77,11 +79,14 @@ class SpecConfig(BaseConfig):
 
 @dataclass
 class _SeqSpec:
-    """A request's acceptance statistics (decayed counts; prior alpha = 0.5 with weight 2)."""
+    """Acceptance statistics (decayed counts) of a request, or of the engine's recent verifies (a new
+    request's prior: their alpha with weight 2; 0.5 before any)."""
 
     success: float = 1.0
     trials: float = 2.0
     off_steps: int = 0
+    probes: int = 0  # re-probes since speculation last paid
+    next_probe: int = 0  # off_steps at which the next re-probe runs
 
     @property
     def alpha(self) -> float:
@@ -99,24 +104,38 @@ class _CostModel:
     """Measured step costs: target forward time ~ a + b * tokens (least squares over recent steps),
     and the draft's time per proposed token and sequence."""
 
-    def __init__(self, window: int = 64, v_prior: float = 0.1):
+    # v before any fit: SmolLM2's Q4_1 GGUF at batch 1 (AMD EPYC AVX2) ran 2 tokens in 1.28x one's time
+    def __init__(self, window: int = 64, v_prior: float = 0.25):
         self.obs: collections.deque[tuple[int, float]] = collections.deque(maxlen=window)
         self.draft_ratio: float | None = None  # EMA of c
         self.v_prior = v_prior
+        self._fit: tuple[float, float] | None = None
+        self._stale = True
 
     def observe_target(self, n_tokens: int, seconds: float) -> None:
         self.obs.append((n_tokens, seconds))
+        self._stale = True  # refit on the next question
 
     def fit(self) -> tuple[float, float] | None:
-        if len(self.obs) < 8:
+        """``(a, b)`` once the window holds 8 steps, 3 or more of them with another token count than
+        the commonest (a single stream mostly alternates 1 and 2 tokens: its variance is below 0.25).
+        Computed once per observed step (every running sequence's gamma asks)."""
+        if self._stale:
+            self._fit, self._stale = self._least_squares(), False
+        return self._fit
+
+    def _least_squares(self) -> tuple[float, float] | None:
+        ns = [o[0] for o in self.obs]
+        if len(ns) < 8:
             return None
-        n = torch.tensor([o[0] for o in self.obs], dtype=torch.float64)
-        t = torch.tensor([o[1] for o in self.obs], dtype=torch.float64)
-        if float(n.var()) < 0.5:
+        mode = max(set(ns), key=ns.count)
+        if sum(k != mode for k in ns) < 3:
             return None
-        b = float(((n - n.mean()) * (t - t.mean())).sum() / ((n - n.mean()) ** 2).sum())
+        ts = [o[1] for o in self.obs]
+        n_mean, t_mean = sum(ns) / len(ns), sum(ts) / len(ts)
+        b = sum((n - n_mean) * (t - t_mean) for n, t in zip(ns, ts, strict=True)) / sum((n - n_mean) ** 2 for n in ns)
         b = max(b, 0.0)
-        a = max(float(t.mean()) - b * float(n.mean()), 1e-9)
+        a = max(t_mean - b * n_mean, 1e-9)
         return a, b
 
     def v(self, batch: int) -> float:
@@ -143,6 +162,9 @@ class Speculator:
         self.stats = {"spec_proposed": 0, "spec_accepted": 0, "spec_verify_steps": 0, "spec_emitted": 0,
                       "spec_off_requests": 0}
         self._last_target_per_seq = 0.0
+        # every verify's outcome, decayed over ~50 verifies: a new request's prior alpha (weight 2),
+        # so on a workload where drafts keep failing (open chat) requests start with speculation off
+        self.recent = _SeqSpec(success=1.0, trials=2.0)
 
     # --- gamma ----------------------------------------------------------------------------------
     def eligible(self, seq: Sequence) -> bool:
@@ -157,7 +179,7 @@ class Speculator:
             return 0
         if not self.cfg.spec_adaptive:
             return cap
-        st: _SeqSpec = seq.state.setdefault("spec", _SeqSpec())
+        st: _SeqSpec = seq.state.get("spec") or seq.state.setdefault("spec", _SeqSpec(2.0 * self.recent.alpha, 2.0))
         c = self.cost.draft_ratio if self.cost.draft_ratio is not None else (0.0 if self.cfg.method == "ngram" else 0.3)
         per_token = c + self.cost.v(batch)
         best_g, best = 0, 1.0
@@ -168,11 +190,14 @@ class Speculator:
         if best_g == 0:
             if st.off_steps == 0:
                 self.stats["spec_off_requests"] += 1
+                st.next_probe = self.cfg.probe_interval
             st.off_steps += 1
-            if st.off_steps % self.cfg.probe_interval == 0:
+            if st.off_steps >= st.next_probe:
+                st.probes += 1  # each probe in vain doubles the wait (up to 16x)
+                st.next_probe = st.off_steps + (self.cfg.probe_interval << min(st.probes, 4))
                 return 1  # re-probe: the text may have become predictable
         else:
-            st.off_steps = 0
+            st.off_steps, st.probes = 0, 0
         return best_g
 
     def propose(self, running: list[Sequence]) -> None:
@@ -210,6 +235,8 @@ class Speculator:
         st: _SeqSpec = seq.state.setdefault("spec", _SeqSpec())
         st.success = 0.9 * st.success + k
         st.trials = 0.9 * st.trials + k + (k < len(draft))
+        self.recent.success = 0.98 * self.recent.success + k
+        self.recent.trials = 0.98 * self.recent.trials + k + (k < len(draft))
         self.stats["spec_proposed"] += len(draft)
         self.stats["spec_accepted"] += k
         self.stats["spec_verify_steps"] += 1
