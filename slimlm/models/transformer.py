@@ -235,6 +235,14 @@ class Transformer(nn.Module):
         """x: [n, D], y: [n] -> summed cross-entropy of ``head(x)`` (fp32 log-softmax)."""
         return F.cross_entropy(self.head(x).float(), y, reduction="sum")
 
+    def unfuse_projections_(self) -> None:
+        """Drop the inference fusion and cached decode plans now, not at the next call (they hold the
+        concatenated weights: a caller that swapped the weights frees the old ones at once)."""
+        for layer in self.model.layers:
+            assert isinstance(layer, DecoderLayer)
+            layer.self_attn._fusion = layer.mlp._fusion = None
+            layer.__dict__.pop("_plan", None)
+
     def fuse_projections_(self) -> int:
         """Fuse q/k/v and gate/up matmuls of plain linears for inference; returns how many were fused."""
         n = 0

@@ -42,6 +42,9 @@ class TrainConfig(BaseConfig):
     dtype: Literal["auto", "fp32", "bf16"] = field(
         default="auto", metadata={"help": "compute dtype: bf16 autocast (fp32 master weights) where the CPU has "
                                           "native bf16 (auto), or forced"})
+    frozen_bf16: bool = field(default=True, metadata={
+        "help": "bf16 runs: keep frozen linear weights in bf16 while training (what autocast casts them to on "
+                "every call: same losses and gradients, no per-step copies), restored bit for bit after"})
     activation_checkpointing: bool = field(default=False, metadata={"help": "recompute each decoder layer in backward"})
     grow_length: bool = field(default=False, metadata={
         "help": "GrowLength: windows of seq_len/4, then seq_len/2, then seq_len over the run's thirds"})

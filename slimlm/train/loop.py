@@ -42,6 +42,7 @@ from slimlm.train.checkpoint import find_checkpoint, load_checkpoint, rng_state,
 from slimlm.train.config import TrainConfig
 from slimlm.train.data import IGNORE, Example, Window, WindowSampler, collate, pack, target_tokens
 from slimlm.train.distributed import Dist
+from slimlm.train.frozen import FrozenCast
 from slimlm.train.optim import build_optimizer
 from slimlm.train.schedule import length_stages, lr_factor, window_len
 from slimlm.utils.cpu import has_native_bf16
@@ -140,6 +141,11 @@ class Trainer:
         if not any(p.requires_grad for p in model.parameters()):
             raise SlimlmError("nothing to train: no parameter requires grad (apply a PEFT method or use full fine-tuning)")
         self.dist = dist if dist is not None else Dist.from_env(cfg.distributed)
+        self.dtype = resolve_dtype(cfg.dtype)
+        # bf16 runs: frozen fp32 linears stored as the bf16 copy autocast makes of them on every call
+        # (slimlm.train.frozen; train() ends with restore_frozen, back to the original bits)
+        self.frozen = FrozenCast.apply(model, self.dtype if cfg.frozen_bf16 and self.dist.mode != "fsdp"
+                                       else torch.float32)
         names = {id(p): n for n, p in model.named_parameters()}
         self.net = self.dist.wrap(model)  # forward/backward go through it; FSDP2 replaced model's parameters
         now = dict(model.named_parameters())
@@ -165,7 +171,6 @@ class Trainer:
                          for n in length_stages(cfg)}
         self.eval_windows = (pack(_cut(eval_examples, cfg.seq_len), cfg.seq_len, self.packing)
                              if eval_examples else [])
-        self.dtype = resolve_dtype(cfg.dtype)
         self.optimizer = build_optimizer(cfg.optimizer, param_groups or params, lr=cfg.lr,
                                          weight_decay=cfg.weight_decay)
         self.fused_update = bool(getattr(self.optimizer, "updates_in_backward", False))
@@ -280,12 +285,29 @@ class Trainer:
     # --- the run -------------------------------------------------------------------------------
     def train(self) -> TrainResult:
         """Run until ``max_steps`` (a KeyboardInterrupt propagates; the last complete checkpoint stays)."""
-        cfg = self.cfg
         t0, tok0 = time.perf_counter(), self.tokens
+        bar = _bar(self.cfg.max_steps, self.step, self.progress)
+        try:
+            ev, last, history = self._run(bar, t0, tok0)
+        finally:
+            self.restore_frozen()  # also on Ctrl-C: the model is left as it came
+            if bar is not None:
+                bar.close()
+        return TrainResult(self.step, float(last["loss"]), ev["eval_loss"] if ev else None, self.tokens - tok0,
+                           time.perf_counter() - t0, self.last_checkpoint, history)
+
+    def restore_frozen(self) -> None:
+        """The frozen weights a bf16 run stored in bf16 back to their fp32 bits (``train`` ends with it;
+        call it after driving ``train_step`` yourself if the model is used in fp32 afterwards)."""
+        self.frozen.restore()
+
+    def _run(self, bar: Any, t0: float, tok0: int
+             ) -> tuple[dict[str, float] | None, dict[str, Any], list[dict[str, Any]]]:
+        """The steps, evals and checkpoints of :meth:`train`: (final eval, last row, every row)."""
+        cfg = self.cfg
         history: list[dict[str, Any]] = []
         last: dict[str, Any] = {"loss": float("nan")}
         ev: dict[str, float] | None = None
-        bar = _bar(cfg.max_steps, self.step, self.progress)
         with self._log() as log:
             while self.step < cfg.max_steps:
                 row = self.train_step()
@@ -312,10 +334,7 @@ class Trainer:
                 log({"step": self.step, **ev})
             if self.checkpoint_dir is not None and self._saved_step != self.step:
                 self.save()
-        if bar is not None:
-            bar.close()
-        return TrainResult(self.step, float(last["loss"]), ev["eval_loss"] if ev else None, self.tokens - tok0,
-                           time.perf_counter() - t0, self.last_checkpoint, history)
+        return ev, last, history
 
     @contextlib.contextmanager
     def _log(self) -> Iterator[Callable[[dict[str, Any]], None]]:

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from slimlm.models.autocast import autocast_input
 from slimlm.peft.base import AdapterLayer
 from slimlm.peft.lora.init import Quantizer, loftq_init, pissa_init
 from slimlm.utils.errors import ConfigError, SlimlmError
@@ -64,6 +65,11 @@ class LoraLinear(AdapterLayer):
         self.row_adapters: list[str] | None = None
         if use_dora:  # DoRA: magnitude m [out] starts as the row norms of the adapted weight
             self.lora_magnitude_vector = nn.Parameter(self._weight_norm(self.base_weight()))
+
+    @property
+    def reads_base_weight(self) -> bool:
+        """DoRA reads the base weight outside a matmul (its fp32 row norms): slimlm.train.frozen keeps it fp32."""
+        return self.use_dora
 
     @torch.no_grad()
     def reset_lora(self, init: str) -> None:
@@ -117,7 +123,7 @@ class LoraLinear(AdapterLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [..., in] -> [..., out]
-        y = self.base_layer(x)
+        y = self.base_layer(autocast_input(x) if type(self.base_layer) is nn.Linear else x)
         if self.merged:
             return y  # type: ignore[no-any-return]
         if self.row_adapters is None and self.active == DEFAULT:
@@ -127,7 +133,9 @@ class LoraLinear(AdapterLayer):
     def _default(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The default adapter on ``y = base(x)``."""
         a = self.lora_A.weight
-        lx = self.lora_dropout(x.to(a.dtype))
+        # under autocast (no dropout) the adapter reads the base's bf16 copy of x (slimlm.models.autocast)
+        shared = torch.is_autocast_enabled("cpu") and isinstance(self.lora_dropout, nn.Identity)
+        lx = autocast_input(x) if shared else self.lora_dropout(x.to(a.dtype))
         if not self.use_dora:
             bx = self.lora_B(self.lora_A(lx))  # [..., out]
             if type(self.base_layer) is nn.Linear and bx.dtype == y.dtype and bx.shape == y.shape:
