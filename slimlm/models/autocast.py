@@ -39,13 +39,14 @@ class _SharedCast(torch.autograd.Function):
 
 
 def autocast_input(x: torch.Tensor) -> torch.Tensor:
-    """``x`` as one matmul under CPU autocast reads it (see module docstring); ``x`` itself otherwise."""
-    if x.dtype != torch.float32 or not torch.is_autocast_enabled("cpu"):
-        return x
+    """``x`` as one matmul under CPU autocast with autograd on reads it (see module docstring); ``x``
+    itself otherwise (inference and calibration forwards run under no_grad: they keep nothing)."""
+    if x.dtype != torch.float32 or not torch.is_grad_enabled() or not torch.is_autocast_enabled("cpu"):
+        return x  # without autograd nothing keeps the copies: each matmul (and a calibration hook) sees x
     dt = torch.get_autocast_dtype("cpu")
     version, low = _COPIES.get(x, (-1, None))
     if low is None or low.dtype != dt or version != x._version:  # new, or x was written in place since
         with torch.no_grad():
             low = x.detach().to(dt)
         _COPIES[x] = (x._version, low)
-    return _SharedCast.apply(x, low) if x.requires_grad and torch.is_grad_enabled() else low
+    return _SharedCast.apply(x, low) if x.requires_grad else low
