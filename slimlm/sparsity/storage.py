@@ -28,6 +28,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from slimlm import kernels
 from slimlm.models.modules import SwappableLinear, register_linear_kind
 from slimlm.utils.errors import CheckpointError, ConfigError
 
@@ -212,6 +213,20 @@ class SparseLinear(SwappableLinear):
                 self._csr, self._dense = w.to_sparse_csr(), None
         else:
             self._dense, self._csr = w, None
+        self._set_decode_spec()
+
+    def _set_decode_spec(self) -> None:
+        """The dense runtime weight as the decode kernels' spec (a plain linear's; CSR: none). Kept in
+        ``__dict__["_decode"]``, which the decoder layer's one-call plan re-validates by identity."""
+        spec = None
+        if self._dense is not None and kernels.supported()[0]:
+            b = None if self.bias is None else self.bias.detach().to(self._dense.dtype)
+            spec = kernels.dense_spec(self._dense, b)
+        self.__dict__["_decode"] = spec
+
+    def decode_spec(self) -> kernels.LinearSpec | None:
+        """How slimlm's decode kernels run this layer: its dense weight like a plain linear's, or None."""
+        return self.__dict__.get("_decode")  # type: ignore[no-any-return]
 
     # --- apply ----------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -227,8 +242,9 @@ class SparseLinear(SwappableLinear):
         assert self._dense is not None
         if self._dense.dtype != x.dtype:
             self._dense = self._dense.to(x.dtype)
+            self._set_decode_spec()
         b = self.bias.to(x.dtype) if self.bias is not None else None
-        return F.linear(x, self._dense, b)
+        return kernels.linear(x, self._dense, b)  # the GEMV kernel for a few rows, as a plain linear
 
     def extra_repr(self) -> str:
         pat = f"{self.n}:{self.m}" if self.fmt == "nm" else "bitmask"

@@ -82,3 +82,31 @@ def test_auto_path_uses_csr_only_at_high_sparsity() -> None:
 def test_pattern_violation_is_an_error() -> None:
     with pytest.raises(ConfigError):
         SparseLinear.from_dense(torch.randn(4, 8), None, (2, 4))
+
+
+@pytest.mark.parametrize("exec_mode", ["dense", "csr"])
+def test_decode_kernels_run_the_dense_runtime_weight(exec_mode: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A sparse model below the CSR threshold keeps a dense weight at run time: the decode kernels
+    (one-row GEMV, the decoder layer's one-call plan) must run it like a plain linear's, with the
+    same result as ``F.linear`` on the pruned weight; the CSR path offers them nothing."""
+    from slimlm import kernels
+    from slimlm.loaders import load_model
+    from tests.helpers.models import make_hf_model
+
+    w, bias = _pruned((2, 4)), torch.randn(24)
+    mod = _reload(SparseLinear.from_dense(w, bias, (2, 4), exec_mode=exec_mode))
+    spec = kernels.linear_spec(mod)
+    if exec_mode == "csr" or not kernels.supported()[0]:
+        assert spec is None
+        return
+    assert spec is not None and spec[0] is mod._dense
+    x = torch.randn(1, 1, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(mod(x), F.linear(x, w, bias), rtol=1e-5, atol=1e-5)  # the GEMV kernel
+    make_hf_model("llama", tmp_path / "m")
+    layer = load_model(str(tmp_path / "m")).model.model.layers[0]
+    for parent, name in ((layer.self_attn, "o_proj"), (layer.mlp, "down_proj")):
+        lin = getattr(parent, name)
+        wp = lin.weight.detach() * mask_n_m(lin.weight.detach().abs(), 2, 4)
+        setattr(parent, name, SparseLinear.from_dense(wp, None, (2, 4), exec_mode=exec_mode))
+    assert layer._make_plan() is not None  # the whole layer still decodes in one kernel call
