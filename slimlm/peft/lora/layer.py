@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from slimlm import kernels
 from slimlm.models.autocast import autocast_input
 from slimlm.peft.base import AdapterLayer
 from slimlm.peft.lora.init import Quantizer, loftq_init, pissa_init
@@ -123,7 +124,11 @@ class LoraLinear(AdapterLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [..., in] -> [..., out]
-        y = self.base_layer(autocast_input(x) if type(self.base_layer) is nn.Linear else x)
+        base = self.base_layer
+        if type(base) is nn.Linear and not (base._forward_pre_hooks or base._forward_hooks):
+            y = kernels.linear(autocast_input(x), base.weight, base.bias)  # a few rows: the decode GEMV
+        else:
+            y = base(x)
         if self.merged:
             return y  # type: ignore[no-any-return]
         if self.row_adapters is None and self.active == DEFAULT:
