@@ -6,8 +6,9 @@ LoRA (or IA3, prompt, Houlsby) run re-casts the whole frozen base in forward, an
 each cast copy for backward (the input gradient needs it): a second, bf16 copy of the base lives
 in every step's activations. Storing those weights in bf16 for the run gives the same matmuls (the
 copy autocast would make is exactly this round-to-nearest-even bf16 tensor, so losses and gradients
-are bit-identical; tests/train/test_frozen.py checks) without the casts or the saved copies: on
-SmolLM2-135M LoRA r 16 at 1 x 512 tokens, 15% more tokens/s and a 25% lower step peak (BENCHMARKS.md).
+are bit-identical; tests/train/test_frozen.py checks) without the casts or the saved copies: with
+``slimlm.models.autocast``'s shared input copies, SmolLM2-135M LoRA r 16 at 1 x 512 tokens peaks at
+1.95 GB instead of 2.24-2.28 (BENCHMARKS.md, session 15).
 
 How: each frozen fp32 weight of a plain ``nn.Linear`` becomes its bf16 rounding ``hi``; the 16-bit
 remainder ``bits(w) - bits(hi) << 16`` (in [-2^15, 2^15]; the rare +2^15 of a tie rounded down is
