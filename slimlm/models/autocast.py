@@ -20,6 +20,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
 _COPIES: Any = WeakIdKeyDictionary()  # fp32 source -> (its version, its bf16 copy); gone with the source
@@ -50,3 +51,10 @@ def autocast_input(x: torch.Tensor) -> torch.Tensor:
             low = x.detach().to(dt)
         _COPIES[x] = (x._version, low)
     return _SharedCast.apply(x, low) if x.requires_grad else low
+
+
+def matmul_input(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """What projection ``mod`` reads of an input it may share with others: a plain ``nn.Linear`` the
+    one autocast copy of ``x``; a wrapper (LoRA, which shares the copy inside) or a quantized linear
+    (which casts as it must) ``x`` itself."""
+    return autocast_input(x) if type(mod) is nn.Linear else x

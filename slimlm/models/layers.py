@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from slimlm import kernels
-from slimlm.models.autocast import autocast_input
+from slimlm.models.autocast import matmul_input
 from slimlm.models.config import ModelConfig
 from slimlm.models.kv_cache import AttentionCache, KVCache
 from slimlm.models.rope import apply_rotary
@@ -58,13 +58,6 @@ def linear(mod: nn.Module, x: torch.Tensor, residual: torch.Tensor | None = None
         return kernels.linear(x, mod.weight, mod.bias, residual)
     y = mod(x)
     return y if residual is None else residual + y  # type: ignore[no-any-return]
-
-
-def shared_input(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """What a projection reads of a shared input: a plain linear the one autocast copy of ``x``
-    (:mod:`slimlm.models.autocast`); a wrapper (LoRA) or quantized linear ``x`` itself (it shares the
-    copy inside, or casts as it must)."""
-    return autocast_input(x) if type(mod) is nn.Linear else x
 
 
 def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -209,7 +202,7 @@ class Attention(nn.Module):
             assert self._fusion is not None
             q, k, v = qkv.split(self._fusion.sizes, -1)
         else:
-            q, k, v = (m(shared_input(m, x)) for m in (self.q_proj, self.k_proj, self.v_proj))
+            q, k, v = (m(matmul_input(m, x)) for m in (self.q_proj, self.k_proj, self.v_proj))
         q = q.view(b, t, -1, self.head_dim)  # [B, T, H, Dh]
         k = k.view(b, t, -1, self.head_dim)  # [B, T, Hkv, Dh]
         v = v.view(b, t, -1, self.head_dim).transpose(1, 2)  # [B, Hkv, T, Dh]
@@ -286,7 +279,7 @@ class MLP(nn.Module):
                         a = self.act(gate) * up
                     return linear(self.down_proj, a, residual)
             g, u = self.gate_proj, self.up_proj
-            return linear(self.down_proj, self.act(g(shared_input(g, x))) * u(shared_input(u, x)), residual)
+            return linear(self.down_proj, self.act(g(matmul_input(g, x))) * u(matmul_input(u, x)), residual)
         return linear(self.down_proj, self.act(self.up_proj(x)), residual)
 
 

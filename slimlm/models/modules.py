@@ -46,6 +46,12 @@ class SwappableLinear(nn.Module):
     def process_after_loading(self) -> None:
         """Convert the portable checkpoint layout into the fast runtime layout (default: nothing)."""
 
+    def decode_spec(self) -> Any:
+        """How slimlm's decode kernels run this layer (a ``kernels.LinearSpec`` that
+        ``process_after_loading`` keeps in ``__dict__["_decode"]``, which the decoder layer's one-call
+        plan re-validates by identity), or None: the layer runs through ``forward``."""
+        return self.__dict__.get("_decode")
+
     @property
     def has_bias(self) -> bool:
         return getattr(self, "bias", None) is not None

@@ -216,17 +216,13 @@ class SparseLinear(SwappableLinear):
         self._set_decode_spec()
 
     def _set_decode_spec(self) -> None:
-        """The dense runtime weight as the decode kernels' spec (a plain linear's; CSR: none). Kept in
-        ``__dict__["_decode"]``, which the decoder layer's one-call plan re-validates by identity."""
+        """The dense runtime weight as the decode kernels' spec (a plain linear's; CSR: none), served by
+        :meth:`SwappableLinear.decode_spec`."""
         spec = None
         if self._dense is not None and kernels.supported()[0]:
             b = None if self.bias is None else self.bias.detach().to(self._dense.dtype)
             spec = kernels.dense_spec(self._dense, b)
         self.__dict__["_decode"] = spec
-
-    def decode_spec(self) -> kernels.LinearSpec | None:
-        """How slimlm's decode kernels run this layer: its dense weight like a plain linear's, or None."""
-        return self.__dict__.get("_decode")  # type: ignore[no-any-return]
 
     # --- apply ----------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:

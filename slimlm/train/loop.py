@@ -144,8 +144,8 @@ class Trainer:
         self.dtype = resolve_dtype(cfg.dtype)
         # bf16 runs: frozen fp32 linears stored as the bf16 copy autocast makes of them on every call
         # (slimlm.train.frozen; train() ends with restore_frozen, back to the original bits)
-        self.frozen = FrozenCast.apply(model, self.dtype if cfg.frozen_bf16 and self.dist.mode != "fsdp"
-                                       else torch.float32)
+        self.frozen = (FrozenCast.apply(model, self.dtype) if cfg.frozen_bf16 and self.dist.mode != "fsdp"
+                       else FrozenCast())
         names = {id(p): n for n, p in model.named_parameters()}
         self.net = self.dist.wrap(model)  # forward/backward go through it; FSDP2 replaced model's parameters
         now = dict(model.named_parameters())

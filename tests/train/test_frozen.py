@@ -112,11 +112,11 @@ def test_ctrl_c_restores_the_base(tmp_path):
 def _grads_and_saved(folder, plain, monkeypatch):  # type: ignore[no-untyped-def]
     import torch.nn.functional as F
 
-    import slimlm.models.layers as layers
+    import slimlm.models.autocast as autocast
     import slimlm.peft.lora.layer as lora_layer
 
     if plain:  # every matmul casts its own copy, as torch's autocast does by itself
-        monkeypatch.setattr(layers, "autocast_input", lambda x: x)
+        monkeypatch.setattr(autocast, "autocast_input", lambda x: x)
         monkeypatch.setattr(lora_layer, "autocast_input", lambda x: x)
     lm = load_model(str(folder))
     torch.manual_seed(0)

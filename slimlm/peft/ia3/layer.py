@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from slimlm.models.autocast import autocast_input
+from slimlm.models.autocast import matmul_input
 from slimlm.peft.base import AdapterLayer
 
 
@@ -29,7 +29,7 @@ class IA3Linear(AdapterLayer):
         lv = self.ia3_l.flatten()
         if self.is_feedforward:
             return self.base_layer((x.to(lv.dtype) * lv).to(x.dtype))  # type: ignore[no-any-return]
-        y = self.base_layer(autocast_input(x) if type(self.base_layer) is nn.Linear else x)  # shared bf16 copy
+        y = self.base_layer(matmul_input(self.base_layer, x))  # the shared bf16 copy under autocast
         return (y * lv).to(y.dtype)  # type: ignore[no-any-return]
 
     def adapter_tensors(self) -> dict[str, torch.Tensor]:

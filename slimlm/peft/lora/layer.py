@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slimlm import kernels
-from slimlm.models.autocast import autocast_input
+from slimlm.models.autocast import autocast_input, matmul_input
+from slimlm.models.layers import linear
 from slimlm.peft.base import AdapterLayer
 from slimlm.peft.lora.init import Quantizer, loftq_init, pissa_init
 from slimlm.utils.errors import ConfigError, SlimlmError
@@ -124,11 +124,7 @@ class LoraLinear(AdapterLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [..., in] -> [..., out]
-        base = self.base_layer
-        if type(base) is nn.Linear and not (base._forward_pre_hooks or base._forward_hooks):
-            y = kernels.linear(autocast_input(x), base.weight, base.bias)  # a few rows: the decode GEMV
-        else:
-            y = base(x)
+        y = linear(self.base_layer, matmul_input(self.base_layer, x))  # a plain base: the decode GEMV for a few rows
         if self.merged:
             return y  # type: ignore[no-any-return]
         if self.row_adapters is None and self.active == DEFAULT:

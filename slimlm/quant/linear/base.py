@@ -103,10 +103,6 @@ class QuantLinearBase(SwappableLinear):
             spec = kernels.quant_spec(codes, self.bias, scale, zero, group, self.in_features)
         self.__dict__["_decode"] = spec
 
-    def decode_spec(self) -> kernels.LinearSpec | None:
-        """How slimlm's decode kernels run this layer (see :func:`slimlm.kernels.quant_spec`), or None."""
-        return self.__dict__.get("_decode")  # type: ignore[no-any-return]
-
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         self.__dict__["_decode"] = None  # stale until process_after_loading() runs again
         super()._load_from_state_dict(*args, **kwargs)
